@@ -1,0 +1,418 @@
+//! The validated adapter: config, optional metadata, tensors (read from the file on demand, so a
+//! large adapter is never held twice in memory), opening with full validation, and atomic writing
+//! in either container.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{keys, stringify_metadata, AdapterConfig, Container, Metadata};
+use crate::container::{self, gguf, safetensors, RawFile};
+use crate::dtype::DType;
+use crate::error::FormatError;
+use crate::meta::MetaValue;
+use crate::names::{Role, Scope, TensorName};
+use crate::report::{Code, Finding, Report};
+use crate::validate::{self, first_non_finite, BaseModelInfo};
+
+/// Where a tensor's bytes live.
+#[derive(Debug, Clone)]
+enum TensorData {
+    /// A byte range of an open file, read on demand.
+    File { file: Arc<File>, offset: u64, len: u64 },
+    /// Bytes in memory.
+    Memory(Arc<Vec<u8>>),
+}
+
+/// One adapter tensor.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    name: TensorName,
+    dtype: DType,
+    shape: Vec<u64>,
+    data: TensorData,
+}
+
+impl Tensor {
+    /// A tensor from little-endian bytes in memory. Fails if the byte length is not
+    /// `dtype.size() x product(shape)`.
+    pub fn from_bytes(name: TensorName, dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Result<Tensor, FormatError> {
+        let want = shape.iter().try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
+        if want != Some(bytes.len() as u64) {
+            return Err(FormatError::TensorSize { name: name.to_string(), dtype, shape, bytes: bytes.len() });
+        }
+        Ok(Tensor { name, dtype, shape, data: TensorData::Memory(Arc::new(bytes)) })
+    }
+
+    /// A tensor from f32 values, stored as `dtype` (rounded to nearest even for F16/BF16).
+    pub fn from_f32(name: TensorName, dtype: DType, shape: Vec<u64>, values: &[f32]) -> Result<Tensor, FormatError> {
+        Tensor::from_bytes(name, dtype, shape, dtype.encode(values))
+    }
+
+    /// The spec name.
+    pub fn name(&self) -> TensorName {
+        self.name
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The row-major shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Number of data bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
+    }
+
+    /// The little-endian data bytes (read from the file if the tensor is file-backed).
+    pub fn bytes(&self) -> std::io::Result<Cow<'_, [u8]>> {
+        match &self.data {
+            TensorData::Memory(b) => Ok(Cow::Borrowed(b.as_slice())),
+            TensorData::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; *len as usize];
+                file.read_exact_at(&mut buf, *offset)?;
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// The values as f32 (exact for every allowed dtype).
+    pub fn to_f32(&self) -> std::io::Result<Vec<f32>> {
+        Ok(self.dtype.decode(&self.bytes()?))
+    }
+
+    /// This tensor stored as another dtype (values rounded to nearest even when narrowing).
+    pub fn to_dtype(&self, dtype: DType) -> std::io::Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let values = self.to_f32()?;
+        Ok(Tensor { name: self.name, dtype, shape: self.shape.clone(), data: TensorData::Memory(Arc::new(dtype.encode(&values))) })
+    }
+}
+
+/// A valid IAPT adapter.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    config: AdapterConfig,
+    extras: Metadata,
+    tensors: Vec<Tensor>,
+    warnings: Vec<Finding>,
+    source: Option<(PathBuf, Container)>,
+}
+
+/// What validating a file found: the report, and the adapter when the file is valid.
+#[derive(Debug)]
+pub struct Validation {
+    /// Every finding.
+    pub report: Report,
+    /// The container, when it could be recognised.
+    pub container: Option<Container>,
+    /// The adapter, when the report has no error.
+    pub adapter: Option<Adapter>,
+}
+
+impl Adapter {
+    /// Opens and validates an adapter file (container detected by content). Warnings are kept in
+    /// [`Adapter::warnings`]; any error fails with [`FormatError::Invalid`] carrying the full report.
+    pub fn open(path: impl AsRef<Path>) -> Result<Adapter, FormatError> {
+        let path = path.as_ref();
+        let v = validate_file(path, None);
+        match v.adapter {
+            Some(a) => Ok(a),
+            None if v.report.has(Code::Unreadable) => Err(FormatError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other(v.report.to_string()),
+            }),
+            None => Err(FormatError::Invalid { path: path.to_owned(), report: v.report }),
+        }
+    }
+
+    /// Builds an adapter from parts, applying every spec rule. Tensors are put in canonical order.
+    pub fn from_parts(config: AdapterConfig, extras: Metadata, tensors: Vec<Tensor>) -> Result<Adapter, Report> {
+        let mut report = Report::default();
+        let mut meta = config.to_metadata();
+        meta.extend(extras.iter().cloned());
+        let raw = RawFile {
+            container: Container::Safetensors,
+            metadata: Vec::new(),
+            tensors: tensors
+                .iter()
+                .map(|t| container::RawTensor {
+                    name: t.name.to_string(),
+                    dtype: Some(t.dtype),
+                    dtype_label: t.dtype.to_string(),
+                    shape: t.shape.clone(),
+                    start: 0,
+                    len: t.byte_len(),
+                    in_bounds: false,
+                })
+                .collect(),
+        };
+        for (i, t) in raw.tensors.iter().enumerate() {
+            if raw.tensors[..i].iter().any(|o| o.name == t.name) {
+                report.push(Finding::about(Code::DuplicateTensor, t.name.clone(), "tensor given more than once"));
+            }
+        }
+        let checked = validate::check(&meta, Container::Safetensors, &raw, &mut report);
+        for t in &tensors {
+            match t.bytes() {
+                Ok(b) => {
+                    if let Some(bad) = first_non_finite(t.dtype, &b) {
+                        report.push(Finding::about(Code::NonFinite, t.name.to_string(), format!("element {bad} is NaN or infinite; adapters must hold finite values")));
+                    }
+                }
+                Err(e) => report.push(Finding::about(Code::Unreadable, t.name.to_string(), format!("cannot read tensor data: {e}"))),
+            }
+        }
+        match checked.config {
+            Some(config) if !report.has_errors() => {
+                let mut tensors = tensors;
+                tensors.sort_by_key(|t| t.name.canonical_key());
+                let warnings = report.warnings().cloned().collect();
+                Ok(Adapter { config, extras: checked.extras, tensors, warnings, source: None })
+            }
+            _ => Err(report),
+        }
+    }
+
+    /// The typed configuration.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
+    }
+
+    /// Optional metadata keys (provenance and anything else), in order.
+    pub fn extras(&self) -> &Metadata {
+        &self.extras
+    }
+
+    /// Sets (or replaces) an optional metadata key. Keys defined as required by the spec cannot be set here.
+    pub fn set_extra(&mut self, key: &str, value: MetaValue) {
+        if let Some(slot) = self.extras.iter_mut().find(|(k, _)| k == key) {
+            slot.1 = value;
+        } else {
+            self.extras.push((key.to_owned(), value));
+        }
+    }
+
+    /// Warnings found when the adapter was opened (newer minor version, unknown optional keys).
+    pub fn warnings(&self) -> &[Finding] {
+        &self.warnings
+    }
+
+    /// The file and container this adapter was read from, if any.
+    pub fn source(&self) -> Option<(&Path, Container)> {
+        self.source.as_ref().map(|(p, c)| (p.as_path(), *c))
+    }
+
+    /// Tensors in canonical order (shared first, then layer by layer).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// The tensor layer `layer` uses for `role`: the per-layer one, else the shared one.
+    pub fn tensor(&self, layer: u32, role: Role) -> Option<&Tensor> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == TensorName::layer(layer, role))
+            .or_else(|| self.tensors.iter().find(|t| t.name == TensorName::shared(role)))
+    }
+
+    /// Whether `role` is stored once for all layers.
+    pub fn is_shared(&self, role: Role) -> bool {
+        self.tensors.iter().any(|t| t.name.scope == Scope::Shared && t.name.role == role)
+    }
+
+    /// Total number of parameters stored (shared tensors counted once).
+    pub fn param_count(&self) -> u64 {
+        self.tensors.iter().map(Tensor::numel).sum()
+    }
+
+    /// Total tensor data bytes.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(Tensor::byte_len).sum()
+    }
+
+    /// This adapter with every tensor stored as `dtype`.
+    pub fn with_dtype(&self, dtype: DType) -> std::io::Result<Adapter> {
+        let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)).collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Adapter { tensors, ..self.clone() })
+    }
+
+    /// Typed metadata as written to GGUF, in canonical order: container keys, required keys in
+    /// spec order, then optional keys sorted by name.
+    pub fn gguf_metadata(&self) -> Metadata {
+        let mut m: Metadata = vec![
+            (keys::GENERAL_ARCHITECTURE.to_owned(), MetaValue::Str(self.config.base_model_arch.clone())),
+            (keys::GENERAL_TYPE.to_owned(), MetaValue::Str("adapter".to_owned())),
+            (keys::ADAPTER_TYPE.to_owned(), MetaValue::Str("iapt".to_owned())),
+        ];
+        m.extend(self.config.to_metadata());
+        let mut extras = self.extras.clone();
+        extras.sort_by(|a, b| a.0.cmp(&b.0));
+        m.extend(extras);
+        m
+    }
+
+    /// String metadata as written to safetensors (sorted by key when written).
+    pub fn safetensors_metadata(&self) -> Vec<(String, String)> {
+        let mut m = self.config.to_metadata();
+        m.extend(self.extras.iter().cloned());
+        stringify_metadata(&m)
+    }
+
+    /// Writes the adapter in `container` to `w`, streaming one tensor's bytes at a time.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W, container: Container) -> std::io::Result<()> {
+        // Headers need only names, shapes and lengths; data is read and written tensor by tensor.
+        match container {
+            Container::Gguf => {
+                let infos: Vec<gguf::WriteTensor<'_>> = self
+                    .tensors
+                    .iter()
+                    .map(|t| gguf::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype, len: t.byte_len() })
+                    .collect();
+                let (head, _) = gguf::header(&self.gguf_metadata(), &infos);
+                w.write_all(&head)?;
+                let zeros = [0u8; container::GGUF_DEFAULT_ALIGNMENT as usize];
+                for t in &self.tensors {
+                    let b = t.bytes()?;
+                    w.write_all(&b)?;
+                    let a = container::GGUF_DEFAULT_ALIGNMENT as usize;
+                    w.write_all(&zeros[..(a - b.len() % a) % a])?;
+                }
+            }
+            Container::Safetensors => {
+                let infos: Vec<safetensors::WriteTensor<'_>> = self
+                    .tensors
+                    .iter()
+                    .map(|t| safetensors::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype, len: t.byte_len() })
+                    .collect();
+                w.write_all(&safetensors::header(&self.safetensors_metadata(), &infos))?;
+                for t in &self.tensors {
+                    w.write_all(&t.bytes()?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole file in `container`, in memory (for tests and small adapters).
+    pub fn to_bytes(&self, container: Container) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.write_to(&mut out, container)?;
+        Ok(out)
+    }
+
+    /// Writes the adapter to `path` atomically: a temporary file in the same directory, synced,
+    /// then renamed over `path`. On any failure `path` is untouched and no temporary is left.
+    pub fn save(&self, path: impl AsRef<Path>, container: Container) -> Result<(), FormatError> {
+        write_atomically(path.as_ref(), |w| self.write_to(w, container))
+    }
+}
+
+/// Runs `write` into a temporary file next to `path`, then renames it into place.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<(), FormatError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let io = |source| FormatError::Io { path: path.to_owned(), source };
+    let tmp = tempfile::Builder::new().prefix(".iapt-tmp-").tempfile_in(&dir).map_err(io)?;
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        write(&mut w).map_err(io)?;
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Validates a file: structure, every spec rule, finiteness of every tensor, and (with `base`)
+/// compatibility with a base model. Never panics on any input; I/O failures become `E001`.
+pub fn validate_file(path: &Path, base: Option<&BaseModelInfo>) -> Validation {
+    let mut report = Report::default();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            report.push(Finding::file(Code::Unreadable, format!("cannot open {}: {e}", path.display())));
+            return Validation { report, container: None, adapter: None };
+        }
+    };
+    let raw = match container::parse_file(&file, &mut report) {
+        Ok(Some(raw)) => raw,
+        Ok(None) => return Validation { report, container: None, adapter: None },
+        Err(e) => {
+            report.push(Finding::file(Code::Unreadable, format!("cannot read {}: {e}", path.display())));
+            return Validation { report, container: None, adapter: None };
+        }
+    };
+    let file = Arc::new(file);
+    let container = raw.container;
+    let adapter = build(raw, &mut report, |t| TensorData::File { file: file.clone(), offset: t.start, len: t.len }, base);
+    let adapter = adapter.map(|mut a| {
+        a.source = Some((path.to_owned(), container));
+        a
+    });
+    Validation { report, container: Some(container), adapter }
+}
+
+/// Validates a whole file held in memory (used by fuzzing and tests).
+pub fn validate_bytes(bytes: &[u8]) -> Validation {
+    let mut report = Report::default();
+    let Some(raw) = container::parse(bytes, &mut report) else {
+        return Validation { report, container: None, adapter: None };
+    };
+    let container = raw.container;
+    let adapter = build(
+        raw,
+        &mut report,
+        |t| TensorData::Memory(Arc::new(bytes[t.start as usize..(t.start + t.len) as usize].to_vec())),
+        None,
+    );
+    Validation { report, container: Some(container), adapter }
+}
+
+fn build(raw: RawFile, report: &mut Report, data: impl Fn(&container::RawTensor) -> TensorData, base: Option<&BaseModelInfo>) -> Option<Adapter> {
+    let typed = validate::typed_metadata(&raw, report);
+    let checked = validate::check(&typed, raw.container, &raw, report);
+    let mut tensors = Vec::with_capacity(checked.named.len());
+    for (name, i) in &checked.named {
+        let t = &raw.tensors[*i];
+        let (Some(dtype), true) = (t.dtype, t.in_bounds) else { continue };
+        let tensor = Tensor { name: *name, dtype, shape: t.shape.clone(), data: data(t) };
+        match tensor.bytes() {
+            Ok(b) => {
+                if let Some(bad) = first_non_finite(dtype, &b) {
+                    report.push(Finding::about(Code::NonFinite, t.name.clone(), format!("element {bad} is NaN or infinite; adapters must hold finite values")));
+                }
+            }
+            Err(e) => report.push(Finding::about(Code::Unreadable, t.name.clone(), format!("cannot read tensor data: {e}"))),
+        }
+        tensors.push(tensor);
+    }
+    if let (Some(b), Some(cfg)) = (base, &checked.config) {
+        for f in b.check(cfg) {
+            report.push(f);
+        }
+    }
+    let config = checked.config?;
+    if report.has_errors() {
+        return None;
+    }
+    tensors.sort_by_key(|t| t.name.canonical_key());
+    Some(Adapter { config, extras: checked.extras, tensors, warnings: report.warnings().cloned().collect(), source: None })
+}

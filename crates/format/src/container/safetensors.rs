@@ -1,0 +1,282 @@
+//! safetensors reading and writing.
+//!
+//! The reader is written against the format of huggingface/safetensors (8-byte little-endian header
+//! length, a JSON header, a contiguous byte buffer) rather than through the `safetensors` crate,
+//! because the crate deserialises the header into a map where a duplicate key silently wins and
+//! stops at the first error; spec v1 needs duplicates reported (E007, E203) and every finding
+//! listed. Interoperability with the reference crate is checked by tests in both directions. The
+//! writer emits a canonical file: metadata keys sorted, tensors in the order given, header padded
+//! with spaces to a multiple of 8 bytes as the reference writer does.
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{RawFile, RawTensor, MAX_HEADER_BYTES, MAX_TENSORS};
+use crate::config::Container;
+use crate::dtype::DType;
+use crate::meta::MetaValue;
+use crate::report::{Code, Finding, Report};
+
+/// Key of the metadata object in a safetensors header.
+pub(crate) const METADATA_KEY: &str = "__metadata__";
+
+/// JSON that keeps object entries in order, duplicates included.
+#[derive(Debug, Clone)]
+enum Json {
+    /// `null`, booleans and non-finite numbers: never valid in a safetensors header position.
+    Other,
+    Number(serde_json::Number),
+    Str(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Json, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Json;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Json, E> {
+                Ok(Json::Other)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Json, E> {
+                { let _ = v; Ok(Json::Other) }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Json, E> {
+                Ok(Json::Number(v.into()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Json, E> {
+                Ok(Json::Number(v.into()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Json, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Json::Other, Json::Number))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Json, E> {
+                Ok(Json::Str(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Json, E> {
+                Ok(Json::Str(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Json, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(Json::Array(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Json, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, x)) = a.next_entry::<String, Json>()? {
+                    v.push((k, x));
+                }
+                Ok(Json::Object(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Element size of every safetensors dtype, so that extents of tensors with dtypes spec v1 refuses
+/// can still be checked.
+fn element_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+fn malformed(report: &mut Report, m: impl Into<String>) -> Option<RawFile> {
+    report.push(Finding::file(Code::MalformedHeader, m));
+    None
+}
+
+/// Bytes of the file needed to parse its header: 8 + the declared header length (capped), given
+/// the first 8 bytes.
+pub(crate) fn head_len(first8: &[u8]) -> u64 {
+    let n = u64::from_le_bytes(first8[..8].try_into().expect("8 bytes"));
+    8 + n.min(MAX_HEADER_BYTES + 1)
+}
+
+/// Parses a safetensors header from `head` (a prefix of a file of `file_len` bytes holding at
+/// least [`head_len`] bytes, or the whole file), checking extents against `file_len`.
+pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<RawFile> {
+    if file_len < 8 || head.len() < 8 {
+        report.push(Finding::file(Code::Truncated, "the file ends inside the 8-byte header length"));
+        return None;
+    }
+    let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER_BYTES {
+        return malformed(report, format!("header length {n} is over the limit of {MAX_HEADER_BYTES} bytes"));
+    }
+    let rest = file_len - 8;
+    if n > rest || n > (head.len() - 8) as u64 {
+        report.push(Finding::file(Code::Truncated, format!("the header declares {n} bytes but only {rest} follow")));
+        return None;
+    }
+    let header = &head[8..8 + n as usize];
+    let Ok(text) = std::str::from_utf8(header) else {
+        return malformed(report, "the JSON header is not valid UTF-8");
+    };
+    let json: Json = match serde_json::from_str(text.trim_end_matches(' ')) {
+        Ok(j) => j,
+        Err(e) => return malformed(report, format!("the JSON header does not parse: {e}")),
+    };
+    let Json::Object(entries) = json else {
+        return malformed(report, "the JSON header is not an object");
+    };
+    if entries.len() as u64 > MAX_TENSORS + 1 {
+        return malformed(report, format!("the header lists over {MAX_TENSORS} tensors"));
+    }
+
+    let buffer_start = 8 + n;
+    let buffer_len = rest - n;
+    let mut metadata = Vec::new();
+    let mut seen_metadata = false;
+    let mut tensors: Vec<RawTensor> = Vec::new();
+    let mut extents: Vec<(u64, u64, String)> = Vec::new();
+    for (name, value) in entries {
+        if name == METADATA_KEY {
+            if seen_metadata {
+                report.push(Finding::about(Code::DuplicateKey, METADATA_KEY, "the header has two __metadata__ objects; merge them"));
+                continue;
+            }
+            seen_metadata = true;
+            let Json::Object(kvs) = value else {
+                return malformed(report, "__metadata__ is not a JSON object");
+            };
+            for (k, v) in kvs {
+                let Json::Str(s) = v else {
+                    return malformed(report, format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"));
+                };
+                if metadata.iter().any(|(mk, _): &(String, MetaValue)| *mk == k) {
+                    report.push(Finding::about(Code::DuplicateKey, k, "metadata key appears more than once; keep one (the first is used)"));
+                    continue;
+                }
+                metadata.push((k, MetaValue::Str(s)));
+            }
+            continue;
+        }
+        let Some((dtype, shape, begin, end)) = tensor_entry(&value) else {
+            return malformed(report, format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"));
+        };
+        if tensors.iter().any(|t| t.name == name) {
+            report.push(Finding::about(Code::DuplicateTensor, name, "tensor name appears more than once; each tensor must be stored once"));
+            continue;
+        }
+        let Some(esize) = element_size(&dtype) else {
+            return malformed(report, format!("tensor {name:?} has unknown dtype {dtype:?}"));
+        };
+        let mut t = RawTensor {
+            name: name.clone(),
+            dtype: DType::from_safetensors_name(&dtype),
+            dtype_label: dtype.clone(),
+            shape: shape.clone(),
+            start: 0,
+            len: 0,
+            in_bounds: false,
+        };
+        let nbytes = shape.iter().try_fold(esize, |acc, &d| acc.checked_mul(d));
+        match nbytes {
+            None => report.push(Finding::about(Code::BadOffsets, name.clone(), "shape x dtype size overflows 64 bits")),
+            Some(nb) if end < begin || end - begin != nb => report.push(Finding::about(
+                Code::BadOffsets,
+                name.clone(),
+                format!("data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}", end.wrapping_sub(begin)),
+            )),
+            Some(nb) => {
+                extents.push((begin, end, name.clone()));
+                if end <= buffer_len {
+                    t.start = buffer_start + begin;
+                    t.len = nb;
+                    t.in_bounds = true;
+                }
+            }
+        }
+        tensors.push(t);
+    }
+
+    // Extents must tile the buffer exactly: no hole, no overlap, nothing after the last tensor.
+    extents.sort();
+    let mut cursor = 0u64;
+    for (begin, end, name) in &extents {
+        if *begin > cursor {
+            report.push(Finding::about(Code::BadOffsets, name.clone(), format!("hole of {} bytes before this tensor's data (offset {begin})", begin - cursor)));
+        } else if *begin < cursor {
+            report.push(Finding::about(Code::BadOffsets, name.clone(), format!("data at offset {begin} overlaps the previous tensor's data")));
+        }
+        cursor = cursor.max(*end);
+    }
+    if cursor > buffer_len {
+        report.push(Finding::file(Code::Truncated, format!("tensor data needs {cursor} bytes but the file holds {buffer_len} after the header (truncated file)")));
+    } else if cursor < buffer_len {
+        report.push(Finding::file(Code::BadOffsets, format!("{} bytes after the last tensor's data belong to no tensor", buffer_len - cursor)));
+    }
+    Some(RawFile { container: Container::Safetensors, metadata, tensors })
+}
+
+fn tensor_entry(v: &Json) -> Option<(String, Vec<u64>, u64, u64)> {
+    let Json::Object(fields) = v else { return None };
+    let (mut dtype, mut shape, mut offsets) = (None, None, None);
+    for (k, x) in fields {
+        match (k.as_str(), x) {
+            ("dtype", Json::Str(s)) if dtype.is_none() => dtype = Some(s.clone()),
+            ("shape", Json::Array(a)) if shape.is_none() => shape = Some(a.iter().map(as_u64).collect::<Option<Vec<_>>>()?),
+            ("data_offsets", Json::Array(a)) if offsets.is_none() && a.len() == 2 => offsets = Some((as_u64(&a[0])?, as_u64(&a[1])?)),
+            _ => return None,
+        }
+    }
+    let (b, e) = offsets?;
+    Some((dtype?, shape?, b, e))
+}
+
+fn as_u64(j: &Json) -> Option<u64> {
+    match j {
+        Json::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+/// One tensor to write.
+pub(crate) struct WriteTensor<'a> {
+    pub name: String,
+    pub shape: &'a [u64],
+    pub dtype: DType,
+    pub len: u64,
+}
+
+/// Builds the 8-byte length and the padded JSON header.
+pub(crate) fn header(metadata: &[(String, String)], tensors: &[WriteTensor<'_>]) -> Vec<u8> {
+    let mut meta: Vec<&(String, String)> = metadata.iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut obj = serde_json::Map::new();
+    if !meta.is_empty() {
+        let mut m = serde_json::Map::new();
+        for (k, v) in meta {
+            m.insert(k.clone(), serde_json::Value::String(v.clone()));
+        }
+        obj.insert(METADATA_KEY.to_owned(), serde_json::Value::Object(m));
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        let end = offset + t.len;
+        obj.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(obj)).expect("JSON of strings and integers serialises");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}

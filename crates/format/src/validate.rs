@@ -1,0 +1,193 @@
+//! The spec v1 validation rules applied to a structurally parsed file: metadata (via `config`),
+//! tensor names, the per-layer/shared sets, shapes, dtypes and finiteness, and the optional check
+//! against a base model. Every finding is collected; nothing stops at the first.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::{parse_config, type_safetensors_metadata, AdapterConfig, Container, Metadata};
+use crate::container::RawFile;
+use crate::dtype::DType;
+use crate::meta::MetaValue;
+use crate::names::{Role, Scope, TensorName};
+use crate::report::{Code, Finding, Report};
+
+/// The result of checking a parsed file: the config (when usable), optional keys, and the tensors
+/// that passed, in the raw file's indexing.
+pub(crate) struct Checked {
+    pub config: Option<AdapterConfig>,
+    pub extras: Metadata,
+    /// (parsed name, index into raw.tensors) for every tensor with a spec name.
+    pub named: Vec<(TensorName, usize)>,
+}
+
+/// Typed metadata of a raw file (safetensors strings are parsed per the spec's key types).
+pub(crate) fn typed_metadata(raw: &RawFile, report: &mut Report) -> Metadata {
+    match raw.container {
+        Container::Gguf => raw.metadata.clone(),
+        Container::Safetensors => {
+            let strings: Vec<(String, String)> = raw
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_text())))
+                .collect();
+            type_safetensors_metadata(&strings, report)
+        }
+    }
+}
+
+/// Applies every spec rule except finiteness (which needs the data) to a file's typed metadata and
+/// tensor list. `container` selects the GGUF container-key rules.
+pub(crate) fn check(typed: &Metadata, container: Container, raw: &RawFile, report: &mut Report) -> Checked {
+    let (config, extras) = parse_config(typed, container, report);
+
+    let mut named = Vec::new();
+    for (i, t) in raw.tensors.iter().enumerate() {
+        match TensorName::parse(&t.name) {
+            Some(n) => named.push((n, i)),
+            None => report.push(Finding::about(
+                Code::UnexpectedTensor,
+                t.name.clone(),
+                "not a spec v1 tensor name (iapt.blk.{l}.{role} or iapt.shared.{role}); remove or rename it",
+            )),
+        }
+        if t.dtype.is_none() {
+            report.push(Finding::about(Code::DTypeNotAllowed, t.name.clone(), format!("dtype {} is not allowed; store F32, F16 or BF16", t.dtype_label)));
+        }
+    }
+    if let Some(cfg) = &config {
+        check_tensor_set(cfg, raw, &named, report);
+    }
+    Checked { config, extras, named }
+}
+
+fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, usize)], report: &mut Report) {
+    let mut layers: BTreeMap<Role, BTreeSet<u32>> = BTreeMap::new();
+    let mut shared: BTreeSet<Role> = BTreeSet::new();
+    for (n, i) in named {
+        let t = &raw.tensors[*i];
+        if !n.role.is_allowed(cfg) {
+            report.push(Finding::about(
+                Code::UnexpectedTensor,
+                t.name.clone(),
+                format!("role {} is only allowed with a rational activation, but iapt.activation is {:?}", n.role, cfg.activation.name()),
+            ));
+            continue;
+        }
+        match n.scope {
+            Scope::Shared => {
+                shared.insert(n.role);
+            }
+            Scope::Layer(l) if l >= cfg.n_layer => {
+                report.push(Finding::about(Code::UnexpectedTensor, t.name.clone(), format!("layer {l} does not exist: iapt.n_layer is {}", cfg.n_layer)));
+                continue;
+            }
+            Scope::Layer(l) => {
+                layers.entry(n.role).or_default().insert(l);
+            }
+        }
+        let want = n.role.expected_shape(cfg);
+        if t.shape != want {
+            report.push(Finding::about(Code::ShapeMismatch, t.name.clone(), format!("shape {:?} but {} must be {:?} (row-major)", t.shape, n.role, want)));
+        }
+    }
+    for role in Role::ALL {
+        if !role.is_allowed(cfg) {
+            continue;
+        }
+        let per = layers.get(&role);
+        let is_shared = shared.contains(&role);
+        if is_shared && per.is_some() {
+            report.push(Finding::about(
+                Code::SharedAndPerLayer,
+                format!("iapt.shared.{role}"),
+                format!("role {role} is stored both shared and per layer; keep one form"),
+            ));
+        }
+        match per {
+            Some(set) if !is_shared && set.len() as u32 != cfg.n_layer => {
+                let missing: Vec<String> = (0..cfg.n_layer).filter(|l| !set.contains(l)).take(8).map(|l| l.to_string()).collect();
+                report.push(Finding::about(
+                    Code::MissingTensor,
+                    format!("iapt.blk.*.{role}"),
+                    format!("per-layer {role} is missing for layers {}{}; a per-layer role needs all {} layers", missing.join(", "), if missing.len() == 8 { ", ..." } else { "" }, cfg.n_layer),
+                ));
+            }
+            None if !is_shared && role.is_required(cfg) => report.push(Finding::about(
+                Code::MissingTensor,
+                format!("iapt.blk.*.{role}"),
+                format!("required role {role} is missing; store iapt.blk.{{l}}.{role} for every layer or one iapt.shared.{role}"),
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// Index of the first NaN or infinite element, if any.
+pub(crate) fn first_non_finite(dt: DType, data: &[u8]) -> Option<usize> {
+    match dt {
+        DType::F32 => data.chunks_exact(4).position(|c| {
+            let bits = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            bits & 0x7f80_0000 == 0x7f80_0000
+        }),
+        DType::F16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        DType::BF16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+    }
+}
+
+/// Base-model facts used by the `--model` check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModelInfo {
+    /// `general.architecture`.
+    pub arch: String,
+    /// `{arch}.block_count`.
+    pub n_layer: u32,
+    /// `{arch}.embedding_length`.
+    pub n_embd: u32,
+}
+
+impl BaseModelInfo {
+    /// Reads the three facts from a base model GGUF's metadata (only the header is read).
+    pub fn read(path: &std::path::Path) -> Result<BaseModelInfo, String> {
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let meta = crate::container::read_gguf_metadata(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let get = |k: &str| meta.iter().find(|(mk, _)| mk == k).map(|(_, v)| v);
+        let arch = match get("general.architecture") {
+            Some(MetaValue::Str(s)) => s.clone(),
+            _ => return Err(format!("{} has no general.architecture string", path.display())),
+        };
+        let num = |k: String| match get(&k) {
+            Some(MetaValue::U32(v)) => Ok(*v),
+            Some(MetaValue::U64(v)) => u32::try_from(*v).map_err(|_| format!("{k} is too large")),
+            Some(MetaValue::I32(v)) => u32::try_from(*v).map_err(|_| format!("{k} is negative")),
+            _ => Err(format!("{} has no integer {k}", path.display())),
+        };
+        Ok(BaseModelInfo { n_layer: num(format!("{arch}.block_count"))?, n_embd: num(format!("{arch}.embedding_length"))?, arch })
+    }
+
+    /// Compares an adapter config with this base model.
+    pub fn check(&self, cfg: &AdapterConfig) -> Vec<Finding> {
+        let mut out = Vec::new();
+        if cfg.base_model_arch != self.arch {
+            out.push(Finding::about(
+                Code::BaseArchMismatch,
+                "iapt.base_model.arch",
+                format!("adapter is for {:?} but the base model is {:?} (wrong base model?)", cfg.base_model_arch, self.arch),
+            ));
+        }
+        if cfg.n_layer != self.n_layer {
+            out.push(Finding::about(
+                Code::BaseLayerMismatch,
+                "iapt.n_layer",
+                format!("adapter has {} layers but the base model has {} (wrong base model?)", cfg.n_layer, self.n_layer),
+            ));
+        }
+        if cfg.n_embd != self.n_embd {
+            out.push(Finding::about(
+                Code::BaseEmbdMismatch,
+                "iapt.n_embd",
+                format!("adapter has n_embd {} but the base model has {} (wrong base model?)", cfg.n_embd, self.n_embd),
+            ));
+        }
+        out
+    }
+}
