@@ -133,10 +133,9 @@ impl Adapter {
         let v = validate_file(path, None);
         match v.adapter {
             Some(a) => Ok(a),
-            None if v.report.has(Code::Unreadable) => Err(FormatError::Io {
-                path: path.to_owned(),
-                source: std::io::Error::other(v.report.to_string()),
-            }),
+            None if v.report.has(Code::Unreadable) => {
+                Err(FormatError::Io { path: path.to_owned(), source: std::io::Error::other(v.report.to_string()) })
+            }
             None => Err(FormatError::Invalid { path: path.to_owned(), report: v.report }),
         }
     }
@@ -172,7 +171,11 @@ impl Adapter {
             match t.bytes() {
                 Ok(b) => {
                     if let Some(bad) = first_non_finite(t.dtype, &b) {
-                        report.push(Finding::about(Code::NonFinite, t.name.to_string(), format!("element {bad} is NaN or infinite; adapters must hold finite values")));
+                        report.push(Finding::about(
+                            Code::NonFinite,
+                            t.name.to_string(),
+                            format!("element {bad} is NaN or infinite; adapters must hold finite values"),
+                        ));
                     }
                 }
                 Err(e) => report.push(Finding::about(Code::Unreadable, t.name.to_string(), format!("cannot read tensor data: {e}"))),
@@ -377,16 +380,17 @@ pub fn validate_bytes(bytes: &[u8]) -> Validation {
         return Validation { report, container: None, adapter: None };
     };
     let container = raw.container;
-    let adapter = build(
-        raw,
-        &mut report,
-        |t| TensorData::Memory(Arc::new(bytes[t.start as usize..(t.start + t.len) as usize].to_vec())),
-        None,
-    );
+    let adapter =
+        build(raw, &mut report, |t| TensorData::Memory(Arc::new(bytes[t.start as usize..(t.start + t.len) as usize].to_vec())), None);
     Validation { report, container: Some(container), adapter }
 }
 
-fn build(raw: RawFile, report: &mut Report, data: impl Fn(&container::RawTensor) -> TensorData, base: Option<&BaseModelInfo>) -> Option<Adapter> {
+fn build(
+    raw: RawFile,
+    report: &mut Report,
+    data: impl Fn(&container::RawTensor) -> TensorData,
+    base: Option<&BaseModelInfo>,
+) -> Option<Adapter> {
     let typed = validate::typed_metadata(&raw, report);
     let checked = validate::check(&typed, raw.container, &raw, report);
     let mut tensors = Vec::with_capacity(checked.named.len());
@@ -397,7 +401,11 @@ fn build(raw: RawFile, report: &mut Report, data: impl Fn(&container::RawTensor)
         match tensor.bytes() {
             Ok(b) => {
                 if let Some(bad) = first_non_finite(dtype, &b) {
-                    report.push(Finding::about(Code::NonFinite, t.name.clone(), format!("element {bad} is NaN or infinite; adapters must hold finite values")));
+                    report.push(Finding::about(
+                        Code::NonFinite,
+                        t.name.clone(),
+                        format!("element {bad} is NaN or infinite; adapters must hold finite values"),
+                    ));
                 }
             }
             Err(e) => report.push(Finding::about(Code::Unreadable, t.name.clone(), format!("cannot read tensor data: {e}"))),

@@ -58,14 +58,8 @@ pub mod keys {
 }
 
 /// Optional keys spec v1 defines (not reported as unknown).
-pub const KNOWN_OPTIONAL_KEYS: [&str; 6] = [
-    keys::BASE_MODEL_NAME,
-    keys::SOURCE_FILE,
-    keys::SOURCE_SHA256,
-    keys::CONVERTER_VERSION,
-    keys::GENERAL_NAME,
-    META_TYPES_KEY,
-];
+pub const KNOWN_OPTIONAL_KEYS: [&str; 6] =
+    [keys::BASE_MODEL_NAME, keys::SOURCE_FILE, keys::SOURCE_SHA256, keys::CONVERTER_VERSION, keys::GENERAL_NAME, META_TYPES_KEY];
 
 /// Largest rational degree spec v1 allows (numerator and denominator).
 pub const MAX_RATIONAL_DEGREE: u32 = 8;
@@ -294,7 +288,11 @@ impl AdapterConfig {
             }
         }
         if !self.pool_scale.is_finite() {
-            out.push(Finding::about(Code::BadKeyValue, keys::POOL_SCALE, format!("{} is not finite; use a finite scale such as 1.0", self.pool_scale)));
+            out.push(Finding::about(
+                Code::BadKeyValue,
+                keys::POOL_SCALE,
+                format!("{} is not finite; use a finite scale such as 1.0", self.pool_scale),
+            ));
         }
         if !is_arch_name(&self.base_model_arch) {
             out.push(Finding::about(
@@ -313,7 +311,10 @@ impl AdapterConfig {
                 out.push(Finding::about(
                     Code::GroupsDoNotDivide,
                     keys::RATIONAL_GROUPS,
-                    format!("{} groups do not divide the bottleneck {}; use a divisor of it (1 is always valid)", rc.groups, self.bottleneck),
+                    format!(
+                        "{} groups do not divide the bottleneck {}; use a divisor of it (1 is always valid)",
+                        rc.groups, self.bottleneck
+                    ),
                 ));
             }
         }
@@ -382,11 +383,17 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
                 for (k, v) in map {
                     match v.as_str().and_then(MetaType::parse) {
                         Some(t) => recorded.push((k, t)),
-                        None => report.push(Finding::about(Code::BadKeyValue, META_TYPES_KEY, format!("type of {k:?} is not a GGUF type name (u32, f32, string, array[u32], ...)"))),
+                        None => report.push(Finding::about(
+                            Code::BadKeyValue,
+                            META_TYPES_KEY,
+                            format!("type of {k:?} is not a GGUF type name (u32, f32, string, array[u32], ...)"),
+                        )),
                     }
                 }
             }
-            Err(e) => report.push(Finding::about(Code::BadKeyValue, META_TYPES_KEY, format!("must be a JSON object of key -> type name: {e}"))),
+            Err(e) => {
+                report.push(Finding::about(Code::BadKeyValue, META_TYPES_KEY, format!("must be a JSON object of key -> type name: {e}")))
+            }
         }
     }
     let mut out = Vec::with_capacity(raw.len());
@@ -397,7 +404,11 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
         let ty = defined_type(k).or_else(|| recorded.iter().find(|(rk, _)| rk == k).map(|(_, t)| t.clone())).unwrap_or(MetaType::Str);
         match MetaValue::from_text(&ty, text) {
             Some(v) => out.push((k.clone(), v)),
-            None => report.push(Finding::about(Code::BadKeyType, k.clone(), format!("{text:?} is not a {ty}; write it as a canonical {ty} in text"))),
+            None => report.push(Finding::about(
+                Code::BadKeyType,
+                k.clone(),
+                format!("{text:?} is not a {ty}; write it as a canonical {ty} in text"),
+            )),
         }
     }
     out
@@ -469,7 +480,10 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
                 report.push(Finding::about(
                     Code::UnknownSpecMajor,
                     keys::SPEC_VERSION,
-                    format!("spec major version {} is not supported by this reader (it implements {SPEC_MAJOR}.x); upgrade the toolkit", sv.major),
+                    format!(
+                        "spec major version {} is not supported by this reader (it implements {SPEC_MAJOR}.x); upgrade the toolkit",
+                        sv.major
+                    ),
                 ));
                 return (None, Vec::new());
             }
@@ -514,7 +528,11 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
     let pool_type = str_key(keys::POOL_TYPE);
     match &pool_type {
         None => missing(keys::POOL_TYPE, report),
-        Some(Some(t)) if t != "query" => report.push(Finding::about(Code::BadKeyValue, keys::POOL_TYPE, format!("{t:?} is not a pooling type of spec v1; the only one is \"query\""))),
+        Some(Some(t)) if t != "query" => report.push(Finding::about(
+            Code::BadKeyValue,
+            keys::POOL_TYPE,
+            format!("{t:?} is not a pooling type of spec v1; the only one is \"query\""),
+        )),
         _ => {}
     }
     let pool_scale = match get(keys::POOL_SCALE) {
@@ -548,7 +566,11 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
                 Some(Some(v)) => match RationalVariant::parse(&v) {
                     Some(v) => Some(v),
                     None => {
-                        report.push(Finding::about(Code::UnknownRationalVariant, keys::RATIONAL_VARIANT, format!("{v:?} is not a rational variant; use \"A\", \"B\", \"C\" or \"D\"")));
+                        report.push(Finding::about(
+                            Code::UnknownRationalVariant,
+                            keys::RATIONAL_VARIANT,
+                            format!("{v:?} is not a rational variant; use \"A\", \"B\", \"C\" or \"D\""),
+                        ));
                         None
                     }
                 },
@@ -581,17 +603,27 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
         let expect = [(keys::GENERAL_TYPE, "adapter"), (keys::ADAPTER_TYPE, "iapt")];
         for (key, want) in expect {
             match get(key) {
-                None => report.push(Finding::about(Code::BadContainerKey, key, format!("missing; a GGUF IAPT adapter must set it to {want:?}"))),
+                None => {
+                    report.push(Finding::about(Code::BadContainerKey, key, format!("missing; a GGUF IAPT adapter must set it to {want:?}")))
+                }
                 Some(MetaValue::Str(s)) if s == want => {}
-                Some(MetaValue::Str(s)) => report.push(Finding::about(Code::BadContainerKey, key, format!("is {s:?} but must be {want:?}"))),
+                Some(MetaValue::Str(s)) => {
+                    report.push(Finding::about(Code::BadContainerKey, key, format!("is {s:?} but must be {want:?}")))
+                }
                 Some(_) => {}
             }
         }
         match (get(keys::GENERAL_ARCHITECTURE), &arch) {
-            (None, _) => report.push(Finding::about(Code::BadContainerKey, keys::GENERAL_ARCHITECTURE, "missing; it must equal iapt.base_model.arch")),
-            (Some(MetaValue::Str(g)), Some(Some(a))) if g != a => {
-                report.push(Finding::about(Code::BadContainerKey, keys::GENERAL_ARCHITECTURE, format!("is {g:?} but iapt.base_model.arch is {a:?}; they must be equal")))
-            }
+            (None, _) => report.push(Finding::about(
+                Code::BadContainerKey,
+                keys::GENERAL_ARCHITECTURE,
+                "missing; it must equal iapt.base_model.arch",
+            )),
+            (Some(MetaValue::Str(g)), Some(Some(a))) if g != a => report.push(Finding::about(
+                Code::BadContainerKey,
+                keys::GENERAL_ARCHITECTURE,
+                format!("is {g:?} but iapt.base_model.arch is {a:?}; they must be equal"),
+            )),
             _ => {}
         }
     }
@@ -599,10 +631,19 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
     // Optional keys: everything not required.
     let required_now: Vec<&str> = {
         let mut r = vec![
-            keys::SPEC_VERSION, keys::N_LAYER, keys::N_EMBD, keys::N_SOFT_TOKENS, keys::BOTTLENECK,
-            keys::ACTIVATION, keys::POOL_TYPE, keys::POOL_SCALE, keys::BASE_MODEL_ARCH,
+            keys::SPEC_VERSION,
+            keys::N_LAYER,
+            keys::N_EMBD,
+            keys::N_SOFT_TOKENS,
+            keys::BOTTLENECK,
+            keys::ACTIVATION,
+            keys::POOL_TYPE,
+            keys::POOL_SCALE,
+            keys::BASE_MODEL_ARCH,
         ];
-        if matches!(activation, Some(Activation::Rational(_))) || matches!(get(keys::ACTIVATION), Some(MetaValue::Str(s)) if s == "rational") {
+        if matches!(activation, Some(Activation::Rational(_)))
+            || matches!(get(keys::ACTIVATION), Some(MetaValue::Str(s)) if s == "rational")
+        {
             r.extend([keys::RATIONAL_VARIANT, keys::RATIONAL_NUM_DEGREE, keys::RATIONAL_DEN_DEGREE, keys::RATIONAL_GROUPS]);
         }
         r
@@ -619,7 +660,16 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
     }
 
     let config = match (ok, n_layer, n_embd, n_soft, bottleneck, activation, pool_scale, arch) {
-        (true, Some(n_layer), Some(n_embd), Some(n_soft_tokens), Some(bottleneck), Some(activation), Some(pool_scale), Some(Some(base_model_arch))) => {
+        (
+            true,
+            Some(n_layer),
+            Some(n_embd),
+            Some(n_soft_tokens),
+            Some(bottleneck),
+            Some(activation),
+            Some(pool_scale),
+            Some(Some(base_model_arch)),
+        ) => {
             let spec_version = version.as_deref().and_then(SpecVersion::parse).unwrap_or(SpecVersion::CURRENT);
             let c = AdapterConfig { spec_version, n_layer, n_embd, n_soft_tokens, bottleneck, activation, pool_scale, base_model_arch };
             let findings = c.check();
@@ -627,7 +677,11 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
             for f in findings {
                 report.push(f);
             }
-            if fatal { None } else { Some(c) }
+            if fatal {
+                None
+            } else {
+                Some(c)
+            }
         }
         _ => None,
     };

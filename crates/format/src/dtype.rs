@@ -108,12 +108,8 @@ impl DType {
         let mut out = Vec::with_capacity(values.len() * self.size());
         match self {
             DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
+            DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes())),
+            DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
         }
         out
     }

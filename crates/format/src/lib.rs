@@ -29,8 +29,8 @@ mod validate;
 
 pub use adapter::{validate_bytes, validate_file, write_atomically, Adapter, Tensor, Validation};
 pub use config::{
-    is_arch_name, keys, Activation, AdapterConfig, Container, Metadata, RationalConfig, RationalVariant, SpecVersion,
-    KNOWN_OPTIONAL_KEYS, MAX_N_LAYER, MAX_RATIONAL_DEGREE, MAX_SOFT_TOKENS, MAX_WIDTH, SPEC_MAJOR, SPEC_MINOR,
+    is_arch_name, keys, Activation, AdapterConfig, Container, Metadata, RationalConfig, RationalVariant, SpecVersion, KNOWN_OPTIONAL_KEYS,
+    MAX_N_LAYER, MAX_RATIONAL_DEGREE, MAX_SOFT_TOKENS, MAX_WIDTH, SPEC_MAJOR, SPEC_MINOR,
 };
 pub use container::{sniff, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS};
 pub use dtype::DType;

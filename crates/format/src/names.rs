@@ -25,15 +25,8 @@ pub enum Role {
 
 impl Role {
     /// Every role, in the canonical order used when writing files.
-    pub const ALL: [Role; 7] = [
-        Role::DownWeight,
-        Role::DownBias,
-        Role::PoolQuery,
-        Role::UpWeight,
-        Role::UpBias,
-        Role::ActNum,
-        Role::ActDen,
-    ];
+    pub const ALL: [Role; 7] =
+        [Role::DownWeight, Role::DownBias, Role::PoolQuery, Role::UpWeight, Role::UpBias, Role::ActNum, Role::ActDen];
 
     /// The role's suffix in tensor names, e.g. `down.weight`.
     pub fn as_str(self) -> &'static str {

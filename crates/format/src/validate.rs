@@ -25,11 +25,8 @@ pub(crate) fn typed_metadata(raw: &RawFile, report: &mut Report) -> Metadata {
     match raw.container {
         Container::Gguf => raw.metadata.clone(),
         Container::Safetensors => {
-            let strings: Vec<(String, String)> = raw
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_text())))
-                .collect();
+            let strings: Vec<(String, String)> =
+                raw.metadata.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_text()))).collect();
             type_safetensors_metadata(&strings, report)
         }
     }
@@ -51,7 +48,11 @@ pub(crate) fn check(typed: &Metadata, container: Container, raw: &RawFile, repor
             )),
         }
         if t.dtype.is_none() {
-            report.push(Finding::about(Code::DTypeNotAllowed, t.name.clone(), format!("dtype {} is not allowed; store F32, F16 or BF16", t.dtype_label)));
+            report.push(Finding::about(
+                Code::DTypeNotAllowed,
+                t.name.clone(),
+                format!("dtype {} is not allowed; store F32, F16 or BF16", t.dtype_label),
+            ));
         }
     }
     if let Some(cfg) = &config {
@@ -78,7 +79,11 @@ fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, us
                 shared.insert(n.role);
             }
             Scope::Layer(l) if l >= cfg.n_layer => {
-                report.push(Finding::about(Code::UnexpectedTensor, t.name.clone(), format!("layer {l} does not exist: iapt.n_layer is {}", cfg.n_layer)));
+                report.push(Finding::about(
+                    Code::UnexpectedTensor,
+                    t.name.clone(),
+                    format!("layer {l} does not exist: iapt.n_layer is {}", cfg.n_layer),
+                ));
                 continue;
             }
             Scope::Layer(l) => {
@@ -87,7 +92,11 @@ fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, us
         }
         let want = n.role.expected_shape(cfg);
         if t.shape != want {
-            report.push(Finding::about(Code::ShapeMismatch, t.name.clone(), format!("shape {:?} but {} must be {:?} (row-major)", t.shape, n.role, want)));
+            report.push(Finding::about(
+                Code::ShapeMismatch,
+                t.name.clone(),
+                format!("shape {:?} but {} must be {:?} (row-major)", t.shape, n.role, want),
+            ));
         }
     }
     for role in Role::ALL {
@@ -109,7 +118,12 @@ fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, us
                 report.push(Finding::about(
                     Code::MissingTensor,
                     format!("iapt.blk.*.{role}"),
-                    format!("per-layer {role} is missing for layers {}{}; a per-layer role needs all {} layers", missing.join(", "), if missing.len() == 8 { ", ..." } else { "" }, cfg.n_layer),
+                    format!(
+                        "per-layer {role} is missing for layers {}{}; a per-layer role needs all {} layers",
+                        missing.join(", "),
+                        if missing.len() == 8 { ", ..." } else { "" },
+                        cfg.n_layer
+                    ),
                 ));
             }
             None if !is_shared && role.is_required(cfg) => report.push(Finding::about(

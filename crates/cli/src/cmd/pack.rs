@@ -22,7 +22,10 @@ pub struct Args {
 /// Runs `iapt pack`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let Some(container) = Container::from_extension(&args.output) else {
-        eprintln!("error: {}: cannot tell the container from the extension; name the output *.safetensors or *.gguf", args.output.display());
+        eprintln!(
+            "error: {}: cannot tell the container from the extension; name the output *.safetensors or *.gguf",
+            args.output.display()
+        );
         return Ok(exit(EXIT_USAGE));
     };
     let v = validate_file(&args.input, None);
@@ -37,11 +40,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         eprintln!("{}: {w}", args.input.display());
     }
     adapter.save(&args.output, container).with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!(
-        "wrote {} ({container}, {} tensors, {} parameters)",
-        args.output.display(),
-        adapter.tensors().len(),
-        adapter.param_count()
-    );
+    eprintln!("wrote {} ({container}, {} tensors, {} parameters)", args.output.display(), adapter.tensors().len(), adapter.param_count());
     Ok(ExitCode::SUCCESS)
 }

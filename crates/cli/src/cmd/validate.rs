@@ -63,7 +63,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         if valid {
             println!("{}: valid IAPT adapter ({n_warn} warning{})", args.file.display(), if n_warn == 1 { "" } else { "s" });
         } else {
-            println!("{}: invalid: {n_err} error{}, {n_warn} warning{}", args.file.display(), if n_err == 1 { "" } else { "s" }, if n_warn == 1 { "" } else { "s" });
+            println!(
+                "{}: invalid: {n_err} error{}, {n_warn} warning{}",
+                args.file.display(),
+                if n_err == 1 { "" } else { "s" },
+                if n_warn == 1 { "" } else { "s" }
+            );
         }
     }
     Ok(exit(code))

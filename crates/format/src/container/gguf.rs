@@ -5,7 +5,9 @@
 //! report findings with spec codes rather than stop at the first error. Every length read from the
 //! file is checked against the bytes that remain before anything is allocated from it.
 
-use super::{align_up, RawFile, RawTensor, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS};
+use super::{
+    align_up, RawFile, RawTensor, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS,
+};
 use crate::config::{keys, Container, Metadata};
 use crate::dtype::DType;
 use crate::meta::{MetaType, MetaValue};
@@ -191,7 +193,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
         let ty = c.u32(&format!("the type of {key:?}"))?;
         let value = c.value(ty, &format!("the value of {key:?}"), 0)?;
         if metadata.iter().any(|(k, _)| *k == key) {
-            report.push(Finding::about(Code::DuplicateKey, key.clone(), "metadata key appears more than once; keep one (the first is used)"));
+            report.push(Finding::about(
+                Code::DuplicateKey,
+                key.clone(),
+                "metadata key appears more than once; keep one (the first is used)",
+            ));
             continue;
         }
         metadata.push((key, value));
@@ -204,7 +210,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
         None => GGUF_DEFAULT_ALIGNMENT,
         Some((_, MetaValue::U32(a))) if *a != 0 && a.is_power_of_two() => u64::from(*a),
         Some((_, v)) => {
-            report.push(Finding::about(Code::BadOffsets, keys::GENERAL_ALIGNMENT, format!("{} must be a non-zero power of two (u32)", v.to_text())));
+            report.push(Finding::about(
+                Code::BadOffsets,
+                keys::GENERAL_ALIGNMENT,
+                format!("{} must be a non-zero power of two (u32)", v.to_text()),
+            ));
             return Err(Stop::Malformed("bad general.alignment".into()));
         }
     };
@@ -247,7 +257,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
     let mut extents: Vec<(u64, u64, usize)> = Vec::new();
     for info in infos {
         if tensors.iter().any(|t: &RawTensor| t.name == info.name) {
-            report.push(Finding::about(Code::DuplicateTensor, info.name.clone(), "tensor name appears more than once; each tensor must be stored once"));
+            report.push(Finding::about(
+                Code::DuplicateTensor,
+                info.name.clone(),
+                "tensor name appears more than once; each tensor must be stored once",
+            ));
             continue;
         }
         let dtype = DType::from_ggml_type(info.ggml_type);
@@ -263,7 +277,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
         };
         if let Some(dt) = dtype {
             if info.offset % alignment != 0 {
-                report.push(Finding::about(Code::BadOffsets, info.name.clone(), format!("data offset {} is not a multiple of the alignment {alignment}", info.offset)));
+                report.push(Finding::about(
+                    Code::BadOffsets,
+                    info.name.clone(),
+                    format!("data offset {} is not a multiple of the alignment {alignment}", info.offset),
+                ));
             } else {
                 let nbytes = info.ne.iter().try_fold(dt.size() as u64, |acc, &d| acc.checked_mul(d));
                 let start = data_start.checked_add(info.offset);
@@ -275,7 +293,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
                         extents.push((s, s + n, tensors.len()));
                     }
                     (Some(_), Some(_)) => {
-                        report.push(Finding::about(Code::Truncated, info.name.clone(), "tensor data extends past the end of the file (truncated file or bad offset)"));
+                        report.push(Finding::about(
+                            Code::Truncated,
+                            info.name.clone(),
+                            "tensor data extends past the end of the file (truncated file or bad offset)",
+                        ));
                     }
                     _ => report.push(Finding::about(Code::BadOffsets, info.name.clone(), "tensor size or offset overflows 64 bits")),
                 }

@@ -43,7 +43,10 @@ impl<'de> Deserialize<'de> for Json {
                 Ok(Json::Other)
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Json, E> {
-                { let _ = v; Ok(Json::Other) }
+                {
+                    let _ = v;
+                    Ok(Json::Other)
+                }
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Json, E> {
                 Ok(Json::Number(v.into()))
@@ -152,7 +155,10 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
             };
             for (k, v) in kvs {
                 let Json::Str(s) = v else {
-                    return malformed(report, format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"));
+                    return malformed(
+                        report,
+                        format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"),
+                    );
                 };
                 if metadata.iter().any(|(mk, _): &(String, MetaValue)| *mk == k) {
                     report.push(Finding::about(Code::DuplicateKey, k, "metadata key appears more than once; keep one (the first is used)"));
@@ -163,7 +169,10 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
             continue;
         }
         let Some((dtype, shape, begin, end)) = tensor_entry(&value) else {
-            return malformed(report, format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"));
+            return malformed(
+                report,
+                format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"),
+            );
         };
         if tensors.iter().any(|t| t.name == name) {
             report.push(Finding::about(Code::DuplicateTensor, name, "tensor name appears more than once; each tensor must be stored once"));
@@ -187,7 +196,10 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
             Some(nb) if end < begin || end - begin != nb => report.push(Finding::about(
                 Code::BadOffsets,
                 name.clone(),
-                format!("data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}", end.wrapping_sub(begin)),
+                format!(
+                    "data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}",
+                    end.wrapping_sub(begin)
+                ),
             )),
             Some(nb) => {
                 extents.push((begin, end, name.clone()));
@@ -206,16 +218,30 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
     let mut cursor = 0u64;
     for (begin, end, name) in &extents {
         if *begin > cursor {
-            report.push(Finding::about(Code::BadOffsets, name.clone(), format!("hole of {} bytes before this tensor's data (offset {begin})", begin - cursor)));
+            report.push(Finding::about(
+                Code::BadOffsets,
+                name.clone(),
+                format!("hole of {} bytes before this tensor's data (offset {begin})", begin - cursor),
+            ));
         } else if *begin < cursor {
-            report.push(Finding::about(Code::BadOffsets, name.clone(), format!("data at offset {begin} overlaps the previous tensor's data")));
+            report.push(Finding::about(
+                Code::BadOffsets,
+                name.clone(),
+                format!("data at offset {begin} overlaps the previous tensor's data"),
+            ));
         }
         cursor = cursor.max(*end);
     }
     if cursor > buffer_len {
-        report.push(Finding::file(Code::Truncated, format!("tensor data needs {cursor} bytes but the file holds {buffer_len} after the header (truncated file)")));
+        report.push(Finding::file(
+            Code::Truncated,
+            format!("tensor data needs {cursor} bytes but the file holds {buffer_len} after the header (truncated file)"),
+        ));
     } else if cursor < buffer_len {
-        report.push(Finding::file(Code::BadOffsets, format!("{} bytes after the last tensor's data belong to no tensor", buffer_len - cursor)));
+        report.push(Finding::file(
+            Code::BadOffsets,
+            format!("{} bytes after the last tensor's data belong to no tensor", buffer_len - cursor),
+        ));
     }
     Some(RawFile { container: Container::Safetensors, metadata, tensors })
 }
