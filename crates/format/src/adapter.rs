@@ -186,7 +186,9 @@ impl Adapter {
                 let mut tensors = tensors;
                 tensors.sort_by_key(|t| t.name.canonical_key());
                 let warnings = report.warnings().cloned().collect();
-                Ok(Adapter { config, extras: checked.extras, tensors, warnings, source: None })
+                let mut extras = checked.extras;
+                extras.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(Adapter { config, extras, tensors, warnings, source: None })
             }
             _ => Err(report),
         }
@@ -197,7 +199,7 @@ impl Adapter {
         &self.config
     }
 
-    /// Optional metadata keys (provenance and anything else), in order.
+    /// Optional metadata keys (provenance and anything else), sorted by key.
     pub fn extras(&self) -> &Metadata {
         &self.extras
     }
@@ -208,6 +210,7 @@ impl Adapter {
             slot.1 = value;
         } else {
             self.extras.push((key.to_owned(), value));
+            self.extras.sort_by(|a, b| a.0.cmp(&b.0));
         }
     }
 
@@ -264,9 +267,7 @@ impl Adapter {
             (keys::ADAPTER_TYPE.to_owned(), MetaValue::Str("iapt".to_owned())),
         ];
         m.extend(self.config.to_metadata());
-        let mut extras = self.extras.clone();
-        extras.sort_by(|a, b| a.0.cmp(&b.0));
-        m.extend(extras);
+        m.extend(self.extras.iter().cloned());
         m
     }
 
@@ -285,7 +286,7 @@ impl Adapter {
                 let infos: Vec<gguf::WriteTensor<'_>> = self
                     .tensors
                     .iter()
-                    .map(|t| gguf::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype, len: t.byte_len() })
+                    .map(|t| gguf::WriteTensor { name: t.name.to_string(), shape: &t.shape, ggml_type: t.dtype.ggml_type(), len: t.byte_len() })
                     .collect();
                 let (head, _) = gguf::header(&self.gguf_metadata(), &infos);
                 w.write_all(&head)?;
@@ -301,7 +302,7 @@ impl Adapter {
                 let infos: Vec<safetensors::WriteTensor<'_>> = self
                     .tensors
                     .iter()
-                    .map(|t| safetensors::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype, len: t.byte_len() })
+                    .map(|t| safetensors::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype.safetensors_name(), len: t.byte_len() })
                     .collect();
                 w.write_all(&safetensors::header(&self.safetensors_metadata(), &infos))?;
                 for t in &self.tensors {
@@ -422,5 +423,7 @@ fn build(
         return None;
     }
     tensors.sort_by_key(|t| t.name.canonical_key());
-    Some(Adapter { config, extras: checked.extras, tensors, warnings: report.warnings().cloned().collect(), source: None })
+    let mut extras = checked.extras;
+    extras.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(Adapter { config, extras, tensors, warnings: report.warnings().cloned().collect(), source: None })
 }

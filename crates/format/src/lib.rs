@@ -24,6 +24,7 @@ mod dtype;
 mod error;
 mod meta;
 mod names;
+pub mod raw;
 mod report;
 mod validate;
 

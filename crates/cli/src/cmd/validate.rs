@@ -60,7 +60,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         let n_err = report.errors().count();
         let n_warn = report.warnings().count();
-        if valid {
+        if code == EXIT_USAGE {
+            println!("{}: could not be read", args.file.display());
+        } else if valid {
             println!("{}: valid IAPT adapter ({n_warn} warning{})", args.file.display(), if n_warn == 1 { "" } else { "s" });
         } else {
             println!(

@@ -315,11 +315,11 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
     Ok(RawFile { container: Container::Gguf, metadata, tensors })
 }
 
-/// One tensor to write: name, row-major shape, dtype, bytes.
+/// One tensor to write: name, row-major shape, ggml type id, data length.
 pub(crate) struct WriteTensor<'a> {
     pub name: String,
     pub shape: &'a [u64],
-    pub dtype: DType,
+    pub ggml_type: u32,
     pub len: u64,
 }
 
@@ -374,7 +374,7 @@ pub(crate) fn header(metadata: &[(String, MetaValue)], tensors: &[WriteTensor<'_
         for d in t.shape.iter().rev() {
             out.extend_from_slice(&d.to_le_bytes());
         }
-        out.extend_from_slice(&t.dtype.ggml_type().to_le_bytes());
+        out.extend_from_slice(&t.ggml_type.to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
         offsets.push(offset);
         offset = align_up(offset + t.len, align).expect("sizes of in-memory tensors fit in u64");

@@ -272,7 +272,7 @@ fn as_u64(j: &Json) -> Option<u64> {
 pub(crate) struct WriteTensor<'a> {
     pub name: String,
     pub shape: &'a [u64],
-    pub dtype: DType,
+    pub dtype: &'a str,
     pub len: u64,
 }
 
@@ -293,7 +293,7 @@ pub(crate) fn header(metadata: &[(String, String)], tensors: &[WriteTensor<'_>])
         let end = offset + t.len;
         obj.insert(
             t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
         );
         offset = end;
     }

@@ -1,0 +1,81 @@
+//! Shared test support: small valid adapters built from a config and a seed, and their raw
+//! tensor lists for making broken files.
+#![allow(dead_code)]
+
+use iapt_format::raw::RawTensorOut;
+use iapt_format::{Activation, Adapter, AdapterConfig, DType, RationalConfig, RationalVariant, Role, SpecVersion, Tensor, TensorName};
+
+/// A tiny deterministic generator (xorshift64*), enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+pub fn rational_config() -> AdapterConfig {
+    AdapterConfig {
+        spec_version: SpecVersion::CURRENT,
+        n_layer: 2,
+        n_embd: 8,
+        n_soft_tokens: 2,
+        bottleneck: 4,
+        activation: Activation::Rational(RationalConfig {
+            variant: RationalVariant::B,
+            numerator_degree: 3,
+            denominator_degree: 2,
+            groups: 2,
+        }),
+        pool_scale: 1.0,
+        base_model_arch: "llama".into(),
+    }
+}
+
+/// Builds a valid adapter: every role per layer (biases included), except roles in `shared`.
+pub fn build(cfg: &AdapterConfig, dtype: DType, shared: &[Role], seed: u64) -> Adapter {
+    let mut rng = Rng(seed | 1);
+    let mut tensors = Vec::new();
+    for role in Role::ALL {
+        if !role.is_allowed(cfg) {
+            continue;
+        }
+        let shape = role.expected_shape(cfg);
+        let n: u64 = shape.iter().product();
+        let names: Vec<TensorName> =
+            if shared.contains(&role) { vec![TensorName::shared(role)] } else { (0..cfg.n_layer).map(|l| TensorName::layer(l, role)).collect() };
+        for name in names {
+            let values: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+            tensors.push(Tensor::from_f32(name, dtype, shape.clone(), &values).unwrap());
+        }
+    }
+    Adapter::from_parts(cfg.clone(), Vec::new(), tensors).unwrap_or_else(|r| panic!("test adapter invalid:\n{r}"))
+}
+
+pub fn sample() -> Adapter {
+    build(&rational_config(), DType::F32, &[], 7)
+}
+
+/// The adapter's tensors as raw tensors (for mutation).
+pub fn raw_tensors(a: &Adapter) -> Vec<RawTensorOut> {
+    a.tensors()
+        .iter()
+        .map(|t| RawTensorOut {
+            name: t.name().to_string(),
+            shape: t.shape().to_vec(),
+            ggml_type: t.dtype().ggml_type(),
+            st_dtype: t.dtype().safetensors_name().to_string(),
+            data: t.bytes().unwrap().into_owned(),
+        })
+        .collect()
+}
