@@ -286,7 +286,12 @@ impl Adapter {
                 let infos: Vec<gguf::WriteTensor<'_>> = self
                     .tensors
                     .iter()
-                    .map(|t| gguf::WriteTensor { name: t.name.to_string(), shape: &t.shape, ggml_type: t.dtype.ggml_type(), len: t.byte_len() })
+                    .map(|t| gguf::WriteTensor {
+                        name: t.name.to_string(),
+                        shape: &t.shape,
+                        ggml_type: t.dtype.ggml_type(),
+                        len: t.byte_len(),
+                    })
                     .collect();
                 let (head, _) = gguf::header(&self.gguf_metadata(), &infos);
                 w.write_all(&head)?;
@@ -302,7 +307,12 @@ impl Adapter {
                 let infos: Vec<safetensors::WriteTensor<'_>> = self
                     .tensors
                     .iter()
-                    .map(|t| safetensors::WriteTensor { name: t.name.to_string(), shape: &t.shape, dtype: t.dtype.safetensors_name(), len: t.byte_len() })
+                    .map(|t| safetensors::WriteTensor {
+                        name: t.name.to_string(),
+                        shape: &t.shape,
+                        dtype: t.dtype.safetensors_name(),
+                        len: t.byte_len(),
+                    })
                     .collect();
                 w.write_all(&safetensors::header(&self.safetensors_metadata(), &infos))?;
                 for t in &self.tensors {

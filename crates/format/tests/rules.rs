@@ -60,6 +60,7 @@ fn set(m: &mut Vec<(String, MetaValue)>, key: &str, v: MetaValue) {
     }
 }
 
+#[allow(clippy::vec_init_then_push)]
 fn cases() -> Vec<Case> {
     let a = sample();
     let good_g = a.to_bytes(Container::Gguf).unwrap();
@@ -72,7 +73,11 @@ fn cases() -> Vec<Case> {
     out.push(Case { file: "E002-truncated-header.gguf".into(), code: Code::Truncated, bytes: good_g[..60].to_vec() });
     out.push(Case { file: "E002-truncated-header.safetensors".into(), code: Code::Truncated, bytes: good_s[..30].to_vec() });
     // E003: neither container.
-    out.push(Case { file: "E003-unknown-container.bin".into(), code: Code::UnknownContainer, bytes: b"PK\x03\x04 this is a zip, not an adapter".to_vec() });
+    out.push(Case {
+        file: "E003-unknown-container.bin".into(),
+        code: Code::UnknownContainer,
+        bytes: b"PK\x03\x04 this is a zip, not an adapter".to_vec(),
+    });
     // E004: malformed headers.
     let mut bad_json = Vec::new();
     let text = b"{\"__metadata__\": {\"a\": \"b\"}, oops}";
@@ -102,8 +107,12 @@ fn cases() -> Vec<Case> {
     out.extend(both_meta(&a, "E101-missing-key", Code::MissingKey, |m| m.retain(|(k, _)| k != keys::N_EMBD)));
     out.extend(both_meta(&a, "E102-bad-key-type", Code::BadKeyType, |m| set(m, keys::N_LAYER, MetaValue::Str("two".into()))));
     out.extend(both_meta(&a, "E103-bad-key-value", Code::BadKeyValue, |m| set(m, keys::POOL_TYPE, MetaValue::Str("mean".into()))));
-    out.extend(both_meta(&a, "E104-unknown-spec-major", Code::UnknownSpecMajor, |m| set(m, keys::SPEC_VERSION, MetaValue::Str("2.0".into()))));
-    out.extend(both_meta(&a, "E105-unknown-activation", Code::UnknownActivation, |m| set(m, keys::ACTIVATION, MetaValue::Str("swish".into()))));
+    out.extend(both_meta(&a, "E104-unknown-spec-major", Code::UnknownSpecMajor, |m| {
+        set(m, keys::SPEC_VERSION, MetaValue::Str("2.0".into()))
+    }));
+    out.extend(both_meta(&a, "E105-unknown-activation", Code::UnknownActivation, |m| {
+        set(m, keys::ACTIVATION, MetaValue::Str("swish".into()))
+    }));
     out.extend(both_meta(&a, "E106-unknown-rational-variant", Code::UnknownRationalVariant, |m| {
         set(m, keys::RATIONAL_VARIANT, MetaValue::Str("E".into()))
     }));

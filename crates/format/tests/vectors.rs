@@ -14,9 +14,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use iapt_format::{
-    validate_bytes, Activation, Adapter, AdapterConfig, Container, DType, RationalConfig, RationalVariant, SpecVersion,
-};
+use iapt_format::{validate_bytes, Activation, Adapter, AdapterConfig, Container, DType, RationalConfig, RationalVariant, SpecVersion};
 use serde_json::Value;
 
 fn vectors_dir() -> PathBuf {

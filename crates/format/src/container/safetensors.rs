@@ -291,10 +291,7 @@ pub(crate) fn header(metadata: &[(String, String)], tensors: &[WriteTensor<'_>])
     let mut offset = 0u64;
     for t in tensors {
         let end = offset + t.len;
-        obj.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
-        );
+        obj.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(obj)).expect("JSON of strings and integers serialises");

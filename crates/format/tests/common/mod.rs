@@ -52,8 +52,11 @@ pub fn build(cfg: &AdapterConfig, dtype: DType, shared: &[Role], seed: u64) -> A
         }
         let shape = role.expected_shape(cfg);
         let n: u64 = shape.iter().product();
-        let names: Vec<TensorName> =
-            if shared.contains(&role) { vec![TensorName::shared(role)] } else { (0..cfg.n_layer).map(|l| TensorName::layer(l, role)).collect() };
+        let names: Vec<TensorName> = if shared.contains(&role) {
+            vec![TensorName::shared(role)]
+        } else {
+            (0..cfg.n_layer).map(|l| TensorName::layer(l, role)).collect()
+        };
         for name in names {
             let values: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
             tensors.push(Tensor::from_f32(name, dtype, shape.clone(), &values).unwrap());

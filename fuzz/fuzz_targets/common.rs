@@ -1,12 +1,10 @@
-//! Fuzzes both adapter readers (GGUF and safetensors, chosen by content sniffing): no input may
-//! panic, and any input accepted as a valid adapter must round-trip through both containers with
-//! the same config, metadata and tensor bytes, and re-write byte-identically.
-#![no_main]
+//! Shared body of the reader targets: no input may panic, and anything accepted as a valid adapter
+//! must round-trip through both containers with the same config, metadata and tensor bytes, and
+//! re-write byte-identically.
 
 use iapt_format::{validate_bytes, Container};
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+pub fn check(data: &[u8]) {
     let v = validate_bytes(data);
     let Some(a) = v.adapter else { return };
     for c in [Container::Gguf, Container::Safetensors] {
@@ -22,4 +20,4 @@ fuzz_target!(|data: &[u8]| {
         }
         assert_eq!(b.to_bytes(c).unwrap(), bytes, "re-write must be byte-identical");
     }
-});
+}
