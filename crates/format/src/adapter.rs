@@ -8,11 +8,11 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{keys, stringify_metadata, AdapterConfig, Container, Metadata};
+use crate::config::{is_gguf_container_key, keys, stringify_metadata, AdapterConfig, Container, Metadata};
 use crate::container::{self, gguf, safetensors, RawFile};
 use crate::dtype::DType;
 use crate::error::FormatError;
-use crate::meta::MetaValue;
+use crate::meta::{MetaValue, META_TYPES_KEY};
 use crate::names::{Role, Scope, TensorName};
 use crate::report::{Code, Finding, Report};
 use crate::validate::{self, first_non_finite, BaseModelInfo};
@@ -144,6 +144,12 @@ impl Adapter {
     pub fn from_parts(config: AdapterConfig, extras: Metadata, tensors: Vec<Tensor>) -> Result<Adapter, Report> {
         let mut report = Report::default();
         let mut meta = config.to_metadata();
+        for (k, _) in &extras {
+            let owned = meta.iter().any(|(m, _)| m == k) || k.starts_with("iapt.rational.") || is_gguf_container_key(k) || k == META_TYPES_KEY;
+            if owned {
+                report.push(Finding::about(Code::DuplicateKey, k.clone(), "optional metadata repeats a key the config or container owns; drop it"));
+            }
+        }
         meta.extend(extras.iter().cloned());
         let raw = RawFile {
             container: Container::Safetensors,
@@ -204,14 +210,24 @@ impl Adapter {
         &self.extras
     }
 
-    /// Sets (or replaces) an optional metadata key. Keys defined as required by the spec cannot be set here.
-    pub fn set_extra(&mut self, key: &str, value: MetaValue) {
+    /// Sets (or replaces) an optional metadata key. Keys the config or the containers own (the
+    /// required `iapt.*` keys, `iapt.rational.*`, `general.type`, `adapter.type`,
+    /// `general.architecture`, `general.alignment`, `iapt.meta_types`) are refused.
+    pub fn set_extra(&mut self, key: &str, value: MetaValue) -> Result<(), FormatError> {
+        let owned = self.config.to_metadata().iter().any(|(k, _)| k == key)
+            || key.starts_with("iapt.rational.")
+            || is_gguf_container_key(key)
+            || key == META_TYPES_KEY;
+        if owned {
+            return Err(FormatError::ReservedKey { key: key.to_owned() });
+        }
         if let Some(slot) = self.extras.iter_mut().find(|(k, _)| k == key) {
             slot.1 = value;
         } else {
             self.extras.push((key.to_owned(), value));
             self.extras.sort_by(|a, b| a.0.cmp(&b.0));
         }
+        Ok(())
     }
 
     /// Warnings found when the adapter was opened (newer minor version, unknown optional keys).

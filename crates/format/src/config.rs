@@ -404,11 +404,11 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
         let ty = defined_type(k).or_else(|| recorded.iter().find(|(rk, _)| rk == k).map(|(_, t)| t.clone())).unwrap_or(MetaType::Str);
         match MetaValue::from_text(&ty, text) {
             Some(v) => out.push((k.clone(), v)),
-            None => report.push(Finding::about(
-                Code::BadKeyType,
-                k.clone(),
-                format!("{text:?} is not a {ty}; write it as a canonical {ty} in text"),
-            )),
+            None => {
+                report.push(Finding::about(Code::BadKeyType, k.clone(), format!("{text:?} is not a {ty}; write it as a canonical {ty} in text")));
+                // Kept as text so that the key counts as present (no second finding as "missing").
+                out.push((k.clone(), MetaValue::Str(text.clone())));
+            }
         }
     }
     out
@@ -444,7 +444,9 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
     // Type check every defined key present.
     for (k, v) in meta {
         if let Some(t) = defined_type(k) {
-            if v.meta_type() != t {
+            // Safetensors text that did not parse was reported when it was typed.
+            let reported = container == Container::Safetensors && matches!(v, MetaValue::Str(_));
+            if v.meta_type() != t && !reported {
                 report.push(Finding::about(Code::BadKeyType, k.clone(), format!("has type {} but spec v1 requires {t}", v.meta_type())));
             }
         }
@@ -650,7 +652,11 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
     };
     let mut extras = Vec::new();
     for (k, v) in meta {
-        if required_now.contains(&k.as_str()) || is_gguf_container_key(k) {
+        if required_now.contains(&k.as_str()) || is_gguf_container_key(k) || k == META_TYPES_KEY {
+            continue;
+        }
+        if k.starts_with("iapt.rational.") && matches!(get(keys::ACTIVATION), Some(MetaValue::Str(s)) if s != "rational") {
+            report.push(Finding::about(Code::UnknownOptionalKey, k.clone(), "ignored and dropped: the activation is not rational"));
             continue;
         }
         if !KNOWN_OPTIONAL_KEYS.contains(&k.as_str()) {

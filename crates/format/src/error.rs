@@ -26,6 +26,12 @@ pub enum FormatError {
         /// Every finding.
         report: Report,
     },
+    /// An optional metadata key was set that the config or a container owns.
+    #[error("metadata key {key:?} is owned by the adapter config or the container; set it through the config instead")]
+    ReservedKey {
+        /// The key.
+        key: String,
+    },
     /// A tensor's byte length does not match its dtype and shape.
     #[error("tensor {name}: {bytes} bytes do not match dtype {dtype} x shape {shape:?}")]
     TensorSize {

@@ -275,10 +275,12 @@ fn float_text(v: f64, shortest: String) -> String {
 }
 
 fn parse_scalar(ty: &MetaType, text: &str) -> Option<MetaValue> {
-    // Integers: plain decimal only, so that text and value map one to one.
+    // Integers: canonical decimal only (no sign but a '-' on non-zero values, no leading zeros),
+    // so that text and value map one to one.
     fn int_ok(t: &str) -> bool {
         let digits = t.strip_prefix('-').unwrap_or(t);
-        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+        let canonical = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0'));
+        canonical && t != "-0"
     }
     Some(match ty {
         MetaType::U8 if int_ok(text) => MetaValue::U8(text.parse().ok()?),
@@ -334,8 +336,10 @@ mod tests {
 
     #[test]
     fn integers_reject_non_canonical_text() {
-        for t in ["+1", " 1", "1.0", "0x10", ""] {
+        for t in ["+1", " 1", "1.0", "0x10", "", "007", "00"] {
             assert_eq!(MetaValue::from_text(&MetaType::U32, t), None, "{t:?}");
         }
+        assert_eq!(MetaValue::from_text(&MetaType::I32, "-0"), None);
+        assert_eq!(MetaValue::from_text(&MetaType::U32, "0"), Some(MetaValue::U32(0)));
     }
 }

@@ -303,3 +303,26 @@ fn e304_base_model_unreadable() {
     let err = BaseModelInfo::read(&no_keys).unwrap_err();
     assert!(err.contains("llama.block_count"), "{err}");
 }
+
+#[test]
+fn each_broken_file_reports_its_own_code_and_no_other_error() {
+    // Some rules imply others by construction; those pairs are listed here and nowhere else.
+    for c in cases() {
+        let v = validate_bytes(&c.bytes);
+        let others: Vec<String> = v.report.errors().filter(|f| f.code != c.code).map(|f| f.to_string()).collect();
+        assert!(others.is_empty(), "{}: besides {} also reported:\n{}", c.file, c.code, others.join("\n"));
+    }
+}
+
+#[test]
+fn reserved_keys_cannot_be_set_as_optional_metadata() {
+    let mut a = sample();
+    for key in [keys::N_LAYER, keys::RATIONAL_GROUPS, keys::GENERAL_TYPE, "iapt.meta_types"] {
+        assert!(a.set_extra(key, MetaValue::U32(9)).is_err(), "{key}");
+    }
+    assert!(a.set_extra("iapt.source.file", MetaValue::Str("x.bin".into())).is_ok());
+    let mut extras = a.extras().clone();
+    extras.push((keys::N_LAYER.into(), MetaValue::U32(9)));
+    let report = Adapter::from_parts(a.config().clone(), extras, a.tensors().to_vec()).unwrap_err();
+    assert!(report.has(Code::DuplicateKey), "{report}");
+}

@@ -7,14 +7,20 @@
 //!   it was read from, and the output re-opens to the same tensors;
 //! - our GGUF output equals the file gguf-py wrote; our safetensors output differs from the
 //!   `safetensors` package's only in where each tensor sits;
-//! - the `.npy` inputs and expected outputs have the shapes the manifest declares.
+//! - the `.npy` inputs and expected outputs have the shapes the manifest declares;
+//! - `spec/iapt-v1.md` lists every validation code and limit of this crate, and
+//!   `spec/iapt-v1.schema.json` requires the keys this crate requires.
 //!
 //! The expected soft tokens themselves are checked against the generator in that crate's tests.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use iapt_format::{validate_bytes, Activation, Adapter, AdapterConfig, Container, DType, RationalConfig, RationalVariant, SpecVersion};
+use iapt_format::{
+    validate_bytes, Activation, Adapter, AdapterConfig, Code, Container, DType, RationalConfig, RationalVariant, SpecVersion,
+    GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, KNOWN_OPTIONAL_KEYS, MAX_HEADER_BYTES, MAX_KEYS, MAX_N_LAYER, MAX_RATIONAL_DEGREE,
+    MAX_SOFT_TOKENS, MAX_STRING_BYTES, MAX_TENSORS, MAX_WIDTH,
+};
 use serde_json::Value;
 
 fn vectors_dir() -> PathBuf {
@@ -295,4 +301,73 @@ fn the_manifest_lists_every_vector_file() {
         .filter(|f| [".safetensors", ".gguf", ".npy"].iter().any(|x| f.ends_with(x)))
         .collect();
     assert_eq!(on_disk, listed, "files in spec/vectors that the manifest does not list, or the reverse");
+}
+
+fn spec_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../spec").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_spec_lists_every_validation_code_and_limit() {
+    let spec = spec_file("iapt-v1.md");
+    for code in Code::ALL {
+        let row = format!("| {} |", code.as_str());
+        assert!(spec.contains(&row), "spec/iapt-v1.md has no table row for {}", code.as_str());
+        let line = spec.lines().find(|l| l.starts_with(&row)).expect("row");
+        assert!(line.ends_with(&format!("| `{}` |", code.slug())), "{}: the row does not end with its slug {}", code.as_str(), code.slug());
+    }
+    let limits: [(&str, u64); 10] = [
+        ("MAX_HEADER_BYTES", MAX_HEADER_BYTES),
+        ("MAX_TENSORS", MAX_TENSORS),
+        ("MAX_KEYS", MAX_KEYS),
+        ("MAX_STRING_BYTES", MAX_STRING_BYTES),
+        ("GGUF_VERSION", u64::from(GGUF_VERSION)),
+        ("GGUF_DEFAULT_ALIGNMENT", GGUF_DEFAULT_ALIGNMENT),
+        ("MAX_N_LAYER", u64::from(MAX_N_LAYER)),
+        ("MAX_WIDTH", u64::from(MAX_WIDTH)),
+        ("MAX_SOFT_TOKENS", u64::from(MAX_SOFT_TOKENS)),
+        ("MAX_RATIONAL_DEGREE", u64::from(MAX_RATIONAL_DEGREE)),
+    ];
+    for (name, value) in limits {
+        assert!(spec.contains(&format!("| `{name}` | {value}")), "spec/iapt-v1.md does not give {name} = {value}");
+    }
+}
+
+#[test]
+fn the_schema_requires_what_the_crate_requires() {
+    let schema: Value = serde_json::from_str(&spec_file("iapt-v1.schema.json")).expect("schema is JSON");
+    let strings =
+        |v: &Value| -> BTreeSet<String> { v.as_array().expect("array").iter().map(|x| x.as_str().expect("string").to_owned()).collect() };
+    let fixed = AdapterConfig {
+        spec_version: SpecVersion::CURRENT,
+        n_layer: 1,
+        n_embd: 8,
+        n_soft_tokens: 4,
+        bottleneck: 4,
+        activation: Activation::Identity,
+        pool_scale: 1.0,
+        base_model_arch: "llama".into(),
+    };
+    let required: BTreeSet<String> = fixed.to_metadata().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(strings(&schema["required"]), required, "schema required keys");
+    let rational = AdapterConfig {
+        activation: Activation::Rational(RationalConfig {
+            variant: RationalVariant::B,
+            numerator_degree: 6,
+            denominator_degree: 5,
+            groups: 1,
+        }),
+        ..fixed
+    };
+    let extra: BTreeSet<String> = rational.to_metadata().into_iter().map(|(k, _)| k).filter(|k| !required.contains(k)).collect();
+    assert_eq!(strings(&schema["allOf"][0]["then"]["required"]), extra, "schema keys required when rational");
+    assert_eq!(
+        strings(&schema["properties"]["iapt.activation"]["enum"]),
+        Activation::NAMES.iter().map(|s| s.to_string()).collect(),
+        "schema activation names"
+    );
+    for key in KNOWN_OPTIONAL_KEYS {
+        assert!(schema["properties"].get(key).is_some(), "schema does not describe the optional key {key}");
+    }
 }

@@ -26,6 +26,8 @@ pub(crate) enum Stop {
     Truncated(String),
     /// A value is structurally impossible.
     Malformed(String),
+    /// Reading stopped for a reason already pushed to the report with its own code.
+    Reported,
 }
 
 struct Cursor<'a> {
@@ -152,6 +154,7 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report, with_tensor
             report.push(Finding::file(Code::MalformedHeader, m));
             Ok(None)
         }
+        Err(Stop::Reported) => Ok(None),
     }
 }
 
@@ -172,7 +175,7 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
             Code::UnsupportedContainerVersion,
             format!("GGUF version {version} is not supported; only version {GGUF_VERSION} is (re-save with a current gguf writer)"),
         ));
-        return Err(Stop::Malformed(format!("GGUF version {version}")));
+        return Err(Stop::Reported);
     }
     let n_tensors = c.u64("the tensor count")?;
     let n_kv = c.u64("the metadata count")?;
@@ -215,7 +218,7 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
                 keys::GENERAL_ALIGNMENT,
                 format!("{} must be a non-zero power of two (u32)", v.to_text()),
             ));
-            return Err(Stop::Malformed("bad general.alignment".into()));
+            return Err(Stop::Reported);
         }
     };
 
