@@ -1,0 +1,532 @@
+//! The f32 production path: [`Generator`] (weights converted to f32 once, shared tensors held
+//! once) and [`LayerState`] (streaming online softmax, any chunking).
+//!
+//! Two evaluation orders compute the same function (design note, "The function"):
+//! - [`Strategy::DownFirst`] follows the formula: Z = H W_down^T block by block, scores Z Q^T s,
+//!   and a running softmax-weighted sum of Z rows (m x r);
+//! - [`Strategy::PoolFirst`] uses associativity: scores = (H K) s with K = W_down^T Q^T (d x m,
+//!   precomputed in f64 at load and stored transposed), a running softmax-weighted sum of H rows
+//!   (m x d), and the down-projection applied once to the m pooled rows at the end: A^T (H W^T) =
+//!   (A^T H) W^T. Per instruction row this costs about 4·m·d FLOPs instead of 2·r·d, which for
+//!   m = 4, r = 320 is 40x less arithmetic (measured 1.6-8x less time, see `BENCH.md`).
+//!
+//! Accumulation: f32 GEMMs sum at most [`POOL_SLICE`] rows (or one row's d products); the running
+//! sums across slices, blocks, chunks and threads are f64, so the rounding error does not grow
+//! with the instruction length. The m x r tail (bias, activation) is f64 too.
+//!
+//! In both, the down-projection bias is left out of the scores and added after pooling: it adds
+//! the same constant b·q·s to every row's score for a soft token, which the softmax removes, and
+//! the softmax weights sum to one, so pooling Z + b equals pooling Z, plus b.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use iapt_format::{Activation, Adapter, Role, TensorName};
+
+use crate::activation;
+use crate::error::GeneratorError;
+use crate::matmul::{matmul, MatMut, MatRef};
+
+/// Rows processed per block when pooling raw hidden states (a 64 x 4096 f32 block is 1 MiB and
+/// stays in L2 between the score and the accumulation pass).
+const POOL_FIRST_BLOCK: usize = 64;
+/// Rows processed per block when down-projecting first (large enough for an efficient GEMM).
+const DOWN_FIRST_BLOCK: usize = 256;
+/// Rows summed in f32 (inside one GEMM) before the sum is added to the f64 accumulator.
+const POOL_SLICE: usize = 32;
+/// Fewest rows worth giving to one more thread.
+const MIN_ROWS_PER_THREAD: usize = 64;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Which evaluation order the production path uses. Both compute the same function; they differ
+/// in cost and in what the streaming state holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Chooses [`Strategy::PoolFirst`] when `8 * n_soft_tokens <= bottleneck`, else
+    /// [`Strategy::DownFirst`].
+    Auto,
+    /// Pool the raw hidden states, then down-project the m pooled rows (state: m x n_embd).
+    PoolFirst,
+    /// Down-project every row, then pool (state: m x bottleneck).
+    DownFirst,
+}
+
+/// One layer's f32 weights. Tensors shared across layers are the same `Arc`.
+#[derive(Debug, Clone)]
+struct Layer {
+    /// W_down, r x d.
+    down: Arc<[f32]>,
+    /// b_down, r.
+    down_bias: Option<Arc<[f32]>>,
+    /// Q, m x r.
+    query: Arc<[f32]>,
+    /// W_up, d x r.
+    up: Arc<[f32]>,
+    /// b_up, d.
+    up_bias: Option<Arc<[f32]>>,
+    /// Rational numerator [G, M+1] (empty unless rational).
+    num: Arc<[f32]>,
+    /// Rational denominator [G, N] or [G, N+1] (empty unless rational).
+    den: Arc<[f32]>,
+    /// K^T = Q W_down, m x d (PoolFirst only).
+    k: Option<Arc<[f32]>>,
+}
+
+/// The IAPT soft-prompt generator of every layer of one adapter, in f32.
+///
+/// Built once from an [`Adapter`]: F16/BF16/F32 tensors are converted to f32 at that point (never
+/// per call), and a tensor stored once for all layers (`iapt.shared.*`) is held once.
+#[derive(Debug, Clone)]
+pub struct Generator {
+    id: u64,
+    n_layer: usize,
+    d: usize,
+    r: usize,
+    m: usize,
+    activation: Activation,
+    pool_scale: f32,
+    layers: Vec<Layer>,
+    strategy: Strategy,
+    threads: usize,
+}
+
+impl Generator {
+    /// Converts every tensor of `adapter` to f32 and prepares the default strategy
+    /// ([`Strategy::Auto`]) with one thread.
+    pub fn from_adapter(adapter: &Adapter) -> Result<Generator, GeneratorError> {
+        let cfg = adapter.config();
+        let n_layer = cfg.n_layer as usize;
+        let (d, r, m) = (cfg.n_embd as usize, cfg.bottleneck as usize, cfg.n_soft_tokens as usize);
+        d.checked_mul(r).and_then(|x| x.checked_mul(4)).ok_or(GeneratorError::TooLarge)?;
+        d.checked_mul(m).and_then(|x| x.checked_mul(8)).ok_or(GeneratorError::TooLarge)?;
+        let mut cache: HashMap<TensorName, Arc<[f32]>> = HashMap::new();
+        let mut load = |layer: u32, role: Role| -> Result<Option<Arc<[f32]>>, GeneratorError> {
+            let Some(t) = adapter.tensor(layer, role) else {
+                return if role.is_required(cfg) { Err(GeneratorError::MissingTensor { layer, role }) } else { Ok(None) };
+            };
+            if let Some(v) = cache.get(&t.name()) {
+                return Ok(Some(v.clone()));
+            }
+            let expected = role.expected_shape(cfg);
+            if t.shape() != expected.as_slice() {
+                return Err(GeneratorError::TensorShape { name: t.name().to_string(), expected, got: t.shape().to_vec() });
+            }
+            let v: Arc<[f32]> = t.to_f32().map_err(|source| GeneratorError::TensorRead { name: t.name().to_string(), source })?.into();
+            cache.insert(t.name(), v.clone());
+            Ok(Some(v))
+        };
+        let rational = cfg.activation.rational().is_some();
+        let mut layers = Vec::with_capacity(n_layer);
+        for l in 0..cfg.n_layer {
+            let req = |v: Option<Arc<[f32]>>, role| v.ok_or(GeneratorError::MissingTensor { layer: l, role });
+            let empty: Arc<[f32]> = Arc::from(Vec::new());
+            layers.push(Layer {
+                down: req(load(l, Role::DownWeight)?, Role::DownWeight)?,
+                down_bias: load(l, Role::DownBias)?,
+                query: req(load(l, Role::PoolQuery)?, Role::PoolQuery)?,
+                up: req(load(l, Role::UpWeight)?, Role::UpWeight)?,
+                up_bias: load(l, Role::UpBias)?,
+                num: if rational { req(load(l, Role::ActNum)?, Role::ActNum)? } else { empty.clone() },
+                den: if rational { req(load(l, Role::ActDen)?, Role::ActDen)? } else { empty },
+                k: None,
+            });
+        }
+        let gen = Generator {
+            id: 0,
+            n_layer,
+            d,
+            r,
+            m,
+            activation: cfg.activation,
+            pool_scale: cfg.pool_scale,
+            layers,
+            strategy: Strategy::Auto,
+            threads: 1,
+        };
+        Ok(gen.with_strategy(Strategy::Auto))
+    }
+
+    /// This generator using `strategy` (precomputing what it needs). States begun before the
+    /// change cannot be fed to the result ([`GeneratorError::ForeignState`]).
+    pub fn with_strategy(mut self, strategy: Strategy) -> Generator {
+        let resolved = match strategy {
+            Strategy::Auto if 8 * self.m <= self.r => Strategy::PoolFirst,
+            Strategy::Auto => Strategy::DownFirst,
+            s => s,
+        };
+        self.strategy = resolved;
+        self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut cache: HashMap<(usize, usize), Arc<[f32]>> = HashMap::new();
+        for layer in &mut self.layers {
+            layer.k = match resolved {
+                Strategy::PoolFirst => {
+                    let key = (Arc::as_ptr(&layer.down) as *const f32 as usize, Arc::as_ptr(&layer.query) as *const f32 as usize);
+                    let (d, r, m) = (self.d, self.r, self.m);
+                    Some(cache.entry(key).or_insert_with(|| score_matrix(&layer.down, &layer.query, d, r, m)).clone())
+                }
+                _ => None,
+            };
+        }
+        self
+    }
+
+    /// This generator using `threads` threads per call (default 1). Rows are split among the
+    /// threads, each keeps a partial softmax state, and the partial states are merged exactly.
+    pub fn with_threads(mut self, threads: usize) -> Result<Generator, GeneratorError> {
+        if threads == 0 {
+            return Err(GeneratorError::ZeroThreads);
+        }
+        self.threads = threads;
+        Ok(self)
+    }
+
+    /// Number of layers (L).
+    pub fn n_layer(&self) -> usize {
+        self.n_layer
+    }
+
+    /// Hidden size of the base model (d).
+    pub fn n_embd(&self) -> usize {
+        self.d
+    }
+
+    /// Soft tokens per layer (m).
+    pub fn n_soft_tokens(&self) -> usize {
+        self.m
+    }
+
+    /// Bottleneck width (r).
+    pub fn bottleneck(&self) -> usize {
+        self.r
+    }
+
+    /// The strategy in use (never [`Strategy::Auto`]).
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Threads used per call.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The activation.
+    pub fn activation(&self) -> &Activation {
+        &self.activation
+    }
+
+    /// Bytes of f32 weights held (shared tensors counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for l in &self.layers {
+            let all = [
+                Some(&l.down),
+                l.down_bias.as_ref(),
+                Some(&l.query),
+                Some(&l.up),
+                l.up_bias.as_ref(),
+                Some(&l.num),
+                Some(&l.den),
+                l.k.as_ref(),
+            ];
+            for t in all.into_iter().flatten() {
+                if seen.insert(Arc::as_ptr(t) as *const f32 as usize) {
+                    total += t.len() * 4;
+                }
+            }
+        }
+        total
+    }
+
+    /// One shot: `rows` is n x n_embd row-major (the instruction's hidden states entering `layer`),
+    /// `out` receives the m x n_embd soft tokens P_l.
+    pub fn generate(&self, layer: usize, rows: &[f32], out: &mut [f32]) -> Result<(), GeneratorError> {
+        self.check_out(out)?;
+        let mut st = self.begin(layer);
+        st.feed(self, rows)?;
+        st.finish(self, out)
+    }
+
+    /// An empty streaming state for one sequence and one layer.
+    pub fn begin(&self, layer: usize) -> LayerState {
+        let w = self.width();
+        LayerState { gen_id: self.id, layer, part: Partial::new(self.m, w) }
+    }
+
+    /// Width of the pooled rows: d (PoolFirst) or r (DownFirst).
+    fn width(&self) -> usize {
+        match self.strategy {
+            Strategy::PoolFirst => self.d,
+            _ => self.r,
+        }
+    }
+
+    fn check_out(&self, out: &[f32]) -> Result<(), GeneratorError> {
+        let expected = self.m * self.d;
+        if out.len() != expected {
+            return Err(GeneratorError::OutputSize { len: out.len(), expected });
+        }
+        Ok(())
+    }
+
+    fn layer(&self, layer: usize) -> Result<&Layer, GeneratorError> {
+        self.layers.get(layer).ok_or(GeneratorError::LayerOutOfRange { layer, n_layer: self.n_layer })
+    }
+
+    /// Pools `n` rows into a fresh partial state, block by block, on this thread. On a non-finite
+    /// score returns the offending row's index.
+    fn pool(&self, layer: &Layer, rows: &[f32]) -> Result<Partial, usize> {
+        let (d, r, m) = (self.d, self.r, self.m);
+        let w = self.width();
+        let mut part = Partial::new(m, w);
+        let block = match self.strategy {
+            Strategy::PoolFirst => POOL_FIRST_BLOCK,
+            _ => DOWN_FIRST_BLOCK,
+        };
+        let block = block.min(rows.len() / d).max(1);
+        let mut z = match self.strategy {
+            Strategy::PoolFirst => Vec::new(),
+            _ => vec![0.0f32; block * r],
+        };
+        // Scores transposed, m x nr: a GEMM with many output rows and few columns runs far
+        // slower in `gemm` than its transpose.
+        let mut st = vec![0.0f32; m * block];
+        let mut blk = vec![0.0f32; m * w];
+        let mut f = vec![1.0f64; m];
+        for (bi, chunk) in rows.chunks(block * d).enumerate() {
+            let nr = chunk.len() / d;
+            let ht = MatRef::row_major(chunk, nr, d).t();
+            let scores = MatMut::row_major(&mut st, m, nr);
+            // x: the rows being pooled, nr x w (H itself, or Z).
+            let x: &[f32] = match self.strategy {
+                Strategy::PoolFirst => {
+                    // S^T = K^T H^T, K^T stored m x d.
+                    let kt = layer.k.as_deref().unwrap_or(&[]);
+                    matmul(scores, None, MatRef::row_major(kt, m, d), ht, self.pool_scale);
+                    chunk
+                }
+                _ => {
+                    matmul(MatMut::row_major(&mut z, nr, r), None, ht.t(), MatRef::row_major(&layer.down, r, d).t(), 1.0);
+                    // S^T = Q Z^T.
+                    let zt = MatRef::row_major(&z, nr, r).t();
+                    matmul(scores, None, MatRef::row_major(&layer.query, m, r), zt, self.pool_scale);
+                    &z
+                }
+            };
+            let st = &mut st[..m * nr];
+            if let Some(bad) = st.chunks(nr).filter_map(|row| row.iter().position(|v| !v.is_finite())).min() {
+                return Err(bi * block + bad);
+            }
+            // Online softmax: raise each soft token's running max; f[k] rescales what was
+            // accumulated (0 for the first block, whose previous max is -inf).
+            for (k, row) in st.chunks_mut(nr).enumerate() {
+                let bmax = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                f[k] = 1.0;
+                if bmax > part.max[k] {
+                    f[k] = f64::from(part.max[k] - bmax).exp();
+                    part.max[k] = bmax;
+                }
+                let mut sum = 0.0f64;
+                for e in row.iter_mut() {
+                    *e = (*e - part.max[k]).exp();
+                    sum += f64::from(*e);
+                }
+                part.sum[k] = part.sum[k] * f[k] + sum;
+            }
+            // Per slice of POOL_SLICE rows: blk (m x w) = E^T (m x ns) X (ns x w) in f32, then
+            // acc = acc * f + blk in f64, so the f32 rounding error is that of a sum of at most
+            // POOL_SLICE terms however many rows are pooled.
+            let mut i0 = 0;
+            while i0 < nr {
+                let ns = POOL_SLICE.min(nr - i0);
+                let xs = MatRef::row_major(&x[i0 * w..], ns, w);
+                let es = MatRef::new(&st[i0..], m, ns, nr, 1);
+                matmul(MatMut::row_major(&mut blk, m, w), None, es, xs, 1.0);
+                for k in 0..m {
+                    let (acc, b) = (&mut part.acc[k * w..(k + 1) * w], &blk[k * w..(k + 1) * w]);
+                    if f[k] == 1.0 {
+                        acc.iter_mut().zip(b).for_each(|(a, &b)| *a += f64::from(b));
+                    } else {
+                        acc.iter_mut().zip(b).for_each(|(a, &b)| *a = *a * f[k] + f64::from(b));
+                    }
+                }
+                f.iter_mut().for_each(|v| *v = 1.0);
+                i0 += ns;
+            }
+            part.rows += nr;
+        }
+        Ok(part)
+    }
+
+    /// Pools `rows` using up to `self.threads` threads and returns the merged partial state.
+    fn pool_parallel(&self, layer: &Layer, rows: &[f32]) -> Result<Partial, GeneratorError> {
+        let d = self.d;
+        let n = rows.len() / d;
+        let t = self.threads.min(n / MIN_ROWS_PER_THREAD).max(1);
+        let err = |row| GeneratorError::NonFiniteInput { row };
+        if t == 1 {
+            return self.pool(layer, rows).map_err(err);
+        }
+        let per = n.div_ceil(t);
+        let results: Vec<Result<Partial, usize>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(per * d)
+                .enumerate()
+                .map(|(i, part)| scope.spawn(move || self.pool(layer, part).map_err(|row| i * per + row)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        });
+        let mut merged = Partial::new(self.m, self.width());
+        for r in results {
+            merged.merge(&r.map_err(err)?);
+        }
+        Ok(merged)
+    }
+
+    /// From a non-empty pooled state to the m x d soft tokens.
+    fn finish(&self, layer: &Layer, part: &Partial, out: &mut [f32]) {
+        let (d, r, m) = (self.d, self.r, self.m);
+        // The pooled rows: the weighted sums divided by the sums of the weights (m x w).
+        let w = self.width();
+        let mut pooled = part.acc.clone();
+        for k in 0..m {
+            let inv = 1.0 / part.sum[k];
+            pooled[k * w..(k + 1) * w].iter_mut().for_each(|v| *v *= inv);
+        }
+        // Pbar = pooled (DownFirst), or pooled W_down^T (PoolFirst); plus b_down.
+        let mut tail: Vec<f64> = match self.strategy {
+            Strategy::PoolFirst => {
+                let p32: Vec<f32> = pooled.iter().map(|&v| v as f32).collect();
+                let mut pbar = vec![0.0f32; m * r];
+                let h = MatRef::row_major(&p32, m, d);
+                matmul(MatMut::row_major(&mut pbar, m, r), None, h, MatRef::row_major(&layer.down, r, d).t(), 1.0);
+                pbar.iter().map(|&v| f64::from(v)).collect()
+            }
+            _ => pooled,
+        };
+        if let Some(b) = &layer.down_bias {
+            tail.chunks_exact_mut(r).for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(v, &b)| *v += f64::from(b)));
+        }
+        activation::apply(&self.activation, &layer.num, &layer.den, r, &mut tail);
+        let u: Vec<f32> = tail.iter().map(|&v| v as f32).collect();
+        let keep = match &layer.up_bias {
+            Some(b) => {
+                out.chunks_exact_mut(d).for_each(|row| row.copy_from_slice(b));
+                Some(1.0)
+            }
+            None => None,
+        };
+        matmul(MatMut::row_major(out, m, d), keep, MatRef::row_major(&u, m, r), MatRef::row_major(&layer.up, d, r).t(), 1.0);
+    }
+}
+
+/// K^T = Q W_down (m x d; K = W_down^T Q^T), computed in f64 and rounded once.
+fn score_matrix(down: &[f32], query: &[f32], d: usize, r: usize, m: usize) -> Arc<[f32]> {
+    let w: Vec<f64> = down.iter().map(|&v| f64::from(v)).collect();
+    let q: Vec<f64> = query.iter().map(|&v| f64::from(v)).collect();
+    let mut k = vec![0.0f64; m * d];
+    matmul(MatMut::row_major(&mut k, m, d), None, MatRef::row_major(&q, m, r), MatRef::row_major(&w, r, d), 1.0);
+    k.iter().map(|&v| v as f32).collect()
+}
+
+/// A running softmax-weighted sum: for each soft token k, the largest score seen, the sum of
+/// exp(score - max), and the sum of exp(score - max) x row.
+#[derive(Debug, Clone)]
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f64>,
+    /// m x w.
+    acc: Vec<f64>,
+    rows: usize,
+}
+
+impl Partial {
+    fn new(m: usize, w: usize) -> Partial {
+        Partial { max: vec![f32::NEG_INFINITY; m], sum: vec![0.0; m], acc: vec![0.0; m * w], rows: 0 }
+    }
+
+    /// Adds `other` to `self` exactly (the online-softmax merge).
+    fn merge(&mut self, other: &Partial) {
+        if other.rows == 0 {
+            return;
+        }
+        if self.rows == 0 {
+            *self = other.clone();
+            return;
+        }
+        let w = self.acc.len() / self.max.len().max(1);
+        for k in 0..self.max.len() {
+            let mx = self.max[k].max(other.max[k]);
+            let (fa, fb) = (f64::from(self.max[k] - mx).exp(), f64::from(other.max[k] - mx).exp());
+            self.sum[k] = self.sum[k] * fa + other.sum[k] * fb;
+            for (a, b) in self.acc[k * w..(k + 1) * w].iter_mut().zip(&other.acc[k * w..(k + 1) * w]) {
+                *a = *a * fa + *b * fb;
+            }
+            self.max[k] = mx;
+        }
+        self.rows += other.rows;
+    }
+}
+
+/// The streaming state of one sequence at one layer: feed the instruction's rows in any number of
+/// chunks, then [`LayerState::finish`] gives the same soft tokens as [`Generator::generate`] on
+/// all rows at once (up to f32 rounding).
+///
+/// Size: m running maxima and sums, and an m x w f64 running weighted sum, w = n_embd for
+/// [`Strategy::PoolFirst`] (128 KiB at the LLaMA-2-7B shape) or bottleneck for
+/// [`Strategy::DownFirst`].
+#[derive(Debug, Clone)]
+pub struct LayerState {
+    gen_id: u64,
+    layer: usize,
+    part: Partial,
+}
+
+impl LayerState {
+    /// Feeds any number of rows (`rows.len()` a multiple of n_embd; zero rows is a no-op). On error
+    /// the state is unchanged.
+    pub fn feed(&mut self, gen: &Generator, rows: &[f32]) -> Result<(), GeneratorError> {
+        let layer = self.check(gen)?;
+        if rows.len() % gen.d != 0 {
+            return Err(GeneratorError::RowsNotMultiple { len: rows.len(), n_embd: gen.d });
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let part = gen.pool_parallel(layer, rows)?;
+        self.part.merge(&part);
+        Ok(())
+    }
+
+    /// Rows fed so far.
+    pub fn rows_seen(&self) -> usize {
+        self.part.rows
+    }
+
+    /// The layer this state belongs to.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Writes the m x n_embd soft tokens into `out`. Fails with [`GeneratorError::NoRows`] if no
+    /// row was fed. The state is not consumed: feeding more rows and finishing again is allowed.
+    pub fn finish(&self, gen: &Generator, out: &mut [f32]) -> Result<(), GeneratorError> {
+        let layer = self.check(gen)?;
+        gen.check_out(out)?;
+        if self.part.rows == 0 {
+            return Err(GeneratorError::NoRows);
+        }
+        gen.finish(layer, &self.part, out);
+        Ok(())
+    }
+
+    fn check<'g>(&self, gen: &'g Generator) -> Result<&'g Layer, GeneratorError> {
+        if self.gen_id != gen.id {
+            return Err(GeneratorError::ForeignState);
+        }
+        gen.layer(self.layer)
+    }
+}

@@ -1,0 +1,190 @@
+//! Helpers for tests (of this crate and others): a small seeded random generator, a fresh seed
+//! per run (printed by the tests on failure; set `IAPT_TEST_SEED` to replay one), random valid
+//! adapters of any shape, activation and storage dtype, and the error measure the tests use.
+
+use iapt_format::{
+    Activation, Adapter, AdapterConfig, DType, RationalConfig, RationalVariant, Report, Role, SpecVersion, Tensor, TensorName,
+};
+
+/// SplitMix64: tiny, fast, and good enough for test data (not for cryptography).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+
+    /// Uniform in 0..n (n >= 1).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// `len` values uniform in [-scale, scale), as f32.
+    pub fn vec_f32(&mut self, len: usize, scale: f64) -> Vec<f32> {
+        (0..len).map(|_| self.range(-scale, scale) as f32).collect()
+    }
+}
+
+/// A seed for this run: `IAPT_TEST_SEED` if set, else drawn from the clock, so that every run
+/// tries new inputs. Tests print it in every failure message.
+pub fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("IAPT_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // Mix in a per-call counter so that tests starting in the same nanosecond still differ.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let c = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Rng::new(nanos ^ c.wrapping_mul(0xA076_1D64_78BD_642F)).next_u64()
+}
+
+/// What random adapter to build.
+#[derive(Debug, Clone)]
+pub struct AdapterSpec {
+    /// L.
+    pub n_layer: u32,
+    /// d.
+    pub n_embd: u32,
+    /// m.
+    pub n_soft_tokens: u32,
+    /// r.
+    pub bottleneck: u32,
+    /// g.
+    pub activation: Activation,
+    /// s.
+    pub pool_scale: f32,
+    /// Storage dtype of every tensor.
+    pub dtype: DType,
+    /// Whether to include `down.bias` and `up.bias`.
+    pub biases: bool,
+    /// Roles stored once as `iapt.shared.*` instead of per layer.
+    pub shared: Vec<Role>,
+}
+
+impl AdapterSpec {
+    /// A small spec: the given sizes, no sharing, biases, F32, scale 1.
+    pub fn small(n_layer: u32, n_embd: u32, n_soft_tokens: u32, bottleneck: u32, activation: Activation) -> AdapterSpec {
+        AdapterSpec {
+            n_layer,
+            n_embd,
+            n_soft_tokens,
+            bottleneck,
+            activation,
+            pool_scale: 1.0,
+            dtype: DType::F32,
+            biases: true,
+            shared: Vec::new(),
+        }
+    }
+
+    /// The config this spec describes.
+    pub fn config(&self) -> AdapterConfig {
+        AdapterConfig {
+            spec_version: SpecVersion::CURRENT,
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_soft_tokens: self.n_soft_tokens,
+            bottleneck: self.bottleneck,
+            activation: self.activation,
+            pool_scale: self.pool_scale,
+            base_model_arch: "llama".to_owned(),
+        }
+    }
+}
+
+/// A valid adapter with random weights: projections scaled to keep activations of order one for
+/// inputs of order one, biases in [-0.5, 0.5), rational coefficients of degree j in
+/// [-2^-j, 2^-j) (decaying like those of a trained Padé unit; with every coefficient in [-1, 1)
+/// a degree-8 rational is so ill-conditioned near its denominator's minimum, condition number
+/// ~100, that no f32 pipeline can stay within 1e-5 of the f64 reference).
+pub fn random_adapter(spec: &AdapterSpec, rng: &mut Rng) -> Result<Adapter, Report> {
+    let cfg = spec.config();
+    let (d, r) = (f64::from(spec.n_embd), f64::from(spec.bottleneck));
+    let mut tensors = Vec::new();
+    for role in Role::ALL {
+        if !role.is_allowed(&cfg) || (!role.is_required(&cfg) && !spec.biases) {
+            continue;
+        }
+        let shape = role.expected_shape(&cfg);
+        let len = shape.iter().product::<u64>() as usize;
+        let scale = match role {
+            Role::DownWeight => (3.0 / d).sqrt(),
+            Role::PoolQuery | Role::UpWeight => (3.0 / r).sqrt(),
+            Role::DownBias | Role::UpBias => 0.5,
+            Role::ActNum | Role::ActDen => 1.0,
+        };
+        let names: Vec<TensorName> = if spec.shared.contains(&role) {
+            vec![TensorName::shared(role)]
+        } else {
+            (0..spec.n_layer).map(|l| TensorName::layer(l, role)).collect()
+        };
+        for name in names {
+            let mut values = rng.vec_f32(len, scale);
+            if matches!(role, Role::ActNum | Role::ActDen) {
+                // Row-major [G, K]: column j holds the coefficient of degree j (j + 1 for A, B, D
+                // denominators; the decay rate is what matters, not the offset).
+                let cols = shape[1] as usize;
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v *= 0.5f32.powi((i % cols.max(1)) as i32);
+                }
+            }
+            tensors.push(Tensor::from_f32(name, spec.dtype, shape.clone(), &values).map_err(|e| {
+                let mut rep = Report::default();
+                rep.push(iapt_format::Finding::file(iapt_format::Code::Unreadable, e.to_string()));
+                rep
+            })?);
+        }
+    }
+    Adapter::from_parts(cfg, Vec::new(), tensors)
+}
+
+/// Every activation of spec v1 for a bottleneck of `r`: the six fixed ones and, for each rational
+/// variant, a few (numerator, denominator) degree pairs covering 0 and 8, with 1 group and, when
+/// `r` is even, 2 groups.
+pub fn all_activations(r: u32) -> Vec<Activation> {
+    let mut out = vec![Activation::Identity, Activation::Relu, Activation::Gelu, Activation::GeluTanh, Activation::Silu, Activation::Tanh];
+    let degrees = [(0, 0), (6, 5), (8, 8), (3, 0), (0, 4)];
+    for variant in [RationalVariant::A, RationalVariant::B, RationalVariant::C, RationalVariant::D] {
+        for (i, &(m, n)) in degrees.iter().enumerate() {
+            let groups = if r % 2 == 0 && i % 2 == 1 { 2 } else { 1 };
+            out.push(Activation::Rational(RationalConfig { variant, numerator_degree: m, denominator_degree: n, groups }));
+        }
+    }
+    out
+}
+
+/// The relative error the tests bound: max |got - want| / max |want| (the max-norm relative
+/// error of the whole output). 0 when both are zero.
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|g| !g.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = got.iter().zip(want).map(|(&g, &w)| (f64::from(g) - w).abs()).fold(0.0, f64::max);
+    let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale
+    }
+}
