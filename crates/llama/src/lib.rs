@@ -1,1 +1,41 @@
-//! placeholder
+//! Runs IAPT adapters inside llama.cpp.
+//!
+//! At every layer the adapter's generator pools the instruction's hidden states into m soft tokens
+//! that replace the residual-stream rows of m placeholder positions. This crate does that inside
+//! llama.cpp's own forward pass through `llama_context_params.cb_eval`: the hook claims the node that
+//! carries the residual stream entering each layer, reads the instruction rows, runs the CPU
+//! generator and overwrites the soft-token rows before any consumer of that node runs.
+//!
+//! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
+//! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
+//! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput).
+//!
+//! ```no_run
+//! use iapt_llama::gguf_probe;
+//! let summary = gguf_probe(std::path::Path::new("adapter.gguf"))?;
+//! println!("{} tensors at data offset {}", summary.tensors.len(), summary.data_offset);
+//! # Ok::<(), iapt_llama::LlamaError>(())
+//! ```
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod arch;
+mod bench;
+mod error;
+pub mod eval;
+#[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
+mod ffi;
+mod hook;
+mod sample;
+mod session;
+
+pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
+pub use bench::{bench, BenchConfig, BenchReport, Throughput};
+pub use error::LlamaError;
+pub use ffi::{
+    gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
+    KvType, Model, NodeData, NodeInfo, Quant, Token,
+};
+pub use hook::{Claim, IaptHook, Plan};
+pub use sample::{argmax, Sampler, Sampling};
+pub use session::{check_compat, GenerateOptions, Generation, Session};

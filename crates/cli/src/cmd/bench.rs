@@ -1,0 +1,81 @@
+//! `iapt bench`: prefill and decode throughput of the base model and of the model with an IAPT
+//! adapter, side by side in one process with the same context settings (see
+//! `iapt_llama::bench` for the method).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use iapt_llama::{bench, BenchConfig, Model};
+
+use super::run::{open_adapter, CtxArgs};
+
+/// Arguments of `iapt bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base model (GGUF).
+    #[arg(long, value_name = "BASE.gguf")]
+    pub model: PathBuf,
+    /// The IAPT adapter.
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+    /// Tokens in the prefill (with the adapter: instruction plus soft tokens).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub prompt_len: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub gen: usize,
+    /// Measured repetitions per variant (after one warm-up); best and median runs are reported.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub reps: usize,
+    /// Context settings.
+    #[command(flatten)]
+    pub ctx: CtxArgs,
+}
+
+/// Runs `iapt bench`.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    iapt_llama::set_verbose(args.ctx.verbose);
+    if args.reps == 0 || args.gen < 2 {
+        anyhow::bail!("--reps must be at least 1 and --gen at least 2");
+    }
+    let mut params = args.ctx.params()?;
+    if (params.n_ctx as usize) < args.prompt_len + args.gen {
+        params.n_ctx = (args.prompt_len + args.gen) as u32;
+    }
+    let adapter = open_adapter(&args.adapter, &args.model)?;
+    let model = Model::load(&args.model)?;
+    let threads = args.ctx.threads();
+    let cfg = BenchConfig { prompt_len: args.prompt_len, gen: args.gen, reps: args.reps, ctx: params, generator_threads: threads };
+    eprintln!(
+        "model {} ({} parameters, {} layers, n_embd {}), adapter m = {}, r = {}; {} threads, prompt {} tokens, {} decode steps",
+        args.model.display(),
+        model.n_params(),
+        model.n_layer(),
+        model.n_embd(),
+        adapter.config().n_soft_tokens,
+        adapter.config().bottleneck,
+        threads,
+        args.prompt_len,
+        args.gen
+    );
+    let r = bench(&model, &adapter, &cfg, &mut |line| eprintln!("{line}"))?;
+    println!("| variant | prefill tok/s (best) | decode tok/s (best) | prefill tok/s (median) | decode tok/s (median) |");
+    println!("|---|---|---|---|---|");
+    let (b, i, bm, im) = (r.base, r.iapt, r.base_median, r.iapt_median);
+    println!("| base | {:.2} | {:.2} | {:.2} | {:.2} |", b.prefill_tps, b.decode_tps, bm.prefill_tps, bm.decode_tps);
+    println!("| IAPT | {:.2} | {:.2} | {:.2} | {:.2} |", i.prefill_tps, i.decode_tps, im.prefill_tps, im.decode_tps);
+    println!(
+        "| IAPT / base | {:.3}x | {:.3}x | {:.3}x | {:.3}x |",
+        r.prefill_ratio(),
+        r.decode_ratio(),
+        im.prefill_tps / bm.prefill_tps,
+        im.decode_tps / bm.decode_tps
+    );
+    println!(
+        "\nhook time per IAPT prefill (median): {:.1} ms = {:.2}% of the base prefill ({:.0} ms)",
+        r.hook_secs * 1e3,
+        100.0 * r.hook_secs / r.base_prefill_secs,
+        r.base_prefill_secs * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,200 @@
+//! `iapt run`: run a base GGUF model in llama.cpp with an IAPT adapter (or without, `--no-adapter`)
+//! and stream the continuation to stdout.
+//!
+//! The adapter is checked against the base model (architecture, layer count, width) before any
+//! decode; a prompt that does not fit the context is refused; `--temp 0` is greedy;
+//! `--prompt-tokens` feeds ids as given (no BOS added); `--prompt` uses the model's tokenizer (BOS as
+//! the model says, `--chat` applies the model's chat template); `--dump-logits` writes the logits
+//! of every generated step as float32 NumPy `[steps, n_vocab]`. Statistics go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use iapt_format::{Adapter, BaseModelInfo};
+use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, Sampling, Session};
+
+/// KV cache element type.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KvArg {
+    /// 16-bit floats (llama.cpp's default).
+    F16,
+    /// 32-bit floats.
+    F32,
+}
+
+/// Flash attention.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FlashArg {
+    /// llama.cpp decides.
+    Auto,
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// Arguments shared by `iapt run` and `iapt bench`: the context settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtxArgs {
+    /// Context size in tokens (instruction, soft tokens and response).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub ctx_size: u32,
+    /// Threads for llama.cpp and the generator (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Physical micro-batch size (a longer prompt is processed in several ubatches).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub ubatch_size: u32,
+    /// KV cache type.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub kv_type: KvArg,
+    /// Flash attention.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub flash_attn: FlashArg,
+    /// Show llama.cpp's log on stderr.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+impl CtxArgs {
+    /// The thread count to use.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+    }
+
+    /// The context parameters.
+    pub fn params(&self) -> anyhow::Result<ContextParams> {
+        if self.ctx_size == 0 || self.ubatch_size == 0 {
+            bail!("--ctx-size and --ubatch-size must be at least 1");
+        }
+        Ok(ContextParams {
+            n_ctx: self.ctx_size,
+            n_batch: self.ctx_size,
+            n_ubatch: self.ubatch_size,
+            n_threads: i32::try_from(self.threads()).unwrap_or(i32::MAX),
+            flash_attn: match self.flash_attn {
+                FlashArg::Auto => None,
+                FlashArg::On => Some(true),
+                FlashArg::Off => Some(false),
+            },
+            kv_type: match self.kv_type {
+                KvArg::F16 => KvType::F16,
+                KvArg::F32 => KvType::F32,
+            },
+        })
+    }
+}
+
+/// Arguments of `iapt run`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("adapter_choice").required(true).args(["adapter", "no_adapter"])))]
+#[command(group(clap::ArgGroup::new("prompt_choice").required(true).args(["prompt", "prompt_tokens"])))]
+pub struct Args {
+    /// The base model (GGUF; F32, F16 or quantized).
+    #[arg(long, value_name = "BASE.gguf")]
+    pub model: PathBuf,
+    /// The IAPT adapter (.gguf or .safetensors).
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter: Option<PathBuf>,
+    /// Run the base model alone.
+    #[arg(long)]
+    pub no_adapter: bool,
+    /// The prompt text, tokenized with the model's tokenizer.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids, fed as given (no BOS added).
+    #[arg(long, value_name = "1,2,3", value_delimiter = ',', num_args = 1..)]
+    pub prompt_tokens: Option<Vec<i32>>,
+    /// Wrap the prompt in the model's chat template (with --prompt).
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub n_predict: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    pub temp: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 42, value_name = "S")]
+    pub seed: u64,
+    /// Write the logits of every generated step as float32 NumPy [steps, n_vocab].
+    #[arg(long, value_name = "OUT.npy")]
+    pub dump_logits: Option<PathBuf>,
+    /// Context settings.
+    #[command(flatten)]
+    pub ctx: CtxArgs,
+}
+
+/// Opens an adapter and checks it against the base model's GGUF header (before loading weights).
+pub fn open_adapter(adapter: &std::path::Path, model: &std::path::Path) -> anyhow::Result<Adapter> {
+    let a = Adapter::open(adapter).with_context(|| format!("cannot use adapter {}", adapter.display()))?;
+    let base = BaseModelInfo::read(model).map_err(|e| anyhow::anyhow!("cannot read base model header: {e}"))?;
+    let findings = base.check(a.config());
+    if !findings.is_empty() {
+        let lines: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+        bail!("adapter {} does not match base model {}: {}", adapter.display(), model.display(), lines.join("; "));
+    }
+    Ok(a)
+}
+
+/// Runs `iapt run`.
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    iapt_llama::set_verbose(args.ctx.verbose);
+    if !args.temp.is_finite() || args.temp < 0.0 {
+        bail!("--temp must be a finite number >= 0");
+    }
+    let params = args.ctx.params()?;
+    let adapter = match &args.adapter {
+        Some(p) => Some(open_adapter(p, &args.model)?),
+        None => None,
+    };
+    let model = Model::load(&args.model)?;
+    let tokens = match (&args.prompt, &args.prompt_tokens) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let text = if args.chat { model.apply_chat_template(text)? } else { text.clone() };
+            model.tokenize(&text, true, args.chat)?
+        }
+        (None, None) => bail!("give --prompt or --prompt-tokens"),
+    };
+    let mut session = Session::new(&model, adapter.as_ref(), &params, args.ctx.threads())?;
+    let opts = GenerateOptions {
+        n_predict: args.n_predict,
+        sampling: Sampling::from_temp(args.temp, args.seed),
+        stop_at_eog: true,
+        keep_logits: args.dump_logits.is_some(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let g = session.generate(&tokens, &opts, &mut |t| {
+        if write_err.is_none() {
+            if let Err(e) = out.write_all(&model.token_bytes(t)).and_then(|()| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(out).ok();
+    drop(out);
+    if let Some(path) = &args.dump_logits {
+        let n_vocab = model.n_vocab();
+        let flat: Vec<f32> = g.logits.iter().flatten().copied().collect();
+        iapt_format::write_atomically(path, |w| iapt_npy::write_f32(w, &[g.logits.len(), n_vocab], &flat).map_err(std::io::Error::other))?;
+    }
+    let secs = |d: std::time::Duration| d.as_secs_f64().max(1e-9);
+    eprintln!(
+        "[{} prompt tokens + {} soft tokens; prefill {:.1} tok/s; {} generated, decode {:.1} tok/s{}]",
+        tokens.len(),
+        session.n_soft_tokens(),
+        g.prefill_tokens as f64 / secs(g.prefill_time),
+        g.tokens.len(),
+        g.tokens.len().saturating_sub(1) as f64 / secs(g.decode_time),
+        if g.stopped_at_eog { "; stopped at end of generation" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,885 @@
+//! The only module with `unsafe`: a small safe wrapper over `llama-cpp-sys-2` (llama.cpp and ggml as
+//! bundled with version 0.1.161).
+//!
+//! What it offers: process-wide backend initialisation and log control ([`set_verbose`]), the GGUF
+//! probe ([`gguf_probe`], llama.cpp's own parser), [`Model`] (loading, metadata, tokenizer, chat
+//! template), [`Context`] (decoding, logits, KV-cache reset) with an optional [`EvalCallback`] wired to
+//! `llama_context_params.cb_eval`, [`Batch`], and [`quantize`].
+//!
+//! Ownership rules kept here so that the rest of the crate cannot get them wrong:
+//! - a [`Context`] borrows its [`Model`] (lifetime `'m`), so the model outlives every context;
+//! - the callback state is boxed and owned by the [`Context`]; `Drop` frees the llama.cpp context
+//!   first and only then (field drop) the box, so llama.cpp never holds a dangling `user_data`;
+//! - every call into Rust from C (log callback, `cb_eval` trampoline) is wrapped in `catch_unwind`;
+//!   a panic is recorded and reported as an error by the next safe call instead of unwinding into C.
+
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use llama_cpp_sys_2 as sys;
+
+use crate::error::LlamaError;
+
+/// A token id of the model's vocabulary.
+pub type Token = i32;
+
+// ---------------------------------------------------------------------------------------------
+// Backend initialisation and logging
+// ---------------------------------------------------------------------------------------------
+
+/// How many recent llama.cpp error lines are kept for error messages.
+const MAX_KEPT_LOG_LINES: usize = 16;
+
+struct LogState {
+    verbose: bool,
+    recent: VecDeque<String>,
+    last_was_error: bool,
+}
+
+static LOG: Mutex<LogState> = Mutex::new(LogState { verbose: false, recent: VecDeque::new(), last_was_error: false });
+static INIT: Once = Once::new();
+
+/// The log sink installed into llama.cpp and ggml: prints when verbose, and always keeps the last
+/// few error-level lines so that a failed call can say why.
+unsafe extern "C" fn log_sink(level: sys::ggml_log_level, text: *const c_char, _user_data: *mut c_void) {
+    let _ = catch_unwind(|| {
+        if text.is_null() {
+            return;
+        }
+        // SAFETY: llama.cpp/ggml pass a NUL-terminated string that is valid for the duration of the
+        // call (a formatted buffer on their stack or heap); we copy it before returning.
+        let s = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
+        let Ok(mut st) = LOG.lock() else { return };
+        if st.verbose {
+            eprint!("{s}");
+        }
+        let is_error = level == sys::GGML_LOG_LEVEL_ERROR || (level == sys::GGML_LOG_LEVEL_CONT && st.last_was_error);
+        if level != sys::GGML_LOG_LEVEL_CONT {
+            st.last_was_error = level == sys::GGML_LOG_LEVEL_ERROR;
+        }
+        if is_error {
+            let line = s.trim_end().to_owned();
+            if !line.is_empty() {
+                if st.recent.len() == MAX_KEPT_LOG_LINES {
+                    st.recent.pop_front();
+                }
+                st.recent.push_back(line);
+            }
+        }
+    });
+}
+
+/// Initialises llama.cpp's backends once per process and installs the log sink (quiet by default).
+pub fn init() {
+    INIT.call_once(|| {
+        // SAFETY: `log_sink` is a valid `extern "C"` function for the whole program and ignores
+        // `user_data`, so a null `user_data` is fine (installed first, so that backend
+        // initialisation is quiet too); `llama_backend_init` has no preconditions and runs exactly
+        // once (guarded by `Once`).
+        unsafe {
+            sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
+            sys::llama_backend_init();
+        }
+    });
+}
+
+/// Lets llama.cpp's log through to stderr (`true`) or keeps it quiet (`false`, the default).
+pub fn set_verbose(verbose: bool) {
+    init();
+    if let Ok(mut st) = LOG.lock() {
+        st.verbose = verbose;
+    }
+}
+
+/// Takes the error lines llama.cpp logged since the last call, joined for an error message.
+fn take_log_errors() -> String {
+    match LOG.lock() {
+        Ok(mut st) => {
+            let lines: Vec<String> = st.recent.drain(..).collect();
+            if lines.is_empty() {
+                "no details from llama.cpp (use --verbose)".to_owned()
+            } else {
+                lines.join("; ")
+            }
+        }
+        Err(_) => "log unavailable".to_owned(),
+    }
+}
+
+fn clear_log_errors() {
+    if let Ok(mut st) = LOG.lock() {
+        st.recent.clear();
+    }
+}
+
+fn path_cstring(path: &Path) -> Result<CString, LlamaError> {
+    let s = path.to_str().ok_or_else(|| LlamaError::InvalidPath { path: path.to_owned() })?;
+    CString::new(s).map_err(|_| LlamaError::InvalidPath { path: path.to_owned() })
+}
+
+/// Copies a C string returned by llama.cpp/ggml (null becomes empty).
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string valid for the duration of the call.
+unsafe fn c_string(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null and NUL-terminated per this function's contract.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF probe
+// ---------------------------------------------------------------------------------------------
+
+/// A metadata value as llama.cpp's GGUF parser returns it (only the types the IAPT format uses are
+/// decoded; the rest are identified by their type id).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    /// `GGUF_TYPE_STRING`.
+    Str(String),
+    /// `GGUF_TYPE_UINT32`.
+    U32(u32),
+    /// `GGUF_TYPE_FLOAT32`.
+    F32(f32),
+    /// `GGUF_TYPE_ARRAY`: element type id and length.
+    Array {
+        /// The GGUF type id of the elements.
+        elem_type: u32,
+        /// Number of elements.
+        len: usize,
+    },
+    /// Any other scalar type (see the type id).
+    Other,
+}
+
+/// One metadata key as llama.cpp sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufKv {
+    /// The key.
+    pub key: String,
+    /// Its `gguf_type` id.
+    pub type_id: u32,
+    /// The value (decoded for strings, u32 and f32).
+    pub value: GgufValue,
+}
+
+/// One tensor info as llama.cpp sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufTensorInfo {
+    /// The tensor name.
+    pub name: String,
+    /// The `ggml_type` id.
+    pub ggml_type: u32,
+    /// ggml's `ne` (fastest-varying dimension first; unused dimensions are 1).
+    pub ne: [i64; 4],
+    /// Offset of the data relative to the start of the data section.
+    pub offset: usize,
+    /// Size of the data in bytes.
+    pub size: usize,
+}
+
+/// What llama.cpp's `gguf_init_from_file` reads from a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufSummary {
+    /// The GGUF version.
+    pub version: u32,
+    /// The data alignment.
+    pub alignment: usize,
+    /// The file offset of the data section.
+    pub data_offset: usize,
+    /// Every metadata key, in file order.
+    pub kvs: Vec<GgufKv>,
+    /// Every tensor info, in file order.
+    pub tensors: Vec<GgufTensorInfo>,
+}
+
+/// Owns a `gguf_context` and frees it on drop.
+struct GgufCtx(NonNull<sys::gguf_context>);
+
+impl Drop for GgufCtx {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `gguf_init_from_file`, is non-null, and is freed exactly once here.
+        unsafe { sys::gguf_free(self.0.as_ptr()) }
+    }
+}
+
+/// Parses a GGUF file's header with llama.cpp's own parser (`gguf_init_from_file`, no tensor data
+/// loaded) and returns everything it saw.
+pub fn gguf_probe(path: &Path) -> Result<GgufSummary, LlamaError> {
+    init();
+    let cpath = path_cstring(path)?;
+    clear_log_errors();
+    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+    // SAFETY: `cpath` is a NUL-terminated string alive across the call; with `ctx == NULL` and
+    // `no_alloc == true` the parser creates no ggml context and reads only the header.
+    let raw = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
+    let ctx = GgufCtx(NonNull::new(raw).ok_or_else(|| LlamaError::GgufRejected { path: path.to_owned(), detail: take_log_errors() })?);
+    let p = ctx.0.as_ptr();
+    // SAFETY (for every call in this block): `p` is a valid gguf_context owned by `ctx` for the whole
+    // block; key ids are in 0..n_kv and tensor ids in 0..n_tensors as returned by the same context,
+    // which is what the getters require; string getters are only called for keys whose type is
+    // GGUF_TYPE_STRING, u32/f32 getters only for those types (the getters assert on a mismatch), and
+    // returned strings are copied before the context is freed.
+    unsafe {
+        let n_kv = sys::gguf_get_n_kv(p);
+        let mut kvs = Vec::with_capacity(n_kv.max(0) as usize);
+        for i in 0..n_kv {
+            let key = c_string(sys::gguf_get_key(p, i));
+            let ty = sys::gguf_get_kv_type(p, i);
+            let value = match ty {
+                sys::GGUF_TYPE_STRING => GgufValue::Str(c_string(sys::gguf_get_val_str(p, i))),
+                sys::GGUF_TYPE_UINT32 => GgufValue::U32(sys::gguf_get_val_u32(p, i)),
+                sys::GGUF_TYPE_FLOAT32 => GgufValue::F32(sys::gguf_get_val_f32(p, i)),
+                sys::GGUF_TYPE_ARRAY => GgufValue::Array { elem_type: sys::gguf_get_arr_type(p, i), len: sys::gguf_get_arr_n(p, i) },
+                _ => GgufValue::Other,
+            };
+            kvs.push(GgufKv { key, type_id: ty, value });
+        }
+        let n_t = sys::gguf_get_n_tensors(p);
+        let mut tensors = Vec::with_capacity(n_t.max(0) as usize);
+        for i in 0..n_t {
+            let ne_ptr = sys::gguf_get_tensor_ne(p, i);
+            // `gguf_get_tensor_ne` returns a pointer to GGML_MAX_DIMS (4) int64 values inside the context.
+            let ne = std::slice::from_raw_parts(ne_ptr, 4);
+            tensors.push(GgufTensorInfo {
+                name: c_string(sys::gguf_get_tensor_name(p, i)),
+                ggml_type: sys::gguf_get_tensor_type(p, i),
+                ne: [ne[0], ne[1], ne[2], ne[3]],
+                offset: sys::gguf_get_tensor_offset(p, i),
+                size: sys::gguf_get_tensor_size(p, i),
+            });
+        }
+        Ok(GgufSummary {
+            version: sys::gguf_get_version(p),
+            alignment: sys::gguf_get_alignment(p),
+            data_offset: sys::gguf_get_data_offset(p),
+            kvs,
+            tensors,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------------
+
+/// A loaded base model (weights and vocabulary), CPU only in this build.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+}
+
+impl Model {
+    /// Loads a GGUF model file. Fails with [`LlamaError::ModelLoad`] carrying llama.cpp's reason.
+    pub fn load(path: &Path) -> Result<Model, LlamaError> {
+        init();
+        if !path.is_file() {
+            return Err(LlamaError::ModelLoad { path: path.to_owned(), detail: "no such file".to_owned() });
+        }
+        let cpath = path_cstring(path)?;
+        clear_log_errors();
+        // SAFETY: `llama_model_default_params` has no preconditions and returns a plain struct.
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.n_gpu_layers = 0;
+        // SAFETY: `cpath` is NUL-terminated and alive across the call; `params` is a fully
+        // initialised struct from llama.cpp's own defaults with no callbacks or pointers set by us.
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::ModelLoad { path: path.to_owned(), detail: take_log_errors() })?;
+        // SAFETY: `ptr` is a valid model; the vocab pointer it returns lives as long as the model.
+        let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
+        match NonNull::new(vocab.cast_mut()) {
+            Some(vocab) => Ok(Model { ptr, vocab }),
+            None => {
+                // SAFETY: `ptr` is valid and not used after this.
+                unsafe { sys::llama_model_free(ptr.as_ptr()) };
+                Err(LlamaError::ModelLoad { path: path.to_owned(), detail: "model has no vocabulary".to_owned() })
+            }
+        }
+    }
+
+    /// A metadata string value (numbers are rendered as text by llama.cpp), if the key exists.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let ckey = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: the model is valid; `ckey` is NUL-terminated; `buf` is writable for `buf.len()`
+            // bytes, which is the size passed, and llama.cpp writes at most that many (snprintf).
+            let n = unsafe { sys::llama_model_meta_val_str(self.ptr.as_ptr(), ckey.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                return None;
+            }
+            let n = n as usize;
+            if n < buf.len() {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            buf.resize(n + 1, 0);
+        }
+    }
+
+    /// `general.architecture`.
+    pub fn arch(&self) -> String {
+        self.meta("general.architecture").unwrap_or_default()
+    }
+
+    /// Number of layers.
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: the model pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()) }.max(0) as usize
+    }
+
+    /// Hidden size.
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: the model pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) }.max(0) as usize
+    }
+
+    /// Vocabulary size (the length of a logits row).
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: the vocab pointer is valid for the model's lifetime.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab.as_ptr()) }.max(0) as usize
+    }
+
+    /// Number of parameters.
+    pub fn n_params(&self) -> u64 {
+        // SAFETY: the model pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
+    }
+
+    /// Whether the tokenizer adds BOS at the start of a prompt.
+    pub fn add_bos(&self) -> bool {
+        // SAFETY: the vocab pointer is valid for the model's lifetime.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab.as_ptr()) }
+    }
+
+    /// Whether `token` ends generation (EOS, EOT, ...).
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: the vocab pointer is valid for the model's lifetime and the token id is checked to
+        // be in range before the call (short-circuit).
+        token >= 0 && (token as usize) < self.n_vocab() && unsafe { sys::llama_vocab_is_eog(self.vocab.as_ptr(), token) }
+    }
+
+    /// Tokenizes `text`; `add_special` adds BOS/EOS as the model says, `parse_special` turns
+    /// special-token text (e.g. from a chat template) into those tokens.
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<Token>, LlamaError> {
+        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize { detail: "text too long".to_owned() })?;
+        let mut out: Vec<Token> = vec![0; text.len() + 8];
+        for _ in 0..2 {
+            let cap = i32::try_from(out.len()).unwrap_or(i32::MAX);
+            // SAFETY: the vocab is valid; `text` points to `len` readable bytes (no NUL needed, the
+            // length is passed); `out` is writable for `cap` tokens, the capacity passed.
+            let n = unsafe {
+                sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, out.as_mut_ptr(), cap, add_special, parse_special)
+            };
+            if n == i32::MIN {
+                return Err(LlamaError::Tokenize { detail: "too many tokens".to_owned() });
+            }
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out);
+            }
+            out.resize((-n) as usize, 0);
+        }
+        Err(LlamaError::Tokenize { detail: "token count changed between calls".to_owned() })
+    }
+
+    /// The bytes of one token's text (special tokens rendered as their text).
+    pub fn token_bytes(&self, token: Token) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        for _ in 0..2 {
+            let cap = i32::try_from(buf.len()).unwrap_or(i32::MAX);
+            let n = if token < 0 || token as usize >= self.n_vocab() {
+                0
+            } else {
+                // SAFETY: the vocab is valid; the token is in range (checked above); `buf` is writable
+                // for `cap` bytes, the length passed.
+                unsafe { sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), cap, 0, false) }
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+        Vec::new()
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: the model is valid; a null name asks for the default template; the returned string
+        // is owned by the model and copied immediately.
+        let p = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if p.is_null() {
+            None
+        } else {
+            // SAFETY: non-null, NUL-terminated, owned by the model which outlives this call.
+            Some(unsafe { c_string(p) })
+        }
+    }
+
+    /// Formats one user message with the model's chat template (llama.cpp's built-in template
+    /// engine), followed by the assistant prefix.
+    pub fn apply_chat_template(&self, user: &str) -> Result<String, LlamaError> {
+        let tmpl = self.chat_template().ok_or(LlamaError::ChatTemplate { detail: "the model has no chat template".to_owned() })?;
+        let ctmpl = CString::new(tmpl).map_err(|_| LlamaError::ChatTemplate { detail: "template contains NUL".to_owned() })?;
+        let role = CString::new("user").expect("no NUL");
+        let content = CString::new(user).map_err(|_| LlamaError::ChatTemplate { detail: "prompt contains NUL".to_owned() })?;
+        let msg = sys::llama_chat_message { role: role.as_ptr(), content: content.as_ptr() };
+        let mut buf = vec![0u8; user.len() * 2 + 256];
+        for _ in 0..2 {
+            let cap = i32::try_from(buf.len()).unwrap_or(i32::MAX);
+            // SAFETY: `ctmpl`, `role`, `content` are NUL-terminated and alive across the call; `msg`
+            // points to one message (n_msg = 1); `buf` is writable for `cap` bytes, the length passed.
+            let n = unsafe { sys::llama_chat_apply_template(ctmpl.as_ptr(), &msg, 1, true, buf.as_mut_ptr().cast(), cap) };
+            if n < 0 {
+                return Err(LlamaError::ChatTemplate { detail: "llama.cpp does not support this model's chat template".to_owned() });
+            }
+            let n = n as usize;
+            if n <= buf.len() {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            buf.resize(n + 1, 0);
+        }
+        Err(LlamaError::ChatTemplate { detail: "template output changed size".to_owned() })
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `llama_model_load_from_file` and is freed exactly once; every
+        // `Context` borrows the model, so none is alive here.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation callback
+// ---------------------------------------------------------------------------------------------
+
+/// A graph node as the scheduler offers it in the ask phase of `cb_eval`.
+pub struct NodeInfo<'a> {
+    t: NonNull<sys::ggml_tensor>,
+    _life: PhantomData<&'a sys::ggml_tensor>,
+}
+
+impl NodeInfo<'_> {
+    /// The node's name (as set by llama.cpp's graph builder, e.g. `l_out-3`).
+    pub fn name(&self) -> &str {
+        // SAFETY: the tensor is valid and not written by anyone during the callback ('a); `name` is
+        // a fixed array of c_char, which has the size and alignment of u8, so viewing its bytes is
+        // sound; the end is found within the array, NUL-terminated or not.
+        let bytes: &[u8] = unsafe {
+            let name = &(*self.t.as_ptr()).name;
+            std::slice::from_raw_parts(name.as_ptr().cast(), name.len())
+        };
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        std::str::from_utf8(&bytes[..end]).unwrap_or("")
+    }
+
+    /// ggml's `ne`: `[n_embd, n_tokens, 1, 1]` for the residual stream.
+    pub fn ne(&self) -> [i64; 4] {
+        // SAFETY: the tensor is valid for the duration of the callback.
+        unsafe { (*self.t.as_ptr()).ne }
+    }
+
+    /// Whether the data is f32 with rows stored contiguously one after another
+    /// (`nb[0] = 4`, `nb[1] = 4 ne[0]`), which row access requires.
+    pub fn is_f32_rows(&self) -> bool {
+        // SAFETY: the tensor is valid for the duration of the callback.
+        let t = unsafe { &*self.t.as_ptr() };
+        t.type_ == sys::GGML_TYPE_F32 && t.nb[0] == 4 && t.nb[1] == 4 * t.ne[0].max(0) as usize
+    }
+
+    /// Whether the data lives in host memory (otherwise it is copied through the backend API).
+    pub fn is_host(&self) -> bool {
+        // SAFETY: the tensor is valid during the callback; a non-null `buffer` is a live backend
+        // buffer owned by the scheduler, which `ggml_backend_buffer_is_host` only queries.
+        unsafe {
+            let t = &*self.t.as_ptr();
+            !t.buffer.is_null() && sys::ggml_backend_buffer_is_host(t.buffer)
+        }
+    }
+
+    fn check_rows(&self, row0: usize, values: usize) -> Result<usize, String> {
+        if !self.is_f32_rows() {
+            return Err(format!("node {} is not f32 with contiguous rows", self.name()));
+        }
+        // SAFETY: the tensor is valid for the duration of the callback.
+        let t = unsafe { &*self.t.as_ptr() };
+        if t.buffer.is_null() || t.data.is_null() {
+            return Err(format!("node {} has no data buffer", self.name()));
+        }
+        let d = t.ne[0].max(0) as usize;
+        let rows = (t.ne[1].max(0) * t.ne[2].max(0) * t.ne[3].max(0)) as usize;
+        if d == 0 || values % d != 0 || row0 + values / d > rows {
+            return Err(format!("rows {}..+{} out of range for node {} with ne {:?}", row0, values / d.max(1), self.name(), t.ne));
+        }
+        Ok(row0 * t.nb[1])
+    }
+}
+
+/// A computed node in the data phase of `cb_eval`: its rows can be read and overwritten before any
+/// node that consumes it runs.
+pub struct NodeData<'a> {
+    info: NodeInfo<'a>,
+}
+
+impl<'a> std::ops::Deref for NodeData<'a> {
+    type Target = NodeInfo<'a>;
+    fn deref(&self) -> &NodeInfo<'a> {
+        &self.info
+    }
+}
+
+impl NodeData<'_> {
+    /// Copies rows `row0 .. row0 + out.len() / ne[0]` into `out` (row-major, `ne[0]` per row).
+    pub fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), String> {
+        let offset = self.check_rows(row0, out.len())?;
+        // SAFETY: the node has been computed (data phase) and nothing else runs on it during the
+        // callback; `check_rows` verified f32 data with contiguous rows, a set buffer and data pointer,
+        // and that offset + size stays within the tensor; `out` is writable for exactly `size` bytes.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.t.as_ptr(), out.as_mut_ptr().cast(), offset, std::mem::size_of_val(out));
+        }
+        Ok(())
+    }
+
+    /// Overwrites rows `row0 .. row0 + values.len() / ne[0]` with `values`.
+    pub fn write_rows(&self, row0: usize, values: &[f32]) -> Result<(), String> {
+        let offset = self.check_rows(row0, values.len())?;
+        // SAFETY: as in `read_rows`; additionally, in the data phase the scheduler has finished the
+        // producing node and has not started any consumer, so writing the tensor's memory races with
+        // nothing (the backend was synchronised before the callback).
+        unsafe {
+            sys::ggml_backend_tensor_set(self.t.as_ptr(), values.as_ptr().cast(), offset, std::mem::size_of_val(values));
+        }
+        Ok(())
+    }
+}
+
+/// Receives graph nodes from llama.cpp's scheduler (`cb_eval`).
+///
+/// Called on the thread running `llama_decode`, never concurrently for one context. Panics are
+/// caught at the FFI boundary and turn the decode into [`LlamaError::CallbackPanicked`].
+pub trait EvalCallback: Send + Sync {
+    /// Ask phase: whether the node's data is wanted. The scheduler then computes the graph up to and
+    /// including this node and calls [`EvalCallback::on_data`] before running anything that uses it.
+    fn wants(&self, node: &NodeInfo<'_>) -> bool;
+    /// Data phase: the node is computed; read or overwrite it. Errors must be recorded by the
+    /// implementation: llama.cpp offers no way to abort a decode from here (returning `false` only
+    /// skips the rest of the current graph split), so the trampoline always continues.
+    fn on_data(&self, node: &NodeData<'_>);
+}
+
+/// The boxed state llama.cpp's `cb_eval_user_data` points to.
+struct CallbackSlot {
+    cb: Arc<dyn EvalCallback>,
+    panicked: AtomicBool,
+}
+
+unsafe extern "C" fn eval_trampoline(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+    if user_data.is_null() {
+        return false;
+    }
+    // SAFETY: `user_data` is the address of the `CallbackSlot` boxed inside the `Context` whose
+    // scheduler calls us; the box is dropped only after `llama_free` (see `Context::drop`), so it
+    // is alive here, and it is only accessed through shared references.
+    let slot = unsafe { &*(user_data as *const CallbackSlot) };
+    let Some(t) = NonNull::new(t) else { return false };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let info = NodeInfo { t, _life: PhantomData };
+        if ask {
+            slot.cb.wants(&info)
+        } else {
+            slot.cb.on_data(&NodeData { info });
+            true
+        }
+    }));
+    match result {
+        Ok(v) => v,
+        Err(_) => {
+            slot.panicked.store(true, Ordering::SeqCst);
+            // In the ask phase say "not needed"; in the data phase continue (see `EvalCallback::on_data`).
+            !ask
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Context and batch
+// ---------------------------------------------------------------------------------------------
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// 32-bit float (exact reference runs).
+    F32,
+    /// 16-bit float (llama.cpp's default).
+    F16,
+}
+
+impl KvType {
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            KvType::F32 => sys::GGML_TYPE_F32,
+            KvType::F16 => sys::GGML_TYPE_F16,
+        }
+    }
+}
+
+/// Context settings (the subset the toolkit needs; everything else is llama.cpp's default).
+#[derive(Debug, Clone)]
+pub struct ContextParams {
+    /// Context size in tokens.
+    pub n_ctx: u32,
+    /// Largest batch one `decode` accepts.
+    pub n_batch: u32,
+    /// Physical micro-batch size (llama.cpp splits a batch into ubatches of at most this size).
+    pub n_ubatch: u32,
+    /// Threads (0: llama.cpp's default).
+    pub n_threads: i32,
+    /// Flash attention: `None` = llama.cpp's automatic choice.
+    pub flash_attn: Option<bool>,
+    /// K and V cache type.
+    pub kv_type: KvType,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        ContextParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: 0, flash_attn: None, kv_type: KvType::F16 }
+    }
+}
+
+/// A llama.cpp inference context over a [`Model`], with an optional evaluation callback.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    n_vocab: usize,
+    // Dropped after `ptr` is freed (in `Drop::drop`): llama.cpp keeps its address as user data.
+    slot: Option<Box<CallbackSlot>>,
+    _model: PhantomData<&'m Model>,
+}
+
+impl<'m> Context<'m> {
+    /// Creates a context. With `callback`, every graph node is offered to it (see [`EvalCallback`]).
+    pub fn new(model: &'m Model, params: &ContextParams, callback: Option<Arc<dyn EvalCallback>>) -> Result<Context<'m>, LlamaError> {
+        init();
+        // SAFETY: no preconditions; returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch;
+        cp.n_ubatch = params.n_ubatch.min(params.n_batch);
+        cp.n_seq_max = 1;
+        if params.n_threads > 0 {
+            cp.n_threads = params.n_threads;
+            cp.n_threads_batch = params.n_threads;
+        }
+        cp.flash_attn_type = match params.flash_attn {
+            None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        };
+        cp.type_k = params.kv_type.ggml();
+        cp.type_v = params.kv_type.ggml();
+        let slot = callback.map(|cb| Box::new(CallbackSlot { cb, panicked: AtomicBool::new(false) }));
+        if let Some(s) = &slot {
+            cp.cb_eval = Some(eval_trampoline);
+            cp.cb_eval_user_data = (&**s as *const CallbackSlot).cast_mut().cast();
+        }
+        clear_log_errors();
+        // SAFETY: the model pointer is valid and outlives the context ('m); `cp` comes from llama.cpp's
+        // defaults with plain values changed; `cb_eval_user_data` points into a Box that this
+        // `Context` owns and frees only after `llama_free` (see `Drop`).
+        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };
+        let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::ContextInit { detail: take_log_errors() })?;
+        Ok(Context { ptr, n_vocab: model.n_vocab(), slot, _model: PhantomData })
+    }
+
+    /// The context size in tokens.
+    pub fn n_ctx(&self) -> usize {
+        // SAFETY: the context pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
+    }
+
+    /// The largest batch `decode` accepts.
+    pub fn n_batch(&self) -> usize {
+        // SAFETY: the context pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_n_batch(self.ptr.as_ptr()) as usize }
+    }
+
+    /// The physical micro-batch size.
+    pub fn n_ubatch(&self) -> usize {
+        // SAFETY: the context pointer is valid for `self`'s lifetime.
+        unsafe { sys::llama_n_ubatch(self.ptr.as_ptr()) as usize }
+    }
+
+    /// Runs the model on `batch`. Fails on llama.cpp's error codes and when the callback panicked.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), LlamaError> {
+        if batch.is_empty() {
+            return Err(LlamaError::Decode { code: -1, detail: "empty batch".to_owned() });
+        }
+        if batch.len() > self.n_batch() {
+            return Err(LlamaError::Decode {
+                code: -1,
+                detail: format!("batch of {} tokens exceeds n_batch {}", batch.len(), self.n_batch()),
+            });
+        }
+        clear_log_errors();
+        // SAFETY: the context is valid and used by one thread at a time (`&mut self`); `batch.raw`
+        // points to arrays allocated by `llama_batch_init` for `capacity >= n_tokens` entries, each
+        // with one sequence id, all filled in by `Batch::push`; the callback slot (if any) is alive.
+        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        if let Some(s) = &self.slot {
+            if s.panicked.swap(false, Ordering::SeqCst) {
+                return Err(LlamaError::CallbackPanicked);
+            }
+        }
+        if rc != 0 {
+            let why = match rc {
+                1 => "no KV cache slot for the batch (context full)".to_owned(),
+                2 => "aborted".to_owned(),
+                _ => take_log_errors(),
+            };
+            return Err(LlamaError::Decode { code: rc, detail: why });
+        }
+        Ok(())
+    }
+
+    /// The logits of batch entry `i` of the last decode (which must have asked for them).
+    pub fn logits(&self, i: usize) -> Option<&[f32]> {
+        let i = i32::try_from(i).ok()?;
+        // SAFETY: the context is valid; llama.cpp checks `i` and returns null (after logging) for an
+        // entry without logits.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };
+        if p.is_null() {
+            clear_log_errors();
+            return None;
+        }
+        // SAFETY: a non-null result points to n_vocab floats in the context's output buffer, which
+        // stays unchanged until the next decode; that needs `&mut self`, so the borrow of `self`
+        // keeps the slice valid.
+        Some(unsafe { std::slice::from_raw_parts(p, self.n_vocab) })
+    }
+
+    /// Empties the KV cache (a fresh sequence can start at position 0).
+    pub fn clear_kv(&mut self) {
+        // SAFETY: the context is valid; the memory handle it returns lives as long as the context.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            if !mem.is_null() {
+                sys::llama_memory_clear(mem, true);
+            }
+        }
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `llama_init_from_model` and is freed exactly once. The callback
+        // slot is still alive (fields drop after this body), so nothing dangles during teardown.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A batch of tokens for one sequence (sequence id 0).
+pub struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+}
+
+impl Batch {
+    /// An empty batch that can hold `capacity` tokens.
+    pub fn new(capacity: usize) -> Batch {
+        init();
+        let cap = i32::try_from(capacity.max(1)).unwrap_or(i32::MAX);
+        // SAFETY: `embd = 0` allocates token arrays; `n_seq_max = 1` gives each entry one seq id slot.
+        let raw = unsafe { sys::llama_batch_init(cap, 0, 1) };
+        Batch { raw, capacity: cap as usize }
+    }
+
+    /// Number of tokens in the batch.
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens.max(0) as usize
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every token.
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    /// Appends `token` at position `pos`; `logits` asks for its output row.
+    pub fn push(&mut self, token: Token, pos: i32, logits: bool) -> Result<(), LlamaError> {
+        let i = self.len();
+        if i >= self.capacity {
+            return Err(LlamaError::BatchFull { capacity: self.capacity });
+        }
+        // SAFETY: `llama_batch_init(capacity, 0, 1)` allocated `capacity` entries in token, pos,
+        // n_seq_id, seq_id (each seq_id[i] an array of 1) and logits; `i < capacity`.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = 0;
+            *self.raw.logits.add(i) = i8::from(logits);
+        }
+        self.raw.n_tokens += 1;
+        Ok(())
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from `llama_batch_init` and is freed exactly once (n_tokens does not
+        // matter to `llama_batch_free`, which frees by the stored pointers).
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantization
+// ---------------------------------------------------------------------------------------------
+
+/// Target types for [`quantize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// `LLAMA_FTYPE_MOSTLY_Q8_0`.
+    Q8_0,
+    /// `LLAMA_FTYPE_MOSTLY_Q4_K_M`.
+    Q4KM,
+    /// `LLAMA_FTYPE_MOSTLY_F16`.
+    F16,
+}
+
+/// Quantizes a GGUF model file with llama.cpp's `llama_model_quantize`.
+pub fn quantize(src: &Path, dst: &Path, quant: Quant, n_threads: i32) -> Result<(), LlamaError> {
+    init();
+    let csrc = path_cstring(src)?;
+    let cdst = path_cstring(dst)?;
+    // SAFETY: no preconditions; returns a plain struct of defaults with null optional pointers.
+    let mut p = unsafe { sys::llama_model_quantize_default_params() };
+    p.nthread = n_threads;
+    p.ftype = match quant {
+        Quant::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+        Quant::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        Quant::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+    };
+    clear_log_errors();
+    // SAFETY: both paths are NUL-terminated and alive across the call; `p` is llama.cpp's default
+    // params with plain fields changed and no pointers set by us.
+    let rc = unsafe { sys::llama_model_quantize(csrc.as_ptr(), cdst.as_ptr(), &p) };
+    if rc != 0 {
+        return Err(LlamaError::Quantize { path: src.to_owned(), detail: take_log_errors() });
+    }
+    Ok(())
+}
