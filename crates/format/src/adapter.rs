@@ -145,9 +145,14 @@ impl Adapter {
         let mut report = Report::default();
         let mut meta = config.to_metadata();
         for (k, _) in &extras {
-            let owned = meta.iter().any(|(m, _)| m == k) || k.starts_with("iapt.rational.") || is_gguf_container_key(k) || k == META_TYPES_KEY;
+            let owned =
+                meta.iter().any(|(m, _)| m == k) || k.starts_with("iapt.rational.") || is_gguf_container_key(k) || k == META_TYPES_KEY;
             if owned {
-                report.push(Finding::about(Code::DuplicateKey, k.clone(), "optional metadata repeats a key the config or container owns; drop it"));
+                report.push(Finding::about(
+                    Code::DuplicateKey,
+                    k.clone(),
+                    "optional metadata repeats a key the config or container owns; drop it",
+                ));
             }
         }
         meta.extend(extras.iter().cloned());

@@ -405,7 +405,11 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
         match MetaValue::from_text(&ty, text) {
             Some(v) => out.push((k.clone(), v)),
             None => {
-                report.push(Finding::about(Code::BadKeyType, k.clone(), format!("{text:?} is not a {ty}; write it as a canonical {ty} in text")));
+                report.push(Finding::about(
+                    Code::BadKeyType,
+                    k.clone(),
+                    format!("{text:?} is not a {ty}; write it as a canonical {ty} in text"),
+                ));
                 // Kept as text so that the key counts as present (no second finding as "missing").
                 out.push((k.clone(), MetaValue::Str(text.clone())));
             }

@@ -31,7 +31,8 @@ fn with_provenance(mut a: Adapter) -> Adapter {
     a.set_extra("iapt.source.sha256", MetaValue::Str("ab".repeat(32))).unwrap();
     a.set_extra("acme.steps", MetaValue::U64(123_456_789_012)).unwrap();
     a.set_extra("acme.lr", MetaValue::F32(3e-4)).unwrap();
-    a.set_extra("acme.tags", MetaValue::Array(iapt_format::MetaType::Str, vec![MetaValue::Str("a".into()), MetaValue::Str("b".into())])).unwrap();
+    a.set_extra("acme.tags", MetaValue::Array(iapt_format::MetaType::Str, vec![MetaValue::Str("a".into()), MetaValue::Str("b".into())]))
+        .unwrap();
     a
 }
 
