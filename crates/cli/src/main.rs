@@ -27,6 +27,20 @@ enum Command {
     Validate(cmd::validate::Args),
     /// Re-write an adapter in the container named by the output's extension (.safetensors or .gguf).
     Pack(cmd::pack::Args),
+    /// Convert a trained PyTorch checkpoint (torch.save, safetensors, sharded) to an adapter; never runs a pickle.
+    Convert(cmd::convert::Args),
+    /// Run the soft-prompt generator on NumPy hidden states (H.npy -> P.npy), e.g. to compare with training code.
+    Generate(cmd::generate::Args),
+    /// Run a base GGUF model in llama.cpp with an IAPT adapter (or --no-adapter) and stream the continuation.
+    Run(cmd::run::Args),
+    /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
+    Bench(cmd::bench::Args),
+    /// Quantize a base GGUF model with llama.cpp (q8_0, q4_k_m, f16); the output is written atomically.
+    Quantize(cmd::quantize::Args),
+    /// Exact-match accuracy of a base model with an IAPT adapter (and without: --no-adapter-too) on a JSON-lines data set.
+    Eval(cmd::eval::Args),
+    /// The embedded demo: held-out instructions answered by the base model without and with the committed adapter.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +49,13 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Validate(a) => cmd::validate::run(a),
         Command::Pack(a) => cmd::pack::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,14 @@
 //! One module per subcommand: each has its clap `Args` and a `run` returning the exit code.
 
+pub mod bench;
+pub mod convert;
+pub mod demo;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod pack;
+pub mod quantize;
+pub mod run;
 pub mod validate;
 
 use std::process::ExitCode;
