@@ -8,7 +8,8 @@
 //!
 //! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
 //! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
-//! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput).
+//! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
+//! `eval` (exact-match evaluation with the demo's prompt format and stop rules).
 //!
 //! ```no_run
 //! use iapt_llama::gguf_probe;
