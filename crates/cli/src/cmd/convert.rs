@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use iapt_convert::{convert_to_file, DTypeChoice, Options, Profile};
-use iapt_format::{BaseModelInfo, Container};
+use iapt_format::BaseModelInfo;
 
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
 
@@ -40,11 +40,7 @@ pub struct Args {
 
 /// Runs `iapt convert`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let Some(container) = Container::from_extension(&args.output) else {
-        eprintln!(
-            "error: {}: cannot tell the container from the extension; name the output *.safetensors or *.gguf",
-            args.output.display()
-        );
+    let Some(container) = super::output_container(&args.output) else {
         return Ok(exit(EXIT_USAGE));
     };
     let profile = match Profile::load(&args.profile) {

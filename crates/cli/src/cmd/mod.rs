@@ -22,3 +22,13 @@ pub const EXIT_FAILURE: u8 = 1;
 pub fn exit(code: u8) -> ExitCode {
     ExitCode::from(code)
 }
+
+/// The container an output path's extension names (`.safetensors` or `.gguf`); otherwise prints
+/// the usage error and returns `None` (the caller exits with [`EXIT_USAGE`]).
+pub fn output_container(path: &std::path::Path) -> Option<iapt_format::Container> {
+    let c = iapt_format::Container::from_extension(path);
+    if c.is_none() {
+        eprintln!("error: {}: cannot tell the container from the extension; name the output *.safetensors or *.gguf", path.display());
+    }
+    c
+}

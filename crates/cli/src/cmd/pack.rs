@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use iapt_format::{validate_file, Code, Container};
+use iapt_format::{validate_file, Code};
 
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
 
@@ -21,11 +21,7 @@ pub struct Args {
 
 /// Runs `iapt pack`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let Some(container) = Container::from_extension(&args.output) else {
-        eprintln!(
-            "error: {}: cannot tell the container from the extension; name the output *.safetensors or *.gguf",
-            args.output.display()
-        );
+    let Some(container) = super::output_container(&args.output) else {
         return Ok(exit(EXIT_USAGE));
     };
     let v = validate_file(&args.input, None);
