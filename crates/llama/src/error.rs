@@ -95,6 +95,22 @@ pub enum LlamaError {
         /// Context size.
         n_ctx: usize,
     },
+    /// A batched prefill has more sequences than the context was created for.
+    #[error("{n_seqs} sequences in one batch, but the context holds at most {n_seq_max}; raise n_seq_max (--parallel)")]
+    TooManySequences {
+        /// Sequences asked for.
+        n_seqs: usize,
+        /// The context's limit.
+        n_seq_max: usize,
+    },
+    /// A request names an adapter the session does not hold.
+    #[error("no adapter {index}: the session holds {n_adapters} adapter(s), numbered from 0 in the order given")]
+    NoSuchAdapter {
+        /// The index asked for.
+        index: usize,
+        /// Adapters held.
+        n_adapters: usize,
+    },
     /// The prompt is empty (IAPT needs at least one instruction token).
     #[error("the prompt is empty; IAPT needs at least one instruction token")]
     EmptyPrompt,

@@ -649,11 +649,13 @@ pub struct ContextParams {
     pub flash_attn: Option<bool>,
     /// K and V cache type.
     pub kv_type: KvType,
+    /// Sequences one decode may hold (they share one unified KV cache of `n_ctx` cells).
+    pub n_seq_max: u32,
 }
 
 impl Default for ContextParams {
     fn default() -> Self {
-        ContextParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: 0, flash_attn: None, kv_type: KvType::F16 }
+        ContextParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: 0, flash_attn: None, kv_type: KvType::F16, n_seq_max: 1 }
     }
 }
 
@@ -675,7 +677,10 @@ impl<'m> Context<'m> {
         cp.n_ctx = params.n_ctx;
         cp.n_batch = params.n_batch;
         cp.n_ubatch = params.n_ubatch.min(params.n_batch);
-        cp.n_seq_max = 1;
+        cp.n_seq_max = params.n_seq_max.max(1);
+        // One KV stream for all sequences: llama.cpp then splits a batch into ubatches in batch
+        // order (`split_simple`), which the IAPT hook follows.
+        cp.kv_unified = true;
         if params.n_threads > 0 {
             cp.n_threads = params.n_threads;
             cp.n_threads_batch = params.n_threads;
@@ -787,7 +792,7 @@ impl Drop for Context<'_> {
     }
 }
 
-/// A batch of tokens for one sequence (sequence id 0).
+/// A batch of tokens, each of one sequence.
 pub struct Batch {
     raw: sys::llama_batch,
     capacity: usize,
@@ -818,8 +823,13 @@ impl Batch {
         self.raw.n_tokens = 0;
     }
 
-    /// Appends `token` at position `pos`; `logits` asks for its output row.
+    /// Appends `token` of sequence 0 at position `pos`; `logits` asks for its output row.
     pub fn push(&mut self, token: Token, pos: i32, logits: bool) -> Result<(), LlamaError> {
+        self.push_seq(token, pos, 0, logits)
+    }
+
+    /// Appends `token` of sequence `seq` at position `pos`; `logits` asks for its output row.
+    pub fn push_seq(&mut self, token: Token, pos: i32, seq: i32, logits: bool) -> Result<(), LlamaError> {
         let i = self.len();
         if i >= self.capacity {
             return Err(LlamaError::BatchFull { capacity: self.capacity });
@@ -830,7 +840,7 @@ impl Batch {
             *self.raw.token.add(i) = token;
             *self.raw.pos.add(i) = pos;
             *self.raw.n_seq_id.add(i) = 1;
-            *(*self.raw.seq_id.add(i)) = 0;
+            *(*self.raw.seq_id.add(i)) = seq;
             *self.raw.logits.add(i) = i8::from(logits);
         }
         self.raw.n_tokens += 1;

@@ -1,15 +1,19 @@
 //! The injection hook: an [`EvalCallback`] that, while armed with a [`Plan`] for one decode, claims
-//! the residual-stream node entering every layer, streams the instruction rows into the generator
-//! and overwrites the soft-token rows with P_l before layer l runs.
+//! the residual-stream node entering every layer, streams each sequence's instruction rows into
+//! that sequence's generator and overwrites its soft-token rows with P_l before layer l runs.
 //!
-//! The callback does not see llama.cpp's ubatches, so the hook follows them: with one sequence
-//! llama.cpp splits a batch into contiguous ubatches of `n_ubatch` tokens in batch order, each
-//! computing layers 0..L in order. Layer 0's node starts a new ubatch; its row count (`ne[1]`) must
-//! be the planned ubatch length, or the hook records an error and stops touching the graph. Errors
-//! cannot abort a decode from inside the callback, so they are collected and reported by
-//! [`IaptHook::finish`] after `llama_decode` returns.
+//! One decode may hold several sequences ([`SeqPlan`]), each laid out contiguously in the batch
+//! (instruction, then its m soft slots) and each with its own adapter out of the hook's resident
+//! set (or none). Several adapters therefore share one base model and one forward pass.
+//!
+//! The callback does not see llama.cpp's ubatches, so the hook follows them: with a unified KV
+//! cache llama.cpp splits a batch into contiguous ubatches of `n_ubatch` tokens in batch order
+//! (`split_simple`), each computing layers 0..L in order. Layer 0's node starts a new ubatch; its
+//! row count (`ne[1]`) must be the planned ubatch length, or the hook records an error and stops
+//! touching the graph. Errors cannot abort a decode from inside the callback, so they are collected
+//! and reported by [`IaptHook::finish`] after `llama_decode` returns.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use iapt_generator::{Generator, LayerState};
@@ -18,16 +22,34 @@ use crate::arch::ArchSpec;
 use crate::error::LlamaError;
 use crate::ffi::{EvalCallback, NodeData, NodeInfo};
 
-/// What the next decode contains: a batch that starts at position 0 of an empty sequence, with the
-/// instruction at rows `0..n_instr` and the soft slots at `n_instr..n_instr + m`.
+/// One sequence of a decode: its instruction starts at batch row `row0` and is followed by the
+/// soft slots of its adapter (none without an adapter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
+pub struct SeqPlan {
+    /// Index of the sequence's adapter in the hook's set, or `None` for the plain base model.
+    pub adapter: Option<usize>,
+    /// Batch row of the first instruction token.
+    pub row0: usize,
     /// Instruction rows n.
     pub n_instr: usize,
-    /// Tokens in the batch (at least `n_instr + m`).
+}
+
+/// What the next decode contains: the sequences, in batch order, without gaps or overlaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The sequences.
+    pub seqs: Vec<SeqPlan>,
+    /// Tokens in the batch.
     pub batch_len: usize,
     /// The context's `n_ubatch`.
     pub n_ubatch: usize,
+}
+
+impl Plan {
+    /// One sequence with adapter 0: the instruction at rows `0..n_instr`, the soft slots after it.
+    pub fn single(n_instr: usize, batch_len: usize, n_ubatch: usize) -> Plan {
+        Plan { seqs: vec![SeqPlan { adapter: Some(0), row0: 0, n_instr }], batch_len, n_ubatch }
+    }
 }
 
 /// One claimed node, for tests and diagnostics.
@@ -43,16 +65,25 @@ pub struct Claim {
     pub rows: usize,
 }
 
-struct Armed {
-    plan: Plan,
-    /// Current ubatch index, start row and length (None before the first layer-0 node).
-    ubatch: Option<(usize, usize, usize)>,
-    /// Next layer expected within the current ubatch.
-    next_layer: usize,
+/// One sequence while armed.
+struct SeqRun {
+    plan: SeqPlan,
+    /// The adapter's generator (None: the sequence runs without adapter).
+    generator: Option<Arc<Generator>>,
+    m: usize,
     states: Vec<LayerState>,
     soft: Vec<Option<Vec<f32>>>,
     /// Soft rows written per layer.
     written: Vec<usize>,
+}
+
+struct Armed {
+    plan: Plan,
+    seqs: Vec<SeqRun>,
+    /// Current ubatch index, start row and length (None before the first layer-0 node).
+    ubatch: Option<(usize, usize, usize)>,
+    /// Next layer expected within the current ubatch.
+    next_layer: usize,
     failed: bool,
 }
 
@@ -65,26 +96,60 @@ struct Inner {
     busy: Duration,
 }
 
-/// The IAPT injection hook for one context.
+/// The IAPT injection hook for one context, holding a resident set of adapters.
 pub struct IaptHook {
     arch: ArchSpec,
-    generator: Generator,
+    n_layer: usize,
+    n_embd: usize,
+    generators: Vec<Arc<Generator>>,
     inner: Mutex<Inner>,
 }
 
 impl IaptHook {
-    /// A hook for a model of `arch` running `generator` (whose layer count is the model's).
+    /// A hook for a model of `arch` with one adapter (index 0).
     pub fn new(arch: ArchSpec, generator: Generator) -> IaptHook {
+        let (n_layer, n_embd) = (generator.n_layer(), generator.n_embd());
+        IaptHook::build(arch, n_layer, n_embd, vec![Arc::new(generator)])
+    }
+
+    /// A hook for a model of `arch` (`n_layer` layers of width `n_embd`) with a resident set of
+    /// adapters, addressed by their index in `generators`. Fails if an adapter has another shape.
+    pub fn with_adapters(arch: ArchSpec, n_layer: usize, n_embd: usize, generators: Vec<Arc<Generator>>) -> Result<IaptHook, LlamaError> {
+        if let Some((i, g)) = generators.iter().enumerate().find(|(_, g)| g.n_layer() != n_layer || g.n_embd() != n_embd) {
+            return Err(LlamaError::Incompatible {
+                detail: format!(
+                    "adapter {i} has {} layers of width {}, the model {n_layer} layers of width {n_embd}",
+                    g.n_layer(),
+                    g.n_embd()
+                ),
+            });
+        }
+        Ok(IaptHook::build(arch, n_layer, n_embd, generators))
+    }
+
+    fn build(arch: ArchSpec, n_layer: usize, n_embd: usize, generators: Vec<Arc<Generator>>) -> IaptHook {
         IaptHook {
             arch,
-            generator,
+            n_layer,
+            n_embd,
+            generators,
             inner: Mutex::new(Inner { armed: None, errors: Vec::new(), claims: Vec::new(), buf: Vec::new(), busy: Duration::ZERO }),
         }
     }
 
-    /// Soft tokens per layer (m).
+    /// Number of resident adapters.
+    pub fn n_adapters(&self) -> usize {
+        self.generators.len()
+    }
+
+    /// Soft tokens of adapter `adapter` (m), 0 for `None` or an unknown index.
+    pub fn soft_tokens_of(&self, adapter: Option<usize>) -> usize {
+        adapter.and_then(|i| self.generators.get(i)).map_or(0, |g| g.n_soft_tokens())
+    }
+
+    /// Soft tokens of adapter 0 (m), 0 without adapters.
     pub fn n_soft_tokens(&self) -> usize {
-        self.generator.n_soft_tokens()
+        self.soft_tokens_of(Some(0))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -92,30 +157,66 @@ impl IaptHook {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Arms the hook for the next decode.
-    pub fn arm(&self, plan: Plan) {
-        let l = self.generator.n_layer();
+    /// Checks that `plan` lays its sequences out in batch order without gaps or overlaps, within
+    /// the batch, with known adapters.
+    fn check_plan(&self, plan: &Plan) -> Result<(), LlamaError> {
+        let mut next = 0usize;
+        for (i, s) in plan.seqs.iter().enumerate() {
+            if let Some(a) = s.adapter {
+                if a >= self.generators.len() {
+                    return Err(LlamaError::Hook {
+                        messages: vec![format!("sequence {i}: no adapter {a} (the hook holds {})", self.generators.len())],
+                    });
+                }
+            }
+            if s.row0 != next || s.n_instr == 0 {
+                return Err(LlamaError::Hook {
+                    messages: vec![format!(
+                        "sequence {i}: starts at row {} with {} instruction rows; expected a non-empty instruction at row {next}",
+                        s.row0, s.n_instr
+                    )],
+                });
+            }
+            next = s.row0 + s.n_instr + self.soft_tokens_of(s.adapter);
+        }
+        if next > plan.batch_len || plan.n_ubatch == 0 {
+            return Err(LlamaError::Hook { messages: vec![format!("the sequences need {next} rows; the batch has {}", plan.batch_len)] });
+        }
+        Ok(())
+    }
+
+    /// Arms the hook for the next decode. Fails (without arming) on an inconsistent plan.
+    pub fn arm(&self, plan: Plan) -> Result<(), LlamaError> {
+        self.check_plan(&plan)?;
+        let l = self.n_layer;
+        let seqs = plan
+            .seqs
+            .iter()
+            .map(|s| {
+                let generator = s.adapter.map(|a| self.generators[a].clone());
+                SeqRun {
+                    plan: *s,
+                    m: generator.as_ref().map_or(0, |g| g.n_soft_tokens()),
+                    states: generator.as_ref().map(|g| (0..l).map(|i| g.begin(i)).collect()).unwrap_or_default(),
+                    soft: vec![None; l],
+                    written: vec![0; l],
+                    generator,
+                }
+            })
+            .collect();
         let mut inner = self.lock();
         inner.errors.clear();
         inner.claims.clear();
         inner.busy = Duration::ZERO;
-        inner.armed = Some(Armed {
-            plan,
-            ubatch: None,
-            next_layer: 0,
-            states: (0..l).map(|i| self.generator.begin(i)).collect(),
-            soft: vec![None; l],
-            written: vec![0; l],
-            failed: false,
-        });
+        inner.armed = Some(Armed { plan, seqs, ubatch: None, next_layer: 0, failed: false });
+        Ok(())
     }
 
     /// Disarms the hook and reports what happened: `Ok` only if every ubatch of the planned batch
     /// was seen, every layer's input node was found in every ubatch, and all m soft rows of every
-    /// layer were written.
+    /// sequence with an adapter were written at every layer.
     pub fn finish(&self) -> Result<(), LlamaError> {
-        let l = self.generator.n_layer();
-        let m = self.generator.n_soft_tokens();
+        let l = self.n_layer;
         let mut inner = self.lock();
         let Some(a) = inner.armed.take() else {
             return Err(LlamaError::Hook { messages: vec!["the hook was not armed".to_owned()] });
@@ -140,8 +241,10 @@ impl IaptHook {
                     }
                 }
             }
-            if let Some(layer) = a.written.iter().position(|&w| w != m) {
-                errors.push(format!("layer {layer}: {} of {m} soft rows written", a.written[layer]));
+            for (i, s) in a.seqs.iter().enumerate() {
+                if let Some(layer) = s.written.iter().position(|&w| w != s.m) {
+                    errors.push(format!("sequence {i}, layer {layer}: {} of {} soft rows written", s.written[layer], s.m));
+                }
             }
         }
         if errors.is_empty() {
@@ -169,9 +272,8 @@ impl IaptHook {
 
     /// Handles one claimed node; errors are returned to be recorded.
     fn handle(&self, inner: &mut Inner, node: &NodeData<'_>, layer: usize) -> Result<(), String> {
-        let n_layer = self.generator.n_layer();
-        let d = self.generator.n_embd();
-        let m = self.generator.n_soft_tokens();
+        let n_layer = self.n_layer;
+        let d = self.n_embd;
         let Inner { armed, claims, buf, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
         if a.failed {
@@ -214,29 +316,37 @@ impl IaptHook {
         if ne[0] as usize != d || rows != len || ne[2] != 1 || ne[3] != 1 {
             return Err(format!("node {} has shape {:?}, expected [{d}, {len}, 1, 1]", node.name(), ne));
         }
-        let n = a.plan.n_instr;
         let end = start + len;
-        // Instruction rows of this ubatch: stream them into the layer's state.
-        if start < n {
-            let k = end.min(n) - start;
-            buf.resize(k * d, 0.0);
-            node.read_rows(0, &mut buf[..k * d])?;
-            a.states[layer].feed(&self.generator, &buf[..k * d]).map_err(|e| format!("layer {layer}: {e}"))?;
-        }
-        // Soft rows of this ubatch: finish the layer's state once, then write the rows that fall here.
-        let (s0, s1) = (start.max(n), end.min(n + m));
-        if s0 < s1 {
-            if a.soft[layer].is_none() {
-                if a.states[layer].rows_seen() != n {
-                    return Err(format!("layer {layer}: {} instruction rows seen, expected {n}", a.states[layer].rows_seen()));
-                }
-                let mut p = vec![0.0f32; m * d];
-                a.states[layer].finish(&self.generator, &mut p).map_err(|e| format!("layer {layer}: {e}"))?;
-                a.soft[layer] = Some(p);
+        for (si, s) in a.seqs.iter_mut().enumerate() {
+            let Some(g) = s.generator.as_deref() else { continue };
+            let (row0, n, m) = (s.plan.row0, s.plan.n_instr, s.m);
+            // This sequence's instruction rows in this ubatch: stream them into the layer's state.
+            let (i0, i1) = (start.max(row0), end.min(row0 + n));
+            if i0 < i1 {
+                let k = (i1 - i0) * d;
+                buf.resize(k, 0.0);
+                node.read_rows(i0 - start, &mut buf[..k])?;
+                s.states[layer].feed(g, &buf[..k]).map_err(|e| format!("sequence {si}, layer {layer}: {e}"))?;
             }
-            let p = a.soft[layer].as_ref().expect("set above");
-            node.write_rows(s0 - start, &p[(s0 - n) * d..(s1 - n) * d])?;
-            a.written[layer] += s1 - s0;
+            // Its soft rows in this ubatch: finish the layer's state once, then write the rows here.
+            let (s0, s1) = (start.max(row0 + n), end.min(row0 + n + m));
+            if s0 < s1 {
+                if s.soft[layer].is_none() {
+                    if s.states[layer].rows_seen() != n {
+                        return Err(format!(
+                            "sequence {si}, layer {layer}: {} instruction rows seen, expected {n}",
+                            s.states[layer].rows_seen()
+                        ));
+                    }
+                    let mut p = vec![0.0f32; m * d];
+                    s.states[layer].finish(g, &mut p).map_err(|e| format!("sequence {si}, layer {layer}: {e}"))?;
+                    s.soft[layer] = Some(p);
+                }
+                let p = s.soft[layer].as_ref().expect("set above");
+                let first = s0 - (row0 + n);
+                node.write_rows(s0 - start, &p[first * d..(first + s1 - s0) * d])?;
+                s.written[layer] += s1 - s0;
+            }
         }
         Ok(())
     }
@@ -246,13 +356,13 @@ impl EvalCallback for IaptHook {
     fn wants(&self, node: &NodeInfo<'_>) -> bool {
         let inner = self.lock();
         match &inner.armed {
-            Some(a) if !a.failed => self.arch.layer_of(node.name(), self.generator.n_layer()).is_some(),
+            Some(a) if !a.failed => self.arch.layer_of(node.name(), self.n_layer).is_some(),
             _ => false,
         }
     }
 
     fn on_data(&self, node: &NodeData<'_>) {
-        let Some(layer) = self.arch.layer_of(node.name(), self.generator.n_layer()) else { return };
+        let Some(layer) = self.arch.layer_of(node.name(), self.n_layer) else { return };
         let t0 = Instant::now();
         let mut inner = self.lock();
         let res = self.handle(&mut inner, node, layer);

@@ -37,6 +37,6 @@ pub use ffi::{
     gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
     KvType, Model, NodeData, NodeInfo, Quant, Token,
 };
-pub use hook::{Claim, IaptHook, Plan};
+pub use hook::{Claim, IaptHook, Plan, SeqPlan};
 pub use sample::{argmax, Sampler, Sampling};
-pub use session::{check_compat, GenerateOptions, Generation, Session};
+pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};

@@ -17,6 +17,10 @@
 //!   identical tokens.
 //! - `q8_0_*`: the F32 model quantized to Q8_0 by llama.cpp runs; its greedy agreement with the
 //!   reference is printed.
+//! - `multi_sequence_*`: four sequences in one decode (the fixture adapter twice, no adapter, and a
+//!   second resident adapter with another m), also split over ubatches of 8 and 5 rows, each match
+//!   the reference (fixture cases) or their own one-sequence run (the second adapter) at every
+//!   greedy step, with identical tokens.
 //! - `errors_*`: wrong base model, over-long and empty prompts, bad token ids, unloadable models.
 //! - `hook_reports_*`: a plan whose ubatches differ from llama.cpp's split fails the call after the
 //!   decode (the hook checks `ne[1]` and stops touching the graph).
@@ -27,7 +31,8 @@ use std::sync::Arc;
 
 use iapt_format::{Adapter, Container};
 use iapt_llama::{
-    Batch, Context, ContextParams, EvalCallback, GenerateOptions, KvType, LlamaError, Model, NodeData, NodeInfo, Quant, Sampling, Session,
+    Batch, Context, ContextParams, EvalCallback, GenerateOptions, KvType, LlamaError, Model, NodeData, NodeInfo, Quant, Request, Sampling,
+    Session, SessionOptions,
 };
 
 const STEPS: usize = 16;
@@ -63,7 +68,15 @@ fn case(name: &str) -> Case {
 }
 
 fn exact_params(n_ubatch: u32) -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 256, n_ubatch, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32 }
+    ContextParams {
+        n_ctx: 256,
+        n_batch: 256,
+        n_ubatch,
+        n_threads: 1,
+        flash_attn: Some(false),
+        kv_type: KvType::F32,
+        ..ContextParams::default()
+    }
 }
 
 fn default_params() -> ContextParams {
@@ -206,6 +219,94 @@ fn multi_ubatch_qwen3_equals_one_ubatch() {
     multi_ubatch("qwen3");
 }
 
+/// A second adapter for the tiny llama model, with m = 2 soft tokens (the fixture's has 4).
+fn second_adapter(model: &Model) -> Adapter {
+    use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+    let spec = AdapterSpec::small(model.n_layer() as u32, model.n_embd() as u32, 2, 16, iapt_format::Activation::Silu);
+    random_adapter(&spec, &mut Rng::new(0x5EC0_17D)).expect("valid adapter")
+}
+
+fn greedy() -> GenerateOptions {
+    GenerateOptions { n_predict: STEPS, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true }
+}
+
+fn multi_sequence(n_ubatch: u32) {
+    let long = case("llama-long-iapt");
+    let short = case("llama-short-iapt");
+    let base = case("llama-short-base");
+    let (model, fixture) = load(&long);
+    let fixture = fixture.unwrap();
+    let second = second_adapter(&model);
+    // Alone: the second adapter on the long instruction, one sequence per decode.
+    let (alone_tokens, alone_logits) = {
+        let mut s = Session::new(&model, Some(&second), &exact_params(512), 1).unwrap();
+        let g = s.generate(&long.instruction, &greedy(), &mut |_| {}).unwrap();
+        (g.tokens, g.logits)
+    };
+    let params = ContextParams { n_seq_max: 4, ..exact_params(n_ubatch) };
+    let mut s = Session::with_adapters(&model, &[&fixture, &second], &params, &SessionOptions::default()).unwrap();
+    let requests = [
+        Request { adapter: Some(0), instruction: &long.instruction },
+        Request { adapter: None, instruction: &base.instruction },
+        Request { adapter: Some(1), instruction: &long.instruction },
+        Request { adapter: Some(0), instruction: &short.instruction },
+    ];
+    let mut order = Vec::new();
+    let out = s.generate_batch(&requests, &greedy(), &mut |seq, _| order.push(seq)).unwrap();
+    let label = |what: &str| format!("n_ubatch {n_ubatch}, {what}");
+    assert_matches(&label("fixture adapter, long"), &long, &out[0].tokens, &out[0].logits, 1e-4);
+    assert_matches(&label("no adapter"), &base, &out[1].tokens, &out[1].logits, 1e-4);
+    assert_matches(&label("fixture adapter, short"), &short, &out[3].tokens, &out[3].logits, 1e-4);
+    assert_eq!(out[2].tokens, alone_tokens, "{}", label("second adapter: tokens differ from its one-sequence run"));
+    for (step, (a, b)) in out[2].logits.iter().zip(&alone_logits).enumerate() {
+        let e = rel_err(a, &b.iter().map(|&x| f64::from(x)).collect::<Vec<_>>());
+        assert!(e <= 1e-4, "{}: step {step}: rel err {e:e}", label("second adapter vs alone"));
+    }
+    assert_eq!(out[0].prefill_tokens, long.instruction.len() + 4);
+    assert_eq!(out[1].prefill_tokens, base.instruction.len());
+    assert_eq!(out[2].prefill_tokens, long.instruction.len() + 2);
+    // Tokens are reported per step for all live sequences, in sequence order.
+    assert_eq!(&order[..4], &[0, 1, 2, 3]);
+    assert_eq!(order.len(), 4 * STEPS);
+}
+
+#[test]
+fn multi_sequence_one_ubatch() {
+    multi_sequence(512);
+}
+
+#[test]
+fn multi_sequence_over_ubatches_of_8_and_5() {
+    multi_sequence(8);
+    multi_sequence(5);
+}
+
+#[test]
+fn multi_sequence_errors_are_clear() {
+    let c = case("llama-short-iapt");
+    let (model, fixture) = load(&c);
+    let fixture = fixture.unwrap();
+    let params = ContextParams { n_seq_max: 2, ..exact_params(512) };
+    let mut s = Session::with_adapters(&model, &[&fixture], &params, &SessionOptions::default()).unwrap();
+    let r = |adapter| Request { adapter, instruction: &c.instruction };
+    let e = s.prefill_batch(&[r(Some(1))]).unwrap_err();
+    assert!(matches!(e, LlamaError::NoSuchAdapter { index: 1, n_adapters: 1 }), "{e}");
+    let e = s.prefill_batch(&[r(Some(0)), r(None), r(Some(0))]).unwrap_err();
+    assert!(matches!(e, LlamaError::TooManySequences { n_seqs: 3, n_seq_max: 2 }), "{e}");
+    let e = s.prefill_batch(&[r(Some(0)), Request { adapter: None, instruction: &[] }]).unwrap_err();
+    assert!(matches!(e, LlamaError::EmptyPrompt), "{e}");
+    // Stepping a sequence twice in one decode, or one that is not live, is refused.
+    s.prefill_batch(&[r(Some(0)), r(None)]).unwrap();
+    assert!(s.step_batch(&[(0, 1), (0, 2)]).is_err());
+    assert!(s.step_batch(&[(2, 1)]).is_err());
+    // An adapter for another model shape is refused when the session is built.
+    use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+    let wrong =
+        random_adapter(&AdapterSpec::small(model.n_layer() as u32, 8, 2, 4, iapt_format::Activation::Relu), &mut Rng::new(1)).unwrap();
+    let e = Session::with_adapters(&model, &[&fixture, &wrong], &params, &SessionOptions::default()).err().unwrap();
+    assert!(matches!(e, LlamaError::Incompatible { .. }), "{e}");
+}
+
 /// A callback that claims nothing (as the hook does when disarmed).
 struct Idle;
 
@@ -341,13 +442,13 @@ fn hook_reports_a_plan_that_does_not_match_the_ubatches() {
         batch.push(c.instruction[i.min(c.instruction.len() - 1)], i as i32, i + 1 == total).unwrap();
     }
     // The context runs one ubatch of 34 rows; a plan of ubatches of 8 must be refused.
-    hook.arm(iapt_llama::Plan { n_instr: c.instruction.len(), batch_len: total, n_ubatch: 8 });
+    hook.arm(iapt_llama::Plan::single(c.instruction.len(), total, 8)).unwrap();
     ctx.decode(&batch).unwrap();
     let e = hook.finish().expect_err("mismatched plan");
     assert!(e.to_string().contains("split the batch differently"), "{e}");
     // A matching plan on the same context works.
     ctx.clear_kv();
-    hook.arm(iapt_llama::Plan { n_instr: c.instruction.len(), batch_len: total, n_ubatch: 512 });
+    hook.arm(iapt_llama::Plan::single(c.instruction.len(), total, 512)).unwrap();
     ctx.decode(&batch).unwrap();
     hook.finish().unwrap();
 }

@@ -83,6 +83,7 @@ impl CtxArgs {
                 KvArg::F16 => KvType::F16,
                 KvArg::F32 => KvType::F32,
             },
+            n_seq_max: 1,
         })
     }
 }
