@@ -223,7 +223,7 @@ fn multi_ubatch_qwen3_equals_one_ubatch() {
 fn second_adapter(model: &Model) -> Adapter {
     use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
     let spec = AdapterSpec::small(model.n_layer() as u32, model.n_embd() as u32, 2, 16, iapt_format::Activation::Silu);
-    random_adapter(&spec, &mut Rng::new(0x5EC0_17D)).expect("valid adapter")
+    random_adapter(&spec, &mut Rng::new(0x05EC_017D)).expect("valid adapter")
 }
 
 fn greedy() -> GenerateOptions {
