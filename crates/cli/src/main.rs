@@ -33,6 +33,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Run a base GGUF model in llama.cpp with an IAPT adapter (or --no-adapter) and stream the continuation.
     Run(cmd::run::Args),
+    /// Multi-tenant serving: several resident adapters, JSON-lines requests decoded together, each with its own adapter.
+    Batch(cmd::batch::Args),
     /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
     Bench(cmd::bench::Args),
     /// Quantize a base GGUF model with llama.cpp (q8_0, q4_k_m, f16); the output is written atomically.
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Batch(a) => cmd::batch::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Eval(a) => cmd::eval::run(a),

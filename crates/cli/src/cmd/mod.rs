@@ -1,5 +1,6 @@
 //! One module per subcommand: each has its clap `Args` and a `run` returning the exit code.
 
+pub mod batch;
 pub mod bench;
 pub mod convert;
 pub mod demo;
