@@ -26,17 +26,22 @@ mod error;
 pub mod eval;
 #[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
 mod ffi;
+mod gpu_bench;
 mod hook;
 mod sample;
 mod session;
 
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use bench::{bench, BenchConfig, BenchReport, Throughput};
-pub use error::LlamaError;
+pub use error::{GpuError, LlamaError};
 pub use ffi::{
     gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
     KvType, Model, NodeData, NodeInfo, Quant, Token,
 };
+pub use ffi::gpu::{
+    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
+};
+pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use hook::{Claim, IaptHook, Plan};
 pub use sample::{argmax, Sampler, Sampling};
 pub use session::{check_compat, GenerateOptions, Generation, Session};
