@@ -144,7 +144,8 @@ pub fn gpu_generator_bench(rt: &GpuRuntime, cfg: &GpuBenchConfig) -> Result<GpuB
         shared: Vec::new(),
     };
     let mut rng = Rng::new(cfg.seed);
-    let adapter = random_adapter(&spec, &mut rng).map_err(|r| GpuError::BenchConfig { detail: format!("cannot build the adapter: {r:?}") })?;
+    let adapter =
+        random_adapter(&spec, &mut rng).map_err(|r| GpuError::BenchConfig { detail: format!("cannot build the adapter: {r:?}") })?;
     let ga = rt.upload(&adapter)?;
     let mut st = rt.new_state(&ga)?;
     let (n, d, m, l) = (cfg.rows, ga.n_embd(), ga.n_soft_tokens(), ga.n_layer());

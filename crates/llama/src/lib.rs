@@ -34,12 +34,12 @@ mod session;
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use bench::{bench, BenchConfig, BenchReport, Throughput};
 pub use error::{GpuError, LlamaError};
+pub use ffi::gpu::{
+    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
+};
 pub use ffi::{
     gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
     KvType, Model, NodeData, NodeInfo, Quant, Token,
-};
-pub use ffi::gpu::{
-    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
 };
 pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use hook::{Claim, IaptHook, Plan};

@@ -89,7 +89,9 @@ fn all_activations_match_reference(rt: &GpuRuntime) {
 fn shared_tensors_and_soft_token_counts(rt: &GpuRuntime) {
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
-    for (m, shared) in [(1u32, vec![Role::DownWeight, Role::PoolQuery]), (8, vec![Role::UpWeight, Role::ActNum, Role::ActDen]), (3, Vec::new())] {
+    for (m, shared) in
+        [(1u32, vec![Role::DownWeight, Role::PoolQuery]), (8, vec![Role::UpWeight, Role::ActNum, Role::ActDen]), (3, Vec::new())]
+    {
         let mut spec = AdapterSpec::small(3, 48, m, 20, rational_b());
         spec.shared = shared.clone();
         spec.biases = shared.is_empty();
@@ -286,7 +288,16 @@ fn foreign_runtime_is_refused(rt: &GpuRuntime, other: &GpuRuntime) {
 
 /// The benchmark runs end to end at a tiny shape.
 fn bench_runs(rt: &GpuRuntime) {
-    let cfg = GpuBenchConfig { n_layer: 2, n_embd: 64, bottleneck: 16, rows: 12, reps: 3, warmup: 1, copy_bytes: 1 << 16, ..GpuBenchConfig::default() };
+    let cfg = GpuBenchConfig {
+        n_layer: 2,
+        n_embd: 64,
+        bottleneck: 16,
+        rows: 12,
+        reps: 3,
+        warmup: 1,
+        copy_bytes: 1 << 16,
+        ..GpuBenchConfig::default()
+    };
     let r = gpu_generator_bench(rt, &cfg).unwrap();
     assert_eq!((r.n_layer, r.n_embd, r.bottleneck, r.n_soft_tokens, r.rows, r.dtype.as_str()), (2, 64, 16, 4, 12, "f16"));
     assert_eq!(r.down_bytes, 64 * 16 * 2);

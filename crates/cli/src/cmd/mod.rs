@@ -1,6 +1,7 @@
 //! One module per subcommand: each has its clap `Args` and a `run` returning the exit code.
 
 pub mod bench;
+pub mod bench_gpu;
 pub mod convert;
 pub mod demo;
 pub mod eval;

@@ -67,8 +67,17 @@ enum Kernel {
 
 impl Kernel {
     /// Every kernel, in the order of [`Kernel::index`].
-    const NAMES: [&'static str; 9] =
-        ["iapt_scores", "iapt_stats", "iapt_pool", "iapt_down_f32", "iapt_down_f16", "iapt_down_bf16", "iapt_up_f32", "iapt_up_f16", "iapt_up_bf16"];
+    const NAMES: [&'static str; 9] = [
+        "iapt_scores",
+        "iapt_stats",
+        "iapt_pool",
+        "iapt_down_f32",
+        "iapt_down_f16",
+        "iapt_down_bf16",
+        "iapt_up_f32",
+        "iapt_up_f16",
+        "iapt_up_bf16",
+    ];
 
     fn index(self) -> usize {
         let dt = |d: DType| match d {

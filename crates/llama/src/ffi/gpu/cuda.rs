@@ -51,7 +51,9 @@ pub(super) fn nvrtc_unavailable_reason() -> Option<String> {
 /// `None` if device `ordinal` can be opened and the kernels compiled; else why not.
 pub(super) fn unavailable_reason(ordinal: usize) -> Option<String> {
     if !driver_present() {
-        return Some("libcuda (the NVIDIA driver library) cannot be loaded: no NVIDIA driver installed, or it is not on the library path".to_owned());
+        return Some(
+            "libcuda (the NVIDIA driver library) cannot be loaded: no NVIDIA driver installed, or it is not on the library path".to_owned(),
+        );
     }
     if let Err(e) = result::init() {
         return Some(format!("cuInit failed ({}); is a GPU visible to this process (CUDA_VISIBLE_DEVICES)?", drv("initialising")(e)));
@@ -73,10 +75,16 @@ pub(super) fn compile(arch: &str) -> Result<String, GpuError> {
     if let Some(reason) = nvrtc_unavailable_reason() {
         return Err(GpuError::CudaUnavailable { reason });
     }
-    let opts = CompileOptions { options: vec![format!("--gpu-architecture={arch}")], name: Some("iapt_kernels.cu".to_owned()), ..Default::default() };
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}")],
+        name: Some("iapt_kernels.cu".to_owned()),
+        ..Default::default()
+    };
     match compile_ptx_with_opts(KERNELS, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
-        Err(CompileError::CompileError { log, .. }) => Err(GpuError::Compile { arch: arch.to_owned(), log: log.to_string_lossy().into_owned() }),
+        Err(CompileError::CompileError { log, .. }) => {
+            Err(GpuError::Compile { arch: arch.to_owned(), log: log.to_string_lossy().into_owned() })
+        }
         Err(e) => Err(GpuError::Compile { arch: arch.to_owned(), log: e.to_string() }),
     }
 }
@@ -303,11 +311,7 @@ impl CudaBackend {
         }
         let end = ptr.checked_add(bytes as u64);
         if end.is_none_or(|e| e > start.saturating_add(size as u64)) {
-            return Err(GpuError::NotDeviceMemory {
-                ptr,
-                bytes,
-                detail: format!("the allocation is {start:#x} + {size} bytes"),
-            });
+            return Err(GpuError::NotDeviceMemory { ptr, bytes, detail: format!("the allocation is {start:#x} + {size} bytes") });
         }
         Ok(())
     }

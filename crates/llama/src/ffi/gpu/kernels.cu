@@ -331,8 +331,11 @@ extern "C" __global__ void iapt_pool(const float* h, int n, int d, const double*
             }
         }
     }
-    for (int k = 0; k < m; k++) {
-        atomicAdd(&acc[(long long)k * d + j], part[k]);
+    // Compile-time trip count, so that part[] stays in registers.
+    for (int k = 0; k < IAPT_MAX_M; k++) {
+        if (k < m) {
+            atomicAdd(&acc[(long long)k * d + j], part[k]);
+        }
     }
 }
 
