@@ -253,6 +253,9 @@ pub enum GpuError {
     /// The adapter was uploaded by another runtime.
     #[error("the adapter was uploaded by another GPU runtime; upload it to this one")]
     ForeignAdapter,
+    /// Rows allocated by another runtime (its memory may be of another kind).
+    #[error("the rows were allocated by another GPU runtime; allocate them with this one")]
+    ForeignRows,
     /// The state belongs to another adapter (or runtime).
     #[error("the sequence state was made for another adapter or runtime; make one with new_state for this adapter")]
     ForeignState,

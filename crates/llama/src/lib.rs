@@ -9,7 +9,10 @@
 //! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
 //! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
 //! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
-//! `eval` (exact-match evaluation with the demo's prompt format and stop rules).
+//! `eval` (exact-match evaluation with the demo's prompt format and stop rules), `ffi::gpu` (the
+//! generator on CUDA through `cudarc`, kernels compiled by NVRTC at run time, and with the
+//! `gpu-emulation` feature the same kernels on CPU threads: [`GpuRuntime`]), `gpu_bench` (its
+//! micro-benchmark, [`gpu_generator_bench`]).
 //!
 //! ```no_run
 //! use iapt_llama::gguf_probe;

@@ -284,6 +284,12 @@ fn foreign_runtime_is_refused(rt: &GpuRuntime, other: &GpuRuntime) {
     assert!(matches!(rt.new_state(&ga), Err(GpuError::ForeignAdapter)));
     assert!(matches!(rt.feed_host(&ga, &mut st, 0, &[0.5; 16]), Err(GpuError::ForeignAdapter)));
     assert!(matches!(rt.reset(&mut st), Err(GpuError::ForeignState)));
+    let mut rows = other.alloc_rows(2, 16).unwrap();
+    let ours = rt.upload(&a).unwrap();
+    let mut our_st = rt.new_state(&ours).unwrap();
+    assert!(matches!(rt.feed_device(&ours, &mut our_st, 0, rows.rows(0, 2).unwrap()), Err(GpuError::ForeignRows)));
+    assert!(matches!(rt.write_rows(&mut rows, 0, &[0.0; 16]), Err(GpuError::ForeignRows)));
+    assert!(matches!(rt.finish_device(&ours, &mut our_st, 0, rows.rows_mut(0, 2).unwrap()), Err(GpuError::ForeignRows)));
 }
 
 /// The benchmark runs end to end at a tiny shape.

@@ -313,6 +313,8 @@ impl Backend {
 #[derive(Debug, Clone, Copy)]
 pub struct DevRows<'a> {
     ptr: u64,
+    /// The runtime whose [`GpuRows`] these are, or 0 for rows from `from_raw`.
+    origin: u64,
     n_rows: usize,
     n_embd: usize,
     _life: PhantomData<&'a [f32]>,
@@ -330,7 +332,7 @@ impl DevRows<'_> {
     /// on CUDA the device ordinal and the allocation's extent) and returns an error on mismatch.
     #[allow(dead_code)] // For the hook's zero-copy path (a ggml tensor's `data`).
     pub(crate) unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRows<'a> {
-        DevRows { ptr, n_rows, n_embd, _life: PhantomData }
+        DevRows { ptr, origin: 0, n_rows, n_embd, _life: PhantomData }
     }
 
     /// Rows.
@@ -348,6 +350,8 @@ impl DevRows<'_> {
 #[derive(Debug)]
 pub struct DevRowsMut<'a> {
     ptr: u64,
+    /// As in [`DevRows`].
+    origin: u64,
     n_rows: usize,
     n_embd: usize,
     _life: PhantomData<&'a mut [f32]>,
@@ -361,7 +365,7 @@ impl DevRowsMut<'_> {
     /// `finish_device` that writes them returns (it synchronises).
     #[allow(dead_code)] // For the hook's zero-copy path (a ggml tensor's `data`).
     pub(crate) unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRowsMut<'a> {
-        DevRowsMut { ptr, n_rows, n_embd, _life: PhantomData }
+        DevRowsMut { ptr, origin: 0, n_rows, n_embd, _life: PhantomData }
     }
 
     /// Rows.
@@ -380,6 +384,7 @@ impl DevRowsMut<'_> {
 #[derive(Debug)]
 pub struct GpuRows {
     buf: DevBuf,
+    runtime_id: u64,
     n_rows: usize,
     n_embd: usize,
 }
@@ -405,13 +410,25 @@ impl GpuRows {
     /// Rows `row0 .. row0 + n` as [`DevRows`].
     pub fn rows(&self, row0: usize, n: usize) -> Result<DevRows<'_>, GpuError> {
         self.check_range(row0, n)?;
-        Ok(DevRows { ptr: self.buf.at(row0 * self.n_embd * 4), n_rows: n, n_embd: self.n_embd, _life: PhantomData })
+        Ok(DevRows {
+            ptr: self.buf.at(row0 * self.n_embd * 4),
+            origin: self.runtime_id,
+            n_rows: n,
+            n_embd: self.n_embd,
+            _life: PhantomData,
+        })
     }
 
     /// Rows `row0 .. row0 + n` as [`DevRowsMut`].
     pub fn rows_mut(&mut self, row0: usize, n: usize) -> Result<DevRowsMut<'_>, GpuError> {
         self.check_range(row0, n)?;
-        Ok(DevRowsMut { ptr: self.buf.at(row0 * self.n_embd * 4), n_rows: n, n_embd: self.n_embd, _life: PhantomData })
+        Ok(DevRowsMut {
+            ptr: self.buf.at(row0 * self.n_embd * 4),
+            origin: self.runtime_id,
+            n_rows: n,
+            n_embd: self.n_embd,
+            _life: PhantomData,
+        })
     }
 }
 
@@ -582,7 +599,8 @@ impl GpuRuntime {
     /// Opens CUDA device `ordinal`: loads the driver and NVRTC, retains the device's primary
     /// context (the one llama.cpp's CUDA backend uses, so device pointers are shared), creates
     /// the runtime's stream, and compiles the kernels for the device's architecture (once per
-    /// process; PTX also cached on disk, see [`cuda`]).
+    /// process; the PTX is also cached on disk under `$XDG_CACHE_HOME/iapt/kernels` or
+    /// `~/.cache/iapt/kernels`, failing soft when that is not writable).
     pub fn cuda(ordinal: usize) -> Result<Arc<GpuRuntime>, GpuError> {
         if let Some(reason) = cuda_unavailable(ordinal) {
             return Err(GpuError::CudaUnavailable { reason });
@@ -765,6 +783,14 @@ impl GpuRuntime {
         Ok(())
     }
 
+    /// Rows of another runtime's [`GpuRows`] may be memory of another kind (host vs device).
+    fn check_origin(&self, origin: u64) -> Result<(), GpuError> {
+        if origin != 0 && origin != self.id {
+            return Err(GpuError::ForeignRows);
+        }
+        Ok(())
+    }
+
     fn check(&self, a: &GpuAdapter, st: &GpuSeqState, layer: usize) -> Result<(), GpuError> {
         self.check_adapter(a)?;
         if st.adapter_id != a.id || st.runtime_id != self.id {
@@ -862,6 +888,7 @@ impl GpuRuntime {
         if rows.n_embd != a.d {
             return Err(GpuError::RowWidth { got: rows.n_embd, n_embd: a.d });
         }
+        self.check_origin(rows.origin)?;
         if rows.n_rows == 0 {
             return Ok(());
         }
@@ -1050,6 +1077,7 @@ impl GpuRuntime {
         if dst.n_rows != a.m || dst.n_embd != a.d {
             return Err(GpuError::OutputRows { n_rows: dst.n_rows, n_embd: dst.n_embd, m: a.m, d: a.d });
         }
+        self.check_origin(dst.origin)?;
         self.backend.check_ptr(dst.ptr, a.m * a.d * 4)?;
         // SAFETY: `DevRowsMut`'s contract makes `dst` m x d writable f32 of this device, used by
         // nothing else until we return; `check_ptr` verified what the driver knows.
@@ -1068,11 +1096,12 @@ impl GpuRuntime {
             .checked_mul(n_embd)
             .and_then(|x| x.checked_mul(4))
             .ok_or_else(|| GpuError::Unsupported { detail: format!("{n_rows} x {n_embd} rows are too large") })?;
-        Ok(GpuRows { buf: self.backend.alloc_zeroed(bytes)?, n_rows, n_embd })
+        Ok(GpuRows { buf: self.backend.alloc_zeroed(bytes)?, runtime_id: self.id, n_rows, n_embd })
     }
 
     /// Copies `values` (whole rows) into `rows` from row `row0` (waits for queued work first).
     pub fn write_rows(&self, rows: &mut GpuRows, row0: usize, values: &[f32]) -> Result<(), GpuError> {
+        self.check_origin(rows.runtime_id)?;
         if values.len() % rows.n_embd.max(1) != 0 {
             return Err(GpuError::RowsNotMultiple { len: values.len(), n_embd: rows.n_embd });
         }
@@ -1084,6 +1113,7 @@ impl GpuRuntime {
 
     /// Copies whole rows from `rows` (from row `row0`) into `out` after all queued work.
     pub fn read_rows(&self, rows: &GpuRows, row0: usize, out: &mut [f32]) -> Result<(), GpuError> {
+        self.check_origin(rows.runtime_id)?;
         if out.len() % rows.n_embd.max(1) != 0 {
             return Err(GpuError::RowsNotMultiple { len: out.len(), n_embd: rows.n_embd });
         }
@@ -1114,6 +1144,8 @@ impl GpuRuntime {
 
     /// Queues a device-to-device copy of `src` into `dst` (same size).
     pub(crate) fn copy_rows(&self, dst: &mut GpuRows, src: &GpuRows) -> Result<(), GpuError> {
+        self.check_origin(dst.runtime_id)?;
+        self.check_origin(src.runtime_id)?;
         if dst.buf.bytes != src.buf.bytes {
             return Err(GpuError::OutputSize { len: dst.buf.bytes / 4, expected: src.buf.bytes / 4 });
         }
