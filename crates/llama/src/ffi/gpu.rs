@@ -605,7 +605,14 @@ impl GpuRuntime {
         if let Some(reason) = cuda_unavailable(ordinal) {
             return Err(GpuError::CudaUnavailable { reason });
         }
-        let (b, sm_count, description) = cuda::CudaBackend::open(ordinal)?;
+        // cudarc looks driver functions up lazily and panics on a missing one (a driver older than
+        // its bindings): report that as unavailable instead of unwinding into the caller.
+        let opened = std::panic::catch_unwind(|| cuda::CudaBackend::open(ordinal)).unwrap_or_else(|_| {
+            Err(GpuError::CudaUnavailable {
+                reason: "the NVIDIA driver lacks a function the CUDA bindings need; update the driver".to_owned(),
+            })
+        });
+        let (b, sm_count, description) = opened?;
         Ok(Arc::new(GpuRuntime {
             id: next_id(),
             backend: Backend::Cuda(b),

@@ -64,6 +64,15 @@ pub(super) fn unavailable_reason(ordinal: usize) -> Option<String> {
         Ok(_) => {}
         Err(e) => return Some(format!("cannot count CUDA devices: {}", drv("counting devices")(e))),
     }
+    let mut version = 0i32;
+    // SAFETY: `version` is a valid, writable int for the call's duration.
+    if unsafe { sys::cuDriverGetVersion(&mut version) }.result().is_ok() && version < 12_000 {
+        return Some(format!(
+            "the NVIDIA driver supports CUDA {}.{}; the IAPT kernels need a CUDA 12 or newer driver",
+            version / 1000,
+            (version % 1000) / 10
+        ));
+    }
     nvrtc_unavailable_reason()
 }
 
@@ -136,7 +145,7 @@ fn kernels_ptx(arch: &str, fresh: bool) -> Result<Arc<str>, GpuError> {
             return Ok(p.clone());
         }
         if let Some(src) = cache_path(arch).and_then(|p| std::fs::read_to_string(p).ok()) {
-            if src.contains(".entry iapt_scores") {
+            if src.contains(".entry iapt_scores") && !src.contains('\0') {
                 let p: Arc<str> = src.into();
                 map.insert(arch.to_owned(), p.clone());
                 return Ok(p);
