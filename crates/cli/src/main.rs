@@ -37,6 +37,8 @@ enum Command {
     Batch(cmd::batch::Args),
     /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
     Bench(cmd::bench::Args),
+    /// Micro-benchmark of the GPU generator on a random adapter (exit 2 when no CUDA device is usable).
+    BenchGpu(cmd::bench_gpu::Args),
     /// Quantize a base GGUF model with llama.cpp (q8_0, q4_k_m, f16); the output is written atomically.
     Quantize(cmd::quantize::Args),
     /// Exact-match accuracy of a base model with an IAPT adapter (and without: --no-adapter-too) on a JSON-lines data set.
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Batch(a) => cmd::batch::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::BenchGpu(a) => cmd::bench_gpu::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -26,6 +26,8 @@ use llama_cpp_sys_2 as sys;
 
 use crate::error::LlamaError;
 
+pub(crate) mod gpu;
+
 /// A token id of the model's vocabulary.
 pub type Token = i32;
 

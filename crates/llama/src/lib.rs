@@ -9,7 +9,10 @@
 //! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
 //! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
 //! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
-//! `eval` (exact-match evaluation with the demo's prompt format and stop rules).
+//! `eval` (exact-match evaluation with the demo's prompt format and stop rules), `ffi::gpu` (the
+//! generator on CUDA through `cudarc`, kernels compiled by NVRTC at run time, and with the
+//! `gpu-emulation` feature the same kernels on CPU threads: [`GpuRuntime`]), `gpu_bench` (its
+//! micro-benchmark, [`gpu_generator_bench`]).
 //!
 //! ```no_run
 //! use iapt_llama::gguf_probe;
@@ -26,17 +29,22 @@ mod error;
 pub mod eval;
 #[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
 mod ffi;
+mod gpu_bench;
 mod hook;
 mod sample;
 mod session;
 
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use bench::{bench, BenchConfig, BenchReport, Throughput};
-pub use error::LlamaError;
+pub use error::{GpuError, LlamaError};
+pub use ffi::gpu::{
+    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
+};
 pub use ffi::{
     gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
     KvType, Model, NodeData, NodeInfo, Quant, Token,
 };
+pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use hook::{Claim, IaptHook, Plan, SeqPlan};
 pub use sample::{argmax, Sampler, Sampling};
 pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};
