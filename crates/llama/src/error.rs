@@ -131,6 +131,9 @@ pub enum LlamaError {
     /// The CPU generator failed.
     #[error("IAPT generator: {0}")]
     Generator(#[from] iapt_generator::GeneratorError),
+    /// The GPU generator failed (see [`GpuError`]).
+    #[error("IAPT GPU generator: {0}")]
+    Gpu(#[from] GpuError),
 }
 
 /// The GPU generator ([`crate::GpuRuntime`]) failed. Every variant says what failed; the messages

@@ -566,6 +566,44 @@ impl NodeData<'_> {
     }
 }
 
+impl NodeData<'_> {
+    /// Rows `row0 .. row0 + n` of the node as [`gpu::DevRows`] for a runtime that computes where
+    /// the node lives: device memory for a CUDA runtime (`emulated == false`), host memory for the
+    /// emulator. `Ok(None)` when the node lives elsewhere (then use [`NodeData::read_rows`]). The
+    /// runtime still checks the pointer against its device (ordinal, allocation extent).
+    pub(crate) fn gpu_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<gpu::DevRows<'_>>, String> {
+        let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
+        // SAFETY: `gpu_ptr` checked f32 data with contiguous rows and that rows row0..row0+n lie
+        // within the tensor's data, which sits in one ggml backend buffer of the kind the runtime
+        // computes on. In the data phase the node is computed and nothing runs on it until this
+        // callback returns; the buffer stays allocated for the whole graph; the borrow of `self`
+        // (the callback's duration) bounds the view, and the hook synchronises the runtime before
+        // returning from the callback, so no queued read outlives the view.
+        Ok(Some(unsafe { gpu::DevRows::from_raw(ptr, n, d) }))
+    }
+
+    /// As [`NodeData::gpu_rows`], writable: where the soft tokens go.
+    pub(crate) fn gpu_rows_mut(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<gpu::DevRowsMut<'_>>, String> {
+        let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
+        // SAFETY: as in `gpu_rows`; additionally no consumer of the node has started (data phase),
+        // so writing the rows races with nothing, and `finish_device` synchronises before returning.
+        Ok(Some(unsafe { gpu::DevRowsMut::from_raw(ptr, n, d) }))
+    }
+
+    /// The address of row `row0` and the row width, when the node lives where the runtime computes.
+    fn gpu_ptr(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<(u64, usize)>, String> {
+        let d = self.ne()[0].max(0) as usize;
+        let offset = self.check_rows(row0, n.checked_mul(d).ok_or("row count overflows")?)?;
+        if self.is_host() != emulated {
+            return Ok(None);
+        }
+        // SAFETY: the tensor is valid for the duration of the callback; `check_rows` verified a
+        // non-null data pointer.
+        let data = unsafe { (*self.t.as_ptr()).data } as u64;
+        Ok(Some((data + offset as u64, d)))
+    }
+}
+
 /// Receives graph nodes from llama.cpp's scheduler (`cb_eval`).
 ///
 /// Called on the thread running `llama_decode`, never concurrently for one context. Panics are

@@ -45,6 +45,6 @@ pub use ffi::{
     KvType, Model, NodeData, NodeInfo, Quant, Token,
 };
 pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
-pub use hook::{Claim, IaptHook, Plan, SeqPlan};
+pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 pub use sample::{argmax, Sampler, Sampling};
 pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};

@@ -11,8 +11,9 @@ use iapt_generator::Generator;
 
 use crate::arch::{arch_spec, supported_archs, ArchSpec};
 use crate::error::LlamaError;
+use crate::ffi::gpu::{GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use crate::ffi::{Batch, Context, ContextParams, EvalCallback, Model, Token};
-use crate::hook::{Claim, IaptHook, Plan, SeqPlan};
+use crate::hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 use crate::sample::{Sampler, Sampling};
 
 /// Checks that an adapter fits a model (architecture, layer count, width) and that the hook
@@ -64,11 +65,14 @@ pub struct GenerateOptions {
 pub struct SessionOptions {
     /// Threads of each CPU generator call.
     pub generator_threads: usize,
+    /// Run the generators on this GPU runtime (adapters with more soft tokens than the kernels
+    /// handle, [`GPU_MAX_SOFT_TOKENS`], stay on the CPU). `None`: on the CPU.
+    pub gpu: Option<Arc<GpuRuntime>>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { generator_threads: 1 }
+        SessionOptions { generator_threads: 1, gpu: None }
     }
 }
 
@@ -109,7 +113,7 @@ impl<'m> Session<'m> {
         generator_threads: usize,
     ) -> Result<Session<'m>, LlamaError> {
         let adapters: Vec<&Adapter> = adapter.into_iter().collect();
-        Session::with_adapters(model, &adapters, params, &SessionOptions { generator_threads })
+        Session::with_adapters(model, &adapters, params, &SessionOptions { generator_threads, gpu: None })
     }
 
     /// A session on `model` holding every adapter of `adapters` resident (loaded and converted once;
@@ -125,13 +129,17 @@ impl<'m> Session<'m> {
             None
         } else {
             let mut arch = None;
-            let mut generators = Vec::with_capacity(adapters.len());
+            let mut resident = Vec::with_capacity(adapters.len());
             for a in adapters {
                 arch = Some(check_compat(model, a.config())?);
-                generators.push(Arc::new(Generator::from_adapter(a)?.with_threads(opts.generator_threads.max(1))?));
+                resident.push(match &opts.gpu {
+                    // Weights uploaded once, in their stored dtype; never converted on the host.
+                    Some(rt) if a.config().n_soft_tokens as usize <= GPU_MAX_SOFT_TOKENS => HookAdapter::Gpu(Arc::new(rt.upload(a)?)),
+                    _ => HookAdapter::Cpu(Arc::new(Generator::from_adapter(a)?.with_threads(opts.generator_threads.max(1))?)),
+                });
             }
             let arch = *arch.expect("at least one adapter");
-            Some(Arc::new(IaptHook::with_adapters(arch, model.n_layer(), model.n_embd(), generators)?))
+            Some(Arc::new(IaptHook::with_adapters(arch, model.n_layer(), model.n_embd(), resident, opts.gpu.clone())?))
         };
         let mut params = params.clone();
         params.n_batch = params.n_ctx.max(1);

@@ -31,8 +31,8 @@ use std::sync::Arc;
 
 use iapt_format::{Adapter, Container};
 use iapt_llama::{
-    Batch, Context, ContextParams, EvalCallback, GenerateOptions, KvType, LlamaError, Model, NodeData, NodeInfo, Quant, Request, Sampling,
-    Session, SessionOptions,
+    Batch, Context, ContextParams, EvalCallback, GenerateOptions, GpuRuntime, KvType, LlamaError, Model, NodeData, NodeInfo, Quant,
+    Request, Sampling, Session, SessionOptions,
 };
 
 const STEPS: usize = 16;
@@ -91,9 +91,87 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn run(model: &Model, adapter: Option<&Adapter>, params: &ContextParams, instruction: &[i32]) -> (Vec<i32>, Vec<Vec<f32>>) {
-    let mut s = Session::new(model, adapter, params, 1).expect("session");
+    run_on(&None, model, adapter, params, instruction)
+}
+
+/// Where the generators run. The same test bodies run on each: the CPU, the GPU kernels on the
+/// CPU emulator (always, with this crate's `gpu-emulation` dev feature), and a CUDA device (the
+/// test prints why it skipped where none is usable).
+#[derive(Debug, Clone, Copy)]
+enum Dev {
+    Cpu,
+    Emulated,
+    Cuda,
+}
+
+/// Runs `body` with the runtime of `dev` (None for the CPU), or prints why it cannot.
+fn on_dev(dev: Dev, test: &str, body: impl FnOnce(&Option<Arc<GpuRuntime>>)) {
+    let rt = match dev {
+        Dev::Cpu => None,
+        Dev::Emulated => Some(GpuRuntime::emulated()),
+        Dev::Cuda => match GpuRuntime::cuda(0) {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                eprintln!("{test}: skipped on CUDA: {e}");
+                return;
+            }
+        },
+    };
+    if let Some(rt) = &rt {
+        eprintln!("{test}: generators on {}", rt.describe());
+    }
+    body(&rt);
+}
+
+/// One test per device for a body taking the runtime.
+macro_rules! on_every_device {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn cpu() {
+                on_dev(Dev::Cpu, stringify!($name), $body);
+            }
+            #[test]
+            fn emulated_gpu() {
+                on_dev(Dev::Emulated, stringify!($name), $body);
+            }
+            #[test]
+            fn cuda() {
+                on_dev(Dev::Cuda, stringify!($name), $body);
+            }
+        }
+    };
+}
+
+/// Checks where the hook found the nodes: with the emulator every node is in its (host) memory;
+/// on CUDA it prints how many were in device memory (all but layer 0's with full offload).
+fn report_claims(gpu: &Option<Arc<GpuRuntime>>, label: &str, claims: &[iapt_llama::Claim]) {
+    let Some(rt) = gpu else { return };
+    let on = claims.iter().filter(|c| c.on_device).count();
+    if rt.is_emulated() {
+        assert_eq!(on, claims.len(), "{label}: every node is in the emulator's memory");
+    } else {
+        eprintln!("{label}: {on} of {} claimed nodes in device memory (rows read and written in place)", claims.len());
+    }
+}
+
+fn session<'m>(gpu: &Option<Arc<GpuRuntime>>, model: &'m Model, adapters: &[&Adapter], params: &ContextParams) -> Session<'m> {
+    Session::with_adapters(model, adapters, params, &SessionOptions { generator_threads: 1, gpu: gpu.clone() }).expect("session")
+}
+
+fn run_on(
+    gpu: &Option<Arc<GpuRuntime>>,
+    model: &Model,
+    adapter: Option<&Adapter>,
+    params: &ContextParams,
+    instruction: &[i32],
+) -> (Vec<i32>, Vec<Vec<f32>>) {
+    let adapters: Vec<&Adapter> = adapter.into_iter().collect();
+    let mut s = session(gpu, model, &adapters, params);
     let opts = GenerateOptions { n_predict: STEPS, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
     let g = s.generate(instruction, &opts, &mut |_| {}).expect("generate");
+    report_claims(gpu, "run", &s.claims());
     (g.tokens, g.logits)
 }
 
@@ -156,45 +234,34 @@ fn arch_table_qwen3() {
     arch_table("qwen3");
 }
 
-fn f32_parity(arch: &str) {
+fn f32_parity(gpu: &Option<Arc<GpuRuntime>>, arch: &str) {
     for len in ["short", "long"] {
         let c = case(&format!("{arch}-{len}-iapt"));
         let (model, adapter) = load(&c);
         let adapter = adapter.unwrap();
-        let (tokens, logits) = run(&model, Some(&adapter), &exact_params(512), &c.instruction);
+        let (tokens, logits) = run_on(gpu, &model, Some(&adapter), &exact_params(512), &c.instruction);
         assert_matches(&c.name, &c, &tokens, &logits, 1e-4);
         // The same adapter through the GGUF container gives bit-identical results.
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("a.gguf");
         adapter.save(&gguf, Container::Gguf).unwrap();
         let from_gguf = Adapter::open(&gguf).unwrap();
-        let (t2, l2) = run(&model, Some(&from_gguf), &exact_params(512), &c.instruction);
+        let (t2, l2) = run_on(gpu, &model, Some(&from_gguf), &exact_params(512), &c.instruction);
         assert_eq!((t2, l2), (tokens, logits), "{}: GGUF adapter differs from safetensors", c.name);
     }
 }
 
-#[test]
-fn f32_llama_matches_reference() {
-    f32_parity("llama");
-}
+on_every_device!(f32_llama_matches_reference, |gpu| f32_parity(gpu, "llama"));
+on_every_device!(f32_qwen2_matches_reference, |gpu| f32_parity(gpu, "qwen2"));
+on_every_device!(f32_qwen3_matches_reference, |gpu| f32_parity(gpu, "qwen3"));
 
-#[test]
-fn f32_qwen2_matches_reference() {
-    f32_parity("qwen2");
-}
-
-#[test]
-fn f32_qwen3_matches_reference() {
-    f32_parity("qwen3");
-}
-
-fn multi_ubatch(arch: &str) {
+fn multi_ubatch(gpu: &Option<Arc<GpuRuntime>>, arch: &str) {
     let c = case(&format!("{arch}-long-iapt"));
     let (model, adapter) = load(&c);
     let adapter = adapter.unwrap();
-    let (t1, l1) = run(&model, Some(&adapter), &exact_params(512), &c.instruction);
+    let (t1, l1) = run_on(gpu, &model, Some(&adapter), &exact_params(512), &c.instruction);
     for n_ubatch in [8u32, 5, 31] {
-        let (t, l) = run(&model, Some(&adapter), &exact_params(n_ubatch), &c.instruction);
+        let (t, l) = run_on(gpu, &model, Some(&adapter), &exact_params(n_ubatch), &c.instruction);
         assert_matches(&format!("{} n_ubatch {n_ubatch}", c.name), &c, &t, &l, 1e-4);
         assert_eq!(t, t1);
         for (a, b) in l.iter().zip(&l1) {
@@ -204,20 +271,9 @@ fn multi_ubatch(arch: &str) {
     }
 }
 
-#[test]
-fn multi_ubatch_llama_equals_one_ubatch() {
-    multi_ubatch("llama");
-}
-
-#[test]
-fn multi_ubatch_qwen2_equals_one_ubatch() {
-    multi_ubatch("qwen2");
-}
-
-#[test]
-fn multi_ubatch_qwen3_equals_one_ubatch() {
-    multi_ubatch("qwen3");
-}
+on_every_device!(multi_ubatch_llama_equals_one_ubatch, |gpu| multi_ubatch(gpu, "llama"));
+on_every_device!(multi_ubatch_qwen2_equals_one_ubatch, |gpu| multi_ubatch(gpu, "qwen2"));
+on_every_device!(multi_ubatch_qwen3_equals_one_ubatch, |gpu| multi_ubatch(gpu, "qwen3"));
 
 /// A second adapter for the tiny llama model, with m = 2 soft tokens (the fixture's has 4).
 fn second_adapter(model: &Model) -> Adapter {
@@ -230,7 +286,7 @@ fn greedy() -> GenerateOptions {
     GenerateOptions { n_predict: STEPS, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true }
 }
 
-fn multi_sequence(n_ubatch: u32) {
+fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
     let long = case("llama-long-iapt");
     let short = case("llama-short-iapt");
     let base = case("llama-short-base");
@@ -239,12 +295,12 @@ fn multi_sequence(n_ubatch: u32) {
     let second = second_adapter(&model);
     // Alone: the second adapter on the long instruction, one sequence per decode.
     let (alone_tokens, alone_logits) = {
-        let mut s = Session::new(&model, Some(&second), &exact_params(512), 1).unwrap();
+        let mut s = session(gpu, &model, &[&second], &exact_params(512));
         let g = s.generate(&long.instruction, &greedy(), &mut |_| {}).unwrap();
         (g.tokens, g.logits)
     };
     let params = ContextParams { n_seq_max: 4, ..exact_params(n_ubatch) };
-    let mut s = Session::with_adapters(&model, &[&fixture, &second], &params, &SessionOptions::default()).unwrap();
+    let mut s = session(gpu, &model, &[&fixture, &second], &params);
     let requests = [
         Request { adapter: Some(0), instruction: &long.instruction },
         Request { adapter: None, instruction: &base.instruction },
@@ -253,6 +309,7 @@ fn multi_sequence(n_ubatch: u32) {
     ];
     let mut order = Vec::new();
     let out = s.generate_batch(&requests, &greedy(), &mut |seq, _| order.push(seq)).unwrap();
+    report_claims(gpu, "multi_sequence", &s.claims());
     let label = |what: &str| format!("n_ubatch {n_ubatch}, {what}");
     assert_matches(&label("fixture adapter, long"), &long, &out[0].tokens, &out[0].logits, 1e-4);
     assert_matches(&label("no adapter"), &base, &out[1].tokens, &out[1].logits, 1e-4);
@@ -270,16 +327,11 @@ fn multi_sequence(n_ubatch: u32) {
     assert_eq!(order.len(), 4 * STEPS);
 }
 
-#[test]
-fn multi_sequence_one_ubatch() {
-    multi_sequence(512);
-}
-
-#[test]
-fn multi_sequence_over_ubatches_of_8_and_5() {
-    multi_sequence(8);
-    multi_sequence(5);
-}
+on_every_device!(multi_sequence_one_ubatch, |gpu| multi_sequence(gpu, 512));
+on_every_device!(multi_sequence_over_ubatches_of_8_and_5, |gpu| {
+    multi_sequence(gpu, 8);
+    multi_sequence(gpu, 5);
+});
 
 #[test]
 fn multi_sequence_errors_are_clear() {
@@ -364,13 +416,14 @@ fn no_adapter_qwen3_is_plain_llama_cpp() {
     no_adapter("qwen3");
 }
 
-#[test]
-fn f16_kv_defaults_match_reference() {
+on_every_device!(f16_kv_defaults_match_reference, f16_kv);
+
+fn f16_kv(gpu: &Option<Arc<GpuRuntime>>) {
     for arch in ["llama", "qwen2", "qwen3"] {
         for name in [format!("{arch}-short-iapt"), format!("{arch}-long-iapt"), format!("{arch}-short-base")] {
             let c = case(&name);
             let (model, adapter) = load(&c);
-            let (tokens, logits) = run(&model, adapter.as_ref(), &default_params(), &c.instruction);
+            let (tokens, logits) = run_on(gpu, &model, adapter.as_ref(), &default_params(), &c.instruction);
             assert_matches(&format!("{name} (F16 KV, defaults)"), &c, &tokens, &logits, 5e-3);
         }
     }
