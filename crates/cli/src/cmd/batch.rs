@@ -151,7 +151,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model = Model::load(&args.model)?;
     let params = ContextParams { n_seq_max: args.parallel.min(requests.len()) as u32, ..args.ctx.params()? };
     let refs: Vec<&iapt_format::Adapter> = adapters.iter().collect();
-    let mut session = Session::with_adapters(&model, &refs, &params, &SessionOptions { generator_threads: args.ctx.threads() })?;
+    let mut session = Session::with_adapters(&model, &refs, &params, &SessionOptions { generator_threads: args.ctx.threads(), gpu: None })?;
     let mut tokens = Vec::with_capacity(requests.len());
     for (line, r) in &requests {
         let t = match (&r.prompt, &r.prompt_tokens) {
