@@ -21,6 +21,7 @@
 //! touching the graph. Errors cannot abort a decode from inside the callback, so they are collected
 //! and reported by [`IaptHook::finish`] after `llama_decode` returns.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,9 @@ pub struct IaptHook {
     n_embd: usize,
     adapters: Vec<HookAdapter>,
     gpu: Option<Arc<GpuRuntime>>,
+    /// Whether a decode is armed and not failed: read first by `wants`, which llama.cpp calls for
+    /// every node of every graph, so that a disarmed hook (every decode step) costs one atomic load.
+    live: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -183,6 +187,7 @@ impl IaptHook {
             n_embd,
             adapters,
             gpu,
+            live: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 armed: None,
                 errors: Vec::new(),
@@ -293,6 +298,7 @@ impl IaptHook {
         inner.claims.clear();
         inner.busy = Duration::ZERO;
         inner.armed = Some(Armed { plan, seqs, ubatch: None, next_layer: 0, failed: false });
+        self.live.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -311,6 +317,7 @@ impl IaptHook {
     pub fn finish(&self) -> Result<(), LlamaError> {
         let l = self.n_layer;
         let mut inner = self.lock();
+        self.live.store(false, Ordering::SeqCst);
         let Some(a) = inner.armed.take() else {
             return Err(LlamaError::Hook { messages: vec!["the hook was not armed".to_owned()] });
         };
@@ -357,6 +364,7 @@ impl IaptHook {
     /// Disarms without checking (after a failed decode).
     pub fn disarm(&self) {
         let mut inner = self.lock();
+        self.live.store(false, Ordering::SeqCst);
         if let Some(a) = inner.armed.take() {
             Self::recycle(&mut inner.gpu_pool, a);
         }
@@ -516,6 +524,9 @@ impl IaptHook {
 
 impl EvalCallback for IaptHook {
     fn wants(&self, node: &NodeInfo<'_>) -> bool {
+        if !self.live.load(Ordering::SeqCst) {
+            return false;
+        }
         let inner = self.lock();
         match &inner.armed {
             Some(a) if !a.failed => self.arch.layer_of(node.name(), self.n_layer).is_some(),
@@ -534,6 +545,7 @@ impl EvalCallback for IaptHook {
             if let Some(a) = inner.armed.as_mut() {
                 // Stop touching the graph: the decode's results are discarded by `finish`.
                 a.failed = true;
+                self.live.store(false, Ordering::SeqCst);
             }
         }
     }
