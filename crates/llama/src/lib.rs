@@ -11,6 +11,14 @@
 //! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
 //! `eval` (exact-match evaluation with the demo's prompt format and stop rules).
 //!
+//! Devices: by default llama.cpp is built for the CPU alone. The `cuda` cargo feature builds it with
+//! its CUDA backend (needs a CUDA toolkit: `nvcc` and the CUDA libraries). A binary linked to
+//! llama.cpp as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`) uses whatever backends the
+//! `libggml` it finds at run time was built with (`scripts/gpu/` builds one with CUDA on a GPU
+//! machine). [`devices`] lists the backend devices, [`supports_gpu_offload`] says whether layers
+//! can go to a GPU, and [`ModelParams::n_gpu_layers`] chooses how many do ([`Model::load`] puts
+//! every layer on the GPU when there is one).
+//!
 //! ```no_run
 //! use iapt_llama::gguf_probe;
 //! let summary = gguf_probe(std::path::Path::new("adapter.gguf"))?;
@@ -34,8 +42,8 @@ pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use bench::{bench, BenchConfig, BenchReport, Throughput};
 pub use error::LlamaError;
 pub use ffi::{
-    gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
-    KvType, Model, NodeData, NodeInfo, Quant, Token,
+    devices, gguf_probe, init, quantize, set_verbose, supports_gpu_offload, Batch, Context, ContextParams, Device, DeviceKind,
+    EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams, NodeData, NodeInfo, Quant, Token,
 };
 pub use hook::{Claim, IaptHook, Plan};
 pub use sample::{argmax, Sampler, Sampling};

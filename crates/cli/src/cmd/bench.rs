@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use iapt_llama::{bench, BenchConfig, Model};
+use iapt_llama::{bench, BenchConfig};
 
 use super::run::{open_adapter, CtxArgs};
 
@@ -43,7 +43,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         params.n_ctx = (args.prompt_len + args.gen) as u32;
     }
     let adapter = open_adapter(&args.adapter, &args.model)?;
-    let model = Model::load(&args.model)?;
+    let model = args.ctx.load_model(&args.model)?;
     let threads = args.ctx.threads();
     let cfg = BenchConfig { prompt_len: args.prompt_len, gen: args.gen, reps: args.reps, ctx: params, generator_threads: threads };
     eprintln!(

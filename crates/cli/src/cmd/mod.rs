@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod devices;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
