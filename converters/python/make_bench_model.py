@@ -10,12 +10,20 @@ Nothing here is committed: write to /tmp or another ignored folder, then quantiz
     iapt bench --model /tmp/iapt-bench/bench-q4_k_m.gguf --adapter /tmp/iapt-bench/bench.iapt.safetensors
 
 Random weights are fine for speed: the work per token does not depend on the values.
+
+`--shape llama2-7b` writes the shape of LLaMA-2 7B instead (n_embd 4096, 32 layers, 32 heads and 32
+KV heads, FFN 11008, vocab 32000, context 4096: 6.7B parameters, a 13.5 GB F16 file) and a random
+adapter of the matching shape (r = 256, m = 4). Its weights are windows at random offsets into one
+random pool (three pre-scaled F16 copies of 0.26 GB each), so that writing it takes seconds of computation and little memory
+rather than 6.7 billion fresh draws (scripts/gpu/device-run's `model` stage). `--n-layer`,
+`--n-embd`, `--n-head`, `--n-head-kv`, `--n-ff` and `--vocab` override a shape's sizes (a small
+smoke test: `--shape llama2-7b --n-layer 2 --n-embd 256 --n-head 4 --n-head-kv 4 --n-ff 512 --vocab 1000`).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +31,15 @@ from safetensors.numpy import save_file
 
 import gguf
 
-D, L, H, HKV, FFN, VOCAB, CTX = 2048, 22, 32, 4, 5632, 32000, 2048
+# name: (n_embd, n_layer, n_head, n_head_kv, n_ff, vocab, context, random pool or fresh draws)
+SHAPES = {
+    "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 32000, 2048, False),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000, 4096, True),
+}
+D, L, H, HKV, FFN, VOCAB, CTX = SHAPES["tinyllama-1.1b"][:7]
 R, M = 256, 4
+# Values in the random pool of a pooled shape: more than the largest tensor (vocab x n_embd).
+POOL_MIN = 1 << 24
 
 
 def vocab():
@@ -42,12 +57,29 @@ def vocab():
     return toks, scores, types
 
 
+def parse_args():
+    ap = argparse.ArgumentParser(description="Random-weight llama GGUF (F16) and a matching random IAPT adapter, for `iapt bench`.")
+    ap.add_argument("out", nargs="?", default="/tmp/iapt-bench", help="output folder (default /tmp/iapt-bench)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b", help="model shape (default tinyllama-1.1b)")
+    for flag in ("n-layer", "n-embd", "n-head", "n-head-kv", "n-ff", "vocab"):
+        ap.add_argument(f"--{flag}", type=int, metavar="N", help=f"override the shape's {flag}")
+    a = ap.parse_args()
+    d, l, h, hkv, ffn, voc, ctx, pooled = SHAPES[a.shape]
+    d, l, h = a.n_embd or d, a.n_layer or l, a.n_head or h
+    hkv, ffn, voc = a.n_head_kv or hkv, a.n_ff or ffn, a.vocab or voc
+    if min(d, l, h, hkv, ffn) < 1 or d % h or h % hkv or voc < 260:
+        ap.error("need positive sizes, n_embd divisible by n_head, n_head by n_head_kv, and vocab >= 260")
+    return Path(a.out), a.shape, (d, l, h, hkv, ffn, voc, ctx), pooled
+
+
 def main():
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/iapt-bench")
+    global D, L, H, HKV, FFN, VOCAB, CTX
+    out, shape, sizes, pooled = parse_args()
+    D, L, H, HKV, FFN, VOCAB, CTX = sizes
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(out / "bench-f16.gguf"), "llama")
-    w.add_name("iapt-bench-1.1b-random")
+    w.add_name(f"iapt-bench-{shape}-random")
     w.add_file_type(1)  # MOSTLY_F16
     w.add_context_length(CTX)
     w.add_embedding_length(D)
@@ -68,14 +100,37 @@ def main():
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    def mat(rows, cols):
-        return (rng.standard_normal((rows, cols), dtype=np.float32) / math.sqrt(cols)).astype(np.float16)
+    if pooled:
+        # One pool of standard normals (F16); every matrix is a window at a random offset, scaled
+        # by 1/sqrt(cols) in the pool's values by choosing among a few pre-scaled pools.
+        n_pool = max(POOL_MIN, VOCAB * D + 1)
+        base = rng.standard_normal(n_pool, dtype=np.float32)
+        pools = {}
+
+        def window(rows, cols, scale):
+            if scale not in pools:
+                pools[scale] = (base * scale).astype(np.float16)
+            off = int(rng.integers(0, n_pool - rows * cols + 1))
+            return pools[scale][off : off + rows * cols].reshape(rows, cols)
+
+        def mat(rows, cols):
+            return window(rows, cols, 1.0 / math.sqrt(cols))
+
+        def embd(rows, cols):
+            return window(rows, cols, 1.0)
+    else:
+
+        def mat(rows, cols):
+            return (rng.standard_normal((rows, cols), dtype=np.float32) / math.sqrt(cols)).astype(np.float16)
+
+        def embd(rows, cols):
+            return rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16)
 
     def ones(n):
         return np.ones(n, dtype=np.float32)
 
     kv = D // H * HKV
-    w.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, D), dtype=np.float32).astype(np.float16))
+    w.add_tensor("token_embd.weight", embd(VOCAB, D))
     for l in range(L):
         w.add_tensor(f"blk.{l}.attn_norm.weight", ones(D))
         w.add_tensor(f"blk.{l}.attn_q.weight", mat(D, D))
@@ -110,7 +165,9 @@ def main():
         "iapt.rational.denominator_degree": "5", "iapt.rational.groups": "1",
     }
     save_file(tensors, str(out / "bench.iapt.safetensors"), metadata=meta)
-    print(f"wrote {out}/bench-f16.gguf and {out}/bench.iapt.safetensors")
+    n_params = VOCAB * D * 2 + D + L * (2 * D + 2 * D * D + 2 * (D // H * HKV) * D + 3 * D * FFN)
+    print(f"wrote {out}/bench-f16.gguf ({shape}: n_embd {D}, {L} layers, {H}/{HKV} heads, n_ff {FFN}, vocab {VOCAB}; "
+          f"{n_params} parameters) and {out}/bench.iapt.safetensors")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// The embedded demo: held-out instructions answered by the base model without and with the committed adapter.
     Demo(cmd::demo::Args),
+    /// The backend devices llama.cpp sees (CPU, CUDA0, ...) and whether layers can go to a GPU.
+    Devices(cmd::devices::Args),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Devices(a) => cmd::devices::run(a),
     };
     match result {
         Ok(code) => code,

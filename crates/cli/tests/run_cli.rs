@@ -139,3 +139,42 @@ fn bad_inputs_exit_1_with_clear_messages() {
     assert_eq!(iapt(&["run", "--model", path(&llama), "--prompt", "hi"]).status.code(), Some(2));
     assert_eq!(iapt(&["run", "--model", path(&llama), "--no-adapter"]).status.code(), Some(2));
 }
+
+/// `iapt devices` lists the CPU (text and JSON) and says whether layers can go to a GPU; `iapt run
+/// --n-gpu-layers N --verbose` states the devices and where the layers go, and runs (on the CPU in
+/// a CPU-only build, where any N is accepted); a negative N is a usage error.
+#[test]
+fn devices_and_n_gpu_layers() {
+    let o = iapt(&["devices"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with("devices: ") && text.contains("CPU") && text.contains("GPU offload: "), "{text}");
+
+    let o = iapt(&["devices", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("devices --json is JSON");
+    let list = v["devices"].as_array().expect("a devices list");
+    assert_eq!(list.iter().filter(|d| d["type"] == "cpu").count(), 1, "{v}");
+    let gpu = v["gpu_offload"].as_bool().expect("gpu_offload is a bool");
+
+    let model = fixtures().join("llama-tiny-f32.gguf");
+    for n in ["0", "3", "4000000000"] {
+        let o = iapt(
+            &["run", "--model", path(&model), "--no-adapter", "--prompt-tokens", "1,5,9", "--n-predict", "2", "--temp", "0"]
+                .into_iter()
+                .chain(["--threads", "1", "--n-gpu-layers", n, "--verbose"])
+                .collect::<Vec<_>>(),
+        );
+        let err = stderr(&o);
+        assert!(o.status.success(), "--n-gpu-layers {n}: {err}");
+        assert!(err.lines().any(|l| l.starts_with("devices: ")), "{err}");
+        let offload = err.lines().find(|l| l.starts_with("offload: ")).unwrap_or_else(|| panic!("no offload line: {err}"));
+        if n == "0" {
+            assert!(offload.contains("none (--n-gpu-layers 0)"), "{offload}");
+        } else if !gpu {
+            assert!(offload.contains("has no effect"), "{offload}");
+        }
+    }
+    let o = iapt(&["run", "--model", path(&model), "--no-adapter", "--prompt-tokens", "1", "--n-gpu-layers", "-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -270,27 +270,157 @@ pub fn gguf_probe(path: &Path) -> Result<GgufSummary, LlamaError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Devices
+// ---------------------------------------------------------------------------------------------
+
+/// What kind of device a ggml backend device is (`enum ggml_backend_dev_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The CPU (host memory).
+    Cpu,
+    /// A discrete GPU with its own memory (CUDA, Vulkan, ...).
+    Gpu,
+    /// An integrated GPU that shares host memory.
+    IntegratedGpu,
+    /// An accelerator used together with the CPU (e.g. BLAS, AMX).
+    Accelerator,
+    /// A type this wrapper does not know (a newer llama.cpp).
+    Other,
+}
+
+impl DeviceKind {
+    /// A short lowercase name: `cpu`, `gpu`, `igpu`, `accel`, `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::IntegratedGpu => "igpu",
+            DeviceKind::Accelerator => "accel",
+            DeviceKind::Other => "other",
+        }
+    }
+}
+
+/// One ggml backend device, as the build's llama.cpp sees it (`ggml_backend_dev_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The device name, e.g. `CPU` or `CUDA0`.
+    pub name: String,
+    /// The backend's description, e.g. the GPU's product name (`NVIDIA H200`) or the CPU's.
+    pub description: String,
+    /// The device type.
+    pub kind: DeviceKind,
+    /// Free memory in bytes, as the backend reports it (host memory for the CPU).
+    pub memory_free: usize,
+    /// Total memory in bytes, as the backend reports it.
+    pub memory_total: usize,
+}
+
+impl std::fmt::Display for Device {
+    /// `NAME (DESCRIPTION)`, or `NAME` alone for the CPU and when the description adds nothing.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == DeviceKind::Cpu || self.description.is_empty() || self.description == self.name {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{} ({})", self.name, self.description)
+        }
+    }
+}
+
+/// Every backend device compiled into (or loaded by) this build of llama.cpp, in ggml's order:
+/// the CPU alone in a CPU-only build; `CUDA0` and so on before it with a CUDA backend.
+pub fn devices() -> Vec<Device> {
+    init();
+    // SAFETY: no arguments; ggml's backend registry is a process-wide static, built on first use
+    // and never torn down while the process runs.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: `i < ggml_backend_dev_count()`, the range `ggml_backend_dev_get` accepts.
+        let dev = unsafe { sys::ggml_backend_dev_get(i) };
+        if dev.is_null() {
+            continue;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: `dev` is a non-null device handle owned by the registry (valid for the whole
+        // process); name and description are NUL-terminated strings owned by the device, copied at
+        // once by `c_string`; `free` and `total` are valid for writes of one `usize` each.
+        let (name, description, ty) = unsafe {
+            sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+            (c_string(sys::ggml_backend_dev_name(dev)), c_string(sys::ggml_backend_dev_description(dev)), sys::ggml_backend_dev_type(dev))
+        };
+        let kind = match ty {
+            sys::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+            sys::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+            sys::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+            sys::GGML_BACKEND_DEVICE_TYPE_ACCEL => DeviceKind::Accelerator,
+            _ => DeviceKind::Other,
+        };
+        out.push(Device { name, description, kind, memory_free: free, memory_total: total });
+    }
+    out
+}
+
+/// Whether this build of llama.cpp can offload layers to a GPU (`llama_supports_gpu_offload`):
+/// true when a GPU backend (CUDA, ...) is compiled in and found a device.
+pub fn supports_gpu_offload() -> bool {
+    init();
+    // SAFETY: no arguments and no preconditions; it only reads ggml's backend registry (a
+    // process-wide static).
+    unsafe { sys::llama_supports_gpu_offload() }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model
 // ---------------------------------------------------------------------------------------------
 
-/// A loaded base model (weights and vocabulary), CPU only in this build.
+/// How [`Model::load_with`] places a model on the devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelParams {
+    /// Layers to keep on the GPU. `None` (the default): all of them when llama.cpp reports GPU
+    /// offload support ([`supports_gpu_offload`]), else 0. A count larger than the model's layers
+    /// means all; without a GPU backend any count is harmless: llama.cpp runs on the CPU.
+    pub n_gpu_layers: Option<u32>,
+}
+
+impl ModelParams {
+    /// The value passed to llama.cpp's `llama_model_params.n_gpu_layers` (negative = all layers).
+    pub fn llama_n_gpu_layers(&self) -> i32 {
+        match self.n_gpu_layers {
+            Some(n) => i32::try_from(n).unwrap_or(i32::MAX),
+            None if supports_gpu_offload() => -1,
+            None => 0,
+        }
+    }
+}
+
+/// A loaded base model (weights and vocabulary), on the CPU or partly or fully on a GPU (see
+/// [`ModelParams`]).
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     vocab: NonNull<sys::llama_vocab>,
 }
 
 impl Model {
-    /// Loads a GGUF model file. Fails with [`LlamaError::ModelLoad`] carrying llama.cpp's reason.
+    /// Loads a GGUF model file with the default [`ModelParams`] (every layer on the GPU when there
+    /// is one). Fails with [`LlamaError::ModelLoad`] carrying llama.cpp's reason.
     pub fn load(path: &Path) -> Result<Model, LlamaError> {
+        Model::load_with(path, &ModelParams::default())
+    }
+
+    /// Loads a GGUF model file with `mp`. Fails with [`LlamaError::ModelLoad`] carrying llama.cpp's
+    /// reason (for example, not enough GPU memory for the layers asked for).
+    pub fn load_with(path: &Path, mp: &ModelParams) -> Result<Model, LlamaError> {
         init();
         if !path.is_file() {
             return Err(LlamaError::ModelLoad { path: path.to_owned(), detail: "no such file".to_owned() });
         }
         let cpath = path_cstring(path)?;
+        let n_gpu_layers = mp.llama_n_gpu_layers();
         clear_log_errors();
         // SAFETY: `llama_model_default_params` has no preconditions and returns a plain struct.
         let mut params = unsafe { sys::llama_model_default_params() };
-        params.n_gpu_layers = 0;
+        params.n_gpu_layers = n_gpu_layers;
         // SAFETY: `cpath` is NUL-terminated and alive across the call; `params` is a fully
         // initialised struct from llama.cpp's own defaults with no callbacks or pointers set by us.
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };

@@ -14,6 +14,14 @@
 //! `gpu-emulation` feature the same kernels on CPU threads: [`GpuRuntime`]), `gpu_bench` (its
 //! micro-benchmark, [`gpu_generator_bench`]).
 //!
+//! Devices: by default llama.cpp is built for the CPU alone. The `cuda` cargo feature builds it with
+//! its CUDA backend (needs a CUDA toolkit: `nvcc` and the CUDA libraries). A binary linked to
+//! llama.cpp as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`) uses whatever backends the
+//! `libggml` it finds at run time was built with (`scripts/gpu/` builds one with CUDA on a GPU
+//! machine). [`devices`] lists the backend devices, [`supports_gpu_offload`] says whether layers
+//! can go to a GPU, and [`ModelParams::n_gpu_layers`] chooses how many do ([`Model::load`] puts
+//! every layer on the GPU when there is one).
+//!
 //! ```no_run
 //! use iapt_llama::gguf_probe;
 //! let summary = gguf_probe(std::path::Path::new("adapter.gguf"))?;
@@ -41,8 +49,8 @@ pub use ffi::gpu::{
     compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
 };
 pub use ffi::{
-    gguf_probe, init, quantize, set_verbose, Batch, Context, ContextParams, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue,
-    KvType, Model, NodeData, NodeInfo, Quant, Token,
+    devices, gguf_probe, init, quantize, set_verbose, supports_gpu_offload, Batch, Context, ContextParams, Device, DeviceKind,
+    EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams, NodeData, NodeInfo, Quant, Token,
 };
 pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};

@@ -37,8 +37,15 @@ use iapt_llama::{
 
 const STEPS: usize = 16;
 
+/// The crate's folder: `CARGO_MANIFEST_DIR` at run time when set (cargo test sets it; so does
+/// scripts/gpu/device-run for test binaries run from a copy of the repository on another
+/// machine), else the folder this test was compiled from.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../converters/python/fixtures/models")
+    manifest_dir().join("../../converters/python/fixtures/models")
 }
 
 struct Case {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use iapt_llama::{bench, BenchConfig, Model};
+use iapt_llama::{bench, BenchConfig};
 
 use super::run::{open_adapter, CtxArgs};
 
@@ -27,6 +27,9 @@ pub struct Args {
     /// Measured repetitions per variant (after one warm-up); best and median runs are reported.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub reps: usize,
+    /// Also write the results as one JSON object (settings, devices, best and median runs).
+    #[arg(long, value_name = "OUT.json")]
+    pub json: Option<PathBuf>,
     /// Context settings.
     #[command(flatten)]
     pub ctx: CtxArgs,
@@ -43,7 +46,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         params.n_ctx = (args.prompt_len + args.gen) as u32;
     }
     let adapter = open_adapter(&args.adapter, &args.model)?;
-    let model = Model::load(&args.model)?;
+    let model = args.ctx.load_model(&args.model)?;
     let threads = args.ctx.threads();
     let cfg = BenchConfig { prompt_len: args.prompt_len, gen: args.gen, reps: args.reps, ctx: params, generator_threads: threads };
     eprintln!(
@@ -59,6 +62,33 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         args.gen
     );
     let r = bench(&model, &adapter, &cfg, &mut |line| eprintln!("{line}"))?;
+    if let Some(path) = &args.json {
+        let tp = |t: iapt_llama::Throughput| serde_json::json!({ "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps });
+        let v = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "adapter": args.adapter.display().to_string(),
+            "n_params": model.n_params(),
+            "n_layer": model.n_layer(),
+            "n_embd": model.n_embd(),
+            "n_soft_tokens": adapter.config().n_soft_tokens,
+            "bottleneck": adapter.config().bottleneck,
+            "prompt_len": args.prompt_len,
+            "gen": args.gen,
+            "reps": args.reps,
+            "threads": threads,
+            "n_gpu_layers": args.ctx.model_params().llama_n_gpu_layers(),
+            "devices": super::devices::devices_line(),
+            "base": tp(r.base),
+            "iapt": tp(r.iapt),
+            "base_median": tp(r.base_median),
+            "iapt_median": tp(r.iapt_median),
+            "prefill_ratio": r.prefill_ratio(),
+            "decode_ratio": r.decode_ratio(),
+            "hook_secs": r.hook_secs,
+            "base_prefill_secs": r.base_prefill_secs,
+        });
+        iapt_format::write_atomically(path, |w| serde_json::to_writer_pretty(w, &v).map_err(std::io::Error::other))?;
+    }
     println!("| variant | prefill tok/s (best) | decode tok/s (best) | prefill tok/s (median) | decode tok/s (median) |");
     println!("|---|---|---|---|---|");
     let (b, i, bm, im) = (r.base, r.iapt, r.base_median, r.iapt_median);

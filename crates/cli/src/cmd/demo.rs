@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use iapt_llama::eval::{answer, exact_match, example_prompt};
-use iapt_llama::{Model, Session};
+use iapt_llama::Session;
 
 use super::eval::{load_examples, load_prompt_format, DEFAULT_MAX_NEW_TOKENS};
 use super::run::{open_adapter, CtxArgs};
@@ -94,7 +94,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let params = args.ctx.params()?;
     let adapter = open_adapter(&adapter_path, &model_path)?;
-    let model = Model::load(&model_path)?;
+    let model = args.ctx.load_model(&model_path)?;
     let threads = args.ctx.threads();
     let mut base = Session::new(&model, None, &params, threads)?;
     let mut tuned = Session::new(&model, Some(&adapter), &params, threads)?;

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use iapt_llama::eval::{evaluate, Example, PromptFormat, Score};
-use iapt_llama::{Model, Session, Token};
+use iapt_llama::{Session, Token};
 
 use super::run::{open_adapter, CtxArgs};
 use super::{exit, EXIT_USAGE};
@@ -170,7 +170,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let params = args.ctx.params()?;
     let adapter = open_adapter(&args.adapter, &args.model)?;
-    let model = Model::load(&args.model)?;
+    let model = args.ctx.load_model(&args.model)?;
     let threads = args.ctx.threads();
     let show_errors = args.show_errors;
     let show = |label: &'static str| {

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_gpu;
 pub mod convert;
 pub mod demo;
+pub mod devices;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

@@ -8,12 +8,12 @@
 //! of every generated step as float32 NumPy `[steps, n_vocab]`. Statistics go to stderr.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use iapt_format::{Adapter, BaseModelInfo};
-use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, Sampling, Session};
+use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, ModelParams, Sampling, Session};
 
 /// KV cache element type.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -35,7 +35,8 @@ pub enum FlashArg {
     Off,
 }
 
-/// Arguments shared by `iapt run` and `iapt bench`: the context settings.
+/// Arguments shared by every command that runs a base model (`run`, `bench`, `eval`, `demo`): the
+/// context settings and where the model's layers go.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CtxArgs {
     /// Context size in tokens (instruction, soft tokens and response).
@@ -53,7 +54,11 @@ pub struct CtxArgs {
     /// Flash attention.
     #[arg(long, value_enum, default_value = "auto")]
     pub flash_attn: FlashArg,
-    /// Show llama.cpp's log on stderr.
+    /// Layers of the base model to keep on the GPU [default: all when llama.cpp has a GPU backend,
+    /// else 0]. Without a GPU backend any value is accepted and everything runs on the CPU.
+    #[arg(long, value_name = "N")]
+    pub n_gpu_layers: Option<u32>,
+    /// Show the backend devices, the offload decision and llama.cpp's log on stderr.
     #[arg(long)]
     pub verbose: bool,
 }
@@ -62,6 +67,22 @@ impl CtxArgs {
     /// The thread count to use.
     pub fn threads(&self) -> usize {
         self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+    }
+
+    /// The model parameters (`--n-gpu-layers`).
+    pub fn model_params(&self) -> ModelParams {
+        ModelParams { n_gpu_layers: self.n_gpu_layers }
+    }
+
+    /// Loads the base model with [`CtxArgs::model_params`]; with `--verbose`, first says which
+    /// devices llama.cpp has and where the layers go.
+    pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        let mp = self.model_params();
+        if self.verbose {
+            eprintln!("{}", super::devices::devices_line());
+            eprintln!("{}", offload_line(&mp, iapt_llama::supports_gpu_offload()));
+        }
+        Ok(Model::load_with(path, &mp)?)
     }
 
     /// The context parameters.
@@ -85,6 +106,19 @@ impl CtxArgs {
             },
             n_seq_max: 1,
         })
+    }
+}
+
+/// Where the layers go, in words (printed by `--verbose`).
+pub fn offload_line(mp: &ModelParams, gpu: bool) -> String {
+    match (mp.n_gpu_layers, gpu) {
+        (None, true) => "offload: every layer to the GPU (default; --n-gpu-layers N to keep fewer there)".to_owned(),
+        (None, false) => "offload: none, this llama.cpp has no GPU backend; running on the CPU".to_owned(),
+        (Some(0), _) => "offload: none (--n-gpu-layers 0); running on the CPU".to_owned(),
+        (Some(n), true) => format!("offload: {n} layers to the GPU (--n-gpu-layers {n}; more than the model has means all)"),
+        (Some(n), false) => {
+            format!("offload: none, this llama.cpp has no GPU backend, so --n-gpu-layers {n} has no effect; running on the CPU")
+        }
     }
 }
 
@@ -151,7 +185,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Some(p) => Some(open_adapter(p, &args.model)?),
         None => None,
     };
-    let model = Model::load(&args.model)?;
+    let model = args.ctx.load_model(&args.model)?;
     let tokens = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
