@@ -178,3 +178,51 @@ fn devices_and_n_gpu_layers() {
     let o = iapt(&["run", "--model", path(&model), "--no-adapter", "--prompt-tokens", "1", "--n-gpu-layers", "-1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+#[test]
+fn generator_device_cuda_without_a_usable_device_fails_clearly() {
+    if iapt_llama_cuda_usable() {
+        eprintln!("skipped: a CUDA device is usable here; this test checks the message where none is");
+        return;
+    }
+    let c = manifest_case("llama-short-iapt");
+    let ids: Vec<String> = c["instruction"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let model = fixtures().join("llama-tiny-f32.gguf");
+    let adapter = fixtures().join("llama-tiny.iapt.safetensors");
+    let o = iapt(&[
+        "run",
+        "--model",
+        path(&model),
+        "--adapter",
+        path(&adapter),
+        "--prompt-tokens",
+        &ids.join(","),
+        "--n-predict",
+        "2",
+        "--generator-device",
+        "cuda",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--generator-device cuda") && stderr(&o).contains("CUDA"), "{}", stderr(&o));
+    // `auto` on a CPU-only llama.cpp runs the generators on the CPU.
+    assert!(!iapt_llama::supports_gpu_offload());
+    let o = iapt(&[
+        "run",
+        "--model",
+        path(&model),
+        "--adapter",
+        path(&adapter),
+        "--prompt-tokens",
+        &ids.join(","),
+        "--n-predict",
+        "2",
+        "--verbose",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("generator: CPU"), "{}", stderr(&o));
+}
+
+/// Whether a CUDA device is usable here (then the failure above cannot be provoked).
+fn iapt_llama_cuda_usable() -> bool {
+    iapt_llama::GpuRuntime::cuda_unavailable_reason().is_none()
+}

@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub ctx: ContextParams,
     /// Generator threads.
     pub generator_threads: usize,
+    /// Run the generator on this GPU runtime (`None`: on the CPU).
+    pub gpu: Option<std::sync::Arc<crate::GpuRuntime>>,
 }
 
 /// Throughput of one variant.
@@ -101,7 +103,8 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         })
         .collect();
     let mut base = Session::new(model, None, &cfg.ctx, 1)?;
-    let mut iapt = Session::new(model, Some(adapter), &cfg.ctx, cfg.generator_threads)?;
+    let opts = crate::SessionOptions { generator_threads: cfg.generator_threads, gpu: cfg.gpu.clone() };
+    let mut iapt = Session::with_adapters(model, &[adapter], &cfg.ctx, &opts)?;
     let m = iapt.n_soft_tokens();
     if cfg.prompt_len <= m {
         return Err(LlamaError::EmptyPrompt);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use iapt_llama::{ContextParams, GenerateOptions, Model, Request, Sampling, Session, SessionOptions, Token};
+use iapt_llama::{ContextParams, GenerateOptions, Request, Sampling, Session, Token};
 use serde::Deserialize;
 
 use super::run::{open_adapter, CtxArgs};
@@ -148,10 +148,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let model = Model::load(&args.model)?;
+    let model = args.ctx.load_model(&args.model)?;
     let params = ContextParams { n_seq_max: args.parallel.min(requests.len()) as u32, ..args.ctx.params()? };
     let refs: Vec<&iapt_format::Adapter> = adapters.iter().collect();
-    let mut session = Session::with_adapters(&model, &refs, &params, &SessionOptions { generator_threads: args.ctx.threads(), gpu: None })?;
+    let mut session = Session::with_adapters(&model, &refs, &params, &args.ctx.session_options()?)?;
     let mut tokens = Vec::with_capacity(requests.len());
     for (line, r) in &requests {
         let t = match (&r.prompt, &r.prompt_tokens) {

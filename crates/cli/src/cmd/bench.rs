@@ -48,7 +48,14 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let adapter = open_adapter(&args.adapter, &args.model)?;
     let model = args.ctx.load_model(&args.model)?;
     let threads = args.ctx.threads();
-    let cfg = BenchConfig { prompt_len: args.prompt_len, gen: args.gen, reps: args.reps, ctx: params, generator_threads: threads };
+    let cfg = BenchConfig {
+        prompt_len: args.prompt_len,
+        gen: args.gen,
+        reps: args.reps,
+        ctx: params,
+        generator_threads: threads,
+        gpu: args.ctx.session_options()?.gpu,
+    };
     eprintln!(
         "model {} ({} parameters, {} layers, n_embd {}), adapter m = {}, r = {}; {} threads, prompt {} tokens, {} decode steps",
         args.model.display(),

@@ -97,7 +97,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model = args.ctx.load_model(&model_path)?;
     let threads = args.ctx.threads();
     let mut base = Session::new(&model, None, &params, threads)?;
-    let mut tuned = Session::new(&model, Some(&adapter), &params, threads)?;
+    let mut tuned = Session::with_adapters(&model, &[&adapter], &params, &args.ctx.session_options()?)?;
 
     println!("IAPT demo: {} + adapter {}", model_path.display(), adapter_path.display());
     println!(

@@ -183,7 +183,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let (mut with_texts, mut base_texts) = (Vec::new(), Vec::new());
     let t0 = std::time::Instant::now();
     let with = {
-        let mut s = Session::new(&model, Some(&adapter), &params, threads)?;
+        let mut s = Session::with_adapters(&model, &[&adapter], &params, &args.ctx.session_options()?)?;
         let report = show("adapter");
         evaluate(&mut s, &model, &fmt, &examples, &mut |i, ex, a, ok| {
             report(i, ex, a, ok);

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use iapt_format::{Adapter, BaseModelInfo};
-use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, ModelParams, Sampling, Session};
+use iapt_llama::{ContextParams, GenerateOptions, GpuRuntime, KvType, Model, ModelParams, Sampling, Session, SessionOptions};
 
 /// KV cache element type.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -22,6 +22,17 @@ pub enum KvArg {
     F16,
     /// 32-bit floats.
     F32,
+}
+
+/// Where the IAPT generators run.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum GeneratorDeviceArg {
+    /// The CUDA device when the model is offloaded to a GPU, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device 0 (fails if no CUDA driver or device is usable).
+    Cuda,
 }
 
 /// Flash attention.
@@ -58,6 +69,10 @@ pub struct CtxArgs {
     /// else 0]. Without a GPU backend any value is accepted and everything runs on the CPU.
     #[arg(long, value_name = "N")]
     pub n_gpu_layers: Option<u32>,
+    /// Where the IAPT generators run: `auto` is the CUDA device when the model's layers are
+    /// offloaded to a GPU and a CUDA driver is usable (else the CPU); `cuda` fails if it is not usable.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub generator_device: GeneratorDeviceArg,
     /// Show the backend devices, the offload decision and llama.cpp's log on stderr.
     #[arg(long)]
     pub verbose: bool,
@@ -83,6 +98,30 @@ impl CtxArgs {
             eprintln!("{}", offload_line(&mp, iapt_llama::supports_gpu_offload()));
         }
         Ok(Model::load_with(path, &mp)?)
+    }
+
+    /// The session options: generator threads and, per `--generator-device`, the GPU runtime.
+    pub fn session_options(&self) -> anyhow::Result<SessionOptions> {
+        let offloaded = iapt_llama::supports_gpu_offload() && self.n_gpu_layers != Some(0);
+        let gpu = match self.generator_device {
+            GeneratorDeviceArg::Cpu => None,
+            GeneratorDeviceArg::Cuda => Some(GpuRuntime::cuda(0).context("--generator-device cuda")?),
+            GeneratorDeviceArg::Auto if offloaded => match GpuRuntime::cuda(0) {
+                Ok(rt) => Some(rt),
+                Err(e) => {
+                    eprintln!("warning: the model is offloaded but the IAPT generators run on the CPU: {e}");
+                    None
+                }
+            },
+            GeneratorDeviceArg::Auto => None,
+        };
+        if self.verbose {
+            match &gpu {
+                Some(rt) => eprintln!("generator: {}", rt.describe()),
+                None => eprintln!("generator: CPU, {} threads", self.threads()),
+            }
+        }
+        Ok(SessionOptions { generator_threads: self.threads(), gpu })
     }
 
     /// The context parameters.
@@ -194,7 +233,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         (None, None) => bail!("give --prompt or --prompt-tokens"),
     };
-    let mut session = Session::new(&model, adapter.as_ref(), &params, args.ctx.threads())?;
+    let adapters: Vec<&Adapter> = adapter.iter().collect();
+    let mut session = Session::with_adapters(&model, &adapters, &params, &args.ctx.session_options()?)?;
     let opts = GenerateOptions {
         n_predict: args.n_predict,
         sampling: Sampling::from_temp(args.temp, args.seed),
