@@ -45,7 +45,15 @@ fn model_params_map_to_llama_cpp_values() {
 }
 
 fn greedy(model: &Model, adapter: Option<&Adapter>) -> (Vec<i32>, Vec<Vec<f32>>) {
-    let params = ContextParams { n_ctx: 128, n_batch: 128, n_ubatch: 128, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32 };
+    let params = ContextParams {
+        n_ctx: 128,
+        n_batch: 128,
+        n_ubatch: 128,
+        n_threads: 1,
+        flash_attn: Some(false),
+        kv_type: KvType::F32,
+        ..ContextParams::default()
+    };
     let mut s = Session::new(model, adapter, &params, 1).expect("session");
     let opts = GenerateOptions { n_predict: 6, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
     let g = s.generate(&[1, 309, 201, 71, 203, 17, 42], &opts, &mut |_| {}).expect("generate");
