@@ -8,7 +8,7 @@
 //!
 //! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
 //! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
-//! generation), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
+//! generation, several sequences per decode, each with its own resident adapter), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
 //! `eval` (exact-match evaluation with the demo's prompt format and stop rules), `ffi::gpu` (the
 //! generator on CUDA through `cudarc`, kernels compiled by NVRTC at run time, and with the
 //! `gpu-emulation` feature the same kernels on CPU threads: [`GpuRuntime`]), `gpu_bench` (its
