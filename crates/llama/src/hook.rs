@@ -322,13 +322,6 @@ impl IaptHook {
             return Err(LlamaError::Hook { messages: vec!["the hook was not armed".to_owned()] });
         };
         let mut errors = std::mem::take(&mut inner.errors);
-        let a = {
-            let summary = Armed { plan: a.plan.clone(), seqs: Vec::new(), ubatch: a.ubatch, next_layer: a.next_layer, failed: a.failed };
-            let written: Vec<(Vec<usize>, usize)> = a.seqs.iter().map(|s| (s.written.clone(), s.m)).collect();
-            Self::recycle(&mut inner.gpu_pool, a);
-            (summary, written)
-        };
-        let (a, written) = a;
         if !a.failed {
             match a.ubatch {
                 None => errors.push(format!(
@@ -348,12 +341,13 @@ impl IaptHook {
                     }
                 }
             }
-            for (i, (w, m)) in written.iter().enumerate() {
-                if let Some(layer) = w.iter().position(|x| x != m) {
-                    errors.push(format!("sequence {i}, layer {layer}: {} of {m} soft rows written", w[layer]));
+            for (i, s) in a.seqs.iter().enumerate() {
+                if let Some(layer) = s.written.iter().position(|&w| w != s.m) {
+                    errors.push(format!("sequence {i}, layer {layer}: {} of {} soft rows written", s.written[layer], s.m));
                 }
             }
         }
+        Self::recycle(&mut inner.gpu_pool, a);
         if errors.is_empty() {
             Ok(())
         } else {

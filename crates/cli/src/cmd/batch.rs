@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _};
 use iapt_llama::{ContextParams, GenerateOptions, Request, Sampling, Session, Token};
 use serde::Deserialize;
 
-use super::run::{open_adapter, CtxArgs};
+use super::run::{open_adapter, prompt_tokens, CtxArgs};
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
 
 /// Arguments of `iapt batch`.
@@ -156,10 +156,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for (line, r) in &requests {
         let t = match (&r.prompt, &r.prompt_tokens) {
             (_, Some(ids)) => ids.clone(),
-            (Some(text), None) => {
-                let text = if args.chat { model.apply_chat_template(text)? } else { text.clone() };
-                model.tokenize(&text, true, args.chat)?
-            }
+            (Some(text), None) => prompt_tokens(&model, text, args.chat)?,
             (None, None) => unreachable!("checked when reading"),
         };
         if t.is_empty() {

@@ -213,6 +213,13 @@ pub fn open_adapter(adapter: &std::path::Path, model: &std::path::Path) -> anyho
     Ok(a)
 }
 
+/// Tokenizes a text prompt with the model's tokenizer (BOS as the model says); with `chat`, wrapped
+/// in the model's chat template first, its special tokens parsed.
+pub fn prompt_tokens(model: &Model, text: &str, chat: bool) -> anyhow::Result<Vec<iapt_llama::Token>> {
+    let text = if chat { model.apply_chat_template(text)? } else { text.to_owned() };
+    Ok(model.tokenize(&text, true, chat)?)
+}
+
 /// Runs `iapt run`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
@@ -227,10 +234,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model = args.ctx.load_model(&args.model)?;
     let tokens = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => ids.clone(),
-        (Some(text), None) => {
-            let text = if args.chat { model.apply_chat_template(text)? } else { text.clone() };
-            model.tokenize(&text, true, args.chat)?
-        }
+        (Some(text), None) => prompt_tokens(&model, text, args.chat)?,
         (None, None) => bail!("give --prompt or --prompt-tokens"),
     };
     let adapters: Vec<&Adapter> = adapter.iter().collect();
