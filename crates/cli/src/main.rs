@@ -48,6 +48,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// The backend devices llama.cpp sees (CPU, CUDA0, ...) and whether layers can go to a GPU.
     Devices(cmd::devices::Args),
+    /// Serve this machine's devices to `--rpc` clients (llama.cpp's RPC backend); loopback only unless told otherwise.
+    RpcServer(cmd::rpc_server::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Devices(a) => cmd::devices::run(a),
+        Command::RpcServer(a) => cmd::rpc_server::run(a),
     };
     match result {
         Ok(code) => code,

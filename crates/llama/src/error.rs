@@ -122,6 +122,28 @@ pub enum LlamaError {
         /// The vocabulary size.
         n_vocab: usize,
     },
+    /// An RPC worker address is malformed.
+    #[error("RPC worker {endpoint:?}: {why}")]
+    RpcEndpoint {
+        /// The address as given.
+        endpoint: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An RPC worker cannot be reached (or reports no device).
+    #[error("cannot reach the RPC worker at {endpoint}: is `iapt rpc-server` running there, and is the port right?")]
+    RpcUnreachable {
+        /// The address.
+        endpoint: String,
+    },
+    /// An RPC worker could not start serving.
+    #[error("the RPC worker at {endpoint} could not serve: {why}")]
+    RpcServe {
+        /// The address it was to listen on.
+        endpoint: String,
+        /// Why.
+        why: String,
+    },
     /// The injection hook reported errors during a decode (the results were discarded).
     #[error("IAPT injection failed: {}", join(errors))]
     Hook {

@@ -93,6 +93,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "decode_ratio": r.decode_ratio(),
             "hook_secs": r.hook_secs,
             "base_prefill_secs": r.base_prefill_secs,
+            "hook_remote_copies": r.hook_remote_copies,
+            "rpc": args.ctx.rpc,
         });
         iapt_format::write_atomically(path, |w| serde_json::to_writer_pretty(w, &v).map_err(std::io::Error::other))?;
     }
@@ -114,5 +116,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         100.0 * r.hook_secs / r.base_prefill_secs,
         r.base_prefill_secs * 1e3
     );
+    if r.hook_remote_copies > 0 {
+        println!("hook row copies outside host memory per IAPT prefill: {} (one round trip each)", r.hook_remote_copies);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod inspect;
 pub mod pack;
 pub mod quantize;
+pub mod rpc_server;
 pub mod run;
 pub mod validate;
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use iapt_format::{Adapter, BaseModelInfo};
-use iapt_llama::{ContextParams, GenerateOptions, GpuRuntime, KvType, Model, ModelParams, Sampling, Session, SessionOptions};
+use iapt_llama::{ContextParams, GenerateOptions, GpuRuntime, KvType, Model, ModelParams, RpcEndpoint, Sampling, Session, SessionOptions};
 
 /// KV cache element type.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -73,6 +73,11 @@ pub struct CtxArgs {
     /// offloaded to a GPU and a CUDA driver is usable (else the CPU); `cuda` fails if it is not usable.
     #[arg(long, value_enum, default_value = "auto")]
     pub generator_device: GeneratorDeviceArg,
+    /// Spread the base model's layers over RPC workers (`iapt rpc-server` on each), as
+    /// HOST:PORT[,HOST:PORT...]; the IAPT generators run in this process. A worker that stops
+    /// mid-run ends this command with exit code 1 and a message.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
     /// Show the backend devices, the offload decision and llama.cpp's log on stderr.
     #[arg(long)]
     pub verbose: bool,
@@ -92,17 +97,36 @@ impl CtxArgs {
     /// Loads the base model with [`CtxArgs::model_params`]; with `--verbose`, first says which
     /// devices llama.cpp has and where the layers go.
     pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        self.add_rpc_workers()?;
         let mp = self.model_params();
         if self.verbose {
             eprintln!("{}", super::devices::devices_line());
-            eprintln!("{}", offload_line(&mp, iapt_llama::supports_gpu_offload()));
+            let line = offload_line(&mp, iapt_llama::supports_gpu_offload());
+            // With --rpc the offload devices are the workers (and any local GPU).
+            eprintln!("{}", if self.rpc.is_some() { line.replace("to the GPU", "to the GPU and RPC workers") } else { line });
         }
         Ok(Model::load_with(path, &mp)?)
     }
 
+    /// With `--rpc`: connects to the workers and adds their devices (every layer then goes to them
+    /// unless `--n-gpu-layers` says otherwise); a worker that dies later ends the process with
+    /// exit code 1 and a message instead of llama.cpp's abort.
+    fn add_rpc_workers(&self) -> anyhow::Result<()> {
+        let Some(list) = &self.rpc else { return Ok(()) };
+        let endpoints = RpcEndpoint::parse_list(list).context("--rpc")?;
+        iapt_llama::install_abort_exit();
+        iapt_llama::add_rpc_workers(&endpoints).context("--rpc")?;
+        if self.verbose {
+            let names: Vec<&str> = endpoints.iter().map(RpcEndpoint::as_str).collect();
+            eprintln!("rpc: layers go to the workers at {}; the IAPT generators run here", names.join(", "));
+        }
+        Ok(())
+    }
+
     /// The session options: generator threads and, per `--generator-device`, the GPU runtime.
     pub fn session_options(&self) -> anyhow::Result<SessionOptions> {
-        let offloaded = iapt_llama::supports_gpu_offload() && self.n_gpu_layers != Some(0);
+        // Layers on RPC workers are not on a local GPU: `auto` keeps the generators on the CPU.
+        let offloaded = iapt_llama::supports_gpu_offload() && self.n_gpu_layers != Some(0) && self.rpc.is_none();
         let gpu = match self.generator_device {
             GeneratorDeviceArg::Cpu => None,
             GeneratorDeviceArg::Cuda => Some(GpuRuntime::cuda(0).context("--generator-device cuda")?),
