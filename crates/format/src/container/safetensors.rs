@@ -8,6 +8,8 @@
 //! writer emits a canonical file: metadata keys sorted, tensors in the order given, header padded
 //! with spaces to a multiple of 8 bytes as the reference writer does.
 
+use std::collections::HashSet;
+
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -140,6 +142,8 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
     let buffer_start = 8 + n;
     let buffer_len = rest - n;
     let mut metadata = Vec::new();
+    let mut metadata_keys: HashSet<String> = HashSet::new();
+    let mut tensor_names: HashSet<String> = HashSet::with_capacity(entries.len());
     let mut seen_metadata = false;
     let mut tensors: Vec<RawTensor> = Vec::new();
     let mut extents: Vec<(u64, u64, String)> = Vec::new();
@@ -160,7 +164,7 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
                         format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"),
                     );
                 };
-                if metadata.iter().any(|(mk, _): &(String, MetaValue)| *mk == k) {
+                if !metadata_keys.insert(k.clone()) {
                     report.push(Finding::about(Code::DuplicateKey, k, "metadata key appears more than once; keep one (the first is used)"));
                     continue;
                 }
@@ -174,7 +178,7 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
                 format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"),
             );
         };
-        if tensors.iter().any(|t| t.name == name) {
+        if !tensor_names.insert(name.clone()) {
             report.push(Finding::about(Code::DuplicateTensor, name, "tensor name appears more than once; each tensor must be stored once"));
             continue;
         }
