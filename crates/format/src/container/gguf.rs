@@ -165,7 +165,8 @@ pub(crate) fn parse_base(head: &[u8], file_len: u64, report: &mut Report) -> Res
     let parsed = (|| {
         let mut c = Cursor { bytes: head, file_len, pos: 0 };
         let h = read_header(&mut c, report, MAX_BASE_MODEL_TENSORS)?;
-        let data_end = h.infos.iter().map(|i| i.data_end(h.data_start)).max().unwrap_or(h.data_start);
+        // Without tensors nothing follows the header, not even the alignment padding.
+        let data_end = h.infos.iter().map(|i| i.data_end(h.data_start)).max().unwrap_or(c.pos as u64);
         Ok(BaseHeader { metadata: h.metadata, data_end })
     })();
     settle(parsed, report)

@@ -197,13 +197,15 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
         let nbytes = shape.iter().try_fold(esize, |acc, &d| acc.checked_mul(d));
         match nbytes {
             None => report.push(Finding::about(Code::BadOffsets, name.clone(), "shape x dtype size overflows 64 bits")),
-            Some(nb) if end < begin || end - begin != nb => report.push(Finding::about(
+            Some(_) if end < begin => report.push(Finding::about(
                 Code::BadOffsets,
                 name.clone(),
-                format!(
-                    "data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}",
-                    end.wrapping_sub(begin)
-                ),
+                format!("data_offsets [{begin}, {end}] end before they begin; the end must be at least the start"),
+            )),
+            Some(nb) if end - begin != nb => report.push(Finding::about(
+                Code::BadOffsets,
+                name.clone(),
+                format!("data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}", end - begin),
             )),
             Some(nb) => {
                 extents.push((begin, end, name.clone()));
