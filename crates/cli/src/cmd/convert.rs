@@ -65,9 +65,9 @@ fn check_inputs(args: &Args) -> Result<Vec<files::Input>, crate::fail::Fail> {
 
 /// Runs `iapt convert`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let container = super::output_container(&args.output)?;
     let inputs = check_inputs(args)?;
     files::output("-o", &args.output, &["safetensors", "gguf"], &inputs)?;
+    let container = super::output_container(&args.output)?;
     let profile = match Profile::load(&args.profile) {
         Ok(p) => p,
         Err(e) => {

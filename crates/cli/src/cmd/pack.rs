@@ -23,9 +23,9 @@ pub struct Args {
 
 /// Runs `iapt pack`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let container = super::output_container(&args.output)?;
     let input = files::input("the input", &args.input)?;
     files::output("-o", &args.output, &["safetensors", "gguf"], &[input])?;
+    let container = super::output_container(&args.output)?;
     let v = validate_file(&args.input, None);
     let Some(adapter) = v.adapter else {
         for f in &v.report.findings {

@@ -93,6 +93,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = tmp.parent() {
         iapt_format::temp::remove_stale(dir);
     }
+    iapt_format::BaseModelInfo::read(&args.input).context("cannot read the model's header")?;
     let summary = iapt_llama::gguf_probe(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
     if matches!(args.quant, QuantArg::Q4KM) {
         let odd: Vec<String> = summary

@@ -104,8 +104,11 @@ impl CtxArgs {
     }
 
     /// Loads the base model with [`CtxArgs::model_params`]; with `--verbose`, first says which
-    /// devices llama.cpp has and where the layers go.
+    /// devices llama.cpp has and where the layers go. The header is read first, so that a file
+    /// that is not a GGUF model (exit 1) or a truncated one (exit 2) is told apart before llama.cpp
+    /// reports a generic load failure.
     pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        BaseModelInfo::read(path).context("cannot read the base model's header")?;
         let mp = self.model_params();
         if self.verbose {
             eprintln!("{}", super::devices::devices_line());
