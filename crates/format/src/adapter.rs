@@ -253,10 +253,11 @@ impl Adapter {
 
     /// The tensor layer `layer` uses for `role`: the per-layer one, else the shared one.
     pub fn tensor(&self, layer: u32, role: Role) -> Option<&Tensor> {
-        self.tensors
-            .iter()
-            .find(|t| t.name == TensorName::layer(layer, role))
-            .or_else(|| self.tensors.iter().find(|t| t.name == TensorName::shared(role)))
+        // Tensors are kept in canonical order: a binary search, not a scan per lookup.
+        let find = |name: TensorName| {
+            self.tensors.binary_search_by_key(&name.canonical_key(), |t| t.name.canonical_key()).ok().map(|i| &self.tensors[i])
+        };
+        find(TensorName::layer(layer, role)).or_else(|| find(TensorName::shared(role)))
     }
 
     /// Whether `role` is stored once for all layers.

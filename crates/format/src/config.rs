@@ -376,13 +376,15 @@ pub type Metadata = Vec<(String, MetaValue)>;
 /// other keys the type recorded in [`META_TYPES_KEY`] or string. Unparseable text is reported
 /// (E102) and the key dropped.
 pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) -> Metadata {
-    let mut recorded: Vec<(String, MetaType)> = Vec::new();
+    let mut recorded: std::collections::HashMap<String, MetaType> = std::collections::HashMap::new();
     if let Some((_, text)) = raw.iter().find(|(k, _)| k == META_TYPES_KEY) {
         match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
             Ok(map) => {
                 for (k, v) in map {
                     match v.as_str().and_then(MetaType::parse) {
-                        Some(t) => recorded.push((k, t)),
+                        Some(t) => {
+                            recorded.insert(k, t);
+                        }
                         None => report.push(Finding::about(
                             Code::BadKeyValue,
                             META_TYPES_KEY,
@@ -401,7 +403,7 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
         if k == META_TYPES_KEY {
             continue;
         }
-        let ty = defined_type(k).or_else(|| recorded.iter().find(|(rk, _)| rk == k).map(|(_, t)| t.clone())).unwrap_or(MetaType::Str);
+        let ty = defined_type(k).or_else(|| recorded.get(k).cloned()).unwrap_or(MetaType::Str);
         match MetaValue::from_text(&ty, text) {
             Some(v) => out.push((k.clone(), v)),
             None => {

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{RawFile, RawTensor, MAX_HEADER_BYTES, MAX_TENSORS};
+use super::{RawFile, RawTensor, MAX_HEADER_BYTES, MAX_KEYS, MAX_TENSORS};
 use crate::config::Container;
 use crate::dtype::DType;
 use crate::meta::MetaValue;
@@ -157,6 +157,9 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
             let Json::Object(kvs) = value else {
                 return malformed(report, "__metadata__ is not a JSON object");
             };
+            if kvs.len() as u64 > MAX_KEYS {
+                return malformed(report, format!("__metadata__ has {} keys, over the limit of {MAX_KEYS}", kvs.len()));
+            }
             for (k, v) in kvs {
                 let Json::Str(s) = v else {
                     return malformed(
