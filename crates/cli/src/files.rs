@@ -58,8 +58,8 @@ pub fn output(label: &str, path: &Path, exts: &[&str], inputs: &[Input]) -> Resu
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !exts.is_empty() && !exts.contains(&ext) {
-        let want: Vec<String> = exts.iter().map(|e| format!(".{e}")).collect();
-        return Err(Fail::usage(format!("{label} {p}: the file name must end in {}", want.join(" or "))));
+        let want: Vec<String> = exts.iter().map(|e| format!("*.{e}")).collect();
+        return Err(Fail::usage(format!("{label} {p}: wrong extension; name the output {}", want.join(" or "))));
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),

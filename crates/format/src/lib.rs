@@ -27,6 +27,7 @@ mod names;
 pub mod raw;
 mod report;
 pub mod temp;
+pub mod testing;
 mod validate;
 
 pub use adapter::{validate_bytes, validate_file, write_atomically, Adapter, Tensor, Validation};
