@@ -158,9 +158,9 @@ impl Settle {
 
 /// Determines the adapter config. `shapes` holds the row-major shape of every mapped tensor.
 ///
-/// The steps: the layer count the per-layer tensors give ([`layer_count`]); the sizes, each
+/// The steps: the layer count the per-layer tensors give (`layer_count`); the sizes, each
 /// settled from every source that gives it (shapes, `--config`, `--base`) and refused when two
-/// disagree ([`settle_sizes`]); the activation ([`infer_activation`]); then the config, or every
+/// disagree (`settle_sizes`); the activation (`infer_activation`); then the config, or every
 /// value still missing with a hint.
 pub fn infer_config(
     shapes: &BTreeMap<(Scope, Role), Vec<u64>>,
