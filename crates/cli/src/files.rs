@@ -69,11 +69,15 @@ pub fn output(label: &str, path: &Path, exts: &[&str], inputs: &[Input]) -> Resu
         return Err(Fail::usage(format!("{label} {p}: the output directory {} does not exist; create it first", dir.display())));
     }
     // Creating (and at once dropping, which removes it) a temporary is the one sure test that the
-    // atomic write will be able to create its own.
-    tempfile::Builder::new()
+    // atomic write will be able to create its own. It is registered while it exists, like every
+    // temporary, so that an interrupt at that moment removes it too.
+    let probe = tempfile::Builder::new()
         .prefix(&iapt_format::temp::temp_prefix())
         .tempfile_in(&dir)
         .map_err(|e| Fail::usage(format!("{label} {p}: cannot create files in {}: {e}", dir.display())))?;
+    let in_flight = iapt_format::temp::register(probe.path());
+    drop(probe);
+    drop(in_flight);
     if let Ok(meta) = std::fs::metadata(path) {
         let id = (meta.dev(), meta.ino());
         if let Some(same) = inputs.iter().find(|i| i.id == id) {

@@ -506,9 +506,11 @@ fn class4_an_interrupted_pack_removes_its_temporary_and_keeps_the_output() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run iapt");
-        // Wait for the temporary to appear (pack validates the input first), then signal.
+        // Wait for the temporary to hold data (pack validates the input first; the empty probe of
+        // the output check comes and goes before), then signal.
         let t0 = Instant::now();
-        while temporaries(&out_dir).is_empty() {
+        let writing = |dir: &Path| temporaries(dir).iter().any(|t| std::fs::metadata(t).is_ok_and(|m| m.len() > 0));
+        while !writing(&out_dir) {
             assert!(child.try_wait().unwrap().is_none(), "pack finished before its temporary was seen");
             assert!(t0.elapsed() < GENEROUS, "no temporary appeared");
             std::thread::sleep(Duration::from_millis(1));
