@@ -36,17 +36,37 @@ fn two_hundred_thousand_tensors_are_refused_quickly_in_both_containers() {
     }
 }
 
+/// The fastest of three runs of `f` (load spikes on a shared machine only ever slow a run down).
+fn fastest<T>(mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut best = None;
+    let mut out = None;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let v = f();
+        let took = t0.elapsed();
+        best = Some(best.map_or(took, |b: Duration| b.min(took)));
+        out = Some(v);
+    }
+    (best.expect("three runs"), out.expect("three runs"))
+}
+
 #[test]
 fn a_file_at_the_cap_is_read_in_linear_time() {
     // Every name distinct and invalid: the worst case for a duplicate scan, one finding per tensor.
-    let tensors = zero_size_tensors(MAX_TENSORS as usize);
-    for (label, bytes) in [("safetensors", write_safetensors(&[], &tensors)), ("gguf", write_gguf(&[], &tensors))] {
-        let t0 = Instant::now();
-        let v = validate_bytes(&bytes);
-        let took = t0.elapsed();
+    // The yardstick is linear work on the same tensors in the same process: making both files.
+    // Measured in a debug build: reading takes 0.2x-0.6x of it; the quadratic duplicate scans of
+    // issue 17 took 16x-20x. A bound of 5x leaves a wide margin on both sides, under any load.
+    let n = MAX_TENSORS as usize;
+    let (make, (st, gg)) = fastest(|| {
+        let tensors = zero_size_tensors(n);
+        (write_safetensors(&[], &tensors), write_gguf(&[], &tensors))
+    });
+    for (label, bytes) in [("safetensors", st), ("gguf", gg)] {
+        let (read, v) = fastest(|| validate_bytes(&bytes));
         assert!(!v.report.has(Code::MalformedHeader), "{label}: {}", v.report.findings[0]);
-        assert_eq!(v.report.findings.iter().filter(|f| f.code == Code::UnexpectedTensor).count(), MAX_TENSORS as usize, "{label}");
-        assert!(took < GENEROUS, "{label}: {took:?}");
+        assert_eq!(v.report.findings.iter().filter(|f| f.code == Code::UnexpectedTensor).count(), n, "{label}");
+        let ratio = read.as_secs_f64() / make.as_secs_f64();
+        assert!(ratio < 5.0, "{label}: reading {n} tensors took {read:?}, {ratio:.1}x the {make:?} of making the files");
     }
 }
 
