@@ -86,9 +86,9 @@ pub enum LlamaError {
         detail: String,
     },
     /// The prompt (plus soft tokens) does not fit the context.
-    #[error("prompt of {n_tokens} tokens (including {n_soft} soft tokens) does not fit the context of {n_ctx} tokens; use a shorter prompt or a larger --ctx-size")]
+    #[error("prompt of {n_tokens} tokens plus {n_soft} soft tokens needs {needed} positions and does not fit the context of {n_ctx} tokens; use a shorter prompt or a --ctx-size of at least {needed}", needed = .n_tokens + .n_soft)]
     PromptTooLong {
-        /// Prompt tokens.
+        /// Prompt tokens (without the soft tokens).
         n_tokens: usize,
         /// Soft tokens added.
         n_soft: usize,

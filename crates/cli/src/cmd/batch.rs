@@ -7,20 +7,22 @@
 //!
 //! Output: one JSON line per request, in input order: `{"id", "adapter", "text", "n_tokens",
 //! "stopped_at_eog"}`, to stdout or to `--out` (written to a temporary file and renamed into place).
-//! Exit 0 on success, 1 on a malformed request or incompatible adapter, 2 on a missing file or bad
-//! option.
+//! Exit 0 on success, 1 on a malformed request or incompatible adapter, 2 on a missing or unreadable
+//! file, a bad option or an unusable `--out` (`crate::files`).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use iapt_llama::{ContextParams, GenerateOptions, Request, Sampling, Session, Token};
 use serde::Deserialize;
 
 use super::run::{open_adapter, prompt_tokens, CtxArgs};
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
+use crate::fail::Fail;
+use crate::files;
 
 /// Arguments of `iapt batch`.
 #[derive(clap::Args, Debug)]
@@ -71,14 +73,15 @@ struct RequestLine {
     prompt_tokens: Option<Vec<Token>>,
 }
 
-/// `NAME=PATH` or `PATH` (named by its stem).
-fn parse_adapter_arg(arg: &str) -> (String, PathBuf) {
+/// `NAME=PATH` or `PATH` (named by its stem); an empty NAME is a usage error.
+fn parse_adapter_arg(arg: &str) -> Result<(String, PathBuf), Fail> {
     match arg.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !name.contains('/') => (name.to_owned(), PathBuf::from(path)),
+        Some(("", _)) => Err(Fail::usage(format!("--adapter {arg}: the name before '=' is empty; give NAME=PATH, or PATH alone"))),
+        Some((name, path)) if !name.contains('/') => Ok((name.to_owned(), PathBuf::from(path))),
         _ => {
             let path = PathBuf::from(arg);
             let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_owned());
-            (name, path)
+            Ok((name, path))
         }
     }
 }
@@ -108,11 +111,20 @@ fn read_requests(path: &Path) -> Result<Vec<(usize, RequestLine)>, (u8, String)>
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
     if !args.temp.is_finite() || args.temp < 0.0 {
-        bail!("--temp must be a finite number >= 0");
+        return Err(Fail::usage("--temp must be a finite number >= 0").into());
     }
     if args.parallel == 0 || args.parallel > 256 {
         eprintln!("error: --parallel must be between 1 and 256 (llama.cpp's sequence limit)");
         return Ok(exit(EXIT_USAGE));
+    }
+    args.ctx.check()?;
+    let named: Vec<(String, PathBuf)> = args.adapter.iter().map(|a| parse_adapter_arg(a)).collect::<Result<_, _>>()?;
+    let mut inputs = vec![files::input("the base model", &args.model)?, files::input("the requests", &args.requests)?];
+    for (_, path) in &named {
+        inputs.push(files::input("the adapter", path)?);
+    }
+    if let Some(out) = &args.out {
+        files::output("--out", out, &["jsonl"], &inputs)?;
     }
     let requests = match read_requests(&args.requests) {
         Ok(r) => r,
@@ -123,12 +135,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut adapters = Vec::new();
-    for a in &args.adapter {
-        let (name, path) = parse_adapter_arg(a);
-        if !path.is_file() {
-            eprintln!("error: {}: no such adapter file", path.display());
-            return Ok(exit(EXIT_USAGE));
-        }
+    for (name, path) in named {
         if names.insert(name.clone(), adapters.len()).is_some() {
             eprintln!("error: adapter name {name:?} given twice; name them NAME=PATH");
             return Ok(exit(EXIT_USAGE));
