@@ -124,7 +124,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         r.base_prefill_secs * 1e3
     )?;
     if r.hook_remote_copies > 0 {
-        crate::outln!("hook row copies outside host memory per IAPT prefill: {} (one round trip each)", r.hook_remote_copies)?;
+        crate::outln!(
+            "hook row copies outside host memory per IAPT prefill: {} (one round trip each); the hook time then includes waiting for \
+             the device or worker to finish computing each node it reads, so the prefill ratio is the measure of IAPT's cost",
+            r.hook_remote_copies
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
