@@ -2,7 +2,10 @@
 
 An independent implementation of the generator (float64 or float32, plain torch ops) and of the
 injection as forward pre-hooks on Hugging Face decoder layers (LlamaDecoderLayer, Qwen2DecoderLayer,
-...). It is the reference the llama.cpp hook is tested against (see make_model_fixtures.py).
+Qwen3DecoderLayer, Gemma2DecoderLayer, Gemma3DecoderLayer, Phi3DecoderLayer: every one whose first
+argument, or `hidden_states` keyword, is the residual stream entering the layer). For Gemma that is
+after the embedding scaling by sqrt(d) (done by the scaled embedding module, before layer 0), as the
+semantics require; for post-norm blocks (Gemma 2/3) it is still the previous layer's output. It is the reference the llama.cpp hook is tested against (see make_model_fixtures.py).
 
 Per layer l, with H = the residual stream entering layer l at the n instruction rows:
 
@@ -162,12 +165,16 @@ class Injection:
         self.handles = []
 
 
-def rmsnorm_in_input_dtype(module_cls):
+def rmsnorm_in_input_dtype(module_cls, offset: float = 0.0):
     """Make an HF RMSNorm class compute in its input dtype (HF upcasts to float32, which would cap a
-    float64 reference at float32 precision)."""
+    float64 reference at float32 precision). offset = 1.0 for Gemma's RMSNorm, which scales by
+    (1 + weight) and names its epsilon `eps`."""
 
     def forward(self, hidden_states):
+        eps = getattr(self, "variance_epsilon", None)
+        if eps is None:
+            eps = self.eps
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+        return (offset + self.weight) * (hidden_states * torch.rsqrt(variance + eps))
 
     module_cls.forward = forward

@@ -1,22 +1,35 @@
 #!/usr/bin/env python3
 """Builds the model fixtures for the llama.cpp parity tests (crates/llama/tests/parity.rs).
 
-For each architecture (llama: Llama 2/3 style with GQA; qwen2: q/k/v biases; qwen3: q/k RMSNorm) it makes a tiny Hugging
-Face model with random weights, writes it as an F32 GGUF with gguf-py (with the q/k row permutation
-llama.cpp's HF converter applies to llama, and none for qwen2) and a small SentencePiece-style vocab
-with byte fallback, a random IAPT adapter (safetensors, spec v1 metadata, rational B activation), and
-reference outputs computed by Hugging Face transformers in float64 with the injection of
-iapt_torch.py: 16 greedy steps, the tokens and the logits of every step.
+For each architecture it makes a tiny Hugging Face model with random weights (3 layers, d = 64, GQA
+4/2 heads), an F32 GGUF of it, a random IAPT adapter (safetensors, spec v1 metadata, rational B
+activation), and reference outputs computed by Hugging Face transformers in float64 with the
+injection of iapt_torch.py: 16 greedy steps, the tokens and the logits of every step.
 
-Usage: python3 converters/python/make_model_fixtures.py [OUT_DIR [ARCH,ARCH,...]]
-(default: converters/python/fixtures/models). Deterministic for a given torch version.
+- llama (Llama 2/3 style), qwen2 (q/k/v biases), qwen3 (q/k RMSNorm): the GGUF is written with
+  gguf-py directly (with the q/k row permutation llama.cpp's HF converter applies to llama, none for
+  qwen2/qwen3) and a small SentencePiece-style vocab with byte fallback (320 tokens).
+- gemma2 (embeddings scaled by sqrt(d), post-norms around attention and FFN, attention and final
+  logit soft-capping, GELU-tanh), gemma3 (as gemma2 with q/k RMSNorm, no soft-capping, local and
+  global RoPE bases), phi3 (fused qkv and gate/up projections): the HF model is saved with
+  save_pretrained beside the demo's SentencePiece tokenizer (demo/assets/tokenizer.model, 512
+  pieces) and converted by llama.cpp's own convert_hf_to_gguf.py (--llama-cpp: a llama.cpp tree with
+  convert_hf_to_gguf.py, conversion/ and gguf-py/). Every sliding window is set to the context
+  length (256), so sliding-window attention equals full attention for every sequence the tests run.
+
+Usage: python3 converters/python/make_model_fixtures.py [--llama-cpp DIR] [OUT_DIR [ARCH,ARCH,...]]
+(default: converters/python/fixtures/models, every architecture). Deterministic for a given torch
+version; the cases of architectures not rebuilt are kept.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +38,22 @@ from safetensors.numpy import save_file
 
 import gguf
 import iapt_torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+from transformers.models.gemma2 import modeling_gemma2
+from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama import modeling_llama
+from transformers.models.phi3 import modeling_phi3
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
+
+# Every architecture, in the order of their seeds (1000 + i, 2000 + i, 3000 + i): append, never reorder.
+ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+# Converted from a saved HF model by llama.cpp's convert_hf_to_gguf.py (the others: gguf-py directly).
+HF_CONVERTED = {"gemma2", "gemma3", "phi3"}
+DEMO_TOKENIZER = Path(__file__).parent / "demo" / "assets" / "tokenizer.model"
+SPM_VOCAB = 512  # pieces in DEMO_TOKENIZER
 
 N_LAYER = 3
 D = 64
@@ -69,7 +94,8 @@ CHAT_TEMPLATES = {
 
 
 def make_hf(arch: str, seed: int):
-    common = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=FFN, num_hidden_layers=N_LAYER,
+    vocab_size = SPM_VOCAB if arch in HF_CONVERTED else VOCAB
+    common = dict(vocab_size=vocab_size, hidden_size=D, intermediate_size=FFN, num_hidden_layers=N_LAYER,
                   num_attention_heads=N_HEAD, num_key_value_heads=N_HEAD_KV, max_position_embeddings=CTX,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
@@ -78,14 +104,39 @@ def make_hf(arch: str, seed: int):
     elif arch == "qwen2":
         cfg = Qwen2Config(rms_norm_eps=1e-6, **common)
         model = Qwen2ForCausalLM(cfg)
-    else:
+    elif arch == "qwen3":
         cfg = Qwen3Config(rms_norm_eps=1e-6, head_dim=D // N_HEAD, attention_bias=False, **common)
         model = Qwen3ForCausalLM(cfg)
+    elif arch == "gemma2":
+        # Tied embeddings (llama.cpp's gemma2 has no output tensor); query_pre_attn_scalar = head_dim is
+        # the scale llama.cpp uses for every size but 27B.
+        common.update(tie_word_embeddings=True, pad_token_id=0)
+        cfg = Gemma2Config(rms_norm_eps=1e-6, head_dim=D // N_HEAD, query_pre_attn_scalar=D // N_HEAD,
+                           sliding_window=CTX, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                           hidden_activation="gelu_pytorch_tanh", attn_implementation="eager", **common)
+        model = Gemma2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        common.update(tie_word_embeddings=True, pad_token_id=0)
+        cfg = Gemma3TextConfig(rms_norm_eps=1e-6, head_dim=D // N_HEAD, query_pre_attn_scalar=D // N_HEAD,
+                               sliding_window=CTX, hidden_activation="gelu_pytorch_tanh",
+                               attn_implementation="eager", **common)
+        model = Gemma3ForCausalLM(cfg)
+    elif arch == "phi3":
+        # One added token after the SentencePiece pieces, <|endoftext|>, as Phi-3's own vocabulary has
+        # (llama.cpp's vocabulary loader looks it up in models named phi3).
+        common.update(pad_token_id=0, vocab_size=SPM_VOCAB + 1)
+        cfg = Phi3Config(rms_norm_eps=1e-5, original_max_position_embeddings=CTX, sliding_window=None,
+                         attn_implementation="eager", **common)
+        model = Phi3ForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown architecture {arch}")
+    # Gemma's RMSNorm scales by (1 + weight): centre its weights on 0 (llama.cpp's converter adds the 1).
+    norm_centre = 0.0 if arch.startswith("gemma") else 1.0
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(norm_centre + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
@@ -168,6 +219,29 @@ def write_gguf(arch: str, cfg, model, path: Path):
     w.close()
 
 
+def convert_hf(arch: str, model, llama_cpp: Path, path: Path):
+    """save_pretrained (float32) beside the demo's SentencePiece tokenizer, then llama.cpp's own
+    convert_hf_to_gguf.py to an F32 GGUF."""
+    conv = llama_cpp / "convert_hf_to_gguf.py"
+    if not (conv.is_file() and (llama_cpp / "conversion").is_dir() and (llama_cpp / "gguf-py").is_dir()):
+        sys.exit(f"--llama-cpp {llama_cpp}: needs convert_hf_to_gguf.py, conversion/ and gguf-py/ "
+                 "(e.g. vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist)")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / f"{arch}-hf"
+        model.to(torch.float32).save_pretrained(hf, safe_serialization=True)
+        shutil.copy(DEMO_TOKENIZER, hf / "tokenizer.model")
+        if arch == "phi3":
+            (hf / "added_tokens.json").write_text(json.dumps({"<|endoftext|>": SPM_VOCAB}))
+        (hf / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "chat_template": CHAT_TEMPLATES["llama"]}, indent=1))
+        cmd = [sys.executable, str(conv), str(hf), "--outtype", "f32", "--model-name", f"iapt-tiny-{arch}",
+               "--outfile", str(path)]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
 def make_adapter(arch: str, seed: int, path: Path) -> iapt_torch.Generator:
     """A random rational-B (6, 5) adapter, written as spec v1 safetensors."""
     rng = np.random.default_rng(seed)
@@ -191,6 +265,27 @@ def make_adapter(arch: str, seed: int, path: Path) -> iapt_torch.Generator:
     }
     save_file(tensors, str(path), metadata=meta)
     return iapt_torch.Generator.from_tensors({k: torch.from_numpy(v).double() for k, v in tensors.items()}, meta)
+
+
+class GgmlCpuGelu(torch.nn.Module):
+    """GELU (tanh form) as ggml's CPU backend computes it in the pinned llama.cpp (ggml-cpu/vec.h,
+    GGML_GELU_FP16): the input rounded to f16 and looked up in a table of f16 results, exact outside
+    (-10, 10). Used only for the `logits_ggml_cpu` reference of the GELU architectures (Gemma)."""
+
+    def forward(self, x):
+        x16 = x.to(torch.float16).to(x.dtype)
+        y = 0.5 * x16 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x16 * (1.0 + 0.044715 * x16 * x16)))
+        y = y.to(torch.float16).to(x.dtype)
+        return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+
+def with_ggml_cpu_gelu(model):
+    """A copy of a Gemma model whose MLPs use GgmlCpuGelu."""
+    import copy
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        layer.mlp.act_fn = GgmlCpuGelu()
+    return m
 
 
 def greedy(model, prompt: list[int], steps: int, injection_n: int | None, gen: iapt_torch.Generator | None):
@@ -221,25 +316,51 @@ def min_gap(logits: np.ndarray) -> float:
     return float((s[:, -1] - s[:, -2]).min())
 
 
+def add_ggml_cpu_reference(arch, model, case, out: Path, prompt, n, gen):
+    """For the GELU architectures, a second reference with ggml-cpu's f16 GELU table (same tokens,
+    else the fixture is refused): the exact-mode parity bound (1e-4) holds against it on the CPU
+    backend, while the plain reference differs from llama.cpp by that table's rounding (~3e-4)."""
+    if not arch.startswith("gemma"):
+        return
+    toks, logits = greedy(with_ggml_cpu_gelu(model), prompt, STEPS, n, gen)
+    if toks != case["tokens"]:
+        sys.exit(f"{case['name']}: greedy tokens differ with ggml-cpu's GELU table")
+    name = f"{case['name']}.ggml-cpu-gelu.logits.npy"
+    np.save(out / name, logits)
+    case["logits_ggml_cpu"] = name
+
+
 def main():
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "fixtures" / "models"
+    args = sys.argv[1:]
+    llama_cpp = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+    if args[:1] == ["--llama-cpp"]:
+        llama_cpp, args = Path(args[1]), args[2:]
+    out = Path(args[0]) if args else Path(__file__).parent / "fixtures" / "models"
     out.mkdir(parents=True, exist_ok=True)
     iapt_torch.rmsnorm_in_input_dtype(modeling_llama.LlamaRMSNorm)
     iapt_torch.rmsnorm_in_input_dtype(modeling_qwen2.Qwen2RMSNorm)
     iapt_torch.rmsnorm_in_input_dtype(modeling_qwen3.Qwen3RMSNorm)
+    iapt_torch.rmsnorm_in_input_dtype(modeling_phi3.Phi3RMSNorm)
+    iapt_torch.rmsnorm_in_input_dtype(modeling_gemma2.Gemma2RMSNorm, offset=1.0)
+    iapt_torch.rmsnorm_in_input_dtype(modeling_gemma3.Gemma3RMSNorm, offset=1.0)
     torch.manual_seed(0)
-    manifest = {"steps": STEPS, "n_soft_tokens": M, "n_vocab": VOCAB, "cases": []}
-    archs = sys.argv[2].split(",") if len(sys.argv) > 2 else ["llama", "qwen2", "qwen3"]
+    manifest = {"steps": STEPS, "n_soft_tokens": M, "cases": []}
+    archs = args[1].split(",") if len(args) > 1 else ARCHS
     old = out / "manifest.json"
     if old.exists():  # keep the cases of architectures not rebuilt this time
         manifest["cases"] = [c for c in json.loads(old.read_text())["cases"] if c["arch"] not in archs]
-    for i, arch in enumerate(["llama", "qwen2", "qwen3"]):
+    for i, arch in enumerate(ARCHS):
         if arch not in archs:
             continue
         cfg, model = make_hf(arch, 1000 + i)
-        model = model.double().eval()
+        model.eval()
         gguf_path = out / f"{arch}-tiny-f32.gguf"
-        write_gguf(arch, cfg, model, gguf_path)
+        if arch in HF_CONVERTED:
+            convert_hf(arch, model, llama_cpp, gguf_path)
+        model = model.double().eval()
+        if arch not in HF_CONVERTED:
+            write_gguf(arch, cfg, model, gguf_path)
+        vocab_size = cfg.vocab_size
         adapter_path = out / f"{arch}-tiny.iapt.safetensors"
         gen = make_adapter(arch, 2000 + i, adapter_path)
         rng = np.random.default_rng(3000 + i)
@@ -248,7 +369,7 @@ def main():
             # Draw instructions until every greedy step has a clear winner (top-1 minus top-2 logit
             # >= MIN_GAP), so that F16 KV-cache and quantized runs can be held to identical tokens.
             while True:
-                instr = [1] + [int(x) for x in rng.integers(3, VOCAB, n - 1)]
+                instr = [1] + [int(x) for x in rng.integers(3, vocab_size, n - 1)]
                 toks, logits = greedy(model, instr + placeholders, STEPS, n, gen)
                 if min_gap(logits) < MIN_GAP:
                     continue
@@ -257,16 +378,20 @@ def main():
                 break
             name = f"{arch}-{label}-iapt"
             np.save(out / f"{name}.logits.npy", logits)
-            manifest["cases"].append({"name": name, "arch": arch, "model": gguf_path.name, "adapter": adapter_path.name,
-                                      "instruction": instr, "n_instr": n, "placeholders": placeholders, "tokens": toks,
-                                      "logits": f"{name}.logits.npy"})
+            case = {"name": name, "arch": arch, "model": gguf_path.name, "adapter": adapter_path.name,
+                    "instruction": instr, "n_instr": n, "placeholders": placeholders, "tokens": toks,
+                    "logits": f"{name}.logits.npy"}
+            add_ggml_cpu_reference(arch, model, case, out, instr + placeholders, n, gen)
+            manifest["cases"].append(case)
             if label == "short":
                 toks, logits = greedy(model, instr, STEPS, None, None)
                 name = f"{arch}-{label}-base"
                 np.save(out / f"{name}.logits.npy", logits)
-                manifest["cases"].append({"name": name, "arch": arch, "model": gguf_path.name, "adapter": None,
-                                          "instruction": instr, "n_instr": n, "placeholders": [], "tokens": toks,
-                                          "logits": f"{name}.logits.npy"})
+                case = {"name": name, "arch": arch, "model": gguf_path.name, "adapter": None,
+                        "instruction": instr, "n_instr": n, "placeholders": [], "tokens": toks,
+                        "logits": f"{name}.logits.npy"}
+                add_ggml_cpu_reference(arch, model, case, out, instr, None, None)
+                manifest["cases"].append(case)
     manifest["generated_by"] = f"make_model_fixtures.py (torch {torch.__version__})"
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {len(manifest['cases'])} cases to {out}")

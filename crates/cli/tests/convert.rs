@@ -83,3 +83,83 @@ fn usage_problems_exit_2() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// `iapt convert --base` on every architecture of the hook's table: the committed parity adapter of
+/// each tiny fixture model (spec tensor names, read with a profile that maps them) converts with
+/// the base model's GGUF, as llama.cpp's converter wrote it, filling `base_model_arch`, `n_layer`
+/// and `n_embd`; the result validates against that model and `iapt run` gives the reference's 16
+/// greedy tokens with it.
+#[test]
+fn convert_with_base_fills_every_supported_architecture_and_runs() {
+    let models = fixtures().join("models");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(models.join("manifest.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("spec-names.json");
+    let roles = ["down.weight", "down.bias", "pool.query", "up.weight", "up.bias", "act.num", "act.den"];
+    let tensors: Vec<serde_json::Value> =
+        roles.iter().map(|r| serde_json::json!({"pattern": format!("iapt.blk.{{layer}}.{r}"), "role": r})).collect();
+    std::fs::write(&profile, serde_json::json!({"name": "spec-names", "description": "spec v1 names", "tensors": tensors}).to_string())
+        .unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"activation": {"kind": "rational", "variant": "B"}, "pool_scale": 0.5}"#).unwrap();
+    for arch in iapt_llama::ARCHS.iter().map(|a| a.name) {
+        let case = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == format!("{arch}-short-iapt").as_str()).unwrap();
+        let base = models.join(case["model"].as_str().unwrap());
+        let out = dir.path().join(format!("{arch}.iapt.gguf"));
+        let ckpt = models.join(case["adapter"].as_str().unwrap());
+        let o = iapt(&[
+            os("convert"),
+            os(&ckpt),
+            os("--profile"),
+            os(&profile),
+            os("--config"),
+            os(&config),
+            os("--base"),
+            os(&base),
+            os("-o"),
+            os(&out),
+        ]);
+        assert!(o.status.success(), "{arch}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = iapt(&[os("inspect"), os(&out), os("--json")]);
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(doc["config"]["base_model_arch"], serde_json::json!(arch), "{arch}: {doc}");
+        let o = iapt(&[os("validate"), os(&out), os("--model"), os(&base)]);
+        assert!(o.status.success(), "{arch}: {}", String::from_utf8_lossy(&o.stdout));
+        let ids: Vec<String> = case["instruction"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+        let dump = dir.path().join(format!("{arch}.npy"));
+        let ids = ids.join(",");
+        let o = iapt(&[
+            os("run"),
+            os("--model"),
+            os(&base),
+            os("--adapter"),
+            os(&out),
+            os("--prompt-tokens"),
+            os(&ids),
+            os("--n-predict"),
+            os("16"),
+            os("--temp"),
+            os("0"),
+            os("--kv-type"),
+            os("f32"),
+            os("--flash-attn"),
+            os("off"),
+            os("--threads"),
+            os("1"),
+            os("--ctx-size"),
+            os("256"),
+            os("--dump-logits"),
+            os(&dump),
+        ]);
+        assert!(o.status.success(), "{arch}: {}", String::from_utf8_lossy(&o.stderr));
+        let got = iapt_npy::read_f32_file(&dump).unwrap();
+        let n_vocab = got.shape[1];
+        let tokens: Vec<i64> = got
+            .data
+            .chunks(n_vocab)
+            .map(|g| g.iter().enumerate().fold(0, |best, (i, v)| if *v > g[best] { i } else { best }) as i64)
+            .collect();
+        let want: Vec<i64> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+        assert_eq!(tokens, want, "{arch}: greedy tokens with the converted adapter");
+    }
+}

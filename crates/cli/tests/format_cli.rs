@@ -51,11 +51,8 @@ fn validate_exit_codes() {
     assert_eq!(iapt(&[os("validate")]).status.code(), Some(2), "usage error");
 }
 
-#[test]
-fn validate_against_a_base_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.gguf");
-    // A minimal GGUF with the three keys the check reads: llama, 3 layers, n_embd 8.
+/// A minimal GGUF with the three keys the check reads: `arch`, 3 layers, n_embd 8.
+fn base_header(path: &Path, arch: &str) {
     let mut g = b"GGUF".to_vec();
     g.extend_from_slice(&3u32.to_le_bytes());
     g.extend_from_slice(&0u64.to_le_bytes());
@@ -67,18 +64,25 @@ fn validate_against_a_base_model() {
     };
     kv("general.architecture", &|g| {
         g.extend_from_slice(&8u32.to_le_bytes());
-        g.extend_from_slice(&5u64.to_le_bytes());
-        g.extend_from_slice(b"llama");
+        g.extend_from_slice(&(arch.len() as u64).to_le_bytes());
+        g.extend_from_slice(arch.as_bytes());
     });
-    kv("llama.block_count", &|g| {
+    kv(&format!("{arch}.block_count"), &|g| {
         g.extend_from_slice(&4u32.to_le_bytes());
         g.extend_from_slice(&3u32.to_le_bytes());
     });
-    kv("llama.embedding_length", &|g| {
+    kv(&format!("{arch}.embedding_length"), &|g| {
         g.extend_from_slice(&4u32.to_le_bytes());
         g.extend_from_slice(&8u32.to_le_bytes());
     });
-    std::fs::write(&base, &g).unwrap();
+    std::fs::write(path, &g).unwrap();
+}
+
+#[test]
+fn validate_against_a_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.gguf");
+    base_header(&base, "llama");
     let out = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), base.as_os_str(), os("--json")]);
     assert_eq!(out.status.code(), Some(1));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -92,6 +96,63 @@ fn validate_against_a_base_model() {
     let missing = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), dir.path().join("none.gguf").as_os_str()]);
     assert_eq!(missing.status.code(), Some(2), "an unreadable base model is exit 2");
     assert!(String::from_utf8_lossy(&missing.stdout).contains("E304"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["base_model_arch_supported"], serde_json::json!(true));
+}
+
+/// The supported architectures as every refusal must name them.
+fn supported_list() -> String {
+    ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"].join(", ")
+}
+
+#[test]
+fn validate_refuses_an_unsupported_base_architecture_naming_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mamba.gguf");
+    base_header(&base, "mamba");
+    let out = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), base.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1), "an unsupported architecture is exit 1");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("architecture \"mamba\", which the IAPT hook does not support"), "{text}");
+    assert!(text.contains(&supported_list()), "{text}");
+    let out = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), base.as_os_str(), os("--json")]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["valid"], serde_json::json!(false));
+    assert_eq!(doc["base_model_arch"], serde_json::json!("mamba"));
+    assert_eq!(doc["base_model_arch_supported"], serde_json::json!(false));
+    assert_eq!(doc["supported_archs"], serde_json::json!(["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]));
+}
+
+#[test]
+fn every_model_command_refuses_an_unsupported_architecture_naming_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mamba.gguf");
+    base_header(&base, "mamba");
+    let requests = dir.path().join("r.jsonl");
+    std::fs::write(&requests, "{\"prompt_tokens\": [1]}\n").unwrap();
+    // One held-out example of the demo, with its prompt format beside it (eval reads both first).
+    let demo = repo().join("converters/python/demo/assets");
+    let data = dir.path().join("d.jsonl");
+    let first = std::fs::read_to_string(demo.join("held_out.jsonl")).unwrap().lines().next().unwrap().to_owned();
+    std::fs::write(&data, first + "\n").unwrap();
+    std::fs::copy(demo.join("prompt_format.json"), dir.path().join("prompt_format.json")).unwrap();
+    let (m, a) = (base.as_os_str(), valid_adapter());
+    let a = a.as_os_str();
+    let commands: Vec<Vec<&std::ffi::OsStr>> = vec![
+        vec![os("run"), os("--model"), m, os("--adapter"), a, os("--prompt-tokens"), os("1")],
+        vec![os("batch"), os("--model"), m, os("--adapter"), a, os("--requests"), requests.as_os_str()],
+        vec![os("bench"), os("--model"), m, os("--adapter"), a],
+        vec![os("eval"), os("--model"), m, os("--adapter"), a, os("--data"), data.as_os_str()],
+        vec![os("demo"), os("--model"), m, os("--adapter"), a],
+    ];
+    for args in commands {
+        let out = iapt(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("architecture \"mamba\", which the IAPT hook does not support"), "{args:?}: {err}");
+        assert!(err.contains(&supported_list()), "{args:?}: {err}");
+    }
 }
 
 #[test]

@@ -4,14 +4,21 @@
 //!
 //! In that version the graph builders name the nodes with `cb(tensor, name, il)`, which formats
 //! `"{name}-{il}"` for a layer and `"{name}"` otherwise:
-//! - layer 0 reads the node `embd` (the token embeddings after any scaling; `inp_embd` is the input
-//!   leaf used only for embedding inputs, not the token path);
-//! - layer l > 0 reads `l_out-{l-1}`, the previous layer's output;
+//! - layer 0 reads the embeddings as they enter layer 0, after any architecture-specific scaling:
+//!   `embd` (the output of `build_inp_embd`; `inp_embd` is the input leaf used only for embedding
+//!   inputs, not the token path) for llama, qwen2, qwen3 and phi3; `inp_scaled` for gemma2 (a
+//!   `ggml_scale` by sqrt(n_embd) of `embd`, which is the unscaled embedding there) and gemma3
+//!   (`build_inp_embd` scales the token rows and the builder renames that node `inp_scaled`, so no
+//!   `embd` is left);
+//! - layer l > 0 reads `l_out-{l-1}`, the previous layer's output (for the post-norm Gemma 2/3
+//!   blocks too: `l_out` is the residual sum after the FFN's post-norm, and the next layer's
+//!   `attn_norm` and its residual add `sa_out` both read it);
 //! - the last layer's `l_out` holds only the output rows (llama.cpp drops the others inside the last
 //!   layer) and is never touched.
 //!
-//! Only architectures whose graphs were checked against an independent reference are listed; the
-//! test `tests/parity.rs::hook_claims_the_expected_nodes` fails loudly if llama.cpp renames them.
+//! Only architectures whose graphs were checked against an independent reference are listed: every
+//! entry must have parity fixtures (Hugging Face transformers in float64), and `tests/parity.rs`
+//! fails if one has none, if llama.cpp renames the nodes, or if a layer stops reading them.
 
 /// How the hook finds the layer inputs of one architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +37,12 @@ pub const ARCHS: &[ArchSpec] = &[
     ArchSpec { name: "llama", layer0_node: "embd", layer_out_prefix: "l_out-" },
     ArchSpec { name: "qwen2", layer0_node: "embd", layer_out_prefix: "l_out-" },
     ArchSpec { name: "qwen3", layer0_node: "embd", layer_out_prefix: "l_out-" },
+    // Gemma 2: embeddings scaled by sqrt(n_embd) (`inp_scaled`), post-norm blocks, soft-capping.
+    ArchSpec { name: "gemma2", layer0_node: "inp_scaled", layer_out_prefix: "l_out-" },
+    // Gemma 3 (text): as Gemma 2 with q/k norms; the scaled embeddings are renamed `inp_scaled`.
+    ArchSpec { name: "gemma3", layer0_node: "inp_scaled", layer_out_prefix: "l_out-" },
+    // Phi-3 and Phi-4 (fused qkv and gate/up projections).
+    ArchSpec { name: "phi3", layer0_node: "embd", layer_out_prefix: "l_out-" },
 ];
 
 /// The spec for an architecture, if supported.
@@ -37,7 +50,8 @@ pub fn arch_spec(arch: &str) -> Option<&'static ArchSpec> {
     ARCHS.iter().find(|a| a.name == arch)
 }
 
-/// Names of the supported architectures, comma-separated (for error messages).
+/// Names of the supported architectures (llama.cpp's `general.architecture`), comma-separated, in
+/// the table's order (for error messages).
 pub fn supported_archs() -> String {
     ARCHS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
 }
@@ -77,5 +91,9 @@ mod tests {
         assert_eq!(a.layer_of("inp_embd", 4), None);
         assert_eq!(a.layer_of("l_out-x", 4), None);
         assert!(arch_spec("mamba").is_none());
+        let g = arch_spec("gemma2").unwrap();
+        assert_eq!(g.layer_input_node(0), "inp_scaled");
+        assert_eq!(g.layer_of("embd", 4), None, "gemma2's embd is the unscaled embedding");
+        assert_eq!(g.layer_of("inp_scaled", 4), Some(0));
     }
 }

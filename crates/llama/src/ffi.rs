@@ -608,6 +608,21 @@ impl Drop for Model {
 // Evaluation callback
 // ---------------------------------------------------------------------------------------------
 
+/// The name of a tensor, up to its NUL (or the whole array), `""` if it is not UTF-8.
+///
+/// # Safety
+/// `t` must point to a valid tensor whose name is not written during `'a`.
+unsafe fn tensor_name<'a>(t: *const sys::ggml_tensor) -> &'a str {
+    // SAFETY: per the contract; `name` is a fixed array of c_char, which has the size and alignment
+    // of u8, so viewing its bytes is sound; the end is found within the array, NUL-terminated or not.
+    let bytes: &[u8] = unsafe {
+        let name = &(*t).name;
+        std::slice::from_raw_parts(name.as_ptr().cast(), name.len())
+    };
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    std::str::from_utf8(&bytes[..end]).unwrap_or("")
+}
+
 /// A graph node as the scheduler offers it in the ask phase of `cb_eval`.
 pub struct NodeInfo<'a> {
     t: NonNull<sys::ggml_tensor>,
@@ -617,15 +632,17 @@ pub struct NodeInfo<'a> {
 impl NodeInfo<'_> {
     /// The node's name (as set by llama.cpp's graph builder, e.g. `l_out-3`).
     pub fn name(&self) -> &str {
-        // SAFETY: the tensor is valid and not written by anyone during the callback ('a); `name` is
-        // a fixed array of c_char, which has the size and alignment of u8, so viewing its bytes is
-        // sound; the end is found within the array, NUL-terminated or not.
-        let bytes: &[u8] = unsafe {
-            let name = &(*self.t.as_ptr()).name;
-            std::slice::from_raw_parts(name.as_ptr().cast(), name.len())
-        };
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        std::str::from_utf8(&bytes[..end]).unwrap_or("")
+        // SAFETY: the tensor is valid and not written by anyone during the callback ('a).
+        unsafe { tensor_name(self.t.as_ptr()) }
+    }
+
+    /// The names of the node's inputs (ggml's `src`, in order, unnamed ones as `""`): which nodes
+    /// this one reads, for checking the graph's shape (e.g. that a layer reads the previous layer's
+    /// `l_out`).
+    pub fn src_names(&self) -> Vec<&str> {
+        // SAFETY: the tensor is valid during the callback ('a); its non-null `src` pointers are
+        // tensors of the same graph, valid and not renamed while it is evaluated.
+        unsafe { (*self.t.as_ptr()).src.iter().filter(|p| !p.is_null()).map(|&p| tensor_name(p)).collect() }
     }
 
     /// ggml's `ne`: `[n_embd, n_tokens, 1, 1]` for the residual stream.

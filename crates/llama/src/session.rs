@@ -20,12 +20,15 @@ use iapt_generator_cuda::{GpuRuntime, GPU_MAX_SOFT_TOKENS};
 /// supports the architecture; returns the architecture's node table.
 pub fn check_compat(model: &Model, cfg: &AdapterConfig) -> Result<&'static ArchSpec, LlamaError> {
     let base = BaseModelInfo { arch: model.arch(), n_layer: model.n_layer() as u32, n_embd: model.n_embd() as u32 };
+    // An unsupported architecture first: no adapter can run on it, whatever it was made for.
+    let spec =
+        arch_spec(&base.arch).ok_or_else(|| LlamaError::UnsupportedArch { arch: base.arch.clone(), supported: supported_archs() })?;
     let findings = base.check(cfg);
     if !findings.is_empty() {
         let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
         return Err(LlamaError::Incompatible { detail });
     }
-    arch_spec(&base.arch).ok_or_else(|| LlamaError::UnsupportedArch { arch: base.arch.clone(), supported: supported_archs() })
+    Ok(spec)
 }
 
 /// The result of [`Session::generate`].

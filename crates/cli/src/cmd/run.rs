@@ -251,12 +251,27 @@ pub fn open_adapter(adapter: &std::path::Path, model: &std::path::Path) -> anyho
         Err(e) => return Err(Fail::unreadable(format!("cannot use adapter {}: {e}", adapter.display())).into()),
     };
     let base = BaseModelInfo::read(model).context("cannot read the base model's header")?;
+    ensure_supported_arch(&base, model)?;
     let findings = base.check(a.config());
     if !findings.is_empty() {
         let lines: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
         bail!("adapter {} does not match base model {}: {}", adapter.display(), model.display(), lines.join("; "));
     }
     Ok(a)
+}
+
+/// Refuses a base model whose architecture the IAPT hook does not support, naming the supported
+/// ones (llama.cpp's `general.architecture` names).
+pub fn ensure_supported_arch(base: &BaseModelInfo, model: &std::path::Path) -> anyhow::Result<()> {
+    if iapt_llama::arch_spec(&base.arch).is_none() {
+        bail!(
+            "base model {} has architecture {:?}, which the IAPT hook does not support (supported architectures, llama.cpp's names: {})",
+            model.display(),
+            base.arch,
+            iapt_llama::supported_archs()
+        );
+    }
+    Ok(())
 }
 
 /// Tokenizes a text prompt with the model's tokenizer (BOS as the model says); with `chat`, wrapped
