@@ -27,6 +27,10 @@ use llama_cpp_sys_2 as sys;
 use crate::error::LlamaError;
 
 pub(crate) mod gpu;
+mod memory;
+mod sampler;
+
+pub use sampler::SamplerChain;
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;

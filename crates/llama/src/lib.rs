@@ -8,7 +8,9 @@
 //!
 //! Modules: `ffi` (the only `unsafe`: a small safe wrapper over `llama-cpp-sys-2`), `arch` (the node
 //! names per architecture), `hook` (the injection plan and callback), `session` (prefill and
-//! generation, several sequences per decode, each with its own resident adapter), `sample` (greedy and temperature sampling), `bench` (side-by-side throughput),
+//! generation, several sequences per decode, each with its own resident adapter), `sample` (greedy and temperature sampling), `sampling` (the settings of llama.cpp's sampler
+//! chain and their rules; the chain itself, [`SamplerChain`], applied to a sequence's own logits row,
+//! is in `ffi::sampler`; `ffi::memory` frees a sequence's KV cells), `bench` (side-by-side throughput),
 //! `eval` (exact-match evaluation with the demo's prompt format and stop rules), `ffi::gpu` (the
 //! generator on CUDA through `cudarc`, kernels compiled by NVRTC at run time, and with the
 //! `gpu-emulation` feature the same kernels on CPU threads: [`GpuRuntime`]), `gpu_bench` (its
@@ -40,6 +42,7 @@ mod ffi;
 mod gpu_bench;
 mod hook;
 mod sample;
+mod sampling;
 mod session;
 
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
@@ -48,6 +51,7 @@ pub use error::{GpuError, LlamaError};
 pub use ffi::gpu::{
     compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
 };
+pub use ffi::SamplerChain;
 pub use ffi::{
     devices, gguf_probe, init, quantize, set_verbose, supports_gpu_offload, Batch, Context, ContextParams, Device, DeviceKind,
     EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams, NodeData, NodeInfo, Quant, Token,
@@ -55,4 +59,5 @@ pub use ffi::{
 pub use gpu_bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 pub use sample::{argmax, Sampler, Sampling};
+pub use sampling::{InvalidSampling, SamplerSettings};
 pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};
