@@ -6,6 +6,7 @@
 //! - 2: usage error or an unreadable input file.
 
 mod cmd;
+mod tools;
 
 use std::process::ExitCode;
 

@@ -161,7 +161,7 @@ impl StreamHook {
     }
 
     /// Handles one claimed node (the residual stream entering `layer`).
-    fn handle(&self, inner: &mut Inner, node: &NodeData<'_>, layer: usize) -> Result<(), String> {
+    fn handle(&self, inner: &mut Inner, node: &mut NodeData<'_>, layer: usize) -> Result<(), String> {
         let d = self.n_embd;
         let Inner { armed, buf, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
@@ -187,7 +187,7 @@ impl StreamHook {
             if q0 < n {
                 let k = (q1.min(n) - q0) * d;
                 buf.resize(k, 0.0);
-                node.read_rows(r0 - start, &mut buf[..k])?;
+                node.read_rows(r0 - start, &mut buf[..k]).map_err(|e| e.to_string())?;
                 p.states[layer].feed(&p.gen, &buf[..k]).map_err(|e| at(&e))?;
             }
             let (s0, s1) = (q0.max(n), q1);
@@ -204,7 +204,7 @@ impl StreamHook {
                 if s1 > n + p.m() {
                     return Err(at(&"the chunk runs past the soft slots"));
                 }
-                node.write_rows(r0 - start + (s0 - q0), &soft[(s0 - n) * d..(s1 - n) * d])?;
+                node.write_rows(r0 - start + (s0 - q0), &soft[(s0 - n) * d..(s1 - n) * d]).map_err(|e| e.to_string())?;
             }
             done[layer] += r1 - r0;
         }
@@ -217,7 +217,7 @@ impl EvalCallback for StreamHook {
         self.live.load(Ordering::SeqCst) && self.arch.layer_of(node.name(), self.n_layer).is_some()
     }
 
-    fn on_data(&self, node: &NodeData<'_>) {
+    fn on_data(&self, node: &mut NodeData<'_>) {
         let Some(layer) = self.arch.layer_of(node.name(), self.n_layer) else { return };
         let mut inner = self.lock();
         if let Err(e) = self.handle(&mut inner, node, layer) {

@@ -123,206 +123,226 @@ pub enum LlamaError {
         n_vocab: usize,
     },
     /// The injection hook reported errors during a decode (the results were discarded).
-    #[error("IAPT injection failed: {}", messages.join("; "))]
+    #[error("IAPT injection failed: {}", join(errors))]
     Hook {
-        /// Every message recorded by the hook.
-        messages: Vec<String>,
+        /// Every error the hook recorded, in order.
+        errors: Vec<HookError>,
     },
     /// The CPU generator failed.
     #[error("IAPT generator: {0}")]
     Generator(#[from] iapt_generator::GeneratorError),
-    /// The GPU generator failed (see [`GpuError`]).
+    /// The GPU generator failed (see [`iapt_generator_cuda::GpuError`]).
     #[error("IAPT GPU generator: {0}")]
-    Gpu(#[from] GpuError),
+    Gpu(#[from] iapt_generator_cuda::GpuError),
 }
 
-/// The GPU generator ([`crate::GpuRuntime`]) failed. Every variant says what failed; the messages
-/// say what to do about it.
-#[derive(Debug, thiserror::Error)]
+fn join(errors: &[HookError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// A graph node's rows cannot be accessed as asked ([`crate::NodeData`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum GpuError {
-    /// No CUDA device can be used (no driver library, no device, no NVRTC, ...).
-    #[error("no usable CUDA device: {reason}")]
-    CudaUnavailable {
-        /// Why, with a hint.
-        reason: String,
+pub enum NodeError {
+    /// The node is not f32 with rows packed one after another in all four dimensions.
+    #[error("node {node} is not f32 with densely packed rows (ne {ne:?}, nb {nb:?})")]
+    NotDenseF32 {
+        /// The node's name.
+        node: String,
+        /// ggml's extents.
+        ne: [i64; 4],
+        /// ggml's byte strides.
+        nb: [usize; 4],
     },
-    /// The emulator was asked for but this build does not include it.
-    #[error("the GPU emulator is not compiled into this build; rebuild with the `gpu-emulation` feature of iapt-llama")]
-    EmulationNotCompiled,
-    /// A CUDA driver call failed.
-    #[error("CUDA driver error while {op}: {detail}")]
-    Driver {
-        /// What was being done.
-        op: &'static str,
-        /// The driver's error.
-        detail: String,
+    /// The node has no data buffer (not allocated by the scheduler).
+    #[error("node {node} has no data buffer")]
+    NoData {
+        /// The node's name.
+        node: String,
     },
-    /// NVRTC could not compile the kernels (a bug in the kernel source or an NVRTC too old for the
-    /// device).
-    #[error("NVRTC could not compile the IAPT kernels for {arch}: {log}; update the CUDA NVRTC library, or report this with the log")]
-    Compile {
-        /// The target architecture, e.g. `compute_90`.
-        arch: String,
-        /// NVRTC's log.
-        log: String,
-    },
-    /// The emulator failed to run a kernel.
-    #[error("the GPU emulator could not run kernel {kernel} (code {code}); this is a bug")]
-    Emulator {
-        /// The kernel's name.
-        kernel: &'static str,
-        /// The launcher's return code.
-        code: i32,
-    },
-    /// The adapter's shape is outside what the kernels support.
-    #[error("adapter not supported by the GPU kernels: {detail}")]
-    Unsupported {
-        /// What is out of range.
-        detail: String,
-    },
-    /// A required tensor is missing.
-    #[error("adapter tensor {role} of layer {layer} is missing")]
-    MissingTensor {
-        /// The layer.
-        layer: u32,
-        /// The role.
-        role: iapt_format::Role,
-    },
-    /// A tensor has the wrong shape.
-    #[error("adapter tensor {name} has shape {got:?}, expected {expected:?}")]
-    TensorShape {
-        /// The tensor.
-        name: String,
-        /// The shape the config implies.
-        expected: Vec<u64>,
-        /// The stored shape.
-        got: Vec<u64>,
-    },
-    /// A tensor's data cannot be read.
-    #[error("cannot read adapter tensor {name}: {source}")]
-    TensorRead {
-        /// The tensor.
-        name: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The layer index is out of range.
-    #[error("layer {layer} is out of range (the adapter has {n_layer} layers)")]
-    LayerOutOfRange {
-        /// The index given.
-        layer: usize,
-        /// The adapter's layer count.
-        n_layer: usize,
-    },
-    /// Host rows are not a whole number of rows.
-    #[error("{len} values are not a whole number of rows of n_embd = {n_embd}")]
-    RowsNotMultiple {
-        /// Values given.
-        len: usize,
+    /// The values asked for are not a whole number of rows.
+    #[error("node {node}: {values} values are not whole rows of {n_embd}")]
+    NotWholeRows {
+        /// The node's name.
+        node: String,
+        /// Values asked for.
+        values: usize,
         /// Row width.
         n_embd: usize,
     },
-    /// Device rows have the wrong width.
-    #[error("device rows have width {got}, but the adapter's n_embd is {n_embd}")]
-    RowWidth {
-        /// The rows' width.
-        got: usize,
-        /// The adapter's n_embd.
-        n_embd: usize,
-    },
-    /// More rows than the kernels index (2^31 - 1 per layer and sequence).
-    #[error("{rows} rows in one sequence and layer exceed the GPU generator's limit of {limit}; split the sequence")]
-    TooManyRows {
-        /// Rows that would have been fed.
+    /// The rows asked for are outside the node.
+    #[error("node {node}: rows {row0}..{row0}+{n} are outside its {rows} rows")]
+    RowsOutOfRange {
+        /// The node's name.
+        node: String,
+        /// First row asked for.
+        row0: usize,
+        /// Rows asked for.
+        n: usize,
+        /// Rows the node has.
         rows: usize,
-        /// The limit.
-        limit: usize,
     },
-    /// The host output buffer has the wrong size.
-    #[error("output holds {len} values, expected n_soft_tokens x n_embd = {expected}")]
-    OutputSize {
-        /// Values in the buffer.
-        len: usize,
-        /// m x d.
+}
+
+/// What the injection hook found wrong during one decode ([`crate::IaptHook`]); several may be
+/// reported together in [`LlamaError::Hook`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HookError {
+    /// `finish` was called without `arm`.
+    #[error("the hook was not armed")]
+    NotArmed,
+    /// A planned sequence names an adapter the hook does not hold.
+    #[error("sequence {seq}: no adapter {adapter} (the hook holds {n_adapters})")]
+    NoSuchAdapter {
+        /// The sequence's index in the plan.
+        seq: usize,
+        /// The adapter index asked for.
+        adapter: usize,
+        /// Adapters the hook holds.
+        n_adapters: usize,
+    },
+    /// A planned sequence is not where the layout requires (sequences follow each other without
+    /// gaps, each with a non-empty instruction).
+    #[error(
+        "sequence {seq}: starts at row {row0} with {n_instr} instruction rows; expected a non-empty instruction at row {expected_row0}"
+    )]
+    PlanLayout {
+        /// The sequence's index in the plan.
+        seq: usize,
+        /// Its first row.
+        row0: usize,
+        /// Its instruction rows.
+        n_instr: usize,
+        /// Where it should start.
+        expected_row0: usize,
+    },
+    /// The planned sequences need more rows than the batch has (or `n_ubatch` is 0).
+    #[error("the sequences need {needed} rows; the batch has {batch_len} (n_ubatch {n_ubatch})")]
+    PlanTooLong {
+        /// Rows the sequences need.
+        needed: usize,
+        /// Rows in the batch.
+        batch_len: usize,
+        /// The planned ubatch size.
+        n_ubatch: usize,
+    },
+    /// Layer 0's input node never appeared: this llama.cpp names its nodes differently.
+    #[error("node {node:?} (layer 0 input) never appeared in the graph: this llama.cpp names its nodes differently")]
+    Layer0Missing {
+        /// The node name looked for.
+        node: String,
+    },
+    /// A layer's input node did not appear in a ubatch.
+    #[error("ubatch {ubatch}: node {node:?} (layer {layer} input) never appeared")]
+    LayerMissing {
+        /// The ubatch.
+        ubatch: usize,
+        /// The node name looked for.
+        node: String,
+        /// The layer.
+        layer: usize,
+    },
+    /// The ubatches seen do not cover the batch.
+    #[error("saw ubatches covering {covered} of {batch_len} batch rows")]
+    UbatchesIncomplete {
+        /// Rows covered.
+        covered: usize,
+        /// Rows in the batch.
+        batch_len: usize,
+    },
+    /// A ubatch started beyond the planned batch.
+    #[error("a ubatch beyond the planned batch of {batch_len} rows")]
+    BeyondBatch {
+        /// Rows in the batch.
+        batch_len: usize,
+    },
+    /// llama.cpp split the batch into ubatches other than planned.
+    #[error("ubatch {ubatch} has {rows} rows but the plan expects {want} (batch {batch_len}, n_ubatch {n_ubatch}): llama.cpp split the batch differently")]
+    UbatchRows {
+        /// The ubatch.
+        ubatch: usize,
+        /// Its rows.
+        rows: usize,
+        /// Rows planned.
+        want: usize,
+        /// Rows in the batch.
+        batch_len: usize,
+        /// The planned ubatch size.
+        n_ubatch: usize,
+    },
+    /// Layer inputs came out of order.
+    #[error("layer {layer} input seen when layer {expected} was expected{}", ubatch.map(|u| format!(" (ubatch {u})")).unwrap_or_default())]
+    LayerOrder {
+        /// The ubatch (None before the first).
+        ubatch: Option<usize>,
+        /// The layer seen.
+        layer: usize,
+        /// The layer expected.
         expected: usize,
     },
-    /// The device destination rows have the wrong shape.
-    #[error("destination is {n_rows} rows of {n_embd}, expected {m} rows of {d} (one per soft token)")]
-    OutputRows {
-        /// Rows given.
-        n_rows: usize,
-        /// Width given.
+    /// A layer input node has an unexpected shape.
+    #[error("node {node} has shape {ne:?}, expected [{n_embd}, {rows}, 1, 1]")]
+    NodeShape {
+        /// The node's name.
+        node: String,
+        /// Its extents.
+        ne: [i64; 4],
+        /// Expected width.
         n_embd: usize,
+        /// Expected rows (the ubatch's).
+        rows: usize,
+    },
+    /// Reading or writing a node's rows failed.
+    #[error("layer {layer}: {source}")]
+    Node {
+        /// The layer.
+        layer: usize,
+        /// What failed.
+        source: NodeError,
+    },
+    /// A sequence's generator saw another number of instruction rows than planned.
+    #[error("sequence {seq}, layer {layer}: {seen} instruction rows seen, expected {expected}")]
+    RowsSeen {
+        /// The sequence.
+        seq: usize,
+        /// The layer.
+        layer: usize,
+        /// Rows seen.
+        seen: usize,
+        /// Rows planned.
+        expected: usize,
+    },
+    /// Not every soft row of a sequence was written at a layer.
+    #[error("sequence {seq}, layer {layer}: {written} of {m} soft rows written")]
+    SoftRowsMissing {
+        /// The sequence.
+        seq: usize,
+        /// The layer.
+        layer: usize,
+        /// Rows written.
+        written: usize,
         /// Soft tokens.
         m: usize,
-        /// The adapter's n_embd.
-        d: usize,
     },
-    /// A row range is outside a [`crate::GpuRows`] buffer.
-    #[error("rows {row0}..{end} are outside the buffer of {n_rows} rows")]
-    RowRange {
-        /// First row.
-        row0: usize,
-        /// One past the last row.
-        end: usize,
-        /// Rows in the buffer.
-        n_rows: usize,
-    },
-    /// The adapter was uploaded by another runtime.
-    #[error("the adapter was uploaded by another GPU runtime; upload it to this one")]
-    ForeignAdapter,
-    /// Rows allocated by another runtime (its memory may be of another kind).
-    #[error("the rows were allocated by another GPU runtime; allocate them with this one")]
-    ForeignRows,
-    /// The state belongs to another adapter (or runtime).
-    #[error("the sequence state was made for another adapter or runtime; make one with new_state for this adapter")]
-    ForeignState,
-    /// `finish` before any row was fed.
-    #[error("no instruction rows were fed to layer {layer}; feed at least one row before finishing")]
-    NoRows {
+    /// The CPU generator failed for a sequence.
+    #[error("sequence {seq}, layer {layer}: {source}")]
+    Generator {
+        /// The sequence.
+        seq: usize,
         /// The layer.
         layer: usize,
+        /// The generator's error.
+        source: iapt_generator::GeneratorError,
     },
-    /// An instruction row produced a non-finite score (NaN or infinite hidden states). The
-    /// state stays poisoned until [`crate::GpuRuntime::reset`].
-    #[error("instruction row {row} at layer {layer} gives a non-finite pooling score (NaN or infinite hidden states); reset the state")]
-    NonFiniteInput {
+    /// The GPU generator failed (for a sequence, or synchronising a layer).
+    #[error("{}layer {layer}: {source}", seq.map(|s| format!("sequence {s}, ")).unwrap_or_default())]
+    Gpu {
+        /// The sequence, if the failure belongs to one.
+        seq: Option<usize>,
         /// The layer.
         layer: usize,
-        /// The first bad row (index in the sequence).
-        row: usize,
-    },
-    /// A device pointer is null or not aligned to 4 bytes.
-    #[error("device pointer {ptr:#x} is null or not 4-byte aligned")]
-    BadPointer {
-        /// The pointer.
-        ptr: u64,
-    },
-    /// A device pointer belongs to another device than the runtime's.
-    #[error("device pointer {ptr:#x} belongs to CUDA device {ptr_device}, but this runtime runs on device {runtime_device}; open the runtime on the model's device")]
-    WrongDevice {
-        /// The pointer.
-        ptr: u64,
-        /// The pointer's device ordinal.
-        ptr_device: i32,
-        /// The runtime's ordinal.
-        runtime_device: usize,
-    },
-    /// A device pointer is not device memory the driver knows, or the rows run past its allocation.
-    #[error("device pointer {ptr:#x} (+{bytes} bytes) is not inside one device allocation: {detail}")]
-    NotDeviceMemory {
-        /// The pointer.
-        ptr: u64,
-        /// Bytes to be accessed.
-        bytes: usize,
-        /// What the driver said.
-        detail: String,
-    },
-    /// A benchmark setting is invalid.
-    #[error("invalid GPU benchmark setting: {detail}")]
-    BenchConfig {
-        /// What is wrong.
-        detail: String,
+        /// The GPU generator's error.
+        source: iapt_generator_cuda::GpuError,
     },
 }

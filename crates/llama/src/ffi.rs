@@ -8,8 +8,14 @@
 //!
 //! Ownership rules kept here so that the rest of the crate cannot get them wrong:
 //! - a [`Context`] borrows its [`Model`] (lifetime `'m`), so the model outlives every context;
-//! - the callback state is boxed and owned by the [`Context`]; `Drop` frees the llama.cpp context
-//!   first and only then (field drop) the box, so llama.cpp never holds a dangling `user_data`;
+//! - the callback state is leaked into a raw pointer (`Box::into_raw`) when the context is made, and
+//!   the [`Context`] owns that pointer: `Drop` frees the llama.cpp context first and only then the
+//!   state (`Box::from_raw`), so llama.cpp never holds a dangling `user_data`, and no Rust borrow of
+//!   the state is invalidated by moving the `Context`;
+//! - a node's rows are viewed only inside bounds checked against all four of its dimensions and
+//!   strides; a writable device view borrows the node mutably, so there is never a second view;
+//! - logits are read only for batch rows that asked for them (llama.cpp aborts on others in a
+//!   debug build).
 //! - every call into Rust from C (log callback, `cb_eval` trampoline) is wrapped in `catch_unwind`;
 //!   a panic is recorded and reported as an error by the next safe call instead of unwinding into C.
 
@@ -24,9 +30,10 @@ use std::sync::{Arc, Mutex, Once};
 
 use llama_cpp_sys_2 as sys;
 
-use crate::error::LlamaError;
+use iapt_generator_cuda::{DevRows, DevRowsMut};
 
-pub(crate) mod gpu;
+use crate::error::{LlamaError, NodeError};
+
 mod memory;
 mod sampler;
 
@@ -625,12 +632,13 @@ impl NodeInfo<'_> {
         unsafe { (*self.t.as_ptr()).ne }
     }
 
-    /// Whether the data is f32 with rows stored contiguously one after another
-    /// (`nb[0] = 4`, `nb[1] = 4 ne[0]`), which row access requires.
+    /// Whether the data is f32 with every row stored contiguously one after another
+    /// (`nb[0] = 4`, `nb[1] = 4 ne[0]`, `nb[2] = nb[1] ne[1]`, `nb[3] = nb[2] ne[2]`), which row
+    /// access requires: rows are then counted as `ne[1] ne[2] ne[3]`.
     pub fn is_f32_rows(&self) -> bool {
         // SAFETY: the tensor is valid for the duration of the callback.
         let t = unsafe { &*self.t.as_ptr() };
-        t.type_ == sys::GGML_TYPE_F32 && t.nb[0] == 4 && t.nb[1] == 4 * t.ne[0].max(0) as usize
+        t.type_ == sys::GGML_TYPE_F32 && is_dense_f32(t.ne, t.nb)
     }
 
     /// Whether the data lives in host memory (otherwise it is copied through the backend API).
@@ -643,22 +651,52 @@ impl NodeInfo<'_> {
         }
     }
 
-    fn check_rows(&self, row0: usize, values: usize) -> Result<usize, String> {
-        if !self.is_f32_rows() {
-            return Err(format!("node {} is not f32 with contiguous rows", self.name()));
-        }
+    /// The byte offset of row `row0`, after checking that `values` f32 starting there are whole
+    /// rows inside the tensor's data.
+    fn check_rows(&self, row0: usize, values: usize) -> Result<usize, NodeError> {
+        let node = || self.name().to_owned();
         // SAFETY: the tensor is valid for the duration of the callback.
         let t = unsafe { &*self.t.as_ptr() };
+        if t.type_ != sys::GGML_TYPE_F32 || !is_dense_f32(t.ne, t.nb) {
+            return Err(NodeError::NotDenseF32 { node: node(), ne: t.ne, nb: t.nb });
+        }
         if t.buffer.is_null() || t.data.is_null() {
-            return Err(format!("node {} has no data buffer", self.name()));
+            return Err(NodeError::NoData { node: node() });
         }
-        let d = t.ne[0].max(0) as usize;
-        let rows = (t.ne[1].max(0) * t.ne[2].max(0) * t.ne[3].max(0)) as usize;
-        if d == 0 || values % d != 0 || row0 + values / d > rows {
-            return Err(format!("rows {}..+{} out of range for node {} with ne {:?}", row0, values / d.max(1), self.name(), t.ne));
+        let (d, rows) = (t.ne[0] as usize, dense_rows(t.ne));
+        if d == 0 || values % d != 0 {
+            return Err(NodeError::NotWholeRows { node: node(), values, n_embd: d });
         }
-        Ok(row0 * t.nb[1])
+        match row0.checked_add(values / d) {
+            Some(end) if end <= rows => Ok(row0 * t.nb[1]),
+            _ => Err(NodeError::RowsOutOfRange { node: node(), row0, n: values / d, rows }),
+        }
     }
+}
+
+/// Whether `ne`/`nb` (ggml's extents and byte strides) describe f32 rows packed one after another
+/// in all four dimensions, with non-negative extents whose total size fits in `usize`.
+fn is_dense_f32(ne: [i64; 4], nb: [usize; 4]) -> bool {
+    if ne.iter().any(|&n| n < 0) {
+        return false;
+    }
+    let mut stride = 4usize;
+    for k in 0..4 {
+        if nb[k] != stride {
+            return false;
+        }
+        match stride.checked_mul(ne[k] as usize) {
+            Some(next) => stride = next,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Rows of a dense tensor (`ne[1] ne[2] ne[3]`); only for shapes [`is_dense_f32`] accepted, whose
+/// product fits.
+fn dense_rows(ne: [i64; 4]) -> usize {
+    (ne[1] * ne[2] * ne[3]) as usize
 }
 
 /// A computed node in the data phase of `cb_eval`: its rows can be read and overwritten before any
@@ -676,7 +714,7 @@ impl<'a> std::ops::Deref for NodeData<'a> {
 
 impl NodeData<'_> {
     /// Copies rows `row0 .. row0 + out.len() / ne[0]` into `out` (row-major, `ne[0]` per row).
-    pub fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), String> {
+    pub fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), NodeError> {
         let offset = self.check_rows(row0, out.len())?;
         // SAFETY: the node has been computed (data phase) and nothing else runs on it during the
         // callback; `check_rows` verified f32 data with contiguous rows, a set buffer and data pointer,
@@ -688,7 +726,7 @@ impl NodeData<'_> {
     }
 
     /// Overwrites rows `row0 .. row0 + values.len() / ne[0]` with `values`.
-    pub fn write_rows(&self, row0: usize, values: &[f32]) -> Result<(), String> {
+    pub fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), NodeError> {
         let offset = self.check_rows(row0, values.len())?;
         // SAFETY: as in `read_rows`; additionally, in the data phase the scheduler has finished the
         // producing node and has not started any consumer, so writing the tensor's memory races with
@@ -701,11 +739,11 @@ impl NodeData<'_> {
 }
 
 impl NodeData<'_> {
-    /// Rows `row0 .. row0 + n` of the node as [`gpu::DevRows`] for a runtime that computes where
+    /// Rows `row0 .. row0 + n` of the node as [`DevRows`] for a runtime that computes where
     /// the node lives: device memory for a CUDA runtime (`emulated == false`), host memory for the
     /// emulator. `Ok(None)` when the node lives elsewhere (then use [`NodeData::read_rows`]). The
     /// runtime still checks the pointer against its device (ordinal, allocation extent).
-    pub(crate) fn gpu_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<gpu::DevRows<'_>>, String> {
+    pub fn gpu_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRows<'_>>, NodeError> {
         let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
         // SAFETY: `gpu_ptr` checked f32 data with contiguous rows and that rows row0..row0+n lie
         // within the tensor's data, which sits in one ggml backend buffer of the kind the runtime
@@ -713,21 +751,40 @@ impl NodeData<'_> {
         // callback returns; the buffer stays allocated for the whole graph; the borrow of `self`
         // (the callback's duration) bounds the view, and the hook synchronises the runtime before
         // returning from the callback, so no queued read outlives the view.
-        Ok(Some(unsafe { gpu::DevRows::from_raw(ptr, n, d) }))
+        Ok(Some(unsafe { DevRows::from_raw(ptr, n, d) }))
     }
 
-    /// As [`NodeData::gpu_rows`], writable: where the soft tokens go.
-    pub(crate) fn gpu_rows_mut(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<gpu::DevRowsMut<'_>>, String> {
+    /// As [`NodeData::gpu_rows`], writable: where the soft tokens go. The view borrows the node
+    /// mutably, so no other view of it (read or write) can exist at the same time:
+    ///
+    /// ```compile_fail,E0499
+    /// fn two_views(node: &mut iapt_llama::NodeData<'_>) {
+    ///     let a = node.gpu_rows_mut(true, 0, 1);
+    ///     let b = node.gpu_rows_mut(true, 1, 1); // error[E0499]: a second mutable borrow
+    ///     drop((a, b));
+    /// }
+    /// ```
+    /// ```no_run
+    /// fn one_view(node: &mut iapt_llama::NodeData<'_>) {
+    ///     let a = node.gpu_rows_mut(true, 0, 1);
+    ///     drop(a);
+    ///     let b = node.gpu_rows_mut(true, 1, 1); // the first view ended: fine
+    ///     drop(b);
+    /// }
+    /// ```
+    pub fn gpu_rows_mut(&mut self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRowsMut<'_>>, NodeError> {
         let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
         // SAFETY: as in `gpu_rows`; additionally no consumer of the node has started (data phase),
-        // so writing the rows races with nothing, and `finish_device` synchronises before returning.
-        Ok(Some(unsafe { gpu::DevRowsMut::from_raw(ptr, n, d) }))
+        // so writing the rows races with nothing, `&mut self` makes this the only view of the node
+        // while it lives, and `finish_device` synchronises before returning.
+        Ok(Some(unsafe { DevRowsMut::from_raw(ptr, n, d) }))
     }
 
     /// The address of row `row0` and the row width, when the node lives where the runtime computes.
-    fn gpu_ptr(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<(u64, usize)>, String> {
+    fn gpu_ptr(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<(u64, usize)>, NodeError> {
         let d = self.ne()[0].max(0) as usize;
-        let offset = self.check_rows(row0, n.checked_mul(d).ok_or("row count overflows")?)?;
+        let values = n.checked_mul(d).ok_or_else(|| NodeError::RowsOutOfRange { node: self.name().to_owned(), row0, n, rows: 0 })?;
+        let offset = self.check_rows(row0, values)?;
         if self.is_host() != emulated {
             return Ok(None);
         }
@@ -749,7 +806,7 @@ pub trait EvalCallback: Send + Sync {
     /// Data phase: the node is computed; read or overwrite it. Errors must be recorded by the
     /// implementation: llama.cpp offers no way to abort a decode from here (returning `false` only
     /// skips the rest of the current graph split), so the trampoline always continues.
-    fn on_data(&self, node: &NodeData<'_>);
+    fn on_data(&self, node: &mut NodeData<'_>);
 }
 
 /// The boxed state llama.cpp's `cb_eval_user_data` points to.
@@ -762,9 +819,10 @@ unsafe extern "C" fn eval_trampoline(t: *mut sys::ggml_tensor, ask: bool, user_d
     if user_data.is_null() {
         return false;
     }
-    // SAFETY: `user_data` is the address of the `CallbackSlot` boxed inside the `Context` whose
-    // scheduler calls us; the box is dropped only after `llama_free` (see `Context::drop`), so it
-    // is alive here, and it is only accessed through shared references.
+    // SAFETY: `user_data` is the pointer `Box::into_raw` returned for the `CallbackSlot` of the
+    // `Context` whose scheduler calls us; it is freed (`Box::from_raw`) only after `llama_free`
+    // (see `Context::drop`), so it is alive here, and it is only ever accessed through shared
+    // references (its mutable state is an atomic).
     let slot = unsafe { &*(user_data as *const CallbackSlot) };
     let Some(t) = NonNull::new(t) else { return false };
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -772,7 +830,7 @@ unsafe extern "C" fn eval_trampoline(t: *mut sys::ggml_tensor, ask: bool, user_d
         if ask {
             slot.cb.wants(&info)
         } else {
-            slot.cb.on_data(&NodeData { info });
+            slot.cb.on_data(&mut NodeData { info });
             true
         }
     }));
@@ -837,8 +895,11 @@ impl Default for ContextParams {
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
     n_vocab: usize,
-    // Dropped after `ptr` is freed (in `Drop::drop`): llama.cpp keeps its address as user data.
-    slot: Option<Box<CallbackSlot>>,
+    /// The callback state from `Box::into_raw` (llama.cpp keeps it as `cb_eval_user_data`); freed
+    /// in `Drop::drop` after `llama_free`.
+    slot: Option<NonNull<CallbackSlot>>,
+    /// Rows of the last decoded batch that asked for logits (`logits` refuses the others).
+    logit_rows: Vec<bool>,
     _model: PhantomData<&'m Model>,
 }
 
@@ -866,18 +927,25 @@ impl<'m> Context<'m> {
         };
         cp.type_k = params.kv_type.ggml();
         cp.type_v = params.kv_type.ggml();
-        let slot = callback.map(|cb| Box::new(CallbackSlot { cb, panicked: AtomicBool::new(false) }));
-        if let Some(s) = &slot {
+        let slot = callback.map(|cb| NonNull::from(Box::leak(Box::new(CallbackSlot { cb, panicked: AtomicBool::new(false) }))));
+        if let Some(s) = slot {
             cp.cb_eval = Some(eval_trampoline);
-            cp.cb_eval_user_data = (&**s as *const CallbackSlot).cast_mut().cast();
+            cp.cb_eval_user_data = s.as_ptr().cast();
         }
         clear_log_errors();
         // SAFETY: the model pointer is valid and outlives the context ('m); `cp` comes from llama.cpp's
-        // defaults with plain values changed; `cb_eval_user_data` points into a Box that this
-        // `Context` owns and frees only after `llama_free` (see `Drop`).
+        // defaults with plain values changed; `cb_eval_user_data` is a leaked Box that the
+        // `Context` made below frees only after `llama_free` (see `Drop`), or that is freed here.
         let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };
-        let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::ContextInit { detail: take_log_errors() })?;
-        Ok(Context { ptr, n_vocab: model.n_vocab(), slot, _model: PhantomData })
+        let Some(ptr) = NonNull::new(raw) else {
+            if let Some(s) = slot {
+                // SAFETY: llama.cpp made no context, so nothing holds the pointer; it came from
+                // `Box::leak` above and is freed exactly once, here.
+                drop(unsafe { Box::from_raw(s.as_ptr()) });
+            }
+            return Err(LlamaError::ContextInit { detail: take_log_errors() });
+        };
+        Ok(Context { ptr, n_vocab: model.n_vocab(), slot, logit_rows: Vec::new(), _model: PhantomData })
     }
 
     /// The context size in tokens.
@@ -910,12 +978,14 @@ impl<'m> Context<'m> {
             });
         }
         clear_log_errors();
+        self.logit_rows.clear();
         // SAFETY: the context is valid and used by one thread at a time (`&mut self`); `batch.raw`
         // points to arrays allocated by `llama_batch_init` for `capacity >= n_tokens` entries, each
         // with one sequence id, all filled in by `Batch::push`; the callback slot (if any) is alive.
         let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
-        if let Some(s) = &self.slot {
-            if s.panicked.swap(false, Ordering::SeqCst) {
+        if let Some(s) = self.slot {
+            // SAFETY: the slot is alive until `Drop` (see the field) and only shared-borrowed.
+            if unsafe { s.as_ref() }.panicked.swap(false, Ordering::SeqCst) {
                 return Err(LlamaError::CallbackPanicked);
             }
         }
@@ -927,14 +997,22 @@ impl<'m> Context<'m> {
             };
             return Err(LlamaError::Decode { code: rc, detail: why });
         }
+        self.logit_rows = batch.logit_rows();
         Ok(())
     }
 
-    /// The logits of batch entry `i` of the last decode (which must have asked for them).
+    /// The logits of batch entry `i` of the last successful decode, or `None` when that entry did
+    /// not ask for them (or there is no such entry): llama.cpp is then not asked at all, since its
+    /// debug builds abort on such a row.
     pub fn logits(&self, i: usize) -> Option<&[f32]> {
+        if !self.logit_rows.get(i).copied().unwrap_or(false) {
+            return None;
+        }
         let i = i32::try_from(i).ok()?;
-        // SAFETY: the context is valid; llama.cpp checks `i` and returns null (after logging) for an
-        // entry without logits.
+        #[cfg(test)]
+        tests::LOGITS_ASKED.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: the context is valid; entry `i` of the last decode asked for logits (checked
+        // above), so llama.cpp has an output row for it.
         let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };
         if p.is_null() {
             clear_log_errors();
@@ -948,6 +1026,7 @@ impl<'m> Context<'m> {
 
     /// Empties the KV cache (a fresh sequence can start at position 0).
     pub fn clear_kv(&mut self) {
+        self.logit_rows.clear();
         // SAFETY: the context is valid; the memory handle it returns lives as long as the context.
         unsafe {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
@@ -961,8 +1040,13 @@ impl<'m> Context<'m> {
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: the pointer came from `llama_init_from_model` and is freed exactly once. The callback
-        // slot is still alive (fields drop after this body), so nothing dangles during teardown.
+        // slot is still alive during teardown (freed below).
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
+        if let Some(s) = self.slot.take() {
+            // SAFETY: `s` came from `Box::leak` in `Context::new`; llama.cpp, its only other holder,
+            // was freed just above, and `take` makes this the one and only free.
+            drop(unsafe { Box::from_raw(s.as_ptr()) });
+        }
     }
 }
 
@@ -995,6 +1079,13 @@ impl Batch {
     /// Removes every token.
     pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
+    }
+
+    /// For each entry, whether it asks for its output row.
+    fn logit_rows(&self) -> Vec<bool> {
+        // SAFETY: `llama_batch_init` allocated `capacity >= len()` entries of `logits`, and the
+        // first `len()` were written by `push_seq`.
+        (0..self.len()).map(|i| unsafe { *self.raw.logits.add(i) } != 0).collect()
     }
 
     /// Appends `token` of sequence 0 at position `pos`; `logits` asks for its output row.
@@ -1066,4 +1157,60 @@ pub fn quantize(src: &Path, dst: &Path, quant: Quant, n_threads: i32) -> Result<
         return Err(LlamaError::Quantize { path: src.to_owned(), detail: take_log_errors() });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Calls of `llama_get_logits_ith` made by [`Context::logits`].
+    pub(super) static LOGITS_ASKED: AtomicUsize = AtomicUsize::new(0);
+
+    fn strides(ne: [i64; 4]) -> [usize; 4] {
+        let mut nb = [4usize; 4];
+        for k in 1..4 {
+            nb[k] = nb[k - 1] * ne[k - 1] as usize;
+        }
+        nb
+    }
+
+    #[test]
+    fn dense_f32_rows_are_checked_in_all_four_dimensions() {
+        let ne = [8, 3, 2, 2];
+        assert!(is_dense_f32(ne, strides(ne)));
+        assert_eq!(dense_rows(ne), 12);
+        // Rows packed in dimensions 0 and 1, but the planes of dimension 2 have a gap between them
+        // (a view of a larger tensor): counting ne1*ne2*ne3 rows would read past the planes.
+        let mut gap = strides(ne);
+        gap[2] += 32;
+        gap[3] = gap[2] * 2;
+        assert!(!is_dense_f32(ne, gap));
+        // Dimensions 2 and 3 swapped (a permuted view): the rows are not in row order.
+        let mut permuted = strides(ne);
+        permuted.swap(2, 3);
+        assert!(!is_dense_f32(ne, permuted));
+        // Overflowing and negative extents.
+        assert!(!is_dense_f32([i64::MAX, 2, 1, 1], [4, usize::MAX, 0, 0]));
+        assert!(!is_dense_f32([8, -1, 1, 1], strides([8, 1, 1, 1])));
+    }
+
+    #[test]
+    fn logits_of_rows_that_did_not_ask_never_reach_llama_cpp() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../converters/python/fixtures/models");
+        let model = Model::load(&dir.join("llama-tiny-f32.gguf")).expect("fixture model");
+        let mut ctx = Context::new(&model, &ContextParams { n_ctx: 64, n_batch: 64, n_ubatch: 64, ..ContextParams::default() }, None)
+            .expect("context");
+        let mut batch = Batch::new(4);
+        for i in 0..3 {
+            batch.push(1 + i, i, i == 2).unwrap();
+        }
+        ctx.decode(&batch).unwrap();
+        let before = LOGITS_ASKED.load(Ordering::SeqCst);
+        assert!(ctx.logits(0).is_none() && ctx.logits(1).is_none() && ctx.logits(3).is_none());
+        assert_eq!(LOGITS_ASKED.load(Ordering::SeqCst), before, "llama.cpp was asked for a row without logits (a debug build aborts)");
+        assert!(ctx.logits(2).is_some());
+        assert_eq!(LOGITS_ASKED.load(Ordering::SeqCst), before + 1);
+    }
 }

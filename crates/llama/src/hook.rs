@@ -26,12 +26,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use iapt_generator::{Generator, LayerState};
+use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime, GpuSeqState};
 
 use crate::arch::ArchSpec;
-use crate::error::LlamaError;
-use crate::ffi::gpu::{GpuAdapter, GpuRuntime, GpuSeqState};
+use crate::error::{HookError, LlamaError};
 use crate::ffi::{EvalCallback, NodeData, NodeInfo};
-use crate::GpuError;
 
 /// One resident adapter of a hook and where its generator runs.
 #[derive(Debug, Clone)]
@@ -124,7 +123,7 @@ struct Armed {
 
 struct Inner {
     armed: Option<Armed>,
-    errors: Vec<String>,
+    errors: Vec<HookError>,
     claims: Vec<Claim>,
     buf: Vec<f32>,
     /// Device states of finished decodes, by adapter index, for reuse.
@@ -231,23 +230,19 @@ impl IaptHook {
         for (i, s) in plan.seqs.iter().enumerate() {
             if let Some(a) = s.adapter {
                 if a >= self.adapters.len() {
-                    return Err(LlamaError::Hook {
-                        messages: vec![format!("sequence {i}: no adapter {a} (the hook holds {})", self.adapters.len())],
-                    });
+                    let e = HookError::NoSuchAdapter { seq: i, adapter: a, n_adapters: self.adapters.len() };
+                    return Err(LlamaError::Hook { errors: vec![e] });
                 }
             }
             if s.row0 != next || s.n_instr == 0 {
-                return Err(LlamaError::Hook {
-                    messages: vec![format!(
-                        "sequence {i}: starts at row {} with {} instruction rows; expected a non-empty instruction at row {next}",
-                        s.row0, s.n_instr
-                    )],
-                });
+                let e = HookError::PlanLayout { seq: i, row0: s.row0, n_instr: s.n_instr, expected_row0: next };
+                return Err(LlamaError::Hook { errors: vec![e] });
             }
             next = s.row0 + s.n_instr + self.soft_tokens_of(s.adapter);
         }
         if next > plan.batch_len || plan.n_ubatch == 0 {
-            return Err(LlamaError::Hook { messages: vec![format!("the sequences need {next} rows; the batch has {}", plan.batch_len)] });
+            let e = HookError::PlanTooLong { needed: next, batch_len: plan.batch_len, n_ubatch: plan.n_ubatch };
+            return Err(LlamaError::Hook { errors: vec![e] });
         }
         Ok(())
     }
@@ -315,44 +310,44 @@ impl IaptHook {
     /// was seen, every layer's input node was found in every ubatch, and all m soft rows of every
     /// sequence with an adapter were written at every layer.
     pub fn finish(&self) -> Result<(), LlamaError> {
-        let l = self.n_layer;
         let mut inner = self.lock();
         self.live.store(false, Ordering::SeqCst);
         let Some(a) = inner.armed.take() else {
-            return Err(LlamaError::Hook { messages: vec!["the hook was not armed".to_owned()] });
+            return Err(LlamaError::Hook { errors: vec![HookError::NotArmed] });
         };
         let mut errors = std::mem::take(&mut inner.errors);
         if !a.failed {
-            match a.ubatch {
-                None => errors.push(format!(
-                    "node {:?} (layer 0 input) never appeared in the graph: this llama.cpp names its nodes differently",
-                    self.arch.layer0_node
-                )),
-                Some((_, start, len)) => {
-                    if start + len != a.plan.batch_len {
-                        errors.push(format!("saw ubatches covering {} of {} batch rows", start + len, a.plan.batch_len));
-                    }
-                    if a.next_layer != l {
-                        errors.push(format!(
-                            "node {:?} (layer {} input) never appeared in the last ubatch",
-                            self.arch.layer_input_node(a.next_layer),
-                            a.next_layer
-                        ));
-                    }
-                }
-            }
-            for (i, s) in a.seqs.iter().enumerate() {
-                if let Some(layer) = s.written.iter().position(|&w| w != s.m) {
-                    errors.push(format!("sequence {i}, layer {layer}: {} of {} soft rows written", s.written[layer], s.m));
-                }
-            }
+            errors.extend(self.coverage_errors(&a));
         }
         Self::recycle(&mut inner.gpu_pool, a);
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(LlamaError::Hook { messages: errors })
+            Err(LlamaError::Hook { errors })
         }
+    }
+
+    /// What a decode that raised no error still missed: ubatches, layers, soft rows.
+    fn coverage_errors(&self, a: &Armed) -> Vec<HookError> {
+        let mut errors = Vec::new();
+        match a.ubatch {
+            None => errors.push(HookError::Layer0Missing { node: self.arch.layer0_node.to_owned() }),
+            Some((idx, start, len)) => {
+                if start + len != a.plan.batch_len {
+                    errors.push(HookError::UbatchesIncomplete { covered: start + len, batch_len: a.plan.batch_len });
+                }
+                if a.next_layer != self.n_layer {
+                    let layer = a.next_layer;
+                    errors.push(HookError::LayerMissing { ubatch: idx, node: self.arch.layer_input_node(layer), layer });
+                }
+            }
+        }
+        for (seq, s) in a.seqs.iter().enumerate() {
+            if let Some(layer) = s.written.iter().position(|&w| w != s.m) {
+                errors.push(HookError::SoftRowsMissing { seq, layer, written: s.written[layer], m: s.m });
+            }
+        }
+        errors
     }
 
     /// Disarms without checking (after a failed decode).
@@ -375,144 +370,224 @@ impl IaptHook {
         self.lock().claims.clone()
     }
 
-    /// Handles one claimed node; errors are returned to be recorded.
-    fn handle(&self, inner: &mut Inner, node: &NodeData<'_>, layer: usize) -> Result<(), String> {
-        let n_layer = self.n_layer;
-        let d = self.n_embd;
+    /// Handles one claimed node: follows the ubatches, records the claim, then lets every
+    /// sequence with an adapter stream its instruction rows and write its soft rows. Any GPU work
+    /// still reading the node is waited for before this returns, on every path (see [`SyncOnExit`]).
+    fn handle(&self, inner: &mut Inner, node: &mut NodeData<'_>, layer: usize) -> Result<(), HookError> {
         let Inner { armed, claims, buf, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
         if a.failed {
             return Ok(());
         }
+        let rows = node.ne()[1].max(0) as usize;
+        let (idx, start, len) = self.follow_ubatch(a, layer, rows)?;
+        let on_device = match &self.gpu {
+            Some(rt) => node.gpu_rows(rt.is_emulated(), 0, 0).map_err(|source| HookError::Node { layer, source })?.is_some(),
+            None => false,
+        };
+        claims.push(Claim { ubatch: idx, layer, node: node.name().to_owned(), rows, on_device });
         let ne = node.ne();
-        let rows = ne[1].max(0) as usize;
+        if ne[0] as usize != self.n_embd || rows != len || ne[2] != 1 || ne[3] != 1 {
+            return Err(HookError::NodeShape { node: node.name().to_owned(), ne, n_embd: self.n_embd, rows: len });
+        }
+        let sync = SyncOnExit(self.gpu.as_deref());
+        let ub = Ubatch { start, end: start + len };
+        for (seq, s) in a.seqs.iter_mut().enumerate() {
+            let mut step = SeqStep { seq, layer, ub, node: &mut *node, buf: &mut *buf };
+            match (s.generator.clone(), self.gpu.as_deref()) {
+                (None, _) => continue,
+                (Some(HookAdapter::Cpu(g)), _) => step.cpu(&g, s)?,
+                (Some(HookAdapter::Gpu(g)), Some(rt)) => step.gpu(rt, &g, s)?,
+                (Some(HookAdapter::Gpu(_)), None) => unreachable!("`with_adapters` refuses GPU adapters without a runtime"),
+            }
+            step.write_soft(s)?;
+        }
+        sync.done().map_err(|source| HookError::Gpu { seq: None, layer, source })
+    }
+
+    /// Follows llama.cpp's ubatches: layer 0's node starts the next one, whose row count must be
+    /// the planned one, and layers come in order. Returns the ubatch's index, first row and length.
+    fn follow_ubatch(&self, a: &mut Armed, layer: usize, rows: usize) -> Result<(usize, usize, usize), HookError> {
         if layer == 0 {
-            // A new ubatch starts.
             let (idx, start) = match a.ubatch {
                 None => (0, 0),
                 Some((i, s, len)) => {
-                    if a.next_layer != n_layer {
-                        return Err(format!("ubatch {i}: layer {} input never appeared before the next ubatch", a.next_layer));
+                    if a.next_layer != self.n_layer {
+                        let next = a.next_layer;
+                        return Err(HookError::LayerMissing { ubatch: i, node: self.arch.layer_input_node(next), layer: next });
                     }
                     (i + 1, s + len)
                 }
             };
-            if start >= a.plan.batch_len {
-                return Err(format!("a ubatch beyond the planned batch of {} rows", a.plan.batch_len));
+            let batch_len = a.plan.batch_len;
+            if start >= batch_len {
+                return Err(HookError::BeyondBatch { batch_len });
             }
-            let want = a.plan.n_ubatch.min(a.plan.batch_len - start);
+            let want = a.plan.n_ubatch.min(batch_len - start);
             if rows != want {
-                return Err(format!(
-                    "ubatch {idx} has {rows} rows but the plan expects {want} (batch {}, n_ubatch {}): llama.cpp split the batch differently",
-                    a.plan.batch_len, a.plan.n_ubatch
-                ));
+                return Err(HookError::UbatchRows { ubatch: idx, rows, want, batch_len, n_ubatch: a.plan.n_ubatch });
             }
             a.ubatch = Some((idx, start, rows));
             a.next_layer = 0;
         }
         let Some((idx, start, len)) = a.ubatch else {
-            return Err(format!("layer {layer} input seen before layer 0 input"));
+            return Err(HookError::LayerOrder { ubatch: None, layer, expected: 0 });
         };
         if layer != a.next_layer {
-            return Err(format!("ubatch {idx}: layer {layer} input seen when layer {} was expected", a.next_layer));
+            return Err(HookError::LayerOrder { ubatch: Some(idx), layer, expected: a.next_layer });
         }
         a.next_layer = layer + 1;
-        let on_device = match &self.gpu {
-            Some(rt) => node.gpu_rows(rt.is_emulated(), 0, 0)?.is_some(),
-            None => false,
-        };
-        claims.push(Claim { ubatch: idx, layer, node: node.name().to_owned(), rows, on_device });
-        if ne[0] as usize != d || rows != len || ne[2] != 1 || ne[3] != 1 {
-            return Err(format!("node {} has shape {:?}, expected [{d}, {len}, 1, 1]", node.name(), ne));
+        Ok((idx, start, len))
+    }
+}
+
+/// Batch rows `start..end` of the current ubatch.
+#[derive(Debug, Clone, Copy)]
+struct Ubatch {
+    start: usize,
+    end: usize,
+}
+
+/// One sequence's work on one claimed node.
+struct SeqStep<'n, 'd, 'b> {
+    seq: usize,
+    layer: usize,
+    ub: Ubatch,
+    node: &'n mut NodeData<'d>,
+    buf: &'b mut Vec<f32>,
+}
+
+impl SeqStep<'_, '_, '_> {
+    /// The sequence's instruction rows in this ubatch, as batch rows `i0..i1` (empty if none).
+    fn instruction(&self, s: &SeqRun) -> (usize, usize) {
+        let (row0, n) = (s.plan.row0, s.plan.n_instr);
+        (self.ub.start.max(row0), self.ub.end.min(row0 + n))
+    }
+
+    /// The sequence's soft rows in this ubatch, as batch rows `s0..s1` (empty if none).
+    fn soft(&self, s: &SeqRun) -> (usize, usize) {
+        let first = s.plan.row0 + s.plan.n_instr;
+        (self.ub.start.max(first), self.ub.end.min(first + s.m))
+    }
+
+    fn node_err(&self) -> impl Fn(crate::error::NodeError) -> HookError {
+        let layer = self.layer;
+        move |source| HookError::Node { layer, source }
+    }
+
+    /// Copies batch rows `i0..i1` of the node into the scratch buffer.
+    fn read(&mut self, i0: usize, i1: usize, d: usize) -> Result<&[f32], HookError> {
+        let k = (i1 - i0) * d;
+        self.buf.resize(k, 0.0);
+        self.node.read_rows(i0 - self.ub.start, &mut self.buf[..k]).map_err(self.node_err())?;
+        Ok(&self.buf[..k])
+    }
+
+    /// CPU generator: streams the instruction rows of this ubatch into the layer's state, and when
+    /// the soft rows start here, finishes the layer once into `s.soft`.
+    fn cpu(&mut self, g: &Generator, s: &mut SeqRun) -> Result<(), HookError> {
+        let (seq, layer) = (self.seq, self.layer);
+        let gen_err = |source| HookError::Generator { seq, layer, source };
+        let (i0, i1) = self.instruction(s);
+        if i0 < i1 {
+            let rows = self.read(i0, i1, g.n_embd())?;
+            s.states[layer].feed(g, rows).map_err(gen_err)?;
         }
-        let end = start + len;
-        let mut queued = false;
-        for (si, s) in a.seqs.iter_mut().enumerate() {
-            let at = |e: &dyn std::fmt::Display| format!("sequence {si}, layer {layer}: {e}");
-            let (row0, n, m) = (s.plan.row0, s.plan.n_instr, s.m);
-            let (i0, i1) = (start.max(row0), end.min(row0 + n));
-            let (s0, s1) = (start.max(row0 + n), end.min(row0 + n + m));
-            match (&s.generator, s.gpu.as_mut(), self.gpu.as_deref()) {
-                (None, ..) => {}
-                (Some(HookAdapter::Cpu(g)), ..) => {
-                    // This sequence's instruction rows in this ubatch: stream them into the layer's state.
-                    if i0 < i1 {
-                        let k = (i1 - i0) * d;
-                        buf.resize(k, 0.0);
-                        node.read_rows(i0 - start, &mut buf[..k])?;
-                        s.states[layer].feed(g, &buf[..k]).map_err(|e| at(&e))?;
-                    }
-                    // Its soft rows in this ubatch: finish the layer's state once, then write the rows here.
-                    if s0 < s1 && s.soft[layer].is_none() {
-                        if s.states[layer].rows_seen() != n {
-                            return Err(at(&format!("{} instruction rows seen, expected {n}", s.states[layer].rows_seen())));
-                        }
-                        let mut p = vec![0.0f32; m * d];
-                        s.states[layer].finish(g, &mut p).map_err(|e| at(&e))?;
-                        s.soft[layer] = Some(p);
-                    }
-                }
-                (Some(HookAdapter::Gpu(g)), Some(st), Some(rt)) => {
-                    let emulated = rt.is_emulated();
-                    if i0 < i1 {
-                        let fed = match node.gpu_rows(emulated, i0 - start, i1 - i0)? {
-                            Some(rows) => match rt.feed_device(g, st, layer, rows) {
-                                // Memory of another device (a model split over GPUs): go through the host.
-                                Err(GpuError::WrongDevice { .. } | GpuError::NotDeviceMemory { .. }) => false,
-                                r => r.map(|()| true).map_err(|e| at(&e))?,
-                            },
-                            None => false,
-                        };
-                        if !fed {
-                            let k = (i1 - i0) * d;
-                            buf.resize(k, 0.0);
-                            node.read_rows(i0 - start, &mut buf[..k])?;
-                            rt.feed_host(g, st, layer, &buf[..k]).map_err(|e| at(&e))?;
-                        }
-                        queued = true;
-                    }
-                    if s0 < s1 && s.soft[layer].is_none() && s.written[layer] == 0 {
-                        if st.rows_seen(layer) != n {
-                            return Err(at(&format!("{} instruction rows seen, expected {n}", st.rows_seen(layer))));
-                        }
-                        // All m soft rows in this ubatch and in device memory: written in place.
-                        if s1 - s0 == m {
-                            if let Some(dst) = node.gpu_rows_mut(emulated, s0 - start, m)? {
-                                match rt.finish_device(g, st, layer, dst) {
-                                    Err(GpuError::WrongDevice { .. } | GpuError::NotDeviceMemory { .. }) => {}
-                                    r => {
-                                        r.map_err(|e| at(&e))?;
-                                        s.written[layer] = m;
-                                        queued = false;
-                                        continue;
-                                    }
-                                }
-                            }
-                        }
-                        // Otherwise (host memory, or soft rows split over ubatches): through the host.
-                        let mut p = vec![0.0f32; m * d];
-                        rt.finish_host(g, st, layer, &mut p).map_err(|e| at(&e))?;
-                        queued = false;
-                        s.soft[layer] = Some(p);
-                    }
-                }
-                (Some(HookAdapter::Gpu(_)), ..) => return Err(at(&"a GPU adapter without a device state")),
+        let (s0, s1) = self.soft(s);
+        if s0 < s1 && s.soft[layer].is_none() {
+            let seen = s.states[layer].rows_seen();
+            if seen != s.plan.n_instr {
+                return Err(HookError::RowsSeen { seq, layer, seen, expected: s.plan.n_instr });
             }
-            if s0 < s1 {
-                if let Some(p) = s.soft[layer].as_ref() {
-                    let first = s0 - (row0 + n);
-                    node.write_rows(s0 - start, &p[first * d..(first + s1 - s0) * d])?;
-                    s.written[layer] += s1 - s0;
-                }
-            }
-        }
-        if queued {
-            // Queued reads of this node must end before llama.cpp runs its consumers.
-            if let Some(rt) = &self.gpu {
-                rt.synchronize().map_err(|e| format!("layer {layer}: {e}"))?;
-            }
+            let mut p = vec![0.0f32; s.m * g.n_embd()];
+            s.states[layer].finish(g, &mut p).map_err(gen_err)?;
+            s.soft[layer] = Some(p);
         }
         Ok(())
+    }
+
+    /// GPU generator: feeds the instruction rows in place when the node lives in the runtime's
+    /// memory (else through the host); when the soft rows start here, writes all m of them in place
+    /// if they are all in this ubatch and in device memory, else finishes into `s.soft`.
+    fn gpu(&mut self, rt: &GpuRuntime, g: &GpuAdapter, s: &mut SeqRun) -> Result<(), HookError> {
+        let (seq, layer) = (self.seq, self.layer);
+        let gpu_err = |source| HookError::Gpu { seq: Some(seq), layer, source };
+        let emulated = rt.is_emulated();
+        let ((i0, i1), (s0, s1)) = (self.instruction(s), self.soft(s));
+        let Some(st) = s.gpu.as_mut() else { unreachable!("`arm` gives every GPU sequence a device state") };
+        if i0 < i1 {
+            let fed = match self.node.gpu_rows(emulated, i0 - self.ub.start, i1 - i0).map_err(self.node_err())? {
+                Some(rows) => match rt.feed_device(g, st, layer, rows) {
+                    // Memory of another device (a model split over GPUs): go through the host.
+                    Err(GpuError::WrongDevice { .. } | GpuError::NotDeviceMemory { .. }) => false,
+                    r => r.map(|()| true).map_err(gpu_err)?,
+                },
+                None => false,
+            };
+            if !fed {
+                let rows = self.read(i0, i1, g.n_embd())?;
+                rt.feed_host(g, st, layer, rows).map_err(gpu_err)?;
+            }
+        }
+        if s0 >= s1 || s.soft[layer].is_some() || s.written[layer] != 0 {
+            return Ok(());
+        }
+        let seen = st.rows_seen(layer);
+        if seen != s.plan.n_instr {
+            return Err(HookError::RowsSeen { seq, layer, seen, expected: s.plan.n_instr });
+        }
+        if s1 - s0 == s.m {
+            let node_err = self.node_err();
+            if let Some(dst) = self.node.gpu_rows_mut(emulated, s0 - self.ub.start, s.m).map_err(node_err)? {
+                match rt.finish_device(g, st, layer, dst) {
+                    Err(GpuError::WrongDevice { .. } | GpuError::NotDeviceMemory { .. }) => {}
+                    r => {
+                        r.map_err(gpu_err)?;
+                        s.written[layer] = s.m;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        // Host memory, or soft rows split over ubatches: through the host.
+        let mut p = vec![0.0f32; s.m * g.n_embd()];
+        rt.finish_host(g, st, layer, &mut p).map_err(gpu_err)?;
+        s.soft[layer] = Some(p);
+        Ok(())
+    }
+
+    /// Writes the sequence's soft rows that fall in this ubatch from `s.soft`, if finished there.
+    fn write_soft(&mut self, s: &mut SeqRun) -> Result<(), HookError> {
+        let (s0, s1) = self.soft(s);
+        let Some(p) = s.soft[self.layer].as_ref().filter(|_| s0 < s1) else { return Ok(()) };
+        let d = p.len() / s.m;
+        let first = s0 - (s.plan.row0 + s.plan.n_instr);
+        self.node.write_rows(s0 - self.ub.start, &p[first * d..(first + s1 - s0) * d]).map_err(self.node_err())?;
+        s.written[self.layer] += s1 - s0;
+        Ok(())
+    }
+}
+
+/// Waits for the GPU runtime's work that reads llama.cpp's node before the callback returns, on
+/// every exit: [`SyncOnExit::done`] on success (reporting a failure), `Drop` on an early error
+/// return (the decode has failed already, so a failure there adds nothing). llama.cpp runs the
+/// node's consumers as soon as the callback returns, and may then overwrite the rows being read.
+struct SyncOnExit<'r>(Option<&'r GpuRuntime>);
+
+impl SyncOnExit<'_> {
+    fn done(mut self) -> Result<(), GpuError> {
+        match self.0.take() {
+            Some(rt) if rt.has_unsynchronized_work() => rt.synchronize(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for SyncOnExit<'_> {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            let _ = rt.synchronize();
+        }
     }
 }
 
@@ -528,7 +603,7 @@ impl EvalCallback for IaptHook {
         }
     }
 
-    fn on_data(&self, node: &NodeData<'_>) {
+    fn on_data(&self, node: &mut NodeData<'_>) {
         let Some(layer) = self.arch.layer_of(node.name(), self.n_layer) else { return };
         let t0 = Instant::now();
         let mut inner = self.lock();
@@ -542,5 +617,41 @@ impl EvalCallback for IaptHook {
                 self.live.store(false, Ordering::SeqCst);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iapt_format::Activation;
+    use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+
+    use super::*;
+
+    /// Queues a device-row read on `rt` (as the hook does with a node in device memory).
+    fn queue_read(rt: &GpuRuntime) -> GpuAdapter {
+        let a = random_adapter(&AdapterSpec::small(1, 16, 2, 4, Activation::Gelu), &mut Rng::new(3)).unwrap();
+        let ga = rt.upload(&a).unwrap();
+        let mut st = rt.new_state(&ga).unwrap();
+        let mut rows = rt.alloc_rows(3, 16).unwrap();
+        rt.write_rows(&mut rows, 0, &[0.25; 48]).unwrap();
+        rt.feed_device(&ga, &mut st, 0, rows.rows(0, 3).unwrap()).unwrap();
+        assert!(rt.has_unsynchronized_work());
+        ga
+    }
+
+    #[test]
+    fn sync_guard_waits_on_an_early_return_and_on_success() {
+        let rt = GpuRuntime::emulated();
+        let early = |rt: &GpuRuntime| -> Result<(), HookError> {
+            let _sync = SyncOnExit(Some(rt));
+            queue_read(rt);
+            Err(HookError::NotArmed)
+        };
+        assert!(early(&rt).is_err());
+        assert!(!rt.has_unsynchronized_work(), "an early return left queued reads of the caller's rows running");
+        let sync = SyncOnExit(Some(&rt));
+        queue_read(&rt);
+        sync.done().unwrap();
+        assert!(!rt.has_unsynchronized_work());
     }
 }

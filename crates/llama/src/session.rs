@@ -11,10 +11,10 @@ use iapt_generator::Generator;
 
 use crate::arch::{arch_spec, supported_archs, ArchSpec};
 use crate::error::LlamaError;
-use crate::ffi::gpu::{GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use crate::ffi::{Batch, Context, ContextParams, EvalCallback, Model, Token};
 use crate::hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 use crate::sample::{Sampler, Sampling};
+use iapt_generator_cuda::{GpuRuntime, GPU_MAX_SOFT_TOKENS};
 
 /// Checks that an adapter fits a model (architecture, layer count, width) and that the hook
 /// supports the architecture; returns the architecture's node table.

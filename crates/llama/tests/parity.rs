@@ -103,7 +103,7 @@ fn run(model: &Model, adapter: Option<&Adapter>, params: &ContextParams, instruc
 
 /// Where the generators run. The same test bodies run on each: the CPU, the GPU kernels on the
 /// CPU emulator (always, with this crate's `gpu-emulation` dev feature), and a CUDA device (the
-/// test prints why it skipped where none is usable).
+/// test prints why it skipped where none is usable, and fails there under `IAPT_REQUIRE_CUDA=1`).
 #[derive(Debug, Clone, Copy)]
 enum Dev {
     Cpu,
@@ -116,12 +116,10 @@ fn on_dev(dev: Dev, test: &str, body: impl FnOnce(&Option<Arc<GpuRuntime>>)) {
     let rt = match dev {
         Dev::Cpu => None,
         Dev::Emulated => Some(GpuRuntime::emulated()),
-        Dev::Cuda => match GpuRuntime::cuda(0) {
-            Ok(rt) => Some(rt),
-            Err(e) => {
-                eprintln!("{test}: skipped on CUDA: {e}");
-                return;
-            }
+        // Skips where no device is usable, and fails instead under IAPT_REQUIRE_CUDA=1.
+        Dev::Cuda => match iapt_generator_cuda::testing::cuda_for_test(test) {
+            Some(rt) => Some(rt),
+            None => return,
         },
     };
     if let Some(rt) = &rt {
@@ -373,7 +371,7 @@ impl EvalCallback for Idle {
     fn wants(&self, _node: &NodeInfo<'_>) -> bool {
         false
     }
-    fn on_data(&self, _node: &NodeData<'_>) {
+    fn on_data(&self, _node: &mut NodeData<'_>) {
         unreachable!("nothing was claimed")
     }
 }
@@ -520,7 +518,7 @@ impl EvalCallback for Panics {
     fn wants(&self, _node: &NodeInfo<'_>) -> bool {
         panic!("deliberate panic in the callback")
     }
-    fn on_data(&self, _node: &NodeData<'_>) {}
+    fn on_data(&self, _node: &mut NodeData<'_>) {}
 }
 
 #[test]

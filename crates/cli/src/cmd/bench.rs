@@ -1,11 +1,11 @@
 //! `iapt bench`: prefill and decode throughput of the base model and of the model with an IAPT
 //! adapter, side by side in one process with the same context settings (see
-//! `iapt_llama::bench` for the method).
+//! `crate::tools::bench` for the method).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use iapt_llama::{bench, BenchConfig};
+use crate::tools::bench::{bench, BenchConfig, Throughput};
 
 use super::run::{open_adapter, CtxArgs};
 
@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     );
     let r = bench(&model, &adapter, &cfg, &mut |line| eprintln!("{line}"))?;
     if let Some(path) = &args.json {
-        let tp = |t: iapt_llama::Throughput| serde_json::json!({ "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps });
+        let tp = |t: Throughput| serde_json::json!({ "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps });
         let v = serde_json::json!({
             "model": args.model.display().to_string(),
             "adapter": args.adapter.display().to_string(),

@@ -1,12 +1,12 @@
 //! `iapt bench-gpu [--device cuda|emulated] [--rows N] [--layers L] [--n-embd D] [--bottleneck R]
 //! [--dtype f16] [--reps N] [--json]`: the GPU generator's micro-benchmark on a random adapter
-//! (default: the LLaMA-2-7B shape), see `iapt_llama::gpu_generator_bench`. Exit code 2 when no
+//! (default: the LLaMA-2-7B shape), see `iapt_generator_cuda::gpu_generator_bench`. Exit code 2 when no
 //! CUDA device is usable (or the emulator is asked for but not compiled in).
 
 use std::process::ExitCode;
 
 use iapt_format::DType;
-use iapt_llama::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport, GpuError, GpuRuntime};
+use iapt_generator_cuda::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport, GpuError, GpuRuntime};
 
 use super::{exit, EXIT_USAGE};
 
@@ -15,7 +15,7 @@ use super::{exit, EXIT_USAGE};
 pub enum Device {
     /// CUDA device 0.
     Cuda,
-    /// The CPU emulator of the kernels (only in builds with iapt-llama's `gpu-emulation` feature).
+    /// The CPU emulator of the kernels (only in builds with the `gpu-emulation` feature).
     Emulated,
 }
 
@@ -63,7 +63,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let rt = match opened {
         Ok(rt) => rt,
-        Err(e @ (GpuError::CudaUnavailable { .. } | GpuError::EmulationNotCompiled)) => {
+        Err(e @ (GpuError::CudaUnavailable { .. } | GpuError::CudaNotCompiled | GpuError::EmulationNotCompiled)) => {
             eprintln!("error: {e}");
             return Ok(exit(EXIT_USAGE));
         }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use iapt_llama::eval::{answer, exact_match, example_prompt};
+use crate::tools::eval::{answer, exact_match, example_prompt};
 use iapt_llama::Session;
 
 use super::eval::{load_examples, load_prompt_format, DEFAULT_MAX_NEW_TOKENS};

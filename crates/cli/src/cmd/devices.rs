@@ -1,17 +1,20 @@
 //! `iapt devices [--json]`: the backend devices this build's llama.cpp sees (ggml's device list)
 //! and whether layers can be offloaded to a GPU. A CPU-only build prints `devices: CPU`; a build
 //! linked against a CUDA-enabled `libggml` prints e.g. `devices: CUDA0 (NVIDIA H200); CPU`.
-//! `iapt run|bench|eval|demo --verbose` print the same line before loading the model.
+//! `iapt run|bench|eval|demo --verbose` print the same line before loading the model. It also says
+//! where the IAPT generator can run in this build: on CUDA (compiled in, and whether device 0 is
+//! usable, or why not) and on the kernels' CPU emulator.
 
 use std::process::ExitCode;
 
-use iapt_llama::{Device, DeviceKind};
+use iapt_llama::{Device, DeviceKind, GpuRuntime};
 
 /// Arguments of `iapt devices`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Print one JSON object: {"gpu_offload": bool, "devices": [{"name", "description", "type",
-    /// "memory_free", "memory_total"}]}.
+    /// "memory_free", "memory_total"}], "generator": {"cuda_compiled": bool, "emulation_compiled":
+    /// bool, "cuda": DESCRIPTION or null, "cuda_unavailable": REASON or null}}.
     #[arg(long)]
     pub json: bool,
     /// Show llama.cpp's log on stderr (backend initialisation).
@@ -51,7 +54,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "gpu_offload": gpu, "devices": list }));
+        println!("{}", serde_json::json!({ "gpu_offload": gpu, "devices": list, "generator": generator_json() }));
         return Ok(ExitCode::SUCCESS);
     }
     println!("{}", devices_line());
@@ -75,5 +78,23 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 "not available (no GPU backend in this llama.cpp; build with the `cuda` feature or link a CUDA-enabled libggml)",
         }
     );
+    match GpuRuntime::cuda(0) {
+        Ok(rt) => println!("IAPT generator: CPU, or CUDA on {}", rt.describe()),
+        Err(e) => println!("IAPT generator: CPU (CUDA: {e})"),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the generator can run in this build (`"generator"` of the JSON output).
+fn generator_json() -> serde_json::Value {
+    let (cuda, why) = match GpuRuntime::cuda(0) {
+        Ok(rt) => (Some(rt.describe()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    serde_json::json!({
+        "cuda_compiled": iapt_generator_cuda::CUDA_COMPILED,
+        "emulation_compiled": iapt_generator_cuda::EMULATION_COMPILED,
+        "cuda": cuda,
+        "cuda_unavailable": why,
+    })
 }

@@ -5,15 +5,15 @@
 //!
 //! The prompt format (slot token id and count) comes from `--prompt-format`, by default the
 //! `prompt_format.json` beside the data file (as the embedded demo ships it); the rules are in
-//! `iapt_llama::eval`. When a row carries `prompt_ids`, the model's tokenization must give exactly
+//! `crate::tools::eval`. When a row carries `prompt_ids`, the model's tokenization must give exactly
 //! those ids (a mismatch is an error that names the row). Exit 0 after printing the scores, 1 on a
 //! malformed data file or an incompatible adapter, 2 on a missing file or bad option.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::tools::eval::{evaluate, Example, PromptFormat, Score};
 use anyhow::{bail, Context as _};
-use iapt_llama::eval::{evaluate, Example, PromptFormat, Score};
 use iapt_llama::{Session, Token};
 
 use super::run::{open_adapter, CtxArgs};
@@ -174,7 +174,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let threads = args.ctx.threads();
     let show_errors = args.show_errors;
     let show = |label: &'static str| {
-        move |i: usize, ex: &Example, a: &iapt_llama::eval::Answer, ok: bool| {
+        move |i: usize, ex: &Example, a: &crate::tools::eval::Answer, ok: bool| {
             if show_errors && !ok {
                 eprintln!("[{label}] #{i} {:?}: expected {:?}, got {:?}", ex.instruction, ex.response, a.text);
             }

@@ -2,7 +2,7 @@
 //
 // Compiled twice from this one source:
 // - at run time by NVRTC for the device's architecture (no headers: nothing is #included here);
-// - with the `gpu-emulation` feature, by the host C++ compiler (build.rs), with `emulate.h`
+// - with the `emulation` feature, by the host C++ compiler (build.rs), with `emulate.h`
 //   force-included first, which maps the CUDA keywords onto CPU threads (see emulate.h).
 // So this file uses only what both understand: no warp shuffles or other warp intrinsics, block
 // reductions through shared memory with a `__syncthreads()` that every thread of the block reaches
@@ -19,7 +19,7 @@
 //   5. iapt_up_*    out[k][c] = U[k] . W_up[c] + b_up[c]                      (one 32-thread group per c)
 // Stats is its own launch so that no pooling block can observe a half-updated max.
 //
-// Invariants the host guarantees (checked in ffi/gpu.rs before every launch):
+// Invariants the host guarantees (checked in src/device/mod.rs before every launch):
 // - blockDim.x is a power of two in [IAPT_GROUP, IAPT_MAX_BLOCK]; grids are 1-D except pool's y;
 // - 1 <= m <= IAPT_MAX_M; every pointer is valid for the extents its kernel reads or writes;
 // - `bad` holds IAPT_NO_BAD_ROW until a non-finite score is seen; then the smallest bad row.
@@ -30,12 +30,12 @@
 #define IAPT_NO_BAD_ROW 2147483647
 #define IAPT_DBL_LOWEST (-1.7976931348623157e308)
 
-// Storage dtype codes (must match `WeightDType` in ffi/gpu.rs).
+// Storage dtype codes (must match `dtype_code` in src/device/mod.rs).
 #define IAPT_F32 0
 #define IAPT_F16 1
 #define IAPT_BF16 2
 
-// Activation codes (must match `act_code` in ffi/gpu.rs).
+// Activation codes (must match `act_params` in src/device/mod.rs, its `kind` and `variant`).
 #define IAPT_ACT_IDENTITY 0
 #define IAPT_ACT_RELU 1
 #define IAPT_ACT_GELU 2

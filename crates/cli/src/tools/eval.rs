@@ -13,10 +13,7 @@
 //!
 //! Reading the examples (JSON lines) is the caller's job: [`Example`] is the parsed row.
 
-use crate::error::LlamaError;
-use crate::ffi::{Model, Token};
-use crate::sample::argmax;
-use crate::session::Session;
+use iapt_llama::{argmax, LlamaError, Model, Session, Token};
 
 /// How a prompt is built and an answer decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 // The CUDA subset that kernels.cu uses, mapped onto CPU threads, so that the same kernel source
-// runs (and is tested) without a GPU. Included only in the `gpu-emulation` build (emulate.cpp).
+// runs (and is tested) without a GPU. Included only in the `emulation` build (emulate.cpp).
 //
 // Execution model: a launch runs its blocks one after another; each block runs with blockDim.x
 // real threads (std::thread), which meet at `__syncthreads()` (a std::barrier). Because exactly one

@@ -6,8 +6,8 @@
 use iapt_format::{Activation, DType, RationalConfig, RationalVariant};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
 
+use crate::device::GpuRuntime;
 use crate::error::GpuError;
-use crate::ffi::gpu::GpuRuntime;
 
 /// Down-projection launches per timed batch (one launch is a few microseconds, close to the
 /// events' resolution).

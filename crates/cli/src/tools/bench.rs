@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 use iapt_format::Adapter;
 
-use crate::error::LlamaError;
-use crate::ffi::{ContextParams, Model, Token};
-use crate::sample::argmax;
-use crate::session::Session;
+use iapt_llama::{argmax, ContextParams, GpuRuntime, LlamaError, Model, Session, SessionOptions, Token};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -29,7 +26,7 @@ pub struct BenchConfig {
     /// Generator threads.
     pub generator_threads: usize,
     /// Run the generator on this GPU runtime (`None`: on the CPU).
-    pub gpu: Option<std::sync::Arc<crate::GpuRuntime>>,
+    pub gpu: Option<std::sync::Arc<GpuRuntime>>,
 }
 
 /// Throughput of one variant.
@@ -103,7 +100,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         })
         .collect();
     let mut base = Session::new(model, None, &cfg.ctx, 1)?;
-    let opts = crate::SessionOptions { generator_threads: cfg.generator_threads, gpu: cfg.gpu.clone() };
+    let opts = SessionOptions { generator_threads: cfg.generator_threads, gpu: cfg.gpu.clone() };
     let mut iapt = Session::with_adapters(model, &[adapter], &cfg.ctx, &opts)?;
     let m = iapt.n_soft_tokens();
     if cfg.prompt_len <= m {

@@ -6,7 +6,7 @@
 //!
 //! The orchestration here (validation, upload, state layout, the sequence of launches) is shared
 //! by both backends; only allocation, copies, launches and synchronisation differ
-//! ([`cuda`] and, with the `gpu-emulation` feature, `emulated`). The kernels are `gpu/kernels.cu`
+//! (`cuda` with the `cuda` feature, `emulated` with the `emulation` feature). The kernels are `device/kernels.cu`
 //! (see its header for the pipeline and launch geometry).
 //!
 //! Semantics: those of `iapt_generator`'s PoolFirst path (any chunking gives the one-shot result),
@@ -15,8 +15,9 @@
 //! before the kernels finish, `finish_*` and [`GpuRuntime::synchronize`] wait for them. A
 //! non-finite score is reported by `finish_*` (which synchronise), and then nothing is written.
 
+#[cfg(feature = "cuda")]
 mod cuda;
-#[cfg(feature = "gpu-emulation")]
+#[cfg(feature = "emulation")]
 mod emulated;
 
 use std::collections::HashMap;
@@ -32,9 +33,10 @@ use crate::error::GpuError;
 /// Largest number of soft tokens the kernels handle (`IAPT_MAX_M` in kernels.cu).
 pub const GPU_MAX_SOFT_TOKENS: usize = 8;
 /// Threads per block on a real device.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const CUDA_BLOCK: u32 = 256;
 /// Largest block the kernels' shared arrays allow (`IAPT_MAX_BLOCK`).
-#[cfg_attr(not(feature = "gpu-emulation"), allow(dead_code))]
+#[cfg_attr(not(feature = "emulation"), allow(dead_code))]
 const MAX_BLOCK: u32 = 256;
 /// Threads per output-channel group in the projection kernels (`IAPT_GROUP`).
 const GROUP: u32 = 32;
@@ -94,7 +96,7 @@ impl Kernel {
         }
     }
 
-    #[cfg_attr(not(feature = "gpu-emulation"), allow(dead_code))]
+    #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
     fn name(self) -> &'static str {
         Kernel::NAMES[self.index()]
     }
@@ -111,7 +113,7 @@ enum Arg {
 impl Arg {
     /// A pointer to the value, as CUDA's `kernelParams` (and the emulator) expect. Valid while
     /// `self` is borrowed.
-    #[cfg_attr(not(feature = "gpu-emulation"), allow(dead_code))]
+    #[cfg_attr(not(feature = "emulation"), allow(dead_code))]
     fn as_param(&self) -> *mut c_void {
         match self {
             Arg::Ptr(v) => v as *const u64 as *mut c_void,
@@ -143,8 +145,9 @@ fn as_bytes_mut<T: Plain>(s: &mut [T]) -> &mut [u8] {
 /// Memory owned by a backend (held only to be freed on drop).
 #[allow(dead_code)]
 enum Mem {
+    #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaSlice<u8>),
-    #[cfg(feature = "gpu-emulation")]
+    #[cfg(feature = "emulation")]
     Host(emulated::HostMem),
 }
 
@@ -170,23 +173,28 @@ impl std::fmt::Debug for DevBuf {
 
 /// A point in the stream's work, for timing.
 enum Mark {
+    #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaEvent),
-    #[cfg(feature = "gpu-emulation")]
+    #[cfg(feature = "emulation")]
     Host(std::time::Instant),
 }
 
+/// The backends compiled into this build (none in a CPU-only build: then no [`GpuRuntime`] can be
+/// made, and every match below is over an empty enum).
 enum Backend {
+    #[cfg(feature = "cuda")]
     Cuda(cuda::CudaBackend),
-    #[cfg(feature = "gpu-emulation")]
+    #[cfg(feature = "emulation")]
     Emulated(emulated::EmuBackend),
 }
 
 impl Backend {
     fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf, GpuError> {
-        match self {
-            Backend::Cuda(b) => b.alloc_zeroed(bytes),
-            #[cfg(feature = "gpu-emulation")]
-            Backend::Emulated(b) => b.alloc_zeroed(bytes),
+        match *self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(ref b) => b.alloc_zeroed(bytes),
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(ref b) => b.alloc_zeroed(bytes),
         }
     }
 
@@ -196,12 +204,13 @@ impl Backend {
     /// `dst .. dst + src.len()` lies inside one live allocation of this backend's device, and no
     /// kernel queued before this copy reads it after the copy (stream order guarantees that).
     unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<(), GpuError> {
-        match self {
+        match *self {
+            #[cfg(feature = "cuda")]
             // SAFETY: forwarded contract.
-            Backend::Cuda(b) => unsafe { b.htod(dst, src) },
-            #[cfg(feature = "gpu-emulation")]
+            Backend::Cuda(ref b) => unsafe { b.htod(dst, src) },
+            #[cfg(feature = "emulation")]
             // SAFETY: forwarded contract.
-            Backend::Emulated(b) => unsafe { b.htod(dst, src) },
+            Backend::Emulated(ref b) => unsafe { b.htod(dst, src) },
         }
     }
 
@@ -210,12 +219,13 @@ impl Backend {
     /// # Safety
     /// `src .. src + dst.len()` lies inside one live allocation of this backend's device.
     unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), GpuError> {
-        match self {
+        match *self {
+            #[cfg(feature = "cuda")]
             // SAFETY: forwarded contract.
-            Backend::Cuda(b) => unsafe { b.dtoh(src, dst) },
-            #[cfg(feature = "gpu-emulation")]
+            Backend::Cuda(ref b) => unsafe { b.dtoh(src, dst) },
+            #[cfg(feature = "emulation")]
             // SAFETY: forwarded contract.
-            Backend::Emulated(b) => unsafe { b.dtoh(src, dst) },
+            Backend::Emulated(ref b) => unsafe { b.dtoh(src, dst) },
         }
     }
 
@@ -224,12 +234,13 @@ impl Backend {
     /// # Safety
     /// Both ranges lie inside live allocations of this backend's device and do not overlap.
     unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
-        match self {
+        match *self {
+            #[cfg(feature = "cuda")]
             // SAFETY: forwarded contract.
-            Backend::Cuda(b) => unsafe { b.dtod(dst, src, bytes) },
-            #[cfg(feature = "gpu-emulation")]
+            Backend::Cuda(ref b) => unsafe { b.dtod(dst, src, bytes) },
+            #[cfg(feature = "emulation")]
             // SAFETY: forwarded contract.
-            Backend::Emulated(b) => unsafe { b.dtod(dst, src, bytes) },
+            Backend::Emulated(ref b) => unsafe { b.dtod(dst, src, bytes) },
         }
     }
 
@@ -238,12 +249,13 @@ impl Backend {
     /// # Safety
     /// As for [`Backend::htod`].
     unsafe fn memset0(&self, dst: u64, bytes: usize) -> Result<(), GpuError> {
-        match self {
+        match *self {
+            #[cfg(feature = "cuda")]
             // SAFETY: forwarded contract.
-            Backend::Cuda(b) => unsafe { b.memset0(dst, bytes) },
-            #[cfg(feature = "gpu-emulation")]
+            Backend::Cuda(ref b) => unsafe { b.memset0(dst, bytes) },
+            #[cfg(feature = "emulation")]
             // SAFETY: forwarded contract.
-            Backend::Emulated(b) => unsafe { b.memset0(dst, bytes) },
+            Backend::Emulated(ref b) => unsafe { b.memset0(dst, bytes) },
         }
     }
 
@@ -255,48 +267,54 @@ impl Backend {
     /// and block (see the kernel's comment), and the block size is a power of two in
     /// [`GROUP`, `MAX_BLOCK`].
     unsafe fn launch(&self, kernel: Kernel, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<(), GpuError> {
-        match self {
+        match *self {
+            #[cfg(feature = "cuda")]
             // SAFETY: forwarded contract.
-            Backend::Cuda(b) => unsafe { b.launch(kernel, grid, block, args) },
-            #[cfg(feature = "gpu-emulation")]
+            Backend::Cuda(ref b) => unsafe { b.launch(kernel, grid, block, args) },
+            #[cfg(feature = "emulation")]
             // SAFETY: forwarded contract.
-            Backend::Emulated(b) => unsafe { b.launch(kernel, grid, block, args) },
+            Backend::Emulated(ref b) => unsafe { b.launch(kernel, grid, block, args) },
         }
     }
 
     fn synchronize(&self) -> Result<(), GpuError> {
-        match self {
-            Backend::Cuda(b) => b.synchronize(),
-            #[cfg(feature = "gpu-emulation")]
+        match *self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(ref b) => b.synchronize(),
+            #[cfg(feature = "emulation")]
             Backend::Emulated(_) => Ok(()),
         }
     }
 
     /// Checks that `ptr .. ptr + bytes` is memory this backend's kernels may access.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn check_ptr(&self, ptr: u64, bytes: usize) -> Result<(), GpuError> {
         if ptr == 0 || ptr % 4 != 0 {
             return Err(GpuError::BadPointer { ptr });
         }
-        match self {
-            Backend::Cuda(b) => b.check_ptr(ptr, bytes),
+        match *self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(ref b) => b.check_ptr(ptr, bytes),
             // Host memory: nothing to ask (the `from_raw` contract covers it).
-            #[cfg(feature = "gpu-emulation")]
+            #[cfg(feature = "emulation")]
             Backend::Emulated(_) => Ok(()),
         }
     }
 
     fn mark(&self) -> Result<Mark, GpuError> {
-        match self {
-            Backend::Cuda(b) => b.mark(),
-            #[cfg(feature = "gpu-emulation")]
+        match *self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(ref b) => b.mark(),
+            #[cfg(feature = "emulation")]
             Backend::Emulated(_) => Ok(Mark::Host(std::time::Instant::now())),
         }
     }
 
     fn elapsed_ms(&self, a: &Mark, b: &Mark) -> Result<f64, GpuError> {
         match (self, a, b) {
+            #[cfg(feature = "cuda")]
             (Backend::Cuda(_), Mark::Cuda(a), Mark::Cuda(b)) => cuda::elapsed_ms(a, b),
-            #[cfg(feature = "gpu-emulation")]
+            #[cfg(feature = "emulation")]
             (_, Mark::Host(a), Mark::Host(b)) => Ok(b.duration_since(*a).as_secs_f64() * 1e3),
             #[allow(unreachable_patterns)]
             _ => Err(GpuError::Driver { op: "timing", detail: "marks from different backends".to_owned() }),
@@ -330,8 +348,7 @@ impl DevRows<'_> {
     /// work queued with these rows may still run (until the next `finish_*` or
     /// [`GpuRuntime::synchronize`] returns). The runtime checks what it can (null, alignment, and
     /// on CUDA the device ordinal and the allocation's extent) and returns an error on mismatch.
-    #[allow(dead_code)] // For the hook's zero-copy path (a ggml tensor's `data`).
-    pub(crate) unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRows<'a> {
+    pub unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRows<'a> {
         DevRows { ptr, origin: 0, n_rows, n_embd, _life: PhantomData }
     }
 
@@ -363,8 +380,7 @@ impl DevRowsMut<'_> {
     /// # Safety
     /// As [`DevRows::from_raw`], and additionally nothing else reads or writes the rows until the
     /// `finish_device` that writes them returns (it synchronises).
-    #[allow(dead_code)] // For the hook's zero-copy path (a ggml tensor's `data`).
-    pub(crate) unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRowsMut<'a> {
+    pub unsafe fn from_raw<'a>(ptr: u64, n_rows: usize, n_embd: usize) -> DevRowsMut<'a> {
         DevRowsMut { ptr, origin: 0, n_rows, n_embd, _life: PhantomData }
     }
 
@@ -440,6 +456,9 @@ impl GpuRows {
 /// `Arc`. Work from several threads is queued on the one stream in call order.
 pub struct GpuRuntime {
     id: u64,
+    /// Whether work that reads caller-owned device rows ([`GpuRuntime::feed_device`]) may still be
+    /// queued: set by `feed_device`, cleared by every synchronisation.
+    unsynced: std::sync::atomic::AtomicBool,
     backend: Backend,
     block: u32,
     /// Blocks the pooling launch aims for (about two per multiprocessor).
@@ -591,8 +610,12 @@ impl GpuSeqState {
 }
 
 /// Why [`GpuRuntime::cuda`] would fail for `ordinal`, without panicking on a missing library.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn cuda_unavailable(ordinal: usize) -> Option<String> {
-    cuda::unavailable_reason(ordinal)
+    #[cfg(feature = "cuda")]
+    return cuda::unavailable_reason(ordinal);
+    #[cfg(not(feature = "cuda"))]
+    Some(GpuError::CudaNotCompiled.to_string())
 }
 
 impl GpuRuntime {
@@ -601,7 +624,18 @@ impl GpuRuntime {
     /// the runtime's stream, and compiles the kernels for the device's architecture (once per
     /// process; the PTX is also cached on disk under `$XDG_CACHE_HOME/iapt/kernels` or
     /// `~/.cache/iapt/kernels`, failing soft when that is not writable).
+    ///
+    /// In a build without the `cuda` feature this is always [`GpuError::CudaNotCompiled`].
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn cuda(ordinal: usize) -> Result<Arc<GpuRuntime>, GpuError> {
+        #[cfg(not(feature = "cuda"))]
+        return Err(GpuError::CudaNotCompiled);
+        #[cfg(feature = "cuda")]
+        Self::open_cuda(ordinal)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn open_cuda(ordinal: usize) -> Result<Arc<GpuRuntime>, GpuError> {
         if let Some(reason) = cuda_unavailable(ordinal) {
             return Err(GpuError::CudaUnavailable { reason });
         }
@@ -615,6 +649,7 @@ impl GpuRuntime {
         let (b, sm_count, description) = opened?;
         Ok(Arc::new(GpuRuntime {
             id: next_id(),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
             backend: Backend::Cuda(b),
             block: CUDA_BLOCK,
             target_blocks: sm_count.saturating_mul(2).max(1),
@@ -629,20 +664,21 @@ impl GpuRuntime {
     }
 
     /// The CPU emulator of the kernels, with the smallest block (32 threads, fast).
-    #[cfg(feature = "gpu-emulation")]
+    #[cfg(feature = "emulation")]
     pub fn emulated() -> Arc<GpuRuntime> {
         Self::emulated_with_block(GROUP).unwrap_or_else(|_| unreachable!("32 is a valid block size"))
     }
 
     /// The CPU emulator with `block` threads per block (a power of two from 32 to 256; 256 is what
     /// a real device uses).
-    #[cfg(feature = "gpu-emulation")]
+    #[cfg(feature = "emulation")]
     pub fn emulated_with_block(block: u32) -> Result<Arc<GpuRuntime>, GpuError> {
         if !block.is_power_of_two() || !(GROUP..=MAX_BLOCK).contains(&block) {
             return Err(GpuError::Unsupported { detail: format!("block size {block} (must be a power of two from 32 to 256)") });
         }
         Ok(Arc::new(GpuRuntime {
             id: next_id(),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
             backend: Backend::Emulated(emulated::EmuBackend),
             block,
             // Pretend to have 4 multiprocessors so that small tests still split the pooling.
@@ -653,9 +689,9 @@ impl GpuRuntime {
 
     /// The emulator if this build has it ([`GpuError::EmulationNotCompiled`] otherwise).
     pub fn try_emulated() -> Result<Arc<GpuRuntime>, GpuError> {
-        #[cfg(feature = "gpu-emulation")]
+        #[cfg(feature = "emulation")]
         return Ok(Self::emulated());
-        #[cfg(not(feature = "gpu-emulation"))]
+        #[cfg(not(feature = "emulation"))]
         Err(GpuError::EmulationNotCompiled)
     }
 
@@ -666,7 +702,12 @@ impl GpuRuntime {
 
     /// Whether this is the CPU emulator.
     pub fn is_emulated(&self) -> bool {
-        !matches!(self.backend, Backend::Cuda(_))
+        match self.backend {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => false,
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(_) => true,
+        }
     }
 
     fn upload_bytes(&self, bytes: &[u8]) -> Result<DevBuf, GpuError> {
@@ -682,93 +723,9 @@ impl GpuRuntime {
     pub fn upload(&self, adapter: &Adapter) -> Result<GpuAdapter, GpuError> {
         let cfg = adapter.config();
         let (n_layer, d, r, m) = (cfg.n_layer as usize, cfg.n_embd as usize, cfg.bottleneck as usize, cfg.n_soft_tokens as usize);
-        if m == 0 || m > GPU_MAX_SOFT_TOKENS {
-            return Err(GpuError::Unsupported { detail: format!("{m} soft tokens (the kernels take 1 to {GPU_MAX_SOFT_TOKENS})") });
-        }
-        let limit = i32::MAX as usize / 8;
-        if d == 0 || r == 0 || d.checked_mul(r).is_none_or(|x| x > limit) || d.checked_mul(m).is_none_or(|x| x > limit) {
-            return Err(GpuError::Unsupported { detail: format!("n_embd {d} x bottleneck {r} is too large for 32-bit kernel indices") });
-        }
-        let rational = cfg.activation.rational().is_some();
-        let mut cache: HashMap<TensorName, Arc<DevTensor>> = HashMap::new();
-        let mut host: HashMap<TensorName, Arc<Vec<f32>>> = HashMap::new();
-        let mut kt_cache: HashMap<(TensorName, TensorName), Arc<DevTensor>> = HashMap::new();
-        let mut device_bytes = 0usize;
-        let mut layers = Vec::with_capacity(n_layer);
-        for l in 0..cfg.n_layer {
-            // Loads (layer, role): Ok(None) for an absent optional tensor.
-            let mut load = |role: Role, as_f32: bool| -> Result<Option<Arc<DevTensor>>, GpuError> {
-                let Some(t) = adapter.tensor(l, role) else {
-                    return if role.is_required(cfg) { Err(GpuError::MissingTensor { layer: l, role }) } else { Ok(None) };
-                };
-                if let Some(v) = cache.get(&t.name()) {
-                    return Ok(Some(v.clone()));
-                }
-                let expected = role.expected_shape(cfg);
-                if t.shape() != expected.as_slice() {
-                    return Err(GpuError::TensorShape { name: t.name().to_string(), expected, got: t.shape().to_vec() });
-                }
-                let read = |e| GpuError::TensorRead { name: t.name().to_string(), source: e };
-                let (buf, dtype) = if as_f32 {
-                    (self.upload_bytes(as_bytes(&t.to_f32().map_err(read)?))?, DType::F32)
-                } else {
-                    (self.upload_bytes(&t.bytes().map_err(read)?)?, t.dtype())
-                };
-                device_bytes += buf.bytes;
-                let v = Arc::new(DevTensor { buf, dtype });
-                cache.insert(t.name(), v.clone());
-                Ok(Some(v))
-            };
-            let req = |v: Option<Arc<DevTensor>>, role| v.ok_or(GpuError::MissingTensor { layer: l, role });
-            let down = req(load(Role::DownWeight, false)?, Role::DownWeight)?;
-            let down_bias = load(Role::DownBias, false)?;
-            let up = req(load(Role::UpWeight, false)?, Role::UpWeight)?;
-            let up_bias = load(Role::UpBias, false)?;
-            let (num, den) = if rational {
-                (Some(req(load(Role::ActNum, true)?, Role::ActNum)?), Some(req(load(Role::ActDen, true)?, Role::ActDen)?))
-            } else {
-                (None, None)
-            };
-            // K^T from the host copies of W_down and Q (shared pairs computed once).
-            let (dt, qt) = match (adapter.tensor(l, Role::DownWeight), adapter.tensor(l, Role::PoolQuery)) {
-                (Some(a), Some(b)) => (a, b),
-                (_, None) => return Err(GpuError::MissingTensor { layer: l, role: Role::PoolQuery }),
-                (None, _) => return Err(GpuError::MissingTensor { layer: l, role: Role::DownWeight }),
-            };
-            let q_expected = Role::PoolQuery.expected_shape(cfg);
-            if qt.shape() != q_expected.as_slice() {
-                return Err(GpuError::TensorShape { name: qt.name().to_string(), expected: q_expected, got: qt.shape().to_vec() });
-            }
-            let key = (dt.name(), qt.name());
-            let kt = match kt_cache.get(&key) {
-                Some(k) => k.clone(),
-                None => {
-                    let mut host_f32 = |t: &iapt_format::Tensor| -> Result<Arc<Vec<f32>>, GpuError> {
-                        if let Some(v) = host.get(&t.name()) {
-                            return Ok(v.clone());
-                        }
-                        let v = Arc::new(t.to_f32().map_err(|e| GpuError::TensorRead { name: t.name().to_string(), source: e })?);
-                        host.insert(t.name(), v.clone());
-                        Ok(v)
-                    };
-                    let (w, q) = (host_f32(dt)?, host_f32(qt)?);
-                    let kt = score_matrix(&w, &q, d, r, m);
-                    let buf = self.upload_bytes(as_bytes(&kt))?;
-                    device_bytes += buf.bytes;
-                    let k = Arc::new(DevTensor { buf, dtype: DType::F32 });
-                    kt_cache.insert(key, k.clone());
-                    k
-                }
-            };
-            // Host copies are only needed while a later layer may share them.
-            if !adapter.is_shared(Role::DownWeight) {
-                host.remove(&dt.name());
-            }
-            if !adapter.is_shared(Role::PoolQuery) {
-                host.remove(&qt.name());
-            }
-            layers.push(GpuLayer { down, down_bias, up, up_bias, num, den, kt });
-        }
+        check_kernel_limits(d, r, m)?;
+        let mut up = Uploader { rt: self, adapter, cache: HashMap::new(), host: HashMap::new(), kt_cache: HashMap::new(), device_bytes: 0 };
+        let layers = (0..cfg.n_layer).map(|l| up.layer(l)).collect::<Result<Vec<_>, _>>()?;
         Ok(GpuAdapter {
             id: next_id(),
             runtime_id: self.id,
@@ -779,7 +736,7 @@ impl GpuRuntime {
             pool_scale: f64::from(cfg.pool_scale),
             act: act_params(&cfg.activation),
             layers,
-            device_bytes,
+            device_bytes: up.device_bytes,
         })
     }
 
@@ -859,7 +816,7 @@ impl GpuRuntime {
             if b.bytes >= bytes {
                 return Ok(b.ptr);
             }
-            self.backend.synchronize()?;
+            self.sync()?;
         }
         let b = self.backend.alloc_zeroed(bytes.max(1024))?;
         let ptr = b.ptr;
@@ -903,7 +860,11 @@ impl GpuRuntime {
         self.backend.check_ptr(rows.ptr, rows.n_rows * a.d * 4)?;
         // SAFETY: `DevRows`' contract (its constructor's) makes `ptr` n_rows x d readable f32 on this
         // device for as long as the queued work runs; `check_ptr` verified what the driver knows.
-        unsafe { self.launch_feed(a, st, layer, rows.ptr, rows.n_rows) }
+        let queued = unsafe { self.launch_feed(a, st, layer, rows.ptr, rows.n_rows) };
+        // Set after the launches (which may synchronise first to grow a buffer), and on failure
+        // too: some of them may be queued.
+        self.unsynced.store(true, Ordering::SeqCst);
+        queued
     }
 
     fn check_rows(&self, st: &GpuSeqState, layer: usize, n: usize) -> Result<(), GpuError> {
@@ -1056,7 +1017,7 @@ impl GpuRuntime {
         let mut word = [0i32];
         // SAFETY: `bad` is 4 bytes inside the state's error-word allocation.
         unsafe { self.backend.dtoh(bad, as_bytes_mut(&mut word))? };
-        self.backend.synchronize()?;
+        self.sync()?;
         if word[0] != NO_BAD_ROW {
             return Err(GpuError::NonFiniteInput { layer, row: word[0].max(0) as usize });
         }
@@ -1094,7 +1055,19 @@ impl GpuRuntime {
     /// Waits for all work queued on the runtime's stream and reports an asynchronous driver error.
     /// (Non-finite inputs are reported by `finish_*`, which synchronise too.)
     pub fn synchronize(&self) -> Result<(), GpuError> {
-        self.backend.synchronize()
+        self.sync()
+    }
+
+    /// Whether work queued by [`GpuRuntime::feed_device`] may still be reading its rows (no
+    /// synchronisation since). A caller that lends device rows checks this before giving them back.
+    pub fn has_unsynchronized_work(&self) -> bool {
+        self.unsynced.load(Ordering::SeqCst)
+    }
+
+    fn sync(&self) -> Result<(), GpuError> {
+        self.backend.synchronize()?;
+        self.unsynced.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// `n_rows` x `n_embd` zeroed f32 in this runtime's device memory.
@@ -1113,7 +1086,7 @@ impl GpuRuntime {
             return Err(GpuError::RowsNotMultiple { len: values.len(), n_embd: rows.n_embd });
         }
         rows.check_range(row0, values.len() / rows.n_embd.max(1))?;
-        self.backend.synchronize()?;
+        self.sync()?;
         // SAFETY: the range was checked to lie inside `rows`' allocation.
         unsafe { self.backend.htod(rows.buf.at(row0 * rows.n_embd * 4), as_bytes(values)) }
     }
@@ -1161,6 +1134,123 @@ impl GpuRuntime {
     }
 }
 
+/// Refuses shapes outside what the kernels index: 1..=8 soft tokens, and d r, d m within 32-bit
+/// indices of f64 elements.
+fn check_kernel_limits(d: usize, r: usize, m: usize) -> Result<(), GpuError> {
+    if m == 0 || m > GPU_MAX_SOFT_TOKENS {
+        return Err(GpuError::Unsupported { detail: format!("{m} soft tokens (the kernels take 1 to {GPU_MAX_SOFT_TOKENS})") });
+    }
+    let limit = i32::MAX as usize / 8;
+    if d == 0 || r == 0 || d.checked_mul(r).is_none_or(|x| x > limit) || d.checked_mul(m).is_none_or(|x| x > limit) {
+        return Err(GpuError::Unsupported { detail: format!("n_embd {d} x bottleneck {r} is too large for 32-bit kernel indices") });
+    }
+    Ok(())
+}
+
+/// One adapter's upload in progress: tensors already on the device by name (a shared tensor is
+/// uploaded once), host f32 copies of W_down and Q kept while a later layer may share them, and
+/// K^T per (W_down, Q) pair.
+struct Uploader<'a> {
+    rt: &'a GpuRuntime,
+    adapter: &'a Adapter,
+    cache: HashMap<TensorName, Arc<DevTensor>>,
+    host: HashMap<TensorName, Arc<Vec<f32>>>,
+    kt_cache: HashMap<(TensorName, TensorName), Arc<DevTensor>>,
+    device_bytes: usize,
+}
+
+impl Uploader<'_> {
+    /// Layer `l`'s device tensors.
+    fn layer(&mut self, l: u32) -> Result<GpuLayer, GpuError> {
+        let rational = self.adapter.config().activation.rational().is_some();
+        let down = self.required(l, Role::DownWeight, false)?;
+        let down_bias = self.tensor(l, Role::DownBias, false)?;
+        let up = self.required(l, Role::UpWeight, false)?;
+        let up_bias = self.tensor(l, Role::UpBias, false)?;
+        let (num, den) = if rational {
+            (Some(self.required(l, Role::ActNum, true)?), Some(self.required(l, Role::ActDen, true)?))
+        } else {
+            (None, None)
+        };
+        let kt = self.score_keys(l)?;
+        Ok(GpuLayer { down, down_bias, up, up_bias, num, den, kt })
+    }
+
+    /// The (layer, role) tensor on the device, or `None` for an absent optional one; `as_f32`
+    /// converts it first (else its stored bytes go up as they are).
+    fn tensor(&mut self, l: u32, role: Role, as_f32: bool) -> Result<Option<Arc<DevTensor>>, GpuError> {
+        let cfg = self.adapter.config();
+        let Some(t) = self.adapter.tensor(l, role) else {
+            return if role.is_required(cfg) { Err(GpuError::MissingTensor { layer: l, role }) } else { Ok(None) };
+        };
+        if let Some(v) = self.cache.get(&t.name()) {
+            return Ok(Some(v.clone()));
+        }
+        let expected = role.expected_shape(cfg);
+        if t.shape() != expected.as_slice() {
+            return Err(GpuError::TensorShape { name: t.name().to_string(), expected, got: t.shape().to_vec() });
+        }
+        let read = |e| GpuError::TensorRead { name: t.name().to_string(), source: e };
+        let (buf, dtype) = if as_f32 {
+            (self.rt.upload_bytes(as_bytes(&t.to_f32().map_err(read)?))?, DType::F32)
+        } else {
+            (self.rt.upload_bytes(&t.bytes().map_err(read)?)?, t.dtype())
+        };
+        self.device_bytes += buf.bytes;
+        let v = Arc::new(DevTensor { buf, dtype });
+        self.cache.insert(t.name(), v.clone());
+        Ok(Some(v))
+    }
+
+    fn required(&mut self, l: u32, role: Role, as_f32: bool) -> Result<Arc<DevTensor>, GpuError> {
+        self.tensor(l, role, as_f32)?.ok_or(GpuError::MissingTensor { layer: l, role })
+    }
+
+    /// K^T = Q W_down of layer `l` on the device, from host copies of both (a shared pair once).
+    fn score_keys(&mut self, l: u32) -> Result<Arc<DevTensor>, GpuError> {
+        let (adapter, cfg) = (self.adapter, self.adapter.config());
+        let (dt, qt) = match (adapter.tensor(l, Role::DownWeight), adapter.tensor(l, Role::PoolQuery)) {
+            (Some(a), Some(b)) => (a, b),
+            (_, None) => return Err(GpuError::MissingTensor { layer: l, role: Role::PoolQuery }),
+            (None, _) => return Err(GpuError::MissingTensor { layer: l, role: Role::DownWeight }),
+        };
+        let q_expected = Role::PoolQuery.expected_shape(cfg);
+        if qt.shape() != q_expected.as_slice() {
+            return Err(GpuError::TensorShape { name: qt.name().to_string(), expected: q_expected, got: qt.shape().to_vec() });
+        }
+        let key = (dt.name(), qt.name());
+        let kt = match self.kt_cache.get(&key) {
+            Some(k) => k.clone(),
+            None => {
+                let (w, q) = (self.host_f32(dt)?, self.host_f32(qt)?);
+                let (d, r, m) = (cfg.n_embd as usize, cfg.bottleneck as usize, cfg.n_soft_tokens as usize);
+                let buf = self.rt.upload_bytes(as_bytes(&score_matrix(&w, &q, d, r, m)))?;
+                self.device_bytes += buf.bytes;
+                let k = Arc::new(DevTensor { buf, dtype: DType::F32 });
+                self.kt_cache.insert(key, k.clone());
+                k
+            }
+        };
+        // Host copies are only needed while a later layer may share them.
+        if !adapter.is_shared(Role::DownWeight) {
+            self.host.remove(&dt.name());
+        }
+        if !adapter.is_shared(Role::PoolQuery) {
+            self.host.remove(&qt.name());
+        }
+        Ok(kt)
+    }
+
+    fn host_f32(&mut self, t: &iapt_format::Tensor) -> Result<Arc<Vec<f32>>, GpuError> {
+        if let Some(v) = self.host.get(&t.name()) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(t.to_f32().map_err(|e| GpuError::TensorRead { name: t.name().to_string(), source: e })?);
+        self.host.insert(t.name(), v.clone());
+        Ok(v)
+    }
+}
+
 /// K^T = Q W_down (m x d): `down` is r x d, `query` m x r; summed in f64, rounded once.
 fn score_matrix(down: &[f32], query: &[f32], d: usize, r: usize, m: usize) -> Vec<f32> {
     let mut k = vec![0.0f64; m * d];
@@ -1178,10 +1268,19 @@ fn score_matrix(down: &[f32], query: &[f32], d: usize, r: usize, m: usize) -> Ve
 /// Compiles the kernel source with NVRTC for `arch` (e.g. `compute_90`) and returns the PTX, with
 /// no device needed (for tests and diagnostics). Errors if NVRTC cannot be loaded.
 pub fn compile_kernels_ptx(arch: &str) -> Result<String, GpuError> {
-    cuda::compile(arch)
+    #[cfg(feature = "cuda")]
+    return cuda::compile(arch);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = arch;
+        Err(GpuError::CudaNotCompiled)
+    }
 }
 
 /// `None` if NVRTC can be loaded; else why not.
 pub fn nvrtc_unavailable_reason() -> Option<String> {
-    cuda::nvrtc_unavailable_reason()
+    #[cfg(feature = "cuda")]
+    return cuda::nvrtc_unavailable_reason();
+    #[cfg(not(feature = "cuda"))]
+    Some(GpuError::CudaNotCompiled.to_string())
 }

@@ -1,14 +1,17 @@
 //! The GPU generator against the f64 reference. Every test body runs twice: on the CPU emulator of
-//! the kernels (always; `gpu-emulation` is on for this crate's tests) and on CUDA device 0, which
-//! prints `skipped: <reason>` to stderr and returns when no CUDA device is usable. Inputs are random
-//! with a fresh seed per run, printed on failure; replay with `IAPT_TEST_SEED=<seed>`.
+//! the kernels (always; `emulation` is on for this crate's tests) and on CUDA device 0, which
+//! prints `skipped: <reason>` to stderr and returns when no CUDA device is usable, or fails when
+//! `IAPT_REQUIRE_CUDA=1` (the GPU machine's scripts set it). A CUDA-only stress test covers what the
+//! emulator cannot see: many blocks racing on the pooling's atomics. Inputs are random with a fresh
+//! seed per run, printed on failure; replay with `IAPT_TEST_SEED=<seed>`.
 
 use std::sync::{Arc, OnceLock};
 
 use iapt_format::{Activation, Adapter, DType, RationalConfig, RationalVariant, Role};
 use iapt_generator::reference;
 use iapt_generator::testing::{all_activations, fresh_seed, random_adapter, rel_err, AdapterSpec, Rng};
-use iapt_llama::{gpu_generator_bench, GpuBenchConfig, GpuError, GpuRuntime};
+use iapt_generator_cuda::testing::{cuda_for_test, cuda_required};
+use iapt_generator_cuda::{compile_kernels_ptx, gpu_generator_bench, nvrtc_unavailable_reason, GpuBenchConfig, GpuError, GpuRuntime};
 
 /// The tolerance of the brief: 1e-5 for F32 weights, 1e-3 for F16/BF16 (converted exactly, so the
 /// errors are in fact as small as for F32).
@@ -317,16 +320,12 @@ fn bench_runs(rt: &GpuRuntime) {
 // The two backends
 // ---------------------------------------------------------------------------------------------
 
-/// CUDA device 0 (opened once per test binary), or `None` after printing why it is skipped.
+/// CUDA device 0 (opened once per test binary), or `None` after printing why it is skipped; with
+/// `IAPT_REQUIRE_CUDA=1` a missing device fails every CUDA test instead (the panic leaves the cell
+/// empty, so each test fails on its own).
 fn cuda() -> Option<Arc<GpuRuntime>> {
-    static RT: OnceLock<Result<Arc<GpuRuntime>, String>> = OnceLock::new();
-    match RT.get_or_init(|| GpuRuntime::cuda(0).map_err(|e| e.to_string())) {
-        Ok(rt) => Some(rt.clone()),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
+    static RT: OnceLock<Option<Arc<GpuRuntime>>> = OnceLock::new();
+    RT.get_or_init(|| cuda_for_test("CUDA tests")).clone()
 }
 
 macro_rules! on_every_backend {
@@ -335,7 +334,7 @@ macro_rules! on_every_backend {
             $(
                 #[test]
                 fn $name() {
-                    super::$name(&iapt_llama::GpuRuntime::emulated());
+                    super::$name(&iapt_generator_cuda::GpuRuntime::emulated());
                 }
             )*
         }
@@ -398,8 +397,9 @@ fn emulated_with_device_block_size() {
 fn cuda_availability_is_reported() {
     match GpuRuntime::cuda_unavailable_reason() {
         Some(reason) => {
+            assert!(!cuda_required(), "IAPT_REQUIRE_CUDA=1 but CUDA device 0 is unusable: {reason}");
             eprintln!("skipped: {reason}");
-            assert!(matches!(GpuRuntime::cuda(0), Err(GpuError::CudaUnavailable { .. })));
+            assert!(matches!(GpuRuntime::cuda(0), Err(GpuError::CudaUnavailable { .. } | GpuError::CudaNotCompiled)));
         }
         None => {
             let rt = GpuRuntime::cuda(0).expect("cuda(0) when available");
@@ -411,15 +411,49 @@ fn cuda_availability_is_reported() {
 /// The kernel source compiles with NVRTC for sm_90 (no GPU needed, only libnvrtc).
 #[test]
 fn kernels_compile_with_nvrtc() {
-    if let Some(reason) = iapt_llama::nvrtc_unavailable_reason() {
+    if let Some(reason) = nvrtc_unavailable_reason() {
+        assert!(!cuda_required(), "IAPT_REQUIRE_CUDA=1 but NVRTC is unusable: {reason}");
         eprintln!("skipped: {reason}");
         return;
     }
     for arch in ["compute_90", "compute_80"] {
-        let ptx = iapt_llama::compile_kernels_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+        let ptx = compile_kernels_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
         for k in ["iapt_scores", "iapt_stats", "iapt_pool", "iapt_down_f16", "iapt_up_bf16"] {
             assert!(ptx.contains(&format!(".entry {k}")), "{arch}: PTX lacks {k}");
         }
         eprintln!("NVRTC {arch}: {} bytes of PTX", ptx.len());
     }
+}
+
+/// CUDA only: the pooling's cross-block atomics under load. Thousands of rows over many row splits
+/// and column blocks (the grid is sized for about two blocks per multiprocessor), m at the kernels'
+/// limit, fed in uneven chunks, repeated: every run must match the f64 reference. The emulator runs
+/// one block at a time and cannot show these races, so it has no variant of this test.
+#[test]
+fn cuda_cross_block_atomics_stress() {
+    let Some(rt) = cuda() else { return };
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let (d, r, m, n) = (1536usize, 64u32, 8u32, 4099usize);
+    let a = adapter(&AdapterSpec::small(1, d as u32, m, r, rational_b()), &mut rng);
+    let rows = rng.vec_f32(n * d, 1.0);
+    let want = reference_out(&a, 0, &rows);
+    for rep in 0..4 {
+        let chunks = if rep == 0 { vec![n] } else { random_chunks_large(n, &mut rng) };
+        let got = run_chunks(&rt, &a, 0, &rows, &chunks).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-5, "seed {seed}, repetition {rep}, chunks {chunks:?}: rel err {err:e}");
+    }
+}
+
+/// Chunk sizes summing to n, from 1 row to about n/2.
+fn random_chunks_large(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let c = 1 + rng.below(left.min(n / 2 + 1));
+        out.push(c);
+        left -= c;
+    }
+    out
 }

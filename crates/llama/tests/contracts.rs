@@ -1,0 +1,116 @@
+//! The FFI contracts the safe wrapper and the hook claim, each checked where it can break:
+//! - `gpu_work_is_waited_for_on_an_error_path`: a decode where one sequence's generator runs on the
+//!   GPU (reading llama.cpp's node in place) and another's fails leaves no GPU work queued on
+//!   llama.cpp's memory (the guard that synchronises on every exit of the callback is unit-tested in
+//!   `hook`, where an early return after a queued read can be provoked directly);
+//! - `logits_only_for_rows_that_asked`: `Context::logits` refuses batch rows that did not ask
+//!   for logits, and rows beyond the batch;
+//! - `callback_state_survives_moves_and_is_freed_once`: the callback state handed to llama.cpp
+//!   stays valid when the `Context` moves, and is released exactly once when it drops.
+//!
+//! The f32-rows check over all four strides is a unit test of `ffi`; "one writable view of a node
+//! at a time" is a `compile_fail` doctest on `NodeData::gpu_rows_mut`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use iapt_format::{Activation, Adapter};
+use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+use iapt_generator::Generator;
+use iapt_llama::{
+    arch_spec, Batch, Context, ContextParams, EvalCallback, GpuRuntime, HookAdapter, HookError, IaptHook, KvType, LlamaError, Model,
+    NodeData, NodeInfo, Plan, SeqPlan,
+};
+
+fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("../../converters/python/fixtures/models")
+}
+
+fn params(n_seq_max: u32) -> ContextParams {
+    ContextParams { n_ctx: 256, n_batch: 256, n_ubatch: 256, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32, n_seq_max }
+}
+
+fn model() -> Model {
+    Model::load(&fixtures().join("llama-tiny-f32.gguf")).expect("fixture model")
+}
+
+#[test]
+fn gpu_work_is_waited_for_on_an_error_path() {
+    let model = model();
+    let (n_layer, d) = (model.n_layer(), model.n_embd());
+    let good = Adapter::open(fixtures().join("llama-tiny.iapt.safetensors")).expect("fixture adapter");
+    // A CPU adapter whose attention scores overflow f32 on any hidden state: its feed fails.
+    let mut spec = AdapterSpec::small(n_layer as u32, d as u32, 4, 8, Activation::Gelu);
+    spec.pool_scale = f32::MAX;
+    let bad = random_adapter(&spec, &mut Rng::new(7)).expect("random adapter");
+    let rt = GpuRuntime::emulated();
+    let adapters = vec![
+        HookAdapter::Gpu(Arc::new(rt.upload(&good).expect("upload"))),
+        HookAdapter::Cpu(Arc::new(Generator::from_adapter(&bad).expect("generator"))),
+    ];
+    let hook = Arc::new(IaptHook::with_adapters(*arch_spec("llama").unwrap(), n_layer, d, adapters, Some(rt.clone())).expect("hook"));
+    let mut ctx = Context::new(&model, &params(2), Some(hook.clone() as Arc<dyn EvalCallback>)).expect("context");
+    // Sequence 0 (GPU adapter: its rows are read in place, queued) comes first in the batch, so
+    // its work is queued before sequence 1 (CPU adapter) fails on the same node.
+    let n = 6usize;
+    let mut batch = Batch::new(64);
+    for seq in 0..2 {
+        for i in 0..n + 4 {
+            batch.push_seq(1 + i as i32, i as i32, seq, i + 1 == n + 4).unwrap();
+        }
+    }
+    let seqs = vec![SeqPlan { adapter: Some(0), row0: 0, n_instr: n }, SeqPlan { adapter: Some(1), row0: n + 4, n_instr: n }];
+    hook.arm(Plan { seqs, batch_len: 2 * (n + 4), n_ubatch: 256 }).unwrap();
+    ctx.decode(&batch).unwrap();
+    let e = hook.finish().expect_err("the CPU adapter's scores overflow");
+    let LlamaError::Hook { errors } = &e else { panic!("{e}") };
+    assert!(matches!(errors[0], HookError::Generator { seq: 1, layer: 0, .. }), "{e}");
+    assert!(hook.claims().iter().any(|c| c.on_device), "the GPU sequence must have read the node in place");
+    assert!(!rt.has_unsynchronized_work(), "queued GPU reads of llama.cpp's node outlived the callback");
+}
+
+#[test]
+fn logits_only_for_rows_that_asked() {
+    let model = model();
+    let mut ctx = Context::new(&model, &params(1), None).expect("context");
+    let mut batch = Batch::new(8);
+    for i in 0..3 {
+        batch.push(1 + i, i, i == 2).unwrap();
+    }
+    assert!(ctx.logits(2).is_none(), "nothing decoded yet");
+    ctx.decode(&batch).unwrap();
+    assert_eq!(ctx.logits(2).map(<[f32]>::len), Some(model.n_vocab()));
+    assert!(ctx.logits(0).is_none() && ctx.logits(1).is_none(), "rows 0 and 1 did not ask for logits");
+    assert!(ctx.logits(3).is_none() && ctx.logits(usize::MAX).is_none(), "rows beyond the batch");
+    ctx.clear_kv();
+    assert!(ctx.logits(2).is_none(), "a cleared context has no logits");
+}
+
+/// Counts the nodes it is offered and claims none.
+struct Counting(AtomicUsize);
+
+impl EvalCallback for Counting {
+    fn wants(&self, _node: &NodeInfo<'_>) -> bool {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        false
+    }
+    fn on_data(&self, _node: &mut NodeData<'_>) {}
+}
+
+#[test]
+fn callback_state_survives_moves_and_is_freed_once() {
+    let model = model();
+    let cb = Arc::new(Counting(AtomicUsize::new(0)));
+    let ctx = Context::new(&model, &params(1), Some(cb.clone() as Arc<dyn EvalCallback>)).expect("context");
+    assert_eq!(Arc::strong_count(&cb), 2, "the context holds the callback");
+    // Move the context twice (into a box, then out of a vector) before llama.cpp calls back.
+    let mut moved = vec![Box::new(ctx)].pop().unwrap();
+    let mut batch = Batch::new(4);
+    batch.push(1, 0, true).unwrap();
+    moved.decode(&batch).unwrap();
+    assert!(cb.0.load(Ordering::SeqCst) > 0, "llama.cpp reached the callback through the moved context");
+    drop(moved);
+    assert_eq!(Arc::strong_count(&cb), 1, "dropping the context released the callback state");
+}
