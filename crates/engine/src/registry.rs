@@ -25,7 +25,7 @@ pub struct AdapterInfo {
     pub users: usize,
 }
 
-/// What [`Registry::unload`] did.
+/// What [`crate::Engine::unload_adapter`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unloaded {
     /// Unused: its memory is freed.
