@@ -354,20 +354,7 @@ impl<'m> Engine<'m> {
             h.arm(segs, self.batch.len(), self.ctx.n_ubatch());
         }
         let res = self.ctx.decode(&self.batch);
-        let mut events = Vec::new();
-        if let (Some(h), true) = (self.hook.clone(), armed) {
-            let (states, hres) = h.finish();
-            for (&slot, st) in seg_slots.iter().zip(states) {
-                if let Some(s) = self.slots[slot].as_mut() {
-                    s.prefill = Some(st);
-                }
-            }
-            if let Err(messages) = hres {
-                for &slot in &seg_slots {
-                    events.extend(self.fail(slot, EngineError::Injection { messages: messages.clone() }));
-                }
-            }
-        }
+        let mut events = if armed { self.take_back(&seg_slots) } else { Vec::new() };
         if let Err(e) = res {
             events.extend(self.fail_all(&plan, &e.to_string()));
             return events;
@@ -443,6 +430,24 @@ impl<'m> Engine<'m> {
             row0 += p.rows;
         }
         (segs, slots)
+    }
+
+    /// Disarms the hook and gives the lent pooling states back to their sequences; when the hook
+    /// reports an error, those sequences fail (their prefill cannot be trusted).
+    fn take_back(&mut self, seg_slots: &[usize]) -> Vec<Event> {
+        let Some(h) = self.hook.clone() else { return Vec::new() };
+        let (states, res) = h.finish();
+        for (&slot, st) in seg_slots.iter().zip(states) {
+            if let Some(s) = self.slots[slot].as_mut() {
+                s.prefill = Some(st);
+            }
+        }
+        match res {
+            Ok(()) => Vec::new(),
+            Err(messages) => {
+                seg_slots.iter().flat_map(|&slot| self.fail(slot, EngineError::Injection { messages: messages.clone() })).collect()
+            }
+        }
     }
 
     /// After a successful decode: moves the slot's positions on and samples where it has logits.
