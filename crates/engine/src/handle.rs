@@ -3,8 +3,10 @@
 //!
 //! The thread owns the model and the context; it takes commands between steps and sends each
 //! request's [`Event`]s to that request's own channel. When the receiving end of a request's
-//! channel is dropped (a client went away), the request is cancelled at once and its KV cells are
-//! freed. Dropping the handle stops the thread (running requests are dropped).
+//! channel is dropped (a client went away), the request is cancelled at its next event (its first
+//! token at the latest: a request still in prefill sends none) and its KV cells are freed at once;
+//! [`EngineHandle::cancel`] stops it immediately. Dropping the handle stops the thread (running
+//! requests are dropped).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -96,7 +98,7 @@ impl EngineHandle {
     }
 
     /// Validates and queues `req` (answered between two steps); its events arrive on the returned
-    /// receiver. Dropping the receiver cancels the request.
+    /// receiver. Dropping the receiver cancels the request at its next event.
     pub fn submit(&self, req: Request) -> Result<(SeqId, Receiver<Event>), EngineError> {
         let (events, rx) = mpsc::channel();
         let id = self.ask(|reply| Command::Submit(Box::new(req), events, reply))?;

@@ -24,7 +24,9 @@
 //! - **Errors.** Every bad input is an [`EngineError`] variant, refused by [`Engine::submit`].
 //!
 //! Not built: a prompt cache (KV reuse across requests). Every request is prefilled from scratch,
-//! so nothing can leak from one adapter's request into another's. The generators run on the CPU.
+//! so nothing can leak from one adapter's request into another's. The generators run on the CPU,
+//! or on a GPU runtime ([`EngineConfig::gpu`]) through host copies of the rows (the in-place device
+//! path of `iapt_llama`'s own hook is not used here yet).
 //!
 //! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
 //! each request's [`Event`]s out over its own channel, cancelled when that channel's receiver is dropped.

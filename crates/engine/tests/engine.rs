@@ -17,6 +17,8 @@
 //!   once; more sequences than the cache holds run one after another.
 //! - `unload_*`: unloading an adapter in use is deferred; its requests finish as alone.
 //! - `logprobs_*`: log-probabilities equal the log-softmax of `iapt_llama::Session`'s logits.
+//! - `gpu_emulated_*`: the adapters on the GPU generator (its kernels on the CPU emulator): the
+//!   fixture adapter alone gives the reference tokens, and continuous batching equals alone.
 //! - `stop_strings_*`, `bad_input_*`, `handle_*`: stop rules, every refused input, the threaded handle.
 
 use std::collections::BTreeMap;
@@ -28,6 +30,7 @@ use iapt_engine::{
 };
 use iapt_format::{Activation, Adapter};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+use iapt_generator_cuda::GpuRuntime;
 use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, SamplerSettings, Sampling, Session, Token};
 
 fn fixtures() -> PathBuf {
@@ -79,6 +82,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         kv_type: KvType::F32,
         flash_attn: Some(false),
         generator_threads: 1,
+        gpu: None,
     }
 }
 
@@ -126,7 +130,11 @@ fn run_all(e: &mut Engine<'_>) -> BTreeMap<SeqId, Outcome> {
 
 /// The request alone: one slot, the whole prompt in one decode.
 fn alone(model: &Model, adapters: &[(String, Adapter)], req: &Request) -> Outcome {
-    let mut e = engine(model, adapters, exact(1, 256, 256));
+    alone_with(model, adapters, req, exact(1, 256, 256))
+}
+
+fn alone_with(model: &Model, adapters: &[(String, Adapter)], req: &Request, cfg: EngineConfig) -> Outcome {
+    let mut e = engine(model, adapters, cfg);
     let id = e.submit(req.clone()).expect("submit alone");
     let out = run_all(&mut e).remove(&id).unwrap();
     assert!(out.error.is_none(), "alone: {:?}", out.error);
@@ -487,7 +495,13 @@ fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
         }
     }
     assert_eq!(got.ids(), want.ids());
-    let st = h.status().unwrap();
+    // The dropped request ends at its next event (its first token at the latest).
+    let t0 = std::time::Instant::now();
+    let mut st = h.status().unwrap();
+    while st.running > 0 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        st = h.status().unwrap();
+    }
     assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
     assert!(st.stats.generated < 12 + 30, "the dropped request was cancelled: {st:?}");
     assert!(matches!(h.submit(greedy(&[1], Some("zz"), 1)), Err(EngineError::UnknownAdapter { .. })));
@@ -496,4 +510,25 @@ fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
     h.load_adapter("b", path).unwrap();
     assert_eq!(h.adapters().unwrap()[0].name, "b");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gpu_emulated_adapters_batch_like_alone() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let gpu = |cfg: EngineConfig| EngineConfig { gpu: Some(GpuRuntime::emulated()), ..cfg };
+    let c = case("llama-long-iapt");
+    let reference = alone_with(&m, &ads, &greedy(&c.instruction, Some("a0"), c.tokens.len()), gpu(exact(1, 256, 256)));
+    assert_eq!(reference.ids(), c.tokens, "the fixture adapter on the emulated GPU vs the float64 reference");
+    let reqs = mixed_requests("llama", 8, 8);
+    let mut e = engine(&m, &ads, gpu(exact(3, 16, 8)));
+    assert!(e.adapters().iter().all(|a| a.on_gpu && a.bytes > 0), "{:?}", e.adapters());
+    let ids: Vec<SeqId> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let out = run_all(&mut e);
+    for (i, (id, r)) in ids.iter().zip(&reqs).enumerate() {
+        assert!(out[id].error.is_none(), "request {i}: {:?}", out[id].error);
+        let want = alone_with(&m, &ads, r, gpu(exact(1, 256, 256)));
+        assert_eq!(out[id].ids(), want.ids(), "request {i} ({:?}): batched vs alone on the emulated GPU", r.adapter);
+    }
+    assert_eq!(e.cells_in_use(), 0);
 }
