@@ -2,16 +2,17 @@
 //! callers that must never block the decode loop or be blocked by it.
 //!
 //! The thread owns the model and the context; it takes commands between steps and sends each
-//! request's [`Event`]s to that request's own channel. When the receiving end of a request's
-//! channel is dropped (a client went away), the request is cancelled at its next event (its first
-//! token at the latest: a request still in prefill sends none) and its KV cells are freed at once;
-//! [`EngineHandle::cancel`] stops it immediately. Dropping the handle stops the thread (running
-//! requests are dropped).
+//! request's [`Event`]s to that request's own [`EventStream`]. When a request's stream is dropped
+//! (a client went away), the request is cancelled before the next step, queued, prefilling or
+//! decoding, and its KV cells are freed at once; so does [`EngineHandle::cancel`]. Dropping the
+//! handle stops the thread (running requests are dropped).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use iapt_llama::{Model, ModelParams};
 
@@ -48,8 +49,58 @@ pub struct Status {
 
 type Reply<T> = Sender<Result<T, EngineError>>;
 
+/// The engine thread's end of a request's stream.
+struct Sink {
+    tx: Sender<Event>,
+    /// Gone once the [`EventStream`] is dropped.
+    alive: Weak<()>,
+}
+
+/// The events of one request, in order, ending with [`EventKind::Done`] or [`EventKind::Failed`]
+/// (after which the stream is closed). Dropping it cancels the request.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: Receiver<Event>,
+    _alive: Arc<()>,
+}
+
+impl EventStream {
+    /// Waits for the next event; `None` once the request has ended (or the engine stopped).
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    /// The next event if there is one now; `Ok(None)` when none is ready; `Err(())` once the
+    /// stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_recv(&self) -> Result<Option<Event>, ()> {
+        match self.rx.try_recv() {
+            Ok(e) => Ok(Some(e)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Waits up to `timeout`; `Ok(None)` on timeout, `Err(())` once the stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>, ()> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(e) => Ok(Some(e)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+}
+
+impl Iterator for EventStream {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv()
+    }
+}
+
 enum Command {
-    Submit(Box<Request>, Sender<Event>, Reply<SeqId>),
+    Submit(Box<Request>, Sink, Reply<SeqId>),
     Cancel(SeqId),
     Load(String, PathBuf, Reply<AdapterInfo>),
     Unload(String, Reply<Unloaded>),
@@ -98,11 +149,13 @@ impl EngineHandle {
     }
 
     /// Validates and queues `req` (answered between two steps); its events arrive on the returned
-    /// receiver. Dropping the receiver cancels the request at its next event.
-    pub fn submit(&self, req: Request) -> Result<(SeqId, Receiver<Event>), EngineError> {
-        let (events, rx) = mpsc::channel();
-        let id = self.ask(|reply| Command::Submit(Box::new(req), events, reply))?;
-        Ok((id, rx))
+    /// stream. Dropping the stream cancels the request.
+    pub fn submit(&self, req: Request) -> Result<(SeqId, EventStream), EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(());
+        let sink = Sink { tx, alive: Arc::downgrade(&alive) };
+        let id = self.ask(|reply| Command::Submit(Box::new(req), sink, reply))?;
+        Ok((id, EventStream { rx, _alive: alive }))
     }
 
     /// Cancels a request (no effect when it has ended).
@@ -169,7 +222,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     if ready.send(Ok(())).is_err() {
         return;
     }
-    let mut sinks: HashMap<SeqId, Sender<Event>> = HashMap::new();
+    let mut sinks: HashMap<SeqId, Sink> = HashMap::new();
     loop {
         // Idle: sleep until a command comes. Busy: take what is there and step.
         if engine.is_idle() {
@@ -185,9 +238,17 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
                 Err(TryRecvError::Disconnected) => return,
             }
         }
+        // Requests whose stream was dropped: cancelled before they take part in another step.
+        sinks.retain(|&id, sink| {
+            let alive = sink.alive.strong_count() > 0;
+            if !alive {
+                engine.cancel(id);
+            }
+            alive
+        });
         for ev in engine.step() {
             let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
-            let delivered = sinks.get(&id).is_some_and(|tx| tx.send(ev).is_ok());
+            let delivered = sinks.get(&id).is_some_and(|sink| sink.tx.send(ev).is_ok());
             if !delivered && !last {
                 // The receiver is gone: the client does not want the rest.
                 engine.cancel(id);
@@ -199,7 +260,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     }
 }
 
-fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sender<Event>>, c: Command) {
+fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command) {
     match c {
         Command::Submit(req, events, reply) => {
             let r = engine.submit(*req);

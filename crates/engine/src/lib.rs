@@ -29,7 +29,7 @@
 //! path of `iapt_llama`'s own hook is not used here yet).
 //!
 //! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
-//! each request's [`Event`]s out over its own channel, cancelled when that channel's receiver is dropped.
+//! each request's [`Event`]s out over its own [`EventStream`], cancelled when that stream is dropped.
 //!
 //! ```no_run
 //! use iapt_engine::{Engine, EngineConfig, EventKind, Request};
@@ -59,6 +59,6 @@ mod request;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
-pub use handle::{EngineHandle, EngineSpec, Status};
+pub use handle::{EngineHandle, EngineSpec, EventStream, Status};
 pub use registry::{AdapterInfo, Unloaded};
 pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
