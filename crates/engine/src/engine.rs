@@ -493,7 +493,9 @@ impl<'m> Engine<'m> {
         };
         let Some(token) = s.chain.sample(logits) else { return self.fail(slot, EngineError::NothingSampled) };
         if s.stop_at_eog && self.model.is_eog(token) {
-            return self.finish(slot, FinishReason::Eog, Vec::new());
+            // Bytes held back as a possible start of a stop string are output after all.
+            let tail = s.stop.flush();
+            return self.finish(slot, FinishReason::Eog, tail);
         }
         let (logprob, top_logprobs) = match s.logprobs {
             Some(n) => {
