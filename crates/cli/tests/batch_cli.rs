@@ -1,6 +1,8 @@
-//! `iapt batch` end to end on the tiny fixture model: three requests in one group (the adapter,
-//! the base alone, the adapter again on another prompt) give, request by request, exactly the text
-//! that `iapt run` gives for each alone; bad requests exit 1 naming the line, a missing file 2.
+//! `iapt batch` end to end on the tiny fixture model: three requests (the adapter, the base alone,
+//! the adapter again on another prompt) give, request by request, exactly the text that `iapt run`
+//! gives for each alone; so do five requests through 2 slots with 8 tokens per step (requests enter
+//! as slots free up, prompts prefilled in chunks), with `--json` statistics; bad requests, and one
+//! that can never fit its sequence's context, exit 1 naming the line, a missing file 2.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -96,4 +98,45 @@ fn bad_requests_exit_1_naming_the_line_and_missing_files_2() {
     let o = iapt(&["batch", "--model", model.to_str().unwrap(), "--requests", dir.path().join("none.jsonl").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read the requests"));
+}
+
+#[test]
+fn requests_enter_as_slots_free_up_and_json_reports_throughput() {
+    let model = fixtures().join("llama-tiny-f32.gguf");
+    let adapter = fixtures().join("llama-tiny.iapt.safetensors");
+    let (long, short) = (instruction("llama-long-iapt"), instruction("llama-short-iapt"));
+    let dir = tempfile::tempdir().unwrap();
+    let requests = dir.path().join("r.jsonl");
+    let reqs: Vec<(Option<&str>, &Vec<i64>)> =
+        vec![(Some("tiny"), &long), (None, &short), (Some("tiny"), &short), (None, &long), (Some("tiny"), &long)];
+    let body: String = reqs.iter().map(|(a, p)| serde_json::json!({"adapter": a, "prompt_tokens": p}).to_string() + "\n").collect();
+    std::fs::write(&requests, body).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let adapter_arg = format!("tiny={}", adapter.display());
+    // 2 slots for 5 requests, 8 tokens per step: prompts are prefilled in chunks beside other sequences' decode tokens.
+    let mut args = vec!["batch", "--model", model.to_str().unwrap(), "--adapter", &adapter_arg, "--parallel", "2", "--batch-tokens", "8"];
+    args.extend(["--requests", requests.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
+    args.extend(CTX);
+    let o = iapt(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (i, ((a, p), r)) in reqs.iter().zip(&results).enumerate() {
+        let want = run_alone(&model, a.map(|_| adapter.as_path()), p);
+        assert_eq!(r["text"].as_str().unwrap(), want, "request {i}");
+    }
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stats: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).expect("--json: one JSON object");
+    let total: u64 = results.iter().map(|r| r["n_tokens"].as_u64().unwrap()).sum();
+    assert_eq!(stats["generated_tokens"].as_u64(), Some(total));
+    assert_eq!(stats["parallel"].as_u64(), Some(2));
+    assert!(stats["tokens_per_s"].as_f64().unwrap() > 0.0 && stats["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{stats}");
+
+    // A request that can never fit its sequence's context (64 / 2 = 32 tokens) is refused, naming its line.
+    let mut args = vec!["batch", "--model", model.to_str().unwrap(), "--adapter", &adapter_arg, "--parallel", "2"];
+    args.extend(["--requests", requests.to_str().unwrap(), "--ctx-size", "64", "--n-predict", "4", "--threads", "1"]);
+    let o = iapt(&args);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("r.jsonl:1") && e.contains("exceeds the per-sequence context of 32 tokens"), "{e}");
 }

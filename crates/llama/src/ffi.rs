@@ -34,8 +34,12 @@ use iapt_generator_cuda::{DevRows, DevRowsMut};
 
 use crate::error::{LlamaError, NodeError};
 
+mod memory;
 mod rpc;
+mod sampler;
+
 pub use rpc::{add_rpc_workers, install_abort_exit, rpc_worker_serve, RpcEndpoint};
+pub use sampler::SamplerChain;
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;

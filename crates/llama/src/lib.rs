@@ -9,11 +9,13 @@
 //!
 //! Its one job is what touches llama.cpp. Modules: `ffi` (the only `unsafe`: a small safe wrapper
 //! over `llama-cpp-sys-2`, including the narrow bridge that lends a graph node's device memory to
-//! the GPU generator, [`NodeData::gpu_rows`]), `arch` (the node names per architecture), `hook` (the
-//! injection plan and callback), `session` (prefill and generation, several sequences per decode,
-//! each with its own resident adapter), `sample` (greedy and temperature sampling). The demo's
-//! exact-match evaluation and the throughput benchmark are tools of the `iapt` CLI; the GPU
-//! generator, its kernels and its micro-benchmark are `iapt-generator-cuda`.
+//! the GPU generator, [`NodeData::gpu_rows`]; `ffi::sampler`, llama.cpp's sampler chain applied to
+//! a sequence's own logits row, [`SamplerChain`]; `ffi::memory`, per-sequence KV control), `arch`
+//! (the node names per architecture), `hook` (the injection plan and callback), `session` (prefill
+//! and generation, several sequences per decode, each with its own resident adapter), `sample`
+//! (greedy and temperature sampling), `sampling` (the sampler chain's settings and their rules).
+//! The demo's exact-match evaluation and the throughput benchmark are tools of the `iapt` CLI; the
+//! GPU generator, its kernels and its micro-benchmark are `iapt-generator-cuda`.
 //!
 //! Devices: by default llama.cpp is built for the CPU alone and no CUDA code is compiled. The `cuda`
 //! cargo feature builds llama.cpp with its CUDA backend (needs a CUDA toolkit) and the CUDA
@@ -39,10 +41,12 @@ mod error;
 mod ffi;
 mod hook;
 mod sample;
+mod sampling;
 mod session;
 
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use error::{HookError, LlamaError, NodeError};
+pub use ffi::SamplerChain;
 pub use ffi::{
     add_rpc_workers, devices, gguf_probe, init, install_abort_exit, quantize, rpc_worker_serve, set_verbose, supports_gpu_offload, Batch,
     Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams,
@@ -53,4 +57,5 @@ pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 /// [`HookAdapter::Gpu`]), re-exported so that callers need no second import.
 pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};
 pub use sample::{argmax, Sampler, Sampling};
+pub use sampling::{InvalidSampling, SamplerSettings};
 pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};

@@ -1,0 +1,542 @@
+//! The engine: one llama.cpp context, continuous batching across adapters (see the crate docs).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iapt_format::Adapter;
+use iapt_generator_cuda::GpuRuntime;
+use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType, Model, SamplerChain, Token};
+
+use crate::error::EngineError;
+use crate::hook::{Prefill, Segment, StreamHook};
+use crate::output::{logprobs, Pushed, StopMatcher};
+use crate::registry::{AdapterInfo, Registry, Resident, Unloaded};
+use crate::request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences running at once (llama.cpp sequence slots); 1..=256.
+    pub parallel: usize,
+    /// Context budget of one sequence in tokens (prompt + soft tokens + generated); the KV cache
+    /// holds `parallel * seq_ctx` cells, so admitted sequences never run out of cells.
+    pub seq_ctx: usize,
+    /// Tokens one step decodes at most (decode tokens first, then prefill chunks); >= `parallel`.
+    pub batch_tokens: usize,
+    /// llama.cpp's physical micro-batch size.
+    pub n_ubatch: usize,
+    /// Requests that may wait for a slot; more are refused with [`EngineError::QueueFull`].
+    pub queue_capacity: usize,
+    /// llama.cpp threads (0: its default).
+    pub n_threads: i32,
+    /// KV cache element type.
+    pub kv_type: KvType,
+    /// Flash attention (`None`: llama.cpp's choice).
+    pub flash_attn: Option<bool>,
+    /// Threads of each CPU generator call.
+    pub generator_threads: usize,
+    /// Run the adapters' generators on this GPU runtime (adapters with more soft tokens than the
+    /// kernels take stay on the CPU); `None`: on the CPU. The engine feeds and finishes them through
+    /// host copies of the rows.
+    pub gpu: Option<Arc<GpuRuntime>>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            parallel: 4,
+            seq_ctx: 1024,
+            batch_tokens: 512,
+            n_ubatch: 512,
+            queue_capacity: 256,
+            n_threads: 0,
+            kv_type: KvType::F16,
+            flash_attn: None,
+            generator_threads: 1,
+            gpu: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn check(&self) -> Result<(), EngineError> {
+        let bad = |detail: String| Err(EngineError::Config { detail });
+        if !(1..=256).contains(&self.parallel) {
+            return bad(format!("parallel = {}: must be 1..=256 (llama.cpp's sequence limit)", self.parallel));
+        }
+        if self.batch_tokens < self.parallel {
+            return bad(format!(
+                "batch_tokens = {} must be >= parallel = {} (one decode token per running sequence)",
+                self.batch_tokens, self.parallel
+            ));
+        }
+        if self.seq_ctx < 2 || self.n_ubatch == 0 || self.queue_capacity == 0 {
+            return bad("seq_ctx must be >= 2, n_ubatch and queue_capacity >= 1".to_owned());
+        }
+        if u32::try_from(self.seq_ctx.saturating_mul(self.parallel)).is_err() || u32::try_from(self.batch_tokens).is_err() {
+            return bad("seq_ctx x parallel and batch_tokens must fit in u32".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Counters since the engine started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Steps that decoded something.
+    pub steps: u64,
+    /// Prompt rows decoded (instruction and soft slots).
+    pub prefill_rows: u64,
+    /// Tokens generated (sampled).
+    pub generated: u64,
+    /// Steps with decode tokens only (no prefill rows), their tokens and wall time: the aggregate
+    /// decode throughput is `decode_only_tokens / decode_only_time`.
+    pub decode_only_steps: u64,
+    /// See `decode_only_steps`.
+    pub decode_only_tokens: u64,
+    /// See `decode_only_steps`.
+    pub decode_only_time: Duration,
+    /// Wall time of all steps.
+    pub step_time: Duration,
+}
+
+/// A queued request, validated.
+struct Pending {
+    id: SeqId,
+    req: Request,
+    gen: Option<Resident>,
+    chain: SamplerChain,
+}
+
+/// A running sequence in its slot.
+struct Seq {
+    id: SeqId,
+    prompt: Vec<Token>,
+    n_soft: usize,
+    /// Rows of the prompt: instruction plus soft slots.
+    total: usize,
+    /// Positions in the KV cache (prompt rows prefilled, then decoded tokens).
+    done: usize,
+    /// The pooling state while prefilling with an adapter.
+    prefill: Option<Prefill>,
+    /// The last sampled token, to decode next.
+    next: Option<Token>,
+    chain: SamplerChain,
+    stop: StopMatcher,
+    generated: usize,
+    max_tokens: usize,
+    stop_at_eog: bool,
+    logprobs: Option<usize>,
+    /// Admission order (prefill chunks are scheduled oldest first).
+    admitted: u64,
+}
+
+/// What one step put in the batch for one slot.
+struct Planned {
+    slot: usize,
+    rows: usize,
+    /// Batch row whose logits give the next token, if any.
+    out_row: Option<usize>,
+}
+
+/// The multi-tenant engine over one model and one llama.cpp context (see the crate docs). All
+/// calls run on the caller's thread; [`crate::EngineHandle`] runs one on its own thread.
+pub struct Engine<'m> {
+    model: &'m Model,
+    ctx: Context<'m>,
+    hook: Option<Arc<StreamHook>>,
+    registry: Registry,
+    cfg: EngineConfig,
+    batch: Batch,
+    slots: Vec<Option<Seq>>,
+    queue: VecDeque<Pending>,
+    next_id: u64,
+    admitted: u64,
+    stats: EngineStats,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine on `model` with no adapters loaded.
+    pub fn new(model: &'m Model, cfg: EngineConfig) -> Result<Engine<'m>, EngineError> {
+        cfg.check()?;
+        let hook = arch_spec(&model.arch()).map(|a| Arc::new(StreamHook::new(*a, model.n_layer(), model.n_embd())));
+        let params = ContextParams {
+            n_ctx: (cfg.seq_ctx * cfg.parallel) as u32,
+            n_batch: cfg.batch_tokens as u32,
+            n_ubatch: cfg.n_ubatch.min(cfg.batch_tokens) as u32,
+            n_threads: cfg.n_threads,
+            flash_attn: cfg.flash_attn,
+            kv_type: cfg.kv_type,
+            n_seq_max: cfg.parallel as u32,
+        };
+        let callback = hook.clone().map(|h| h as Arc<dyn EvalCallback>);
+        let ctx = Context::new(model, &params, callback)?;
+        Ok(Engine {
+            model,
+            ctx,
+            hook,
+            registry: Registry::new(model, cfg.generator_threads, cfg.gpu.clone()),
+            batch: Batch::new(cfg.batch_tokens),
+            slots: (0..cfg.parallel).map(|_| None).collect(),
+            queue: VecDeque::new(),
+            next_id: 0,
+            admitted: 0,
+            stats: EngineStats::default(),
+            cfg,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The base model.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Makes `adapter` resident as `name`, after checking it against the base model.
+    pub fn load_adapter(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
+        if self.hook.is_none() {
+            let detail = format!("the IAPT hook does not support architecture {:?} ({})", self.model.arch(), iapt_llama::supported_archs());
+            return Err(EngineError::AdapterRejected { name: name.to_owned(), detail });
+        }
+        self.registry.load(name, adapter)
+    }
+
+    /// Opens an adapter file (either container; validated against the spec) and loads it as `name`.
+    pub fn load_adapter_file(&mut self, name: &str, path: &Path) -> Result<AdapterInfo, EngineError> {
+        let adapter = Adapter::open(path).map_err(|e| EngineError::AdapterFile { path: path.to_owned(), detail: e.to_string() })?;
+        self.load_adapter(name, &adapter)
+    }
+
+    /// Unloads `name`: at once when unused, else deferred until its last user ends (see [`Unloaded`]).
+    pub fn unload_adapter(&mut self, name: &str) -> Result<Unloaded, EngineError> {
+        self.registry.unload(name)
+    }
+
+    /// The resident adapters, by name.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.registry.list()
+    }
+
+    /// Counters since the engine started.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Requests running (in a slot).
+    pub fn running(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Nothing running and nothing queued.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.running() == 0
+    }
+
+    /// KV cells in the context (llama.cpp may round `parallel * seq_ctx` up).
+    pub fn kv_cells(&self) -> usize {
+        self.ctx.n_ctx()
+    }
+
+    /// KV cells held by running sequences, as llama.cpp's cache reports them (positions 0..=max).
+    pub fn cells_in_use(&self) -> usize {
+        (0..self.slots.len()).filter_map(|s| self.ctx.seq_pos_max(s as i32)).map(|p| p as usize + 1).sum()
+    }
+
+    /// Validates `req` and queues it. Every bad input is refused here with its own error.
+    pub fn submit(&mut self, req: Request) -> Result<SeqId, EngineError> {
+        let gen = req.adapter.as_deref().map(|n| self.registry.get(n)).transpose()?;
+        let n_vocab = self.model.n_vocab();
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&token) = req.prompt.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+            return Err(EngineError::TokenOutOfVocab { token, n_vocab });
+        }
+        if req.max_tokens == 0 {
+            return Err(EngineError::MaxTokensZero);
+        }
+        let n_soft = gen.as_ref().map_or(0, |g| g.n_soft_tokens());
+        if req.prompt.len().saturating_add(n_soft).saturating_add(req.max_tokens) > self.cfg.seq_ctx {
+            return Err(EngineError::TooLong { n_prompt: req.prompt.len(), n_soft, max_tokens: req.max_tokens, seq_ctx: self.cfg.seq_ctx });
+        }
+        if let Some(n) = req.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(EngineError::TooManyLogprobs { n, max: MAX_LOGPROBS });
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(EngineError::EmptyStop);
+        }
+        let mut chain = SamplerChain::new(n_vocab, &req.sampling)?;
+        if self.queue.len() >= self.cfg.queue_capacity {
+            return Err(EngineError::QueueFull { capacity: self.cfg.queue_capacity });
+        }
+        // As llama-server does: the penalties see the prompt.
+        for &t in &req.prompt {
+            chain.accept(t);
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.queue.push_back(Pending { id, req, gen, chain });
+        Ok(id)
+    }
+
+    /// Cancels a queued or running request: it is dropped and its KV cells are freed at once. No
+    /// event follows. `false` when the id is not queued or running (already finished, unknown).
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        if let Some(i) = self.queue.iter().position(|p| p.id == id) {
+            self.queue.remove(i);
+            return true;
+        }
+        match self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id)) {
+            Some(slot) => {
+                self.free(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Empties slot `slot` and frees its KV cells.
+    fn free(&mut self, slot: usize) -> Option<Seq> {
+        self.ctx.seq_rm(slot as i32);
+        self.slots[slot].take()
+    }
+
+    /// Moves queued requests into free slots; a request whose pooling state cannot be made (device
+    /// memory) fails.
+    fn admit(&mut self) -> Vec<Event> {
+        let mut failed = Vec::new();
+        while let Some(slot) = self.slots.iter().position(Option::is_none) {
+            let Some(p) = self.queue.pop_front() else { break };
+            let n_soft = p.gen.as_ref().map_or(0, |g| g.n_soft_tokens());
+            let prefill = match p.gen.as_ref().map(|g| g.begin(p.req.prompt.len())).transpose() {
+                Ok(prefill) => prefill,
+                Err(error) => {
+                    failed.push(Event { id: p.id, kind: EventKind::Failed(error) });
+                    continue;
+                }
+            };
+            self.admitted += 1;
+            self.slots[slot] = Some(Seq {
+                id: p.id,
+                n_soft,
+                total: p.req.prompt.len() + n_soft,
+                done: 0,
+                prefill,
+                next: None,
+                chain: p.chain,
+                stop: StopMatcher::new(&p.req.stop),
+                generated: 0,
+                max_tokens: p.req.max_tokens,
+                stop_at_eog: p.req.stop_at_eog,
+                logprobs: p.req.logprobs,
+                admitted: self.admitted,
+                prompt: p.req.prompt,
+            });
+        }
+        failed
+    }
+
+    /// Runs one step: admits queued requests, then one decode with every running sequence's next
+    /// token and prefill chunks up to the token budget, then samples. Returns what happened; an
+    /// empty list when idle. A failing sequence is reported as [`EventKind::Failed`] and dropped;
+    /// the engine stays usable.
+    pub fn step(&mut self) -> Vec<Event> {
+        let t0 = Instant::now();
+        let mut events = self.admit();
+        let plan = match self.fill_batch() {
+            Ok(p) => p,
+            Err(e) => {
+                events.extend(self.fail_all(&[], &e.to_string()));
+                return events;
+            }
+        };
+        if plan.is_empty() {
+            return events;
+        }
+        let prefill_rows: usize =
+            plan.iter().filter(|p| self.slots[p.slot].as_ref().is_some_and(|s| s.next.is_none())).map(|p| p.rows).sum();
+        let (segs, seg_slots) = self.lend_prefills(&plan);
+        let armed = !segs.is_empty();
+        if let (Some(h), true) = (&self.hook, armed) {
+            h.arm(segs, self.batch.len(), self.ctx.n_ubatch());
+        }
+        let res = self.ctx.decode(&self.batch);
+        if armed {
+            events.extend(self.take_back(&seg_slots));
+        }
+        if let Err(e) = res {
+            events.extend(self.fail_all(&plan, &e.to_string()));
+            return events;
+        }
+        for p in &plan {
+            events.extend(self.advance(p));
+        }
+        let dt = t0.elapsed();
+        self.stats.steps += 1;
+        self.stats.step_time += dt;
+        self.stats.prefill_rows += prefill_rows as u64;
+        if prefill_rows == 0 {
+            self.stats.decode_only_steps += 1;
+            self.stats.decode_only_tokens += plan.len() as u64;
+            self.stats.decode_only_time += dt;
+        }
+        events
+    }
+
+    /// Steps until nothing is running or queued, passing every event to `on_event`.
+    pub fn run_until_idle(&mut self, on_event: &mut dyn FnMut(Event)) {
+        while !self.is_idle() {
+            for e in self.step() {
+                on_event(e);
+            }
+        }
+    }
+
+    /// Fills the batch: decode tokens first (one per sequence that has one), then prefill chunks,
+    /// oldest admission first, within the token budget.
+    fn fill_batch(&mut self) -> Result<Vec<Planned>, EngineError> {
+        self.batch.clear();
+        let mut plan = Vec::new();
+        for (slot, s) in self.slots.iter().enumerate() {
+            if let Some((s, tok)) = s.as_ref().and_then(|s| s.next.map(|t| (s, t))) {
+                self.batch.push_seq(tok, s.done as i32, slot as i32, true)?;
+                plan.push(Planned { slot, rows: 1, out_row: Some(self.batch.len() - 1) });
+            }
+        }
+        let mut order: Vec<(u64, usize)> =
+            self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().filter(|s| s.done < s.total).map(|s| (s.admitted, i))).collect();
+        order.sort_unstable();
+        for (_, slot) in order {
+            let budget = self.cfg.batch_tokens - self.batch.len();
+            if budget == 0 {
+                break;
+            }
+            let s = self.slots[slot].as_ref().expect("listed above");
+            let k = (s.total - s.done).min(budget);
+            for p in s.done..s.done + k {
+                // Soft slots get a placeholder id: their rows are replaced at every layer, layer 0 included.
+                let tok = s.prompt.get(p).copied().unwrap_or(s.prompt[0]);
+                self.batch.push_seq(tok, p as i32, slot as i32, p + 1 == s.total)?;
+            }
+            let out_row = (s.done + k == s.total).then(|| self.batch.len() - 1);
+            plan.push(Planned { slot, rows: k, out_row });
+        }
+        Ok(plan)
+    }
+
+    /// Lends the pooling state of every planned prefill chunk with an adapter to the hook.
+    fn lend_prefills(&mut self, plan: &[Planned]) -> (Vec<Segment>, Vec<usize>) {
+        let (mut segs, mut slots) = (Vec::new(), Vec::new());
+        let mut row0 = 0;
+        for p in plan {
+            let s = self.slots[p.slot].as_mut().expect("planned slots are running");
+            if s.next.is_none() {
+                if let Some(prefill) = s.prefill.take() {
+                    segs.push(Segment { row0, first: s.done, len: p.rows, prefill });
+                    slots.push(p.slot);
+                }
+            }
+            row0 += p.rows;
+        }
+        (segs, slots)
+    }
+
+    /// Disarms the hook and gives the lent pooling states back to their sequences; when the hook
+    /// reports an error, those sequences fail (their prefill cannot be trusted).
+    fn take_back(&mut self, seg_slots: &[usize]) -> Vec<Event> {
+        let Some(h) = self.hook.clone() else { return Vec::new() };
+        let (states, res) = h.finish();
+        for (&slot, st) in seg_slots.iter().zip(states) {
+            if let Some(s) = self.slots[slot].as_mut() {
+                s.prefill = Some(st);
+            }
+        }
+        match res {
+            Ok(()) => Vec::new(),
+            Err(messages) => {
+                seg_slots.iter().flat_map(|&slot| self.fail(slot, EngineError::Injection { messages: messages.clone() })).collect()
+            }
+        }
+    }
+
+    /// After a successful decode: moves the slot's positions on and samples where it has logits.
+    fn advance(&mut self, p: &Planned) -> Vec<Event> {
+        let Some(s) = self.slots[p.slot].as_mut() else { return Vec::new() };
+        s.done += p.rows;
+        s.next = None;
+        if s.done >= s.total {
+            s.prefill = None;
+        }
+        match p.out_row {
+            Some(row) => self.sample(p.slot, row),
+            None => Vec::new(),
+        }
+    }
+
+    /// Samples slot `slot`'s next token from batch row `row` and applies the stop rules.
+    fn sample(&mut self, slot: usize, row: usize) -> Vec<Event> {
+        let s = self.slots[slot].as_mut().expect("sampled slots are running");
+        let id = s.id;
+        let Some(logits) = self.ctx.logits(row) else {
+            return self.fail(slot, EngineError::DecodeFailed { detail: format!("no logits for batch row {row}") });
+        };
+        let Some(token) = s.chain.sample(logits) else { return self.fail(slot, EngineError::NothingSampled) };
+        if s.stop_at_eog && self.model.is_eog(token) {
+            // Bytes held back as a possible start of a stop string are output after all.
+            let tail = s.stop.flush();
+            return self.finish(slot, FinishReason::Eog, tail);
+        }
+        let (logprob, top_logprobs) = match s.logprobs {
+            Some(n) => {
+                let (lp, top) = logprobs(logits, token, n);
+                (Some(lp), top)
+            }
+            None => (None, Vec::new()),
+        };
+        s.generated += 1;
+        self.stats.generated += 1;
+        match s.stop.push(&self.model.token_bytes(token)) {
+            Pushed::Stop(text, index) => self.finish(slot, FinishReason::Stop { index }, text),
+            Pushed::Release(text) => {
+                let mut events = vec![Event { id, kind: EventKind::Token(TokenOut { token, text, logprob, top_logprobs }) }];
+                if s.generated >= s.max_tokens {
+                    let tail = s.stop.flush();
+                    events.extend(self.finish(slot, FinishReason::Length, tail));
+                } else {
+                    s.next = Some(token);
+                }
+                events
+            }
+        }
+    }
+
+    fn finish(&mut self, slot: usize, reason: FinishReason, text: Vec<u8>) -> Vec<Event> {
+        let Some(s) = self.free(slot) else { return Vec::new() };
+        let done = Finished { reason, text, n_prompt: s.prompt.len(), n_soft: s.n_soft, n_generated: s.generated };
+        vec![Event { id: s.id, kind: EventKind::Done(done) }]
+    }
+
+    fn fail(&mut self, slot: usize, error: EngineError) -> Vec<Event> {
+        match self.free(slot) {
+            Some(s) => vec![Event { id: s.id, kind: EventKind::Failed(error) }],
+            None => Vec::new(),
+        }
+    }
+
+    /// Fails every sequence of `plan` (all running ones when empty) after a failed decode.
+    fn fail_all(&mut self, plan: &[Planned], detail: &str) -> Vec<Event> {
+        let slots: Vec<usize> = if plan.is_empty() { (0..self.slots.len()).collect() } else { plan.iter().map(|p| p.slot).collect() };
+        slots.into_iter().flat_map(|slot| self.fail(slot, EngineError::DecodeFailed { detail: detail.to_owned() })).collect()
+    }
+}

@@ -1,0 +1,298 @@
+//! [`EngineHandle`]: an [`Engine`] on its own thread, driven over channels, for servers and other
+//! callers that must never block the decode loop or be blocked by it.
+//!
+//! The thread owns the model and the context; it takes commands between steps and sends each
+//! request's [`Event`]s to that request's own [`EventStream`]. When a request's stream is dropped
+//! (a client went away), the request is cancelled before the next step, queued, prefilling or
+//! decoding, and its KV cells are freed at once; so does [`EngineHandle::cancel`]. Dropping the
+//! handle stops the thread (running requests are dropped).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use iapt_llama::{Model, ModelParams};
+
+use crate::engine::{Engine, EngineConfig, EngineStats};
+use crate::error::EngineError;
+use crate::registry::{AdapterInfo, Unloaded};
+use crate::request::{Event, EventKind, Request, SeqId};
+
+/// What the engine thread starts with.
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    /// The base model (GGUF).
+    pub model: PathBuf,
+    /// Where its layers go.
+    pub model_params: ModelParams,
+    /// Engine settings.
+    pub config: EngineConfig,
+    /// Adapters loaded before the engine is ready: `(name, file)`.
+    pub adapters: Vec<(String, PathBuf)>,
+}
+
+/// A snapshot of the engine's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Counters since start.
+    pub stats: EngineStats,
+    /// Requests in a slot.
+    pub running: usize,
+    /// Requests waiting.
+    pub queued: usize,
+    /// KV cells held by running requests.
+    pub cells_in_use: usize,
+}
+
+type Reply<T> = Sender<Result<T, EngineError>>;
+
+/// The engine thread's end of a request's stream.
+struct Sink {
+    tx: Sender<Event>,
+    /// Gone once the [`EventStream`] is dropped.
+    alive: Weak<()>,
+}
+
+/// The events of one request, in order, ending with [`EventKind::Done`] or [`EventKind::Failed`]
+/// (after which the stream is closed). Dropping it cancels the request.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: Receiver<Event>,
+    _alive: Arc<()>,
+}
+
+impl EventStream {
+    /// Waits for the next event; `None` once the request has ended (or the engine stopped).
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    /// The next event if there is one now; `Ok(None)` when none is ready; `Err(())` once the
+    /// stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_recv(&self) -> Result<Option<Event>, ()> {
+        match self.rx.try_recv() {
+            Ok(e) => Ok(Some(e)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Waits up to `timeout`; `Ok(None)` on timeout, `Err(())` once the stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>, ()> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(e) => Ok(Some(e)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+}
+
+impl Iterator for EventStream {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv()
+    }
+}
+
+enum Command {
+    Submit(Box<Request>, Sink, Reply<SeqId>),
+    Cancel(SeqId),
+    Load(String, PathBuf, Reply<AdapterInfo>),
+    Unload(String, Reply<Unloaded>),
+    List(Sender<Vec<AdapterInfo>>),
+    Status(Sender<Status>),
+}
+
+/// An [`Engine`] running on its own thread (see the module documentation). Cloneable handles are
+/// not offered; share it behind an `Arc` (every method takes `&self`).
+pub struct EngineHandle {
+    tx: Option<Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread: loads the model and the adapters, then waits for commands.
+    /// Returns once the engine is ready, or with the error that stopped it.
+    pub fn spawn(spec: EngineSpec) -> Result<EngineHandle, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("iapt-engine".to_owned())
+            .spawn(move || run(spec, rx, ready_tx))
+            .map_err(|e| EngineError::Config { detail: format!("cannot start the engine thread: {e}") })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(EngineHandle { tx: Some(tx), thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(EngineError::Stopped)
+            }
+        }
+    }
+
+    fn send(&self, c: Command) -> Result<(), EngineError> {
+        self.tx.as_ref().ok_or(EngineError::Stopped)?.send(c).map_err(|_| EngineError::Stopped)
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(make(tx))?;
+        rx.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Validates and queues `req` (answered between two steps); its events arrive on the returned
+    /// stream. Dropping the stream cancels the request.
+    pub fn submit(&self, req: Request) -> Result<(SeqId, EventStream), EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(());
+        let sink = Sink { tx, alive: Arc::downgrade(&alive) };
+        let id = self.ask(|reply| Command::Submit(Box::new(req), sink, reply))?;
+        Ok((id, EventStream { rx, _alive: alive }))
+    }
+
+    /// Cancels a request (no effect when it has ended).
+    pub fn cancel(&self, id: SeqId) -> Result<(), EngineError> {
+        self.send(Command::Cancel(id))
+    }
+
+    /// Loads an adapter file as `name`.
+    pub fn load_adapter(&self, name: &str, path: PathBuf) -> Result<AdapterInfo, EngineError> {
+        self.ask(|reply| Command::Load(name.to_owned(), path, reply))
+    }
+
+    /// Unloads `name` (deferred while in use).
+    pub fn unload_adapter(&self, name: &str) -> Result<Unloaded, EngineError> {
+        self.ask(|reply| Command::Unload(name.to_owned(), reply))
+    }
+
+    /// The resident adapters.
+    pub fn adapters(&self) -> Result<Vec<AdapterInfo>, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::List(tx))?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+
+    /// The engine's counters and occupancy.
+    pub fn status(&self) -> Result<Status, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Status(tx))?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The engine thread's body.
+fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineError>>) {
+    let model = match Model::load_with(&spec.model, &spec.model_params) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    let mut engine = match Engine::new(&model, spec.config) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    for (name, path) in &spec.adapters {
+        if let Err(e) = engine.load_adapter_file(name, path) {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    let mut sinks: HashMap<SeqId, Sink> = HashMap::new();
+    loop {
+        // Idle: sleep until a command comes. Busy: take what is there and step.
+        if engine.is_idle() {
+            match rx.recv() {
+                Ok(c) => command(&mut engine, &mut sinks, c),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(c) => command(&mut engine, &mut sinks, c),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        // Requests whose stream was dropped: cancelled before they take part in another step.
+        sinks.retain(|&id, sink| {
+            let alive = sink.alive.strong_count() > 0;
+            if !alive {
+                engine.cancel(id);
+            }
+            alive
+        });
+        for ev in engine.step() {
+            let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
+            let delivered = sinks.get(&id).is_some_and(|sink| sink.tx.send(ev).is_ok());
+            if !delivered && !last {
+                // The receiver is gone: the client does not want the rest.
+                engine.cancel(id);
+            }
+            if last || !delivered {
+                sinks.remove(&id);
+            }
+        }
+    }
+}
+
+fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command) {
+    match c {
+        Command::Submit(req, events, reply) => {
+            let r = engine.submit(*req);
+            if let Ok(id) = r {
+                sinks.insert(id, events);
+            }
+            if let Err(Ok(id)) = reply.send(r).map_err(|e| e.0) {
+                // The caller gave up waiting: nobody will read the events.
+                engine.cancel(id);
+                sinks.remove(&id);
+            }
+        }
+        Command::Cancel(id) => {
+            engine.cancel(id);
+            sinks.remove(&id);
+        }
+        Command::Load(name, path, reply) => {
+            let _ = reply.send(engine.load_adapter_file(&name, &path));
+        }
+        Command::Unload(name, reply) => {
+            let _ = reply.send(engine.unload_adapter(&name));
+        }
+        Command::List(reply) => {
+            let _ = reply.send(engine.adapters());
+        }
+        Command::Status(reply) => {
+            let _ = reply.send(Status {
+                stats: engine.stats().clone(),
+                running: engine.running(),
+                queued: engine.queued(),
+                cells_in_use: engine.cells_in_use(),
+            });
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The multi-tenant IAPT engine: many requests, each with its own adapter (or none), on one base
+//! model and one llama.cpp context.
+//!
+//! After its prefill, a sequence's adapter lives only in the KV entries of its m soft tokens, so
+//! the decode steps of sequences with different adapters batch together as plain base-model
+//! decodes. The [`Engine`] does continuous batching as llama-server and vLLM do for plain models:
+//!
+//! - **Steps.** Each [`Engine::step`] admits queued requests into free sequence slots, then runs one
+//!   `llama_decode` holding one token of every decoding sequence and prefill chunks of new ones,
+//!   oldest first, up to [`EngineConfig::batch_tokens`]. A long prompt is prefilled over several
+//!   steps; the injection hook keeps each sequence's pooling state between steps, so the result
+//!   equals a one-shot prefill, and the soft slots are written in the decode that holds them.
+//!   Rows of decoding sequences pass through the hook untouched.
+//! - **Slots and cells.** At most [`EngineConfig::parallel`] sequences run; each has a budget of
+//!   [`EngineConfig::seq_ctx`] tokens, checked when the request is submitted (prompt plus soft tokens
+//!   plus `max_tokens`), so a request that can never fit is refused up front and admitted ones never
+//!   run out of KV cells. A finished, failed or cancelled sequence frees its cells at once
+//!   (`llama_memory_seq_rm`) and its slot is reused.
+//! - **Sampling.** Every request has its own llama.cpp sampler chain ([`iapt_llama::SamplerChain`]),
+//!   applied to its own logits row; stop at end-of-generation tokens, at stop strings (matched
+//!   across token boundaries, never emitted) or at `max_tokens`; optional top-N log-probabilities.
+//! - **Adapters** are loaded and unloaded by name at run time ([`Engine::load_adapter`]); a
+//!   request holds its adapter, so unloading one in use is deferred, never a use-after-free.
+//! - **Errors.** Every bad input is an [`EngineError`] variant, refused by [`Engine::submit`].
+//!
+//! Not built: a prompt cache (KV reuse across requests). Every request is prefilled from scratch,
+//! so nothing can leak from one adapter's request into another's. The generators run on the CPU,
+//! or on a GPU runtime ([`EngineConfig::gpu`]) through host copies of the rows (the in-place device
+//! path of `iapt_llama`'s own hook is not used here yet).
+//!
+//! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
+//! each request's [`Event`]s out over its own [`EventStream`], cancelled when that stream is dropped.
+//!
+//! ```no_run
+//! use iapt_engine::{Engine, EngineConfig, EventKind, Request};
+//! let model = iapt_llama::Model::load(std::path::Path::new("base.gguf"))?;
+//! let mut engine = Engine::new(&model, EngineConfig::default())?;
+//! engine.load_adapter_file("sorter", std::path::Path::new("sorter.iapt.gguf"))?;
+//! let prompt = model.tokenize("sort: b a c", true, false)?;
+//! let id = engine.submit(Request::new(prompt, 32).with_adapter("sorter"))?;
+//! engine.run_until_idle(&mut |ev| {
+//!     if let EventKind::Token(t) = ev.kind {
+//!         print!("{}", String::from_utf8_lossy(&t.text));
+//!     }
+//! });
+//! # let _ = id;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod engine;
+mod error;
+mod handle;
+mod hook;
+mod output;
+mod registry;
+mod request;
+
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use error::EngineError;
+pub use handle::{EngineHandle, EngineSpec, EventStream, Status};
+pub use registry::{AdapterInfo, Unloaded};
+pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -1,0 +1,531 @@
+//! The engine on the tiny parity fixtures (converters/python/fixtures/models: 3-layer llama and
+//! qwen2 models, F32 weights), in exact mode (F32 KV cache, flash attention off, one thread).
+//!
+//! "Alone" is the same request on a fresh engine with one slot and the whole prompt in one
+//! decode; every batched result is compared with it, never with hard-coded outputs.
+//! - `alone_*_matches_the_reference`: alone, the fixture adapter gives the float64 reference's
+//!   greedy tokens (Hugging Face transformers with the PyTorch twin's injection).
+//! - `continuous_batching_*`: 12 requests over 4 adapters (m = 4, 2, 3, 1) and the base, arriving
+//!   at different steps, 3 slots, a budget of 16 tokens per step and ubatches of 8 (prefill
+//!   chunks, decode tokens and chunks of other sequences mixed in one decode): each gives its
+//!   alone tokens.
+//! - `sixteen_*`: 16 mixed-adapter sequences in 16 slots, prefilled in one decode and decoded
+//!   together, each equal to alone; seeded sampling too.
+//! - `chunked_prefill_*`: budgets of 1, 3, 5, 7 and 16 tokens per step give the one-shot
+//!   log-probabilities (top 20, every step) to a relative 1e-5, and the same tokens.
+//! - `cancellation_*`: cancelling queued, prefilling and decoding sequences frees their cells at
+//!   once; more sequences than the cache holds run one after another.
+//! - `unload_*`: unloading an adapter in use is deferred; its requests finish as alone.
+//! - `logprobs_*`: log-probabilities equal the log-softmax of `iapt_llama::Session`'s logits.
+//! - `gpu_emulated_*`: the adapters on the GPU generator (its kernels on the CPU emulator): the
+//!   fixture adapter alone gives the reference tokens, and continuous batching equals alone.
+//! - `stop_strings_*`, `bad_input_*`, `handle_*`: stop rules, every refused input, the threaded
+//!   handle (a dropped event stream cancels its request).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use iapt_engine::{
+    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, Unloaded,
+};
+use iapt_format::{Activation, Adapter};
+use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+use iapt_generator_cuda::GpuRuntime;
+use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, SamplerSettings, Sampling, Session, Token};
+
+fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("../../converters/python/fixtures/models")
+}
+
+struct Case {
+    instruction: Vec<Token>,
+    tokens: Vec<Token>,
+}
+
+fn case(name: &str) -> Case {
+    let text = std::fs::read_to_string(fixtures().join("manifest.json")).expect("manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let c = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+    let ints = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as Token).collect();
+    Case { instruction: ints(&c["instruction"]), tokens: ints(&c["tokens"]) }
+}
+
+fn model(arch: &str) -> Model {
+    Model::load(&fixtures().join(format!("{arch}-tiny-f32.gguf"))).expect("model")
+}
+
+/// The fixture adapter and three random ones for `arch` (m = 4, 2, 3, 1), named a0..a3.
+fn adapters(arch: &str, model: &Model) -> Vec<(String, Adapter)> {
+    let fixture = Adapter::open(fixtures().join(format!("{arch}-tiny.iapt.safetensors"))).unwrap();
+    let mut out = vec![("a0".to_owned(), fixture)];
+    let shapes = [(2, 8, Activation::Silu), (3, 16, Activation::Relu), (1, 4, Activation::Silu)];
+    for (i, (m, r, act)) in shapes.into_iter().enumerate() {
+        let spec = AdapterSpec::small(model.n_layer() as u32, model.n_embd() as u32, m, r, act);
+        let a = random_adapter(&spec, &mut Rng::new(0xE461 + i as u64)).unwrap();
+        let mut cfg = a.config().clone();
+        cfg.base_model_arch = arch.to_owned();
+        let a = Adapter::from_parts(cfg, a.extras().clone(), a.tensors().to_vec()).unwrap();
+        out.push((format!("a{}", i + 1), a));
+    }
+    out
+}
+
+fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig {
+    EngineConfig {
+        parallel,
+        seq_ctx: 64,
+        batch_tokens,
+        n_ubatch,
+        queue_capacity: 64,
+        n_threads: 1,
+        kv_type: KvType::F32,
+        flash_attn: Some(false),
+        generator_threads: 1,
+        gpu: None,
+    }
+}
+
+fn engine<'m>(model: &'m Model, adapters: &[(String, Adapter)], cfg: EngineConfig) -> Engine<'m> {
+    let mut e = Engine::new(model, cfg).expect("engine");
+    for (name, a) in adapters {
+        e.load_adapter(name, a).expect("load");
+    }
+    e
+}
+
+/// Everything one request produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<TokenOut>,
+    done: Option<Finished>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn ids(&self) -> Vec<Token> {
+        self.tokens.iter().map(|t| t.token).collect()
+    }
+    fn text(&self) -> Vec<u8> {
+        let mut t: Vec<u8> = self.tokens.iter().flat_map(|t| t.text.clone()).collect();
+        t.extend(self.done.as_ref().map(|d| d.text.clone()).unwrap_or_default());
+        t
+    }
+}
+
+fn record(out: &mut BTreeMap<SeqId, Outcome>, ev: iapt_engine::Event) {
+    let o = out.entry(ev.id).or_default();
+    match ev.kind {
+        EventKind::Token(t) => o.tokens.push(t),
+        EventKind::Done(d) => o.done = Some(d),
+        EventKind::Failed(e) => o.error = Some(e.to_string()),
+    }
+}
+
+fn run_all(e: &mut Engine<'_>) -> BTreeMap<SeqId, Outcome> {
+    let mut out = BTreeMap::new();
+    e.run_until_idle(&mut |ev| record(&mut out, ev));
+    out
+}
+
+/// The request alone: one slot, the whole prompt in one decode.
+fn alone(model: &Model, adapters: &[(String, Adapter)], req: &Request) -> Outcome {
+    alone_with(model, adapters, req, exact(1, 256, 256))
+}
+
+fn alone_with(model: &Model, adapters: &[(String, Adapter)], req: &Request, cfg: EngineConfig) -> Outcome {
+    let mut e = engine(model, adapters, cfg);
+    let id = e.submit(req.clone()).expect("submit alone");
+    let out = run_all(&mut e).remove(&id).unwrap();
+    assert!(out.error.is_none(), "alone: {:?}", out.error);
+    out
+}
+
+fn greedy(prompt: &[Token], adapter: Option<&str>, max_tokens: usize) -> Request {
+    let mut r = Request::new(prompt.to_vec(), max_tokens);
+    r.adapter = adapter.map(str::to_owned);
+    r.stop_at_eog = false;
+    r
+}
+
+fn alone_matches_reference(arch: &str) {
+    let m = model(arch);
+    let ads = adapters(arch, &m);
+    for name in ["short", "long"] {
+        let c = case(&format!("{arch}-{name}-iapt"));
+        let out = alone(&m, &ads[..1], &greedy(&c.instruction, Some("a0"), c.tokens.len()));
+        assert_eq!(out.ids(), c.tokens, "{arch}-{name}: engine alone vs the float64 reference");
+        assert_eq!(out.done.unwrap().reason, FinishReason::Length);
+    }
+    let c = case(&format!("{arch}-short-base"));
+    assert_eq!(alone(&m, &[], &greedy(&c.instruction, None, c.tokens.len())).ids(), c.tokens, "{arch} base");
+}
+
+#[test]
+fn alone_llama_matches_the_reference() {
+    alone_matches_reference("llama");
+}
+
+#[test]
+fn alone_qwen2_matches_the_reference() {
+    alone_matches_reference("qwen2");
+}
+
+/// Prompts of several lengths from the fixture instructions.
+fn prompts(arch: &str) -> Vec<Vec<Token>> {
+    let long = case(&format!("{arch}-long-iapt")).instruction;
+    let short = case(&format!("{arch}-short-iapt")).instruction;
+    vec![long.clone(), short.clone(), long[..20].to_vec(), short[..5].to_vec(), long[3..].to_vec(), vec![short[0]]]
+}
+
+fn mixed_requests(arch: &str, n: usize, max_tokens: usize) -> Vec<Request> {
+    let names = [Some("a0"), None, Some("a1"), Some("a2"), Some("a3")];
+    let ps = prompts(arch);
+    (0..n).map(|i| greedy(&ps[i % ps.len()], names[i % names.len()], max_tokens - i % 3)).collect()
+}
+
+fn continuous_batching(arch: &str) {
+    let m = model(arch);
+    let ads = adapters(arch, &m);
+    let reqs = mixed_requests(arch, 12, 10);
+    let mut e = engine(&m, &ads, exact(3, 16, 8));
+    let mut ids = Vec::new();
+    let mut out = BTreeMap::new();
+    // Arrivals: 2 at once, then one more every other step (while others prefill and decode).
+    let mut next = 0;
+    let mut step = 0;
+    while next < reqs.len() || !e.is_idle() {
+        let arrivals = if step == 0 { 2 } else { usize::from(step % 2 == 1) };
+        for r in reqs.iter().skip(next).take(arrivals) {
+            ids.push(e.submit(r.clone()).unwrap());
+        }
+        next = (next + arrivals).min(reqs.len());
+        for ev in e.step() {
+            record(&mut out, ev);
+        }
+        step += 1;
+        assert!(step < 1000, "no progress");
+    }
+    assert!(e.stats().steps > 20, "the requests overlapped: {:?}", e.stats());
+    for (i, (id, r)) in ids.iter().zip(&reqs).enumerate() {
+        let got = &out[id];
+        assert!(got.error.is_none(), "request {i}: {:?}", got.error);
+        let want = alone(&m, &ads, r);
+        assert_eq!(got.ids(), want.ids(), "{arch} request {i} ({:?}, {} prompt tokens): batched vs alone", r.adapter, r.prompt.len());
+        assert_eq!(got.done, want.done, "{arch} request {i}");
+    }
+    assert_eq!(e.cells_in_use(), 0, "every cell freed");
+}
+
+#[test]
+fn continuous_batching_llama_equals_alone() {
+    continuous_batching("llama");
+}
+
+#[test]
+fn continuous_batching_qwen2_equals_alone() {
+    continuous_batching("qwen2");
+}
+
+fn sixteen_together(arch: &str) {
+    let m = model(arch);
+    let ads = adapters(arch, &m);
+    let mut reqs = mixed_requests(arch, 16, 12);
+    // Four of them sample (seeded): a sequence's draws do not depend on its neighbours either.
+    for (i, r) in reqs.iter_mut().enumerate().filter(|(i, _)| i % 4 == 3) {
+        r.sampling = SamplerSettings { temperature: 0.9, top_k: 40, top_p: 0.95, min_p: 0.02, seed: i as u32, ..Default::default() };
+    }
+    let mut e = engine(&m, &ads, exact(16, 512, 512));
+    let ids: Vec<SeqId> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let out = run_all(&mut e);
+    assert_eq!(e.stats().steps, 12, "one prefill decode, then the 16 decoded together");
+    for (i, (id, r)) in ids.iter().zip(&reqs).enumerate() {
+        assert_eq!(out[id].ids(), alone(&m, &ads, r).ids(), "{arch} request {i} ({:?})", r.adapter);
+    }
+}
+
+#[test]
+fn sixteen_mixed_adapter_sequences_together_equal_alone_llama() {
+    sixteen_together("llama");
+}
+
+#[test]
+fn sixteen_mixed_adapter_sequences_together_equal_alone_qwen2() {
+    sixteen_together("qwen2");
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-long-iapt");
+    for adapter in ["a0", "a2"] {
+        let mut req = greedy(&c.instruction, Some(adapter), 8);
+        req.logprobs = Some(20);
+        let one = alone(&m, &ads, &req);
+        for (budget, n_ubatch) in [(1, 1), (3, 3), (5, 2), (7, 7), (16, 8)] {
+            let mut e = engine(&m, &ads, exact(1, budget, n_ubatch));
+            let id = e.submit(req.clone()).unwrap();
+            let got = run_all(&mut e).remove(&id).unwrap();
+            assert!(e.stats().steps as usize >= (c.instruction.len() + 4).div_ceil(budget), "chunked over steps");
+            assert_eq!(got.ids(), one.ids(), "{adapter}, budget {budget}");
+            for (step, (a, b)) in got.tokens.iter().zip(&one.tokens).enumerate() {
+                let top = |t: &TokenOut| t.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>();
+                assert_eq!(top(a), top(b), "{adapter}, budget {budget}, step {step}: top tokens");
+                let scale = b.top_logprobs.iter().map(|x| x.1.abs()).fold(0.0f32, f32::max);
+                let err = a.top_logprobs.iter().zip(&b.top_logprobs).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0f32, f32::max) / scale;
+                assert!(err <= 1e-5, "{adapter}, budget {budget}, step {step}: rel err {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cancellation_frees_cells_at_once() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let long = case("llama-long-iapt").instruction;
+    let cfg = exact(2, 8, 8);
+    let mut e = engine(&m, &ads, cfg);
+    let kv = e.kv_cells();
+    let per_seq = long.len() + 4 + 20;
+    // Far more cells over the run than the cache holds: a leak would fail a decode.
+    let n = 3 * kv / per_seq + 4;
+    let req = greedy(&long, Some("a0"), 20);
+    let want = alone(&m, &ads, &req);
+    let mut done = 0;
+    for i in 0..n {
+        let a = e.submit(req.clone()).unwrap();
+        let b = e.submit(req.clone()).unwrap();
+        let queued = e.submit(req.clone()).unwrap();
+        // `a` and `b` run (prefill chunks of 8, `a` first, then decode), `queued` waits for a slot.
+        let mut out = BTreeMap::new();
+        for _ in 0..3 + i % 5 {
+            for ev in e.step() {
+                record(&mut out, ev);
+            }
+        }
+        assert!(e.cells_in_use() > 0);
+        assert!(e.cancel(queued), "cancel a queued request");
+        assert!(e.cancel(b), "cancel a running request");
+        assert!(!e.cancel(b), "a cancelled request is gone");
+        let before = e.cells_in_use();
+        assert!(before <= per_seq, "b's cells freed at once: {before} in use");
+        e.run_until_idle(&mut |ev| record(&mut out, ev));
+        assert_eq!(e.cells_in_use(), 0);
+        assert!(!out.contains_key(&queued));
+        assert!(out.get(&b).is_none_or(|o| o.done.is_none()), "no completion after cancel");
+        assert_eq!(out[&a].ids(), want.ids(), "round {i}: the survivor is unaffected");
+        assert!(out.values().all(|o| o.error.is_none()), "round {i}: {out:?}");
+        done += per_seq;
+    }
+    assert!(done > 2 * kv, "ran {done} cells' worth through a cache of {kv}");
+}
+
+#[test]
+fn unload_while_in_use_is_deferred_and_safe() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-long-iapt");
+    let req = greedy(&c.instruction, Some("a1"), 10);
+    let want = alone(&m, &ads, &req);
+    let mut e = engine(&m, &ads, exact(1, 8, 8));
+    let running = e.submit(req.clone()).unwrap();
+    let queued = e.submit(req.clone()).unwrap();
+    let mut out = BTreeMap::new();
+    for ev in e.step() {
+        record(&mut out, ev);
+    }
+    let users = e.adapters().iter().find(|a| a.name == "a1").unwrap().users;
+    assert_eq!(users, 2);
+    assert_eq!(e.unload_adapter("a1").unwrap(), Unloaded::Deferred { users: 2 });
+    assert!(e.adapters().iter().all(|a| a.name != "a1"));
+    assert!(matches!(e.submit(req.clone()), Err(EngineError::UnknownAdapter { .. })));
+    e.run_until_idle(&mut |ev| record(&mut out, ev));
+    assert_eq!(out[&running].ids(), want.ids());
+    assert_eq!(out[&queued].ids(), want.ids());
+    // Loaded again under the same name: usable, and unloading an idle adapter frees it at once.
+    e.load_adapter("a1", &ads[2].1).unwrap();
+    assert_eq!(e.unload_adapter("a1").unwrap(), Unloaded::Freed);
+    assert!(matches!(e.unload_adapter("a1"), Err(EngineError::UnknownAdapter { .. })));
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_session_logits() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-short-iapt");
+    let mut req = greedy(&c.instruction, Some("a0"), 6);
+    req.logprobs = Some(5);
+    let mut e = engine(&m, &ads, exact(2, 4, 4));
+    let id = e.submit(req).unwrap();
+    let got = run_all(&mut e).remove(&id).unwrap();
+    let params =
+        ContextParams { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32, n_seq_max: 1 };
+    let mut s = Session::new(&m, Some(&ads[0].1), &params, 1).unwrap();
+    let opts = GenerateOptions { n_predict: 6, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
+    let g = s.generate(&c.instruction, &opts, &mut |_| {}).unwrap();
+    assert_eq!(got.ids(), g.tokens);
+    for (t, logits) in got.tokens.iter().zip(&g.logits) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        let want = logits[t.token as usize] as f64 - lse;
+        assert!((t.logprob.unwrap() as f64 - want).abs() < 1e-4, "{:?} vs {want}", t.logprob);
+        assert_eq!(t.top_logprobs.len(), 5);
+        assert_eq!(t.top_logprobs[0].0, t.token, "greedy picks the most likely token");
+        assert!(t.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_emitted() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-long-iapt");
+    let base = greedy(&c.instruction, Some("a0"), 16);
+    let full = alone(&m, &ads, &base);
+    let text = full.text();
+    // A stop string that spans a token boundary (taken from the run itself; the random tiny model
+    // also emits bytes that are not UTF-8, which a stop string cannot hold).
+    let cut = |k: usize| full.tokens[..k].iter().map(|t| t.text.len()).sum::<usize>();
+    let stop = (3..full.tokens.len() - 1)
+        .flat_map(|k| [(1, 1), (2, 1), (1, 2)].map(move |(l, r)| (k, l, r)))
+        .filter(|&(k, l, r)| cut(k) >= l && cut(k) + r <= text.len() && full.tokens[k].text.len() >= r)
+        .find_map(|(k, l, r)| String::from_utf8(text[cut(k) - l..cut(k) + r].to_vec()).ok())
+        .expect("a UTF-8 window across a token boundary");
+    let first = text.windows(stop.len()).position(|w| w == stop.as_bytes()).unwrap();
+    let mut req = base.clone();
+    req.stop = vec!["never appears \u{1F600}".to_owned(), stop.clone()];
+    let got = alone(&m, &ads, &req);
+    assert_eq!(got.done.as_ref().unwrap().reason, FinishReason::Stop { index: 1 });
+    assert_eq!(got.text(), text[..first].to_vec(), "the text before the stop string, and nothing of it");
+    assert_eq!(got.ids(), full.ids()[..got.tokens.len()].to_vec());
+    // max_tokens ends a run with reason Length and exactly that many tokens.
+    let mut short = base.clone();
+    short.max_tokens = 3;
+    let got = alone(&m, &ads, &short);
+    assert_eq!((got.tokens.len(), got.done.unwrap().reason), (3, FinishReason::Length));
+}
+
+#[test]
+fn bad_input_is_refused_with_typed_errors() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let mut cfg = exact(1, 8, 8);
+    cfg.queue_capacity = 2;
+    let mut e = engine(&m, &ads, cfg);
+    let ok = || greedy(&[1, 2, 3], Some("a0"), 4);
+    let err = |e: &mut Engine<'_>, r: Request| e.submit(r).expect_err("refused");
+    let with = |f: &dyn Fn(&mut Request)| {
+        let mut r = ok();
+        f(&mut r);
+        r
+    };
+    assert!(matches!(err(&mut e, with(&|r| r.adapter = Some("nope".into()))), EngineError::UnknownAdapter { .. }));
+    assert!(matches!(err(&mut e, with(&|r| r.prompt.clear())), EngineError::EmptyPrompt));
+    assert!(matches!(err(&mut e, with(&|r| r.prompt.push(-1))), EngineError::TokenOutOfVocab { token: -1, .. }));
+    assert!(matches!(err(&mut e, with(&|r| r.prompt.push(99_999))), EngineError::TokenOutOfVocab { token: 99_999, .. }));
+    assert!(matches!(err(&mut e, with(&|r| r.max_tokens = 0)), EngineError::MaxTokensZero));
+    assert!(matches!(err(&mut e, with(&|r| r.max_tokens = usize::MAX)), EngineError::TooLong { .. }));
+    // 64 = prompt 3 + 4 soft + 57 fits exactly; one more does not.
+    assert!(e.submit(with(&|r| r.max_tokens = 57)).is_ok());
+    assert!(matches!(
+        err(&mut e, with(&|r| r.max_tokens = 58)),
+        EngineError::TooLong { n_prompt: 3, n_soft: 4, max_tokens: 58, seq_ctx: 64 }
+    ));
+    assert!(matches!(err(&mut e, with(&|r| r.prompt = vec![1; 61])), EngineError::TooLong { .. }));
+    for (field, f) in [
+        ("temperature", &(|r: &mut Request| r.sampling.temperature = -1.0) as &dyn Fn(&mut Request)),
+        ("top_p", &|r: &mut Request| r.sampling.top_p = 0.0),
+        ("top_p", &|r: &mut Request| r.sampling.top_p = 1.01),
+        ("min_p", &|r: &mut Request| r.sampling.min_p = 2.0),
+        ("top_k", &|r: &mut Request| r.sampling.top_k = -3),
+        ("repeat_penalty", &|r: &mut Request| r.sampling.repeat_penalty = f32::NAN),
+    ] {
+        match err(&mut e, with(f)) {
+            EngineError::Sampling(s) => assert_eq!(s.field, field),
+            other => panic!("{field}: {other}"),
+        }
+    }
+    assert!(matches!(err(&mut e, with(&|r| r.logprobs = Some(21))), EngineError::TooManyLogprobs { n: 21, max: 20 }));
+    assert!(matches!(err(&mut e, with(&|r| r.stop = vec![String::new()])), EngineError::EmptyStop));
+    // The queue holds 2 (one is already queued above).
+    e.submit(ok()).unwrap();
+    assert!(matches!(err(&mut e, ok()), EngineError::QueueFull { capacity: 2 }));
+    // Adapters: for another base (spec codes in the message), bad names, duplicates, bad files.
+    let qwen = Adapter::open(fixtures().join("qwen2-tiny.iapt.safetensors")).unwrap();
+    let msg = e.load_adapter("q", &qwen).unwrap_err().to_string();
+    assert!(msg.contains("[E") && msg.contains("wrong base model"), "{msg}");
+    assert!(matches!(e.load_adapter("a0", &ads[0].1), Err(EngineError::AdapterExists { .. })));
+    assert!(matches!(e.load_adapter("../x", &ads[0].1), Err(EngineError::BadAdapterName { .. })));
+    let file = fixtures().join("llama-tiny-f32.gguf");
+    assert!(matches!(e.load_adapter_file("m", &file), Err(EngineError::AdapterFile { .. })));
+    assert!(matches!(Engine::new(&m, exact(4, 2, 2)), Err(EngineError::Config { .. })));
+    // Nothing refused changed anything: the accepted requests run.
+    assert_eq!(run_all(&mut e).values().filter(|o| o.done.is_some()).count(), 2);
+}
+
+#[test]
+fn handle_streams_events_and_cancels_when_the_stream_is_dropped() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-long-iapt");
+    let dir = std::env::temp_dir().join(format!("iapt-engine-handle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("a0.safetensors");
+    ads[0].1.save(&path, iapt_format::Container::Safetensors).unwrap();
+    let spec = EngineSpec {
+        model: fixtures().join("llama-tiny-f32.gguf"),
+        model_params: Default::default(),
+        config: exact(1, 8, 8),
+        adapters: vec![("a0".to_owned(), path.clone())],
+    };
+    let h = Arc::new(EngineHandle::spawn(spec).unwrap());
+    let req = greedy(&c.instruction, Some("a0"), 30);
+    let want = alone(&m, &ads, &req);
+    let (_, rx) = h.submit(req.clone()).unwrap();
+    // One slot: the second request waits in the queue; its stream is dropped long before the
+    // first request's 35 steps end, so it is cancelled without running.
+    let (_, dropped) = h.submit(greedy(&c.instruction, Some("a0"), 12)).unwrap();
+    drop(dropped);
+    let mut got = Outcome::default();
+    for ev in rx {
+        match ev.kind {
+            EventKind::Token(t) => got.tokens.push(t),
+            EventKind::Done(d) => got.done = Some(d),
+            EventKind::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got.ids(), want.ids());
+    let st = h.status().unwrap();
+    assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
+    assert_eq!(st.stats.generated, 30, "the dropped request never ran: {st:?}");
+    assert!(matches!(h.submit(greedy(&[1], Some("zz"), 1)), Err(EngineError::UnknownAdapter { .. })));
+    assert_eq!(h.unload_adapter("a0").unwrap(), Unloaded::Freed);
+    assert!(h.adapters().unwrap().is_empty());
+    h.load_adapter("b", path).unwrap();
+    assert_eq!(h.adapters().unwrap()[0].name, "b");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gpu_emulated_adapters_batch_like_alone() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let gpu = |cfg: EngineConfig| EngineConfig { gpu: Some(GpuRuntime::emulated()), ..cfg };
+    let c = case("llama-long-iapt");
+    let reference = alone_with(&m, &ads, &greedy(&c.instruction, Some("a0"), c.tokens.len()), gpu(exact(1, 256, 256)));
+    assert_eq!(reference.ids(), c.tokens, "the fixture adapter on the emulated GPU vs the float64 reference");
+    let reqs = mixed_requests("llama", 8, 8);
+    let mut e = engine(&m, &ads, gpu(exact(3, 16, 8)));
+    assert!(e.adapters().iter().all(|a| a.on_gpu && a.bytes > 0), "{:?}", e.adapters());
+    let ids: Vec<SeqId> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let out = run_all(&mut e);
+    for (i, (id, r)) in ids.iter().zip(&reqs).enumerate() {
+        assert!(out[id].error.is_none(), "request {i}: {:?}", out[id].error);
+        let want = alone_with(&m, &ads, r, gpu(exact(1, 256, 256)));
+        assert_eq!(out[id].ids(), want.ids(), "request {i} ({:?}): batched vs alone on the emulated GPU", r.adapter);
+    }
+    assert_eq!(e.cells_in_use(), 0);
+}

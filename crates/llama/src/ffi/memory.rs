@@ -1,0 +1,40 @@
+//! Per-sequence KV-cache control of a [`Context`]: free a sequence's cells at once so that its
+//! slot can be reused, and ask where a sequence ends (`llama_memory_seq_*`).
+
+use llama_cpp_sys_2 as sys;
+
+use super::Context;
+
+impl Context<'_> {
+    /// Removes every KV cell of sequence `seq` (`llama_memory_seq_rm` over all positions): the
+    /// cells are free for any sequence at once. Removing a whole sequence never fails in
+    /// llama.cpp; `false` only when `seq` is negative or the context has no memory.
+    pub fn seq_rm(&mut self, seq: i32) -> bool {
+        if seq < 0 {
+            return false;
+        }
+        // SAFETY: the context is valid and used by one thread (`&mut self`); the memory handle
+        // lives as long as the context; p0 = p1 = -1 is "every position", which never fails.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            !mem.is_null() && sys::llama_memory_seq_rm(mem, seq, -1, -1)
+        }
+    }
+
+    /// The largest position sequence `seq` holds in the KV cache, or `None` when it holds none.
+    pub fn seq_pos_max(&self, seq: i32) -> Option<i32> {
+        if seq < 0 {
+            return None;
+        }
+        // SAFETY: the context is valid; the memory handle lives as long as the context; the
+        // call only reads the cache's metadata.
+        let p = unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            if mem.is_null() {
+                return None;
+            }
+            sys::llama_memory_seq_pos_max(mem, seq)
+        };
+        (p >= 0).then_some(p)
+    }
+}
