@@ -113,7 +113,9 @@ impl CtxArgs {
     /// that is not a GGUF model (exit 1) or a truncated one (exit 2) is told apart before llama.cpp
     /// reports a generic load failure.
     pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
-        BaseModelInfo::read(path).context("cannot read the base model's header")?;
+        let base = BaseModelInfo::read(path).context("cannot read the base model's header")?;
+        // Before llama.cpp loads anything: an architecture the hook cannot run is refused by name.
+        ensure_supported_arch(&base, path)?;
         self.add_rpc_workers()?;
         let mp = self.model_params();
         if self.verbose {
