@@ -192,6 +192,12 @@ pub enum NodeError {
         /// Row width.
         n_embd: usize,
     },
+    /// The node's data is not in host memory, so its rows cannot be viewed in place.
+    #[error("node {node} is not in host memory (read its rows with a copy instead)")]
+    NotHostMemory {
+        /// The node's name.
+        node: String,
+    },
     /// The rows asked for are outside the node.
     #[error("node {node}: rows {row0}..{row0}+{n} are outside its {rows} rows")]
     RowsOutOfRange {

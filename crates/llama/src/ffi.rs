@@ -748,6 +748,34 @@ impl NodeData<'_> {
         Ok(())
     }
 
+    /// Whether [`NodeData::host_rows`] can view this node's rows in place: its data is in host
+    /// memory (a CPU buffer) and aligned for f32.
+    pub fn rows_in_host_memory(&self) -> bool {
+        // SAFETY: the tensor is valid for the duration of the callback; only the pointer is read.
+        let data = unsafe { (*self.t.as_ptr()).data };
+        self.is_host() && !data.is_null() && (data as usize) % std::mem::align_of::<f32>() == 0
+    }
+
+    /// Rows `row0 .. row0 + n` viewed in place in host memory, without a copy (for nodes where
+    /// [`NodeData::rows_in_host_memory`] holds; [`NodeError::NotHostMemory`] otherwise). The view
+    /// borrows the node, so no write to it can happen while the view lives.
+    pub fn host_rows(&self, row0: usize, n: usize) -> Result<&[f32], NodeError> {
+        if !self.rows_in_host_memory() {
+            return Err(NodeError::NotHostMemory { node: self.name().to_owned() });
+        }
+        let d = self.ne()[0].max(0) as usize;
+        let values = n.checked_mul(d).ok_or_else(|| NodeError::RowsOutOfRange { node: self.name().to_owned(), row0, n, rows: 0 })?;
+        let offset = self.check_rows(row0, values)?;
+        // SAFETY: `check_rows` verified dense f32 rows, a non-null buffer and data pointer, and that
+        // `offset` plus `values` f32 lie within the tensor's data; `rows_in_host_memory` verified
+        // that the buffer is host memory and the pointer f32-aligned (the offset is a multiple of
+        // the row stride, itself a multiple of 4). In the data phase the node is computed and
+        // nothing writes it until the callback returns, except `write_rows`, which needs `&mut
+        // self` and so cannot run while this shared borrow lives; the scheduler keeps the buffer
+        // allocated for the whole graph.
+        Ok(unsafe { std::slice::from_raw_parts((*self.t.as_ptr()).data.cast::<u8>().add(offset).cast::<f32>(), values) })
+    }
+
     /// Overwrites rows `row0 .. row0 + values.len() / ne[0]` with `values`.
     pub fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), NodeError> {
         let offset = self.check_rows(row0, values.len())?;

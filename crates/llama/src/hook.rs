@@ -128,8 +128,8 @@ struct Inner {
     buf: Vec<f32>,
     /// Device states of finished decodes, by adapter index, for reuse.
     gpu_pool: Vec<(usize, GpuSeqState)>,
-    /// Wall time spent handling claimed nodes (reading, generating, writing) in the last armed decode.
-    busy: Duration,
+    /// Where the time handling claimed nodes went in the last armed decode.
+    times: HookTimes,
     /// Row copies (reads and writes) through the backend API of nodes outside host memory (a GPU
     /// without the zero-copy path, an RPC worker: one round trip each) in the last armed decode.
     remote_copies: usize,
@@ -196,7 +196,7 @@ impl IaptHook {
                 claims: Vec::new(),
                 buf: Vec::new(),
                 gpu_pool: Vec::new(),
-                busy: Duration::ZERO,
+                times: HookTimes::default(),
                 remote_copies: 0,
             }),
         }
@@ -295,7 +295,7 @@ impl IaptHook {
         }
         inner.errors.clear();
         inner.claims.clear();
-        inner.busy = Duration::ZERO;
+        inner.times = HookTimes::default();
         inner.remote_copies = 0;
         inner.armed = Some(Armed { plan, seqs, ubatch: None, next_layer: 0, failed: false });
         self.live.store(true, Ordering::SeqCst);
@@ -367,7 +367,12 @@ impl IaptHook {
     /// Wall time the hook spent in the data phase of the last armed decode (reading the instruction
     /// rows, running the generator, writing the soft rows): the cost IAPT adds to a prefill.
     pub fn busy_time(&self) -> Duration {
-        self.lock().busy
+        self.lock().times.total
+    }
+
+    /// The hook's time in the last armed decode, split into reading rows, generating and writing.
+    pub fn times(&self) -> HookTimes {
+        self.lock().times
     }
 
     /// Row copies through the backend API of nodes that are not in host memory during the last
@@ -385,7 +390,7 @@ impl IaptHook {
     /// sequence with an adapter stream its instruction rows and write its soft rows. Any GPU work
     /// still reading the node is waited for before this returns, on every path (see [`SyncOnExit`]).
     fn handle(&self, inner: &mut Inner, node: &mut NodeData<'_>, layer: usize) -> Result<(), HookError> {
-        let Inner { armed, claims, buf, remote_copies, .. } = inner;
+        let Inner { armed, claims, buf, remote_copies, times, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
         if a.failed {
             return Ok(());
@@ -404,7 +409,8 @@ impl IaptHook {
         let sync = SyncOnExit(self.gpu.as_deref());
         let ub = Ubatch { start, end: start + len };
         for (seq, s) in a.seqs.iter_mut().enumerate() {
-            let mut step = SeqStep { seq, layer, ub, node: &mut *node, buf: &mut *buf, remote_copies: &mut *remote_copies };
+            let mut step =
+                SeqStep { seq, layer, ub, node: &mut *node, buf: &mut *buf, remote_copies: &mut *remote_copies, times: &mut *times };
             match (s.generator.clone(), self.gpu.as_deref()) {
                 (None, _) => continue,
                 (Some(HookAdapter::Cpu(g)), _) => step.cpu(&g, s)?,
@@ -452,6 +458,30 @@ impl IaptHook {
     }
 }
 
+/// Where the hook's time went during one armed decode: copying instruction rows out of nodes not
+/// in host memory (in host memory they are read in place, at no cost), running the generator,
+/// writing the soft rows; `total` is the whole time inside the callback's data phase, so
+/// `total - read - generate - write` is the rest (ubatch tracking, claims, GPU paths' launches
+/// and synchronisation outside these three).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HookTimes {
+    /// All time in the data phase of claimed nodes.
+    pub total: Duration,
+    /// Copying instruction rows out of the nodes.
+    pub read: Duration,
+    /// The CPU generator's feeding and finishing.
+    pub generate: Duration,
+    /// Writing the soft rows into the nodes.
+    pub write: Duration,
+}
+
+impl HookTimes {
+    /// `total` minus the three parts.
+    pub fn rest(&self) -> Duration {
+        self.total.saturating_sub(self.read + self.generate + self.write)
+    }
+}
+
 /// Batch rows `start..end` of the current ubatch.
 #[derive(Debug, Clone, Copy)]
 struct Ubatch {
@@ -467,6 +497,7 @@ struct SeqStep<'n, 'd, 'b> {
     node: &'n mut NodeData<'d>,
     buf: &'b mut Vec<f32>,
     remote_copies: &'b mut usize,
+    times: &'b mut HookTimes,
 }
 
 impl SeqStep<'_, '_, '_> {
@@ -495,11 +526,19 @@ impl SeqStep<'_, '_, '_> {
     }
 
     /// Copies batch rows `i0..i1` of the node into the scratch buffer.
+    /// Batch rows `i0..i1` of the node: viewed in place when the node is in host memory (the CPU
+    /// backend), else copied into the scratch buffer through the backend API.
     fn read(&mut self, i0: usize, i1: usize, d: usize) -> Result<&[f32], HookError> {
-        let k = (i1 - i0) * d;
+        let (row0, n) = (i0 - self.ub.start, i1 - i0);
+        if self.node.rows_in_host_memory() {
+            return self.node.host_rows(row0, n).map_err(self.node_err());
+        }
+        let t0 = Instant::now();
+        let k = n * d;
         self.buf.resize(k, 0.0);
-        self.node.read_rows(i0 - self.ub.start, &mut self.buf[..k]).map_err(self.node_err())?;
+        self.node.read_rows(row0, &mut self.buf[..k]).map_err(self.node_err())?;
         self.count_copy();
+        self.times.read += t0.elapsed();
         Ok(&self.buf[..k])
     }
 
@@ -511,7 +550,9 @@ impl SeqStep<'_, '_, '_> {
         let (i0, i1) = self.instruction(s);
         if i0 < i1 {
             let rows = self.read(i0, i1, g.n_embd())?;
+            let t0 = Instant::now();
             s.states[layer].feed(g, rows).map_err(gen_err)?;
+            self.times.generate += t0.elapsed();
         }
         let (s0, s1) = self.soft(s);
         if s0 < s1 && s.soft[layer].is_none() {
@@ -519,9 +560,11 @@ impl SeqStep<'_, '_, '_> {
             if seen != s.plan.n_instr {
                 return Err(HookError::RowsSeen { seq, layer, seen, expected: s.plan.n_instr });
             }
+            let t0 = Instant::now();
             let mut p = vec![0.0f32; s.m * g.n_embd()];
             s.states[layer].finish(g, &mut p).map_err(gen_err)?;
             s.soft[layer] = Some(p);
+            self.times.generate += t0.elapsed();
         }
         Ok(())
     }
@@ -582,7 +625,9 @@ impl SeqStep<'_, '_, '_> {
         let Some(p) = s.soft[self.layer].as_ref().filter(|_| s0 < s1) else { return Ok(()) };
         let d = p.len() / s.m;
         let first = s0 - (s.plan.row0 + s.plan.n_instr);
+        let t0 = Instant::now();
         self.node.write_rows(s0 - self.ub.start, &p[first * d..(first + s1 - s0) * d]).map_err(self.node_err())?;
+        self.times.write += t0.elapsed();
         self.count_copy();
         s.written[self.layer] += s1 - s0;
         Ok(())
@@ -629,7 +674,7 @@ impl EvalCallback for IaptHook {
         let t0 = Instant::now();
         let mut inner = self.lock();
         let res = self.handle(&mut inner, node, layer);
-        inner.busy += t0.elapsed();
+        inner.times.total += t0.elapsed();
         if let Err(e) = res {
             inner.errors.push(e);
             if let Some(a) = inner.armed.as_mut() {

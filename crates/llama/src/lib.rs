@@ -52,7 +52,7 @@ pub use ffi::{
     Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams,
     NodeData, NodeInfo, Quant, RpcEndpoint, Token,
 };
-pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
+pub use hook::{Claim, HookAdapter, HookTimes, IaptHook, Plan, SeqPlan};
 /// The GPU generator's types that appear in this crate's API ([`SessionOptions::gpu`],
 /// [`HookAdapter::Gpu`]), re-exported so that callers need no second import.
 pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};

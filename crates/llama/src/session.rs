@@ -173,6 +173,12 @@ impl<'m> Session<'m> {
         self.hook.as_ref().map_or(Duration::ZERO, |h| h.busy_time())
     }
 
+    /// The hook's time in the last prefill, split into reading, generating and writing (zero
+    /// without an adapter).
+    pub fn hook_times(&self) -> crate::hook::HookTimes {
+        self.hook.as_ref().map(|h| h.times()).unwrap_or_default()
+    }
+
     /// The hook's row copies of nodes outside host memory in the last prefill (round trips to an
     /// RPC worker or a device; zero without an adapter).
     pub fn hook_remote_copies(&self) -> usize {

@@ -114,3 +114,44 @@ fn callback_state_survives_moves_and_is_freed_once() {
     drop(moved);
     assert_eq!(Arc::strong_count(&cb), 1, "dropping the context released the callback state");
 }
+
+/// Claims `l_out-0` and compares the in-place view of its rows with a copy through the backend API.
+struct ViewVsCopy(std::sync::Mutex<Vec<String>>);
+
+impl EvalCallback for ViewVsCopy {
+    fn wants(&self, node: &NodeInfo<'_>) -> bool {
+        node.name() == "l_out-0"
+    }
+    fn on_data(&self, node: &mut NodeData<'_>) {
+        let mut log = self.0.lock().unwrap();
+        let [d, rows, ..] = node.ne().map(|v| v as usize);
+        if !node.rows_in_host_memory() {
+            log.push("a CPU node is not in host memory".to_owned());
+            return;
+        }
+        let view = node.host_rows(1, rows - 1).map(<[f32]>::to_vec);
+        let mut copy = vec![0.0f32; (rows - 1) * d];
+        node.read_rows(1, &mut copy).unwrap();
+        match view {
+            Ok(v) if v == copy => log.push("equal".to_owned()),
+            Ok(_) => log.push("the view differs from the copy".to_owned()),
+            Err(e) => log.push(format!("view failed: {e}")),
+        }
+        if node.host_rows(1, rows).is_ok() {
+            log.push("a view past the last row was allowed".to_owned());
+        }
+    }
+}
+
+#[test]
+fn rows_viewed_in_place_equal_a_copy_and_stay_in_bounds() {
+    let model = model();
+    let cb = Arc::new(ViewVsCopy(std::sync::Mutex::new(Vec::new())));
+    let mut ctx = Context::new(&model, &params(1), Some(cb.clone() as Arc<dyn EvalCallback>)).expect("context");
+    let mut batch = Batch::new(8);
+    for i in 0..5 {
+        batch.push(1 + i, i, i == 4).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    assert_eq!(*cb.0.lock().unwrap(), vec!["equal".to_owned()]);
+}

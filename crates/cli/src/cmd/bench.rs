@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::tools::bench::{bench, BenchConfig, Throughput};
+use crate::tools::bench::{bench, BenchConfig, PairRatios, Throughput};
 
 use super::run::{open_adapter, CtxArgs};
 use crate::fail::Fail;
@@ -26,8 +26,9 @@ pub struct Args {
     /// Decode steps.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub gen: usize,
-    /// Measured repetitions per variant (after one warm-up); best and median runs are reported.
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    /// Measured repetitions per variant (after one warm-up), each a base/IAPT pair; the median of
+    /// the per-pair ratios (with their min and max) is reported next to the best and median runs.
+    #[arg(long, default_value_t = 10, value_name = "N")]
     pub reps: usize,
     /// Also write the results as one JSON object (settings, devices, best and median runs).
     #[arg(long, value_name = "OUT.json")]
@@ -78,6 +79,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let r = bench(&model, &adapter, &cfg, &mut |line| eprintln!("{line}"))?;
     if let Some(path) = &args.json {
         let tp = |t: Throughput| serde_json::json!({ "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps });
+        let pairs = |p: PairRatios| serde_json::json!({ "median": p.median, "min": p.min, "max": p.max });
         let v = serde_json::json!({
             "model": args.model.display().to_string(),
             "adapter": args.adapter.display().to_string(),
@@ -101,6 +103,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "hook_secs": r.hook_secs,
             "base_prefill_secs": r.base_prefill_secs,
             "hook_remote_copies": r.hook_remote_copies,
+            "prefill_pair_ratio": pairs(r.prefill_pairs),
+            "decode_pair_ratio": pairs(r.decode_pairs),
+            "hook_split_secs": { "read": r.hook_split[0], "generate": r.hook_split[1], "write": r.hook_split[2], "rest": r.hook_split[3] },
             "rpc": args.ctx.rpc,
         });
         iapt_format::write_atomically(path, |w| serde_json::to_writer_pretty(w, &v).map_err(std::io::Error::other))?;
@@ -122,6 +127,21 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         r.hook_secs * 1e3,
         100.0 * r.hook_secs / r.base_prefill_secs,
         r.base_prefill_secs * 1e3
+    )?;
+    let [read, generate, write, rest] = r.hook_split.map(|v| v * 1e3);
+    crate::outln!(
+        "  split (medians): reading rows {read:.1} ms, generating {generate:.1} ms, writing rows {write:.1} ms, rest {rest:.1} ms"
+    )?;
+    let (p, d) = (r.prefill_pairs, r.decode_pairs);
+    crate::outln!(
+        "IAPT / base per pair over {} pairs: prefill median {:.3}x (min {:.3}x, max {:.3}x), decode median {:.3}x (min {:.3}x, max {:.3}x)",
+        args.reps,
+        p.median,
+        p.min,
+        p.max,
+        d.median,
+        d.min,
+        d.max
     )?;
     if r.hook_remote_copies > 0 {
         crate::outln!(

@@ -38,6 +38,23 @@ pub struct Throughput {
     pub decode_tps: f64,
 }
 
+/// The median, smallest and largest of per-pair ratios (IAPT over base, one pair per repetition).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairRatios {
+    /// Median of the pairs.
+    pub median: f64,
+    /// Smallest pair.
+    pub min: f64,
+    /// Largest pair.
+    pub max: f64,
+}
+
+impl PairRatios {
+    fn of(ratios: &[f64]) -> PairRatios {
+        PairRatios { median: median(ratios), min: ratios.iter().copied().fold(f64::INFINITY, f64::min), max: best(ratios) }
+    }
+}
+
 /// Base and IAPT side by side.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BenchReport {
@@ -57,6 +74,14 @@ pub struct BenchReport {
     /// The hook's row copies of nodes outside host memory per IAPT prefill (with the layers on RPC
     /// workers: network round trips; 0 when every node it touches is in host memory).
     pub hook_remote_copies: usize,
+    /// IAPT / base prefill throughput of each repetition's pair (the two prefills run back to back,
+    /// so a pair sees the same machine state; the median of pairs is steadier than best-of runs).
+    pub prefill_pairs: PairRatios,
+    /// As `prefill_pairs`, for decode (the two variants step in turn, token by token).
+    pub decode_pairs: PairRatios,
+    /// Median hook time per IAPT prefill spent reading rows, generating, writing rows, and the
+    /// rest, in seconds.
+    pub hook_split: [f64; 4],
 }
 
 impl BenchReport {
@@ -112,6 +137,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
     let instr = &prompt[..cfg.prompt_len - m];
     let (mut bp, mut bd, mut ip, mut id) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut hook, mut bsecs, mut remote) = (Vec::new(), Vec::new(), 0);
+    let mut split: [Vec<f64>; 4] = Default::default();
     for rep in 0..=cfg.reps {
         // Prefill: base then IAPT.
         let t = Instant::now();
@@ -121,6 +147,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         let mut li = iapt.prefill(instr)?;
         let i_pre = t.elapsed();
         let i_hook = iapt.hook_busy_time();
+        let times = iapt.hook_times();
         remote = iapt.hook_remote_copies();
         // Decode: the two variants step in turn, token by token, so that interference from other
         // processes falls on both alike.
@@ -153,6 +180,9 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         id.push(rate(steps, i_dec));
         hook.push(i_hook.as_secs_f64());
         bsecs.push(b_pre.as_secs_f64());
+        for (v, d) in split.iter_mut().zip([times.read, times.generate, times.write, times.rest()]) {
+            v.push(d.as_secs_f64());
+        }
     }
     Ok(BenchReport {
         base: Throughput { prefill_tps: best(&bp), decode_tps: best(&bd) },
@@ -162,5 +192,8 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         hook_secs: median(&hook),
         base_prefill_secs: median(&bsecs),
         hook_remote_copies: remote,
+        prefill_pairs: PairRatios::of(&ip.iter().zip(&bp).map(|(i, b)| i / b).collect::<Vec<_>>()),
+        decode_pairs: PairRatios::of(&id.iter().zip(&bd).map(|(i, b)| i / b).collect::<Vec<_>>()),
+        hook_split: split.map(|v| median(&v)),
     })
 }
