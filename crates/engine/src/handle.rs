@@ -5,6 +5,12 @@
 //! request's [`Event`]s to that request's own channel. When the receiving end of a request's
 //! channel is dropped (a client went away), the request is cancelled at once and its KV cells are
 //! freed. Dropping the handle stops the thread (running requests are dropped).
+//!
+//! Async callers (an HTTP server) give each request an [`EventSink`] instead of a channel
+//! ([`EngineHandle::submit_to`]): a callback the engine thread calls with each event, which must not
+//! block (e.g. a send on an unbounded async channel); it returns `false` once nobody listens, and the
+//! request is cancelled. [`EngineHandle::with_model`] runs a closure with the model on the engine
+//! thread (tokenizing, chat templates), since a llama.cpp model is not shared across threads here.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -46,8 +52,17 @@ pub struct Status {
 
 type Reply<T> = Sender<Result<T, EngineError>>;
 
+/// Where one request's events go: called on the engine thread with each event, in order. It must
+/// return at once (never wait on a client); `false` says nobody listens any more, and the request
+/// is cancelled (its KV cells freed).
+pub type EventSink = Box<dyn FnMut(Event) -> bool + Send>;
+
+/// A closure run with the model on the engine thread ([`EngineHandle::with_model`]).
+type ModelJob = Box<dyn FnOnce(&Model) + Send>;
+
 enum Command {
-    Submit(Box<Request>, Sender<Event>, Reply<SeqId>),
+    Submit(Box<Request>, EventSink, Reply<SeqId>),
+    WithModel(ModelJob),
     Cancel(SeqId),
     Load(String, PathBuf, Reply<AdapterInfo>),
     Unload(String, Reply<Unloaded>),
@@ -99,8 +114,23 @@ impl EngineHandle {
     /// receiver. Dropping the receiver cancels the request.
     pub fn submit(&self, req: Request) -> Result<(SeqId, Receiver<Event>), EngineError> {
         let (events, rx) = mpsc::channel();
-        let id = self.ask(|reply| Command::Submit(Box::new(req), events, reply))?;
+        let id = self.submit_to(req, Box::new(move |ev| events.send(ev).is_ok()))?;
         Ok((id, rx))
+    }
+
+    /// Validates and queues `req` (answered between two steps); its events go to `sink` (see
+    /// [`EventSink`]): the request is cancelled when the sink returns `false`.
+    pub fn submit_to(&self, req: Request, sink: EventSink) -> Result<SeqId, EngineError> {
+        self.ask(|reply| Command::Submit(Box::new(req), sink, reply))
+    }
+
+    /// Runs `f` with the base model on the engine thread, between two steps, and returns its result.
+    pub fn with_model<T: Send + 'static>(&self, f: impl FnOnce(&Model) -> T + Send + 'static) -> Result<T, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::WithModel(Box::new(move |m| {
+            let _ = tx.send(f(m));
+        })))?;
+        rx.recv().map_err(|_| EngineError::Stopped)
     }
 
     /// Cancels a request (no effect when it has ended).
@@ -167,7 +197,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     if ready.send(Ok(())).is_err() {
         return;
     }
-    let mut sinks: HashMap<SeqId, Sender<Event>> = HashMap::new();
+    let mut sinks: HashMap<SeqId, EventSink> = HashMap::new();
     loop {
         // Idle: sleep until a command comes. Busy: take what is there and step.
         if engine.is_idle() {
@@ -185,7 +215,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
         }
         for ev in engine.step() {
             let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
-            let delivered = sinks.get(&id).is_some_and(|tx| tx.send(ev).is_ok());
+            let delivered = sinks.get_mut(&id).is_some_and(|sink| sink(ev));
             if !delivered && !last {
                 // The receiver is gone: the client does not want the rest.
                 engine.cancel(id);
@@ -197,7 +227,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     }
 }
 
-fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sender<Event>>, c: Command) {
+fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, EventSink>, c: Command) {
     match c {
         Command::Submit(req, events, reply) => {
             let r = engine.submit(*req);
@@ -210,6 +240,7 @@ fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sender<Event>>, c
                 sinks.remove(&id);
             }
         }
+        Command::WithModel(job) => job(engine.model()),
         Command::Cancel(id) => {
             engine.cancel(id);
             sinks.remove(&id);

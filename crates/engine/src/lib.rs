@@ -57,6 +57,6 @@ mod request;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
-pub use handle::{EngineHandle, EngineSpec, Status};
+pub use handle::{EngineHandle, EngineSpec, EventSink, Status};
 pub use registry::{AdapterInfo, Unloaded};
 pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -497,3 +497,40 @@ fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
     assert_eq!(h.adapters().unwrap()[0].name, "b");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
+    let m = model("llama");
+    let c = case("llama-short-base");
+    let spec = EngineSpec {
+        model: fixtures().join("llama-tiny-f32.gguf"),
+        model_params: Default::default(),
+        config: exact(2, 8, 8),
+        adapters: Vec::new(),
+    };
+    let h = EngineHandle::spawn(spec).unwrap();
+    let want = alone(&m, &[], &greedy(&c.instruction, None, 10));
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit_to(greedy(&c.instruction, None, 10), Box::new(move |ev| tx.send(ev).is_ok())).unwrap();
+    let mut got = Outcome::default();
+    for ev in rx {
+        match ev.kind {
+            EventKind::Token(t) => got.tokens.push(t),
+            EventKind::Done(d) => got.done = Some(d),
+            EventKind::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got.ids(), want.ids());
+    // A sink that stops listening after its first event: the request is cancelled, its cells freed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit_to(greedy(&c.instruction, None, 40), Box::new(move |ev| tx.send(ev).is_ok() && false)).unwrap();
+    assert!(matches!(rx.recv().unwrap().kind, EventKind::Token(_)));
+    assert!(rx.recv().is_err(), "nothing follows a sink's false");
+    let st = h.status().unwrap();
+    assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
+    assert!(st.stats.generated < 10 + 40, "{st:?}");
+    // The model, on the engine thread: the same tokens as here.
+    let text = "hello world";
+    let ids = h.with_model(move |m| m.tokenize(text, true, false).unwrap()).unwrap();
+    assert_eq!(ids, m.tokenize(text, true, false).unwrap());
+}
