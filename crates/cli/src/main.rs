@@ -36,6 +36,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Multi-tenant serving: several resident adapters, JSON-lines requests decoded together, each with its own adapter.
     Batch(cmd::batch::Args),
+    /// An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, streaming; the request's `model` picks the adapter.
+    Serve(cmd::serve::Args),
     /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
     Bench(cmd::bench::Args),
     /// Micro-benchmark of the GPU generator on a random adapter (exit 2 when no CUDA device is usable).
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Batch(a) => cmd::batch::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::BenchGpu(a) => cmd::bench_gpu::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),

@@ -82,7 +82,7 @@ struct RequestLine {
 }
 
 /// `NAME=PATH` or `PATH` (named by its stem).
-fn parse_adapter_arg(arg: &str) -> (String, PathBuf) {
+pub(crate) fn parse_adapter_arg(arg: &str) -> (String, PathBuf) {
     match arg.split_once('=') {
         Some((name, path)) if !name.is_empty() && !name.contains('/') => (name.to_owned(), PathBuf::from(path)),
         _ => {

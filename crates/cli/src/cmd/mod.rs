@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod pack;
 pub mod quantize;
 pub mod run;
+pub mod serve;
 pub mod validate;
 
 use std::process::ExitCode;
