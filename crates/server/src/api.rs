@@ -3,7 +3,8 @@
 //! that take several shapes (`prompt`, `stop`, `content`, `logprobs`) are read from JSON values by
 //! hand, and every value is checked before anything reaches the engine.
 //!
-//! Fields the server does not know are ignored, as OpenAI's API does; fields it knows but cannot
+//! Extras beyond OpenAI's fields: llama.cpp's `top_k`, `min_p`, `repeat_penalty`, and vLLM's
+//! `ignore_eos`. Fields the server does not know are ignored, as OpenAI's API does; fields it knows but cannot
 //! honour (`n` > 1, `echo: true`, `best_of` > 1, `suffix`, `logit_bias`, tools) are refused by name.
 
 use iapt_engine::MAX_LOGPROBS;
@@ -43,6 +44,7 @@ pub(crate) struct Body {
     pub suffix: Option<String>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub tools: Option<Vec<Value>>,
+    pub ignore_eos: Option<bool>,
 }
 
 /// `stream_options`.
@@ -69,6 +71,8 @@ pub(crate) struct Common {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: Option<usize>,
+    /// vLLM's extra: generate past end-of-generation tokens (up to `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 /// A `/v1/completions` prompt.
@@ -157,6 +161,7 @@ pub(crate) fn common(b: &Body, logprobs: Option<usize>) -> Result<Common, ApiErr
         stream: b.stream.unwrap_or(false),
         include_usage: b.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
         logprobs,
+        ignore_eos: b.ignore_eos.unwrap_or(false),
     })
 }
 

@@ -87,6 +87,7 @@ pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job) -> Re
         sampling: c.sampling.clone(),
         stop: c.stop.clone(),
         logprobs: c.logprobs,
+        stop_at_eog: !c.ignore_eos,
         ..Request::new(job.prompt, 1)
     };
     let (tx, events) = unbounded_channel();
