@@ -523,7 +523,14 @@ fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
     assert_eq!(got.ids(), want.ids());
     // A sink that stops listening after its first event: the request is cancelled, its cells freed.
     let (tx, rx) = std::sync::mpsc::channel();
-    h.submit_to(greedy(&c.instruction, None, 40), Box::new(move |ev| tx.send(ev).is_ok() && false)).unwrap();
+    h.submit_to(
+        greedy(&c.instruction, None, 40),
+        Box::new(move |ev| {
+            let _ = tx.send(ev);
+            false
+        }),
+    )
+    .unwrap();
     assert!(matches!(rx.recv().unwrap().kind, EventKind::Token(_)));
     assert!(rx.recv().is_err(), "nothing follows a sink's false");
     let st = h.status().unwrap();
