@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iapt_format::Adapter;
-use iapt_generator::Generator;
+use iapt_generator_cuda::GpuRuntime;
 use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType, Model, SamplerChain, Token};
 
 use crate::error::EngineError;
 use crate::hook::{Prefill, Segment, StreamHook};
 use crate::output::{logprobs, Pushed, StopMatcher};
-use crate::registry::{AdapterInfo, Registry, Unloaded};
+use crate::registry::{AdapterInfo, Registry, Resident, Unloaded};
 use crate::request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
 
 /// Engine settings.
@@ -37,6 +37,10 @@ pub struct EngineConfig {
     pub flash_attn: Option<bool>,
     /// Threads of each CPU generator call.
     pub generator_threads: usize,
+    /// Run the adapters' generators on this GPU runtime (adapters with more soft tokens than the
+    /// kernels take stay on the CPU); `None`: on the CPU. The engine feeds and finishes them through
+    /// host copies of the rows.
+    pub gpu: Option<Arc<GpuRuntime>>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             kv_type: KvType::F16,
             flash_attn: None,
             generator_threads: 1,
+            gpu: None,
         }
     }
 }
@@ -101,7 +106,7 @@ pub struct EngineStats {
 struct Pending {
     id: SeqId,
     req: Request,
-    gen: Option<Arc<Generator>>,
+    gen: Option<Resident>,
     chain: SamplerChain,
 }
 
@@ -172,7 +177,7 @@ impl<'m> Engine<'m> {
             model,
             ctx,
             hook,
-            registry: Registry::new(model, cfg.generator_threads),
+            registry: Registry::new(model, cfg.generator_threads, cfg.gpu.clone()),
             batch: Batch::new(cfg.batch_tokens),
             slots: (0..cfg.parallel).map(|_| None).collect(),
             queue: VecDeque::new(),
@@ -307,18 +312,27 @@ impl<'m> Engine<'m> {
         self.slots[slot].take()
     }
 
-    /// Moves queued requests into free slots.
-    fn admit(&mut self) {
+    /// Moves queued requests into free slots; a request whose pooling state cannot be made (device
+    /// memory) fails.
+    fn admit(&mut self) -> Vec<Event> {
+        let mut failed = Vec::new();
         while let Some(slot) = self.slots.iter().position(Option::is_none) {
             let Some(p) = self.queue.pop_front() else { break };
             let n_soft = p.gen.as_ref().map_or(0, |g| g.n_soft_tokens());
+            let prefill = match p.gen.as_ref().map(|g| g.begin(p.req.prompt.len())).transpose() {
+                Ok(prefill) => prefill,
+                Err(error) => {
+                    failed.push(Event { id: p.id, kind: EventKind::Failed(error) });
+                    continue;
+                }
+            };
             self.admitted += 1;
             self.slots[slot] = Some(Seq {
                 id: p.id,
                 n_soft,
                 total: p.req.prompt.len() + n_soft,
                 done: 0,
-                prefill: p.gen.map(|g| Prefill::new(g, p.req.prompt.len())),
+                prefill,
                 next: None,
                 chain: p.chain,
                 stop: StopMatcher::new(&p.req.stop),
@@ -330,6 +344,7 @@ impl<'m> Engine<'m> {
                 prompt: p.req.prompt,
             });
         }
+        failed
     }
 
     /// Runs one step: admits queued requests, then one decode with every running sequence's next
@@ -338,13 +353,16 @@ impl<'m> Engine<'m> {
     /// the engine stays usable.
     pub fn step(&mut self) -> Vec<Event> {
         let t0 = Instant::now();
-        self.admit();
+        let mut events = self.admit();
         let plan = match self.fill_batch() {
             Ok(p) => p,
-            Err(e) => return self.fail_all(&[], &e.to_string()),
+            Err(e) => {
+                events.extend(self.fail_all(&[], &e.to_string()));
+                return events;
+            }
         };
         if plan.is_empty() {
-            return Vec::new();
+            return events;
         }
         let prefill_rows: usize =
             plan.iter().filter(|p| self.slots[p.slot].as_ref().is_some_and(|s| s.next.is_none())).map(|p| p.rows).sum();
@@ -354,7 +372,9 @@ impl<'m> Engine<'m> {
             h.arm(segs, self.batch.len(), self.ctx.n_ubatch());
         }
         let res = self.ctx.decode(&self.batch);
-        let mut events = if armed { self.take_back(&seg_slots) } else { Vec::new() };
+        if armed {
+            events.extend(self.take_back(&seg_slots));
+        }
         if let Err(e) = res {
             events.extend(self.fail_all(&plan, &e.to_string()));
             return events;
@@ -473,7 +493,9 @@ impl<'m> Engine<'m> {
         };
         let Some(token) = s.chain.sample(logits) else { return self.fail(slot, EngineError::NothingSampled) };
         if s.stop_at_eog && self.model.is_eog(token) {
-            return self.finish(slot, FinishReason::Eog, Vec::new());
+            // Bytes held back as a possible start of a stop string are output after all.
+            let tail = s.stop.flush();
+            return self.finish(slot, FinishReason::Eog, tail);
         }
         let (logprob, top_logprobs) = match s.logprobs {
             Some(n) => {

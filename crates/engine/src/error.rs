@@ -118,6 +118,9 @@ pub enum EngineError {
     /// The CPU generator could not be built for an adapter.
     #[error("IAPT generator: {0}")]
     Generator(#[from] iapt_generator::GeneratorError),
+    /// The GPU generator failed (uploading an adapter, allocating a sequence's device state).
+    #[error("IAPT GPU generator: {0}")]
+    Gpu(#[from] iapt_generator_cuda::GpuError),
     /// The engine thread has stopped ([`crate::EngineHandle`]).
     #[error("the engine thread has stopped")]
     Stopped,

@@ -2,20 +2,23 @@
 //! callers that must never block the decode loop or be blocked by it.
 //!
 //! The thread owns the model and the context; it takes commands between steps and sends each
-//! request's [`Event`]s to that request's own channel. When the receiving end of a request's
-//! channel is dropped (a client went away), the request is cancelled at once and its KV cells are
-//! freed. Dropping the handle stops the thread (running requests are dropped).
+//! request's [`Event`]s to that request's own [`EventStream`]. When a request's stream is dropped
+//! (a client went away), the request is cancelled before the next step, queued, prefilling or
+//! decoding, and its KV cells are freed at once; so does [`EngineHandle::cancel`]. Dropping the
+//! handle stops the thread (running requests are dropped).
 //!
-//! Async callers (an HTTP server) give each request an [`EventSink`] instead of a channel
-//! ([`EngineHandle::submit_to`]): a callback the engine thread calls with each event, which must not
-//! block (e.g. a send on an unbounded async channel); it returns `false` once nobody listens, and the
-//! request is cancelled. [`EngineHandle::with_model`] runs a closure with the model on the engine
-//! thread (tokenizing, chat templates), since a llama.cpp model is not shared across threads here.
+//! Async callers (an HTTP server) give each request their own [`EventSink`] instead
+//! ([`EngineHandle::submit_to`]): the engine thread hands it each event, which must not block (e.g.
+//! a send on an unbounded async channel), and asks it before every step whether anyone still
+//! listens. [`EngineHandle::with_model`] runs a closure with the model on the engine thread
+//! (tokenizing, chat templates), since the model is not shared across threads.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use iapt_llama::{Model, ModelParams};
 
@@ -52,16 +55,86 @@ pub struct Status {
 
 type Reply<T> = Sender<Result<T, EngineError>>;
 
-/// Where one request's events go: called on the engine thread with each event, in order. It must
-/// return at once (never wait on a client); `false` says nobody listens any more, and the request
-/// is cancelled (its KV cells freed).
-pub type EventSink = Box<dyn FnMut(Event) -> bool + Send>;
+/// Where one request's events go, on the engine thread ([`EngineHandle::submit_to`]).
+pub trait EventSink: Send {
+    /// Delivers one event, in order. Must return at once (never wait on a client); `false` says
+    /// nobody listens any more, and the request is cancelled (its KV cells freed).
+    fn send(&mut self, event: Event) -> bool;
+
+    /// Whether anyone still listens, asked before every step: `false` cancels the request before
+    /// it takes part in another step (queued, prefilling or decoding).
+    fn is_alive(&self) -> bool {
+        true
+    }
+}
+
+/// The engine thread's end of an [`EventStream`].
+struct StreamSink {
+    tx: Sender<Event>,
+    /// Gone once the [`EventStream`] is dropped.
+    alive: Weak<()>,
+}
+
+impl EventSink for StreamSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.tx.send(event).is_ok()
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.strong_count() > 0
+    }
+}
+
+type Sink = Box<dyn EventSink>;
 
 /// A closure run with the model on the engine thread ([`EngineHandle::with_model`]).
 type ModelJob = Box<dyn FnOnce(&Model) + Send>;
 
+/// The events of one request, in order, ending with [`EventKind::Done`] or [`EventKind::Failed`]
+/// (after which the stream is closed). Dropping it cancels the request.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: Receiver<Event>,
+    _alive: Arc<()>,
+}
+
+impl EventStream {
+    /// Waits for the next event; `None` once the request has ended (or the engine stopped).
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    /// The next event if there is one now; `Ok(None)` when none is ready; `Err(())` once the
+    /// stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_recv(&self) -> Result<Option<Event>, ()> {
+        match self.rx.try_recv() {
+            Ok(e) => Ok(Some(e)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Waits up to `timeout`; `Ok(None)` on timeout, `Err(())` once the stream is closed.
+    #[allow(clippy::result_unit_err)]
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>, ()> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(e) => Ok(Some(e)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+}
+
+impl Iterator for EventStream {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv()
+    }
+}
+
 enum Command {
-    Submit(Box<Request>, EventSink, Reply<SeqId>),
+    Submit(Box<Request>, Sink, Reply<SeqId>),
     WithModel(ModelJob),
     Cancel(SeqId),
     Load(String, PathBuf, Reply<AdapterInfo>),
@@ -111,16 +184,18 @@ impl EngineHandle {
     }
 
     /// Validates and queues `req` (answered between two steps); its events arrive on the returned
-    /// receiver. Dropping the receiver cancels the request.
-    pub fn submit(&self, req: Request) -> Result<(SeqId, Receiver<Event>), EngineError> {
-        let (events, rx) = mpsc::channel();
-        let id = self.submit_to(req, Box::new(move |ev| events.send(ev).is_ok()))?;
-        Ok((id, rx))
+    /// stream. Dropping the stream cancels the request.
+    pub fn submit(&self, req: Request) -> Result<(SeqId, EventStream), EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(());
+        let sink = StreamSink { tx, alive: Arc::downgrade(&alive) };
+        let id = self.submit_to(req, Box::new(sink))?;
+        Ok((id, EventStream { rx, _alive: alive }))
     }
 
     /// Validates and queues `req` (answered between two steps); its events go to `sink` (see
-    /// [`EventSink`]): the request is cancelled when the sink returns `false`.
-    pub fn submit_to(&self, req: Request, sink: EventSink) -> Result<SeqId, EngineError> {
+    /// [`EventSink`]), and the request is cancelled once the sink stops listening.
+    pub fn submit_to(&self, req: Request, sink: Box<dyn EventSink>) -> Result<SeqId, EngineError> {
         self.ask(|reply| Command::Submit(Box::new(req), sink, reply))
     }
 
@@ -197,7 +272,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     if ready.send(Ok(())).is_err() {
         return;
     }
-    let mut sinks: HashMap<SeqId, EventSink> = HashMap::new();
+    let mut sinks: HashMap<SeqId, Sink> = HashMap::new();
     loop {
         // Idle: sleep until a command comes. Busy: take what is there and step.
         if engine.is_idle() {
@@ -213,9 +288,17 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
                 Err(TryRecvError::Disconnected) => return,
             }
         }
+        // Requests whose stream was dropped: cancelled before they take part in another step.
+        sinks.retain(|&id, sink| {
+            let alive = sink.is_alive();
+            if !alive {
+                engine.cancel(id);
+            }
+            alive
+        });
         for ev in engine.step() {
             let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
-            let delivered = sinks.get_mut(&id).is_some_and(|sink| sink(ev));
+            let delivered = sinks.get_mut(&id).is_some_and(|sink| sink.send(ev));
             if !delivered && !last {
                 // The receiver is gone: the client does not want the rest.
                 engine.cancel(id);
@@ -227,7 +310,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
     }
 }
 
-fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, EventSink>, c: Command) {
+fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command) {
     match c {
         Command::Submit(req, events, reply) => {
             let r = engine.submit(*req);

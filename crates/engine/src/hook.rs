@@ -3,7 +3,8 @@
 //! A decode of the engine holds, in batch order, one token for each decoding sequence and one chunk
 //! of each sequence in prefill. The hook only touches the rows of chunks of sequences with an
 //! adapter ([`Segment`]); every other row passes through. A sequence's pooling state
-//! ([`Prefill`]: one generator [`LayerState`] per layer and the soft tokens once known) lives in
+//! ([`Prefill`]: one CPU generator [`LayerState`] per layer, or one GPU generator state, and the
+//! soft tokens once known) lives in
 //! the sequence between decodes and is lent to the hook for each decode, so a prompt prefilled in
 //! chunks over several decodes is pooled exactly as in one. At each layer the instruction rows of a
 //! chunk are fed to the layer's state; the soft-slot rows (after the instruction) are written with
@@ -12,32 +13,78 @@
 //! As in `iapt_llama`'s own hook, the callback follows llama.cpp's ubatches: with a unified KV cache
 //! a batch is split into contiguous ubatches of `n_ubatch` rows in batch order, each running layers
 //! 0..L; a layer-0 node with another row count than planned is an error, and after one error the
-//! hook stops touching the graph. Errors are reported by [`StreamHook::finish`].
+//! hook stops touching the graph. Errors are reported by [`StreamHook::finish`]. GPU states are fed
+//! and finished through host copies; work a feed queued on the runtime is synchronised before the
+//! callback returns.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use iapt_generator::{Generator, LayerState};
+use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime, GpuSeqState};
 use iapt_llama::{ArchSpec, EvalCallback, NodeData, NodeInfo};
+
+/// Where one sequence's pooling runs: the CPU generator's streaming states (one per layer), or a
+/// device state of the GPU generator (fed and finished through host copies).
+enum Pooling {
+    Cpu { gen: Arc<Generator>, states: Vec<LayerState> },
+    Gpu { rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, state: Box<GpuSeqState> },
+}
 
 /// The pooling state of one sequence's prefill, kept across decodes.
 pub(crate) struct Prefill {
-    pub gen: Arc<Generator>,
+    pooling: Pooling,
     /// Instruction rows of the whole prompt.
     pub n_instr: usize,
-    states: Vec<LayerState>,
+    /// Soft tokens (m).
+    m: usize,
     /// P_l (m x n_embd) once computed.
     soft: Vec<Option<Vec<f32>>>,
 }
 
 impl Prefill {
-    pub fn new(gen: Arc<Generator>, n_instr: usize) -> Prefill {
-        let l = gen.n_layer();
-        Prefill { states: (0..l).map(|i| gen.begin(i)).collect(), soft: vec![None; l], gen, n_instr }
+    /// A prefill on the CPU generator.
+    pub fn cpu(gen: Arc<Generator>, n_instr: usize) -> Prefill {
+        let (l, m) = (gen.n_layer(), gen.n_soft_tokens());
+        let states = (0..l).map(|i| gen.begin(i)).collect();
+        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l] }
     }
 
-    fn m(&self) -> usize {
-        self.gen.n_soft_tokens()
+    /// A prefill on the GPU generator (allocates the device state).
+    pub fn gpu(rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, n_instr: usize) -> Result<Prefill, GpuError> {
+        let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
+        let state = Box::new(rt.new_state(&adapter)?);
+        Ok(Prefill { pooling: Pooling::Gpu { rt, adapter, state }, n_instr, m, soft: vec![None; l] })
+    }
+
+    fn feed(&mut self, layer: usize, rows: &[f32]) -> Result<(), String> {
+        match &mut self.pooling {
+            Pooling::Cpu { gen, states } => states[layer].feed(gen, rows).map_err(|e| e.to_string()),
+            Pooling::Gpu { rt, adapter, state } => rt.feed_host(adapter, state, layer, rows).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn rows_seen(&self, layer: usize) -> usize {
+        match &self.pooling {
+            Pooling::Cpu { states, .. } => states[layer].rows_seen(),
+            Pooling::Gpu { state, .. } => state.rows_seen(layer),
+        }
+    }
+
+    /// P_l into `out`; waits for the device's queued work.
+    fn finish(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
+        match &mut self.pooling {
+            Pooling::Cpu { gen, states } => states[layer].finish(gen, out).map_err(|e| e.to_string()),
+            Pooling::Gpu { rt, adapter, state } => rt.finish_host(adapter, state, layer, out).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The GPU runtime with work queued by `feed`, if any.
+    fn runtime(&self) -> Option<&Arc<GpuRuntime>> {
+        match &self.pooling {
+            Pooling::Cpu { .. } => None,
+            Pooling::Gpu { rt, .. } => Some(rt),
+        }
     }
 }
 
@@ -174,6 +221,7 @@ impl StreamHook {
             return Err(format!("node {} has shape {ne:?}, expected [{d}, {len}, 1, 1]", node.name()));
         }
         let end = start + len;
+        let mut queued: Option<Arc<GpuRuntime>> = None;
         for (seg, done) in a.segs.iter_mut().zip(a.done.iter_mut()) {
             let (r0, r1) = (start.max(seg.row0), end.min(seg.row0 + seg.len));
             if r0 >= r1 {
@@ -188,25 +236,30 @@ impl StreamHook {
                 let k = (q1.min(n) - q0) * d;
                 buf.resize(k, 0.0);
                 node.read_rows(r0 - start, &mut buf[..k]).map_err(|e| e.to_string())?;
-                p.states[layer].feed(&p.gen, &buf[..k]).map_err(|e| at(&e))?;
+                p.feed(layer, &buf[..k]).map_err(|e| at(&e))?;
+                queued = queued.or_else(|| p.runtime().cloned());
             }
             let (s0, s1) = (q0.max(n), q1);
             if s0 < s1 {
                 if p.soft[layer].is_none() {
-                    if p.states[layer].rows_seen() != n {
-                        return Err(at(&format!("{} of {n} instruction rows seen before the soft slots", p.states[layer].rows_seen())));
+                    if p.rows_seen(layer) != n {
+                        return Err(at(&format!("{} of {n} instruction rows seen before the soft slots", p.rows_seen(layer))));
                     }
-                    let mut out = vec![0.0f32; p.m() * d];
-                    p.states[layer].finish(&p.gen, &mut out).map_err(|e| at(&e))?;
+                    let mut out = vec![0.0f32; p.m * d];
+                    p.finish(layer, &mut out).map_err(|e| at(&e))?;
                     p.soft[layer] = Some(out);
                 }
                 let soft = p.soft[layer].as_ref().expect("computed above");
-                if s1 > n + p.m() {
+                if s1 > n + p.m {
                     return Err(at(&"the chunk runs past the soft slots"));
                 }
                 node.write_rows(r0 - start + (s0 - q0), &soft[(s0 - n) * d..(s1 - n) * d]).map_err(|e| e.to_string())?;
             }
             done[layer] += r1 - r0;
+        }
+        if let Some(rt) = queued {
+            // Work queued by a GPU feed ends before the callback returns.
+            rt.synchronize().map_err(|e| format!("layer {layer}: {e}"))?;
         }
         Ok(())
     }

@@ -24,10 +24,12 @@
 //! - **Errors.** Every bad input is an [`EngineError`] variant, refused by [`Engine::submit`].
 //!
 //! Not built: a prompt cache (KV reuse across requests). Every request is prefilled from scratch,
-//! so nothing can leak from one adapter's request into another's. The generators run on the CPU.
+//! so nothing can leak from one adapter's request into another's. The generators run on the CPU,
+//! or on a GPU runtime ([`EngineConfig::gpu`]) through host copies of the rows (the in-place device
+//! path of `iapt_llama`'s own hook is not used here yet).
 //!
 //! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
-//! each request's [`Event`]s out over its own channel, cancelled when that channel's receiver is dropped.
+//! each request's [`Event`]s out over its own [`EventStream`], cancelled when that stream is dropped.
 //!
 //! ```no_run
 //! use iapt_engine::{Engine, EngineConfig, EventKind, Request};
@@ -57,6 +59,6 @@ mod request;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
-pub use handle::{EngineHandle, EngineSpec, EventSink, Status};
+pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
 pub use registry::{AdapterInfo, Unloaded};
 pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -1,16 +1,59 @@
-//! The registry of resident adapters by name. Each adapter's CPU generator is built once (its
-//! layer-shared tensors held once, by the generator) and shared through an `Arc`: a sequence or a
-//! queued request that uses an adapter holds a clone, so unloading takes the name out of the
-//! registry at once and the memory goes when the last user ends. Nothing can use freed weights.
+//! The registry of resident adapters by name. Each adapter's generator is built once, on the CPU
+//! or, when the engine has a GPU runtime, uploaded to it (layer-shared tensors held once either
+//! way), and shared through an `Arc`: a sequence or a queued request that uses an adapter holds a
+//! clone, so unloading takes the name out of the registry at once and the memory goes when the
+//! last user ends. Nothing can use freed weights.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use iapt_format::{Adapter, BaseModelInfo};
 use iapt_generator::Generator;
+use iapt_generator_cuda::{GpuAdapter, GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use iapt_llama::Model;
 
 use crate::error::EngineError;
+use crate::hook::Prefill;
+
+/// A resident adapter's generator, where it runs.
+#[derive(Clone)]
+pub(crate) enum Resident {
+    Cpu(Arc<Generator>),
+    Gpu(Arc<GpuRuntime>, Arc<GpuAdapter>),
+}
+
+impl Resident {
+    pub fn n_soft_tokens(&self) -> usize {
+        match self {
+            Resident::Cpu(g) => g.n_soft_tokens(),
+            Resident::Gpu(_, a) => a.n_soft_tokens(),
+        }
+    }
+
+    /// A fresh pooling state for a prompt of `n_instr` instruction tokens.
+    pub fn begin(&self, n_instr: usize) -> Result<Prefill, EngineError> {
+        Ok(match self {
+            Resident::Cpu(g) => Prefill::cpu(g.clone(), n_instr),
+            Resident::Gpu(rt, a) => Prefill::gpu(rt.clone(), a.clone(), n_instr)?,
+        })
+    }
+
+    /// Bytes of weights (host f32 for the CPU, device memory for the GPU) and whether on the GPU.
+    fn memory(&self) -> (usize, bool) {
+        match self {
+            Resident::Cpu(g) => (g.weight_bytes(), false),
+            Resident::Gpu(_, a) => (a.device_bytes(), true),
+        }
+    }
+
+    /// Requests using it: the `Arc`s beyond the registry's own.
+    fn users(&self) -> usize {
+        match self {
+            Resident::Cpu(g) => Arc::strong_count(g) - 1,
+            Resident::Gpu(_, a) => Arc::strong_count(a) - 1,
+        }
+    }
+}
 
 /// What the registry reports about a resident adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +62,11 @@ pub struct AdapterInfo {
     pub name: String,
     /// Soft tokens it adds after the instruction (m).
     pub n_soft_tokens: usize,
-    /// Bytes of its generator's weights in memory (f32, layer-shared tensors counted once).
+    /// Bytes of its generator's weights in memory (host f32 on the CPU, device memory on the GPU;
+    /// layer-shared tensors counted once).
     pub bytes: usize,
+    /// Whether its generator runs on the engine's GPU runtime.
+    pub on_gpu: bool,
     /// Queued and running requests that use it.
     pub users: usize,
 }
@@ -41,18 +87,20 @@ pub enum Unloaded {
 pub(crate) struct Registry {
     base: BaseModelInfo,
     generator_threads: usize,
-    adapters: BTreeMap<String, Arc<Generator>>,
+    gpu: Option<Arc<GpuRuntime>>,
+    adapters: BTreeMap<String, Resident>,
 }
 
 const MAX_NAME: usize = 128;
 
 impl Registry {
-    pub fn new(model: &Model, generator_threads: usize) -> Registry {
+    pub fn new(model: &Model, generator_threads: usize, gpu: Option<Arc<GpuRuntime>>) -> Registry {
         let base = BaseModelInfo { arch: model.arch(), n_layer: model.n_layer() as u32, n_embd: model.n_embd() as u32 };
-        Registry { base, generator_threads: generator_threads.max(1), adapters: BTreeMap::new() }
+        Registry { base, generator_threads: generator_threads.max(1), gpu, adapters: BTreeMap::new() }
     }
 
-    /// Checks `adapter` against the base model, builds its generator and makes it resident as `name`.
+    /// Checks `adapter` against the base model, builds its generator (on the GPU runtime when there
+    /// is one and the kernels take its m, else on the CPU) and makes it resident as `name`.
     pub fn load(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid_char) {
@@ -66,31 +114,32 @@ impl Registry {
             let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
             return Err(EngineError::AdapterRejected { name: name.to_owned(), detail });
         }
-        let gen = Arc::new(Generator::from_adapter(adapter)?.with_threads(self.generator_threads)?);
-        self.adapters.insert(name.to_owned(), gen);
+        let resident = match &self.gpu {
+            Some(rt) if adapter.config().n_soft_tokens as usize <= GPU_MAX_SOFT_TOKENS => {
+                Resident::Gpu(rt.clone(), Arc::new(rt.upload(adapter)?))
+            }
+            _ => Resident::Cpu(Arc::new(Generator::from_adapter(adapter)?.with_threads(self.generator_threads)?)),
+        };
+        self.adapters.insert(name.to_owned(), resident);
         Ok(self.info(name).expect("just inserted"))
     }
 
     /// The generator of `name`, for a new request.
-    pub fn get(&self, name: &str) -> Result<Arc<Generator>, EngineError> {
+    pub fn get(&self, name: &str) -> Result<Resident, EngineError> {
         self.adapters.get(name).cloned().ok_or_else(|| EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() })
     }
 
     /// Takes `name` out of the registry (see [`Unloaded`]).
     pub fn unload(&mut self, name: &str) -> Result<Unloaded, EngineError> {
         let gen = self.adapters.remove(name).ok_or_else(|| EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() })?;
-        let users = Arc::strong_count(&gen) - 1;
+        let users = gen.users();
         Ok(if users == 0 { Unloaded::Freed } else { Unloaded::Deferred { users } })
     }
 
     pub fn info(&self, name: &str) -> Option<AdapterInfo> {
         let g = self.adapters.get(name)?;
-        Some(AdapterInfo {
-            name: name.to_owned(),
-            n_soft_tokens: g.n_soft_tokens(),
-            bytes: g.weight_bytes(),
-            users: Arc::strong_count(g) - 1,
-        })
+        let (bytes, on_gpu) = g.memory();
+        Some(AdapterInfo { name: name.to_owned(), n_soft_tokens: g.n_soft_tokens(), bytes, on_gpu, users: g.users() })
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {

@@ -17,17 +17,22 @@
 //!   once; more sequences than the cache holds run one after another.
 //! - `unload_*`: unloading an adapter in use is deferred; its requests finish as alone.
 //! - `logprobs_*`: log-probabilities equal the log-softmax of `iapt_llama::Session`'s logits.
-//! - `stop_strings_*`, `bad_input_*`, `handle_*`: stop rules, every refused input, the threaded handle.
+//! - `gpu_emulated_*`: the adapters on the GPU generator (its kernels on the CPU emulator): the
+//!   fixture adapter alone gives the reference tokens, and continuous batching equals alone.
+//! - `stop_strings_*`, `bad_input_*`, `handle_*`: stop rules, every refused input, the threaded
+//!   handle (a dropped event stream cancels its request).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use iapt_engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, Unloaded,
+    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, EventSink, FinishReason, Finished, Request, SeqId, TokenOut,
+    Unloaded,
 };
 use iapt_format::{Activation, Adapter};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+use iapt_generator_cuda::GpuRuntime;
 use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, SamplerSettings, Sampling, Session, Token};
 
 fn fixtures() -> PathBuf {
@@ -79,6 +84,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         kv_type: KvType::F32,
         flash_attn: Some(false),
         generator_threads: 1,
+        gpu: None,
     }
 }
 
@@ -126,7 +132,11 @@ fn run_all(e: &mut Engine<'_>) -> BTreeMap<SeqId, Outcome> {
 
 /// The request alone: one slot, the whole prompt in one decode.
 fn alone(model: &Model, adapters: &[(String, Adapter)], req: &Request) -> Outcome {
-    let mut e = engine(model, adapters, exact(1, 256, 256));
+    alone_with(model, adapters, req, exact(1, 256, 256))
+}
+
+fn alone_with(model: &Model, adapters: &[(String, Adapter)], req: &Request, cfg: EngineConfig) -> Outcome {
+    let mut e = engine(model, adapters, cfg);
     let id = e.submit(req.clone()).expect("submit alone");
     let out = run_all(&mut e).remove(&id).unwrap();
     assert!(out.error.is_none(), "alone: {:?}", out.error);
@@ -458,7 +468,7 @@ fn bad_input_is_refused_with_typed_errors() {
 }
 
 #[test]
-fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
+fn handle_streams_events_and_cancels_when_the_stream_is_dropped() {
     let m = model("llama");
     let ads = adapters("llama", &m);
     let c = case("llama-long-iapt");
@@ -469,14 +479,16 @@ fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
     let spec = EngineSpec {
         model: fixtures().join("llama-tiny-f32.gguf"),
         model_params: Default::default(),
-        config: exact(2, 8, 8),
+        config: exact(1, 8, 8),
         adapters: vec![("a0".to_owned(), path.clone())],
     };
     let h = Arc::new(EngineHandle::spawn(spec).unwrap());
-    let req = greedy(&c.instruction, Some("a0"), 12);
+    let req = greedy(&c.instruction, Some("a0"), 30);
     let want = alone(&m, &ads, &req);
     let (_, rx) = h.submit(req.clone()).unwrap();
-    let (_, dropped) = h.submit(greedy(&c.instruction, Some("a0"), 30)).unwrap();
+    // One slot: the second request waits in the queue; its stream is dropped long before the
+    // first request's 35 steps end, so it is cancelled without running.
+    let (_, dropped) = h.submit(greedy(&c.instruction, Some("a0"), 12)).unwrap();
     drop(dropped);
     let mut got = Outcome::default();
     for ev in rx {
@@ -489,7 +501,7 @@ fn handle_streams_events_and_cancels_when_the_receiver_is_dropped() {
     assert_eq!(got.ids(), want.ids());
     let st = h.status().unwrap();
     assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
-    assert!(st.stats.generated < 12 + 30, "the dropped request was cancelled: {st:?}");
+    assert_eq!(st.stats.generated, 30, "the dropped request never ran: {st:?}");
     assert!(matches!(h.submit(greedy(&[1], Some("zz"), 1)), Err(EngineError::UnknownAdapter { .. })));
     assert_eq!(h.unload_adapter("a0").unwrap(), Unloaded::Freed);
     assert!(h.adapters().unwrap().is_empty());
@@ -511,7 +523,7 @@ fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
     let h = EngineHandle::spawn(spec).unwrap();
     let want = alone(&m, &[], &greedy(&c.instruction, None, 10));
     let (tx, rx) = std::sync::mpsc::channel();
-    h.submit_to(greedy(&c.instruction, None, 10), Box::new(move |ev| tx.send(ev).is_ok())).unwrap();
+    h.submit_to(greedy(&c.instruction, None, 10), Box::new(ChannelSink { tx, listen_for: usize::MAX, alive: None })).unwrap();
     let mut got = Outcome::default();
     for ev in rx {
         match ev.kind {
@@ -523,21 +535,61 @@ fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
     assert_eq!(got.ids(), want.ids());
     // A sink that stops listening after its first event: the request is cancelled, its cells freed.
     let (tx, rx) = std::sync::mpsc::channel();
-    h.submit_to(
-        greedy(&c.instruction, None, 40),
-        Box::new(move |ev| {
-            let _ = tx.send(ev);
-            false
-        }),
-    )
-    .unwrap();
+    h.submit_to(greedy(&c.instruction, None, 40), Box::new(ChannelSink { tx, listen_for: 1, alive: None })).unwrap();
     assert!(matches!(rx.recv().unwrap().kind, EventKind::Token(_)));
     assert!(rx.recv().is_err(), "nothing follows a sink's false");
     let st = h.status().unwrap();
     assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
     assert!(st.stats.generated < 10 + 40, "{st:?}");
+    // A sink that says nobody listens before its request ever ran: cancelled with no event.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    h.submit_to(greedy(&c.instruction, None, 40), Box::new(ChannelSink { tx, listen_for: usize::MAX, alive: Some(alive) })).unwrap();
+    assert!(rx.recv().is_err(), "cancelled before any step");
+    let st2 = h.status().unwrap();
+    assert_eq!((st2.running, st2.queued, st2.stats.generated), (0, 0, st.stats.generated), "{st2:?}");
     // The model, on the engine thread: the same tokens as here.
     let text = "hello world";
     let ids = h.with_model(move |m| m.tokenize(text, true, false).unwrap()).unwrap();
     assert_eq!(ids, m.tokenize(text, true, false).unwrap());
+}
+
+#[test]
+fn gpu_emulated_adapters_batch_like_alone() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let gpu = |cfg: EngineConfig| EngineConfig { gpu: Some(GpuRuntime::emulated()), ..cfg };
+    let c = case("llama-long-iapt");
+    let reference = alone_with(&m, &ads, &greedy(&c.instruction, Some("a0"), c.tokens.len()), gpu(exact(1, 256, 256)));
+    assert_eq!(reference.ids(), c.tokens, "the fixture adapter on the emulated GPU vs the float64 reference");
+    let reqs = mixed_requests("llama", 8, 8);
+    let mut e = engine(&m, &ads, gpu(exact(3, 16, 8)));
+    assert!(e.adapters().iter().all(|a| a.on_gpu && a.bytes > 0), "{:?}", e.adapters());
+    let ids: Vec<SeqId> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let out = run_all(&mut e);
+    for (i, (id, r)) in ids.iter().zip(&reqs).enumerate() {
+        assert!(out[id].error.is_none(), "request {i}: {:?}", out[id].error);
+        let want = alone_with(&m, &ads, r, gpu(exact(1, 256, 256)));
+        assert_eq!(out[id].ids(), want.ids(), "request {i} ({:?}): batched vs alone on the emulated GPU", r.adapter);
+    }
+    assert_eq!(e.cells_in_use(), 0);
+}
+
+/// A test sink: forwards events to a channel, stops listening after `listen_for` events, and says
+/// it is alive while `alive` (if any) is true.
+struct ChannelSink {
+    tx: std::sync::mpsc::Sender<iapt_engine::Event>,
+    listen_for: usize,
+    alive: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: iapt_engine::Event) -> bool {
+        self.listen_for = self.listen_for.saturating_sub(1);
+        self.tx.send(event).is_ok() && self.listen_for > 0
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.as_ref().is_none_or(|a| a.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use iapt_engine::{Event, EventKind, FinishReason, Finished, Request, TokenOut};
+use iapt_engine::{Event, EventKind, EventSink, FinishReason, Finished, Request, TokenOut};
 use iapt_llama::{LlamaError, Token};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use prometheus::{Histogram, IntCounter, IntCounterVec};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::api::Common;
 use crate::error::ApiError;
@@ -91,7 +92,7 @@ pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job) -> Re
         ..Request::new(job.prompt, 1)
     };
     let (tx, events) = unbounded_channel();
-    let sink = timed_sink(metrics, &job.model, move |ev| tx.send(ev).is_ok());
+    let sink = Box::new(TimedSink::new(metrics, &job.model, tx));
     let r = ready.clone();
     let fields = job.fields;
     blocking(move || r.engine.submit_to(req, sink)).await?.map_err(|e| ApiError::from_engine(e, fields.prompt, fields.logprobs))?;
@@ -99,36 +100,71 @@ pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job) -> Re
     Ok(Started { events, n_prompt, _in_flight: InFlight::new(metrics, &job.model) })
 }
 
-/// Wraps `send` with the per-model token metrics; runs on the engine thread.
-fn timed_sink(m: &Metrics, model: &str, mut send: impl FnMut(Event) -> bool + Send + 'static) -> iapt_engine::EventSink {
-    let (ttft, itl) = (m.ttft.with_label_values(&[model]), m.itl.with_label_values(&[model]));
-    let out = m.completion_tokens.with_label_values(&[model]);
-    let (requests, model) = (m.requests.clone(), model.to_owned());
-    let t0 = Instant::now();
-    let mut last: Option<Instant> = None;
-    Box::new(move |ev: Event| {
+/// A request's sink on the engine thread: forwards events to the handler over an unbounded channel
+/// (never blocks) and times tokens for the metrics. Its handler gone (the client disconnected),
+/// it says so before the next step and the engine cancels the request.
+struct TimedSink {
+    tx: UnboundedSender<Event>,
+    model: String,
+    requests: IntCounterVec,
+    ttft: Histogram,
+    itl: Histogram,
+    out: IntCounter,
+    t0: Instant,
+    last: Option<Instant>,
+}
+
+impl TimedSink {
+    fn new(m: &Metrics, model: &str, tx: UnboundedSender<Event>) -> TimedSink {
+        TimedSink {
+            tx,
+            model: model.to_owned(),
+            requests: m.requests.clone(),
+            ttft: m.ttft.with_label_values(&[model]),
+            itl: m.itl.with_label_values(&[model]),
+            out: m.completion_tokens.with_label_values(&[model]),
+            t0: Instant::now(),
+            last: None,
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.requests.with_label_values(&[&self.model, outcome]).inc();
+    }
+}
+
+impl EventSink for TimedSink {
+    fn send(&mut self, ev: Event) -> bool {
         let outcome = match &ev.kind {
             EventKind::Token(_) => {
                 let now = Instant::now();
-                match last {
-                    None => ttft.observe((now - t0).as_secs_f64()),
-                    Some(l) => itl.observe((now - l).as_secs_f64()),
+                match self.last {
+                    None => self.ttft.observe((now - self.t0).as_secs_f64()),
+                    Some(l) => self.itl.observe((now - l).as_secs_f64()),
                 }
-                last = Some(now);
-                out.inc();
+                self.last = Some(now);
+                self.out.inc();
                 None
             }
             EventKind::Done(d) => Some(finish_reason(d.reason)),
             EventKind::Failed(_) => Some("error"),
         };
-        let delivered = send(ev);
+        let delivered = self.tx.send(ev).is_ok();
         match (delivered, outcome) {
-            (true, Some(o)) => requests.with_label_values(&[&model, o]).inc(),
-            (false, _) => requests.with_label_values(&[&model, "cancelled"]).inc(),
+            (true, Some(o)) => self.count(o),
+            (false, _) => self.count("cancelled"),
             (true, None) => {}
         }
         delivered
-    })
+    }
+
+    fn is_alive(&self) -> bool {
+        let alive = !self.tx.is_closed();
+        if !alive {
+            self.count("cancelled");
+        }
+        alive
+    }
 }
 
 /// OpenAI's `finish_reason`.

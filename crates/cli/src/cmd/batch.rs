@@ -23,7 +23,7 @@ use iapt_engine::{Engine, EngineConfig, EventKind, FinishReason, Request, SeqId}
 use iapt_llama::{SamplerSettings, Token};
 use serde::Deserialize;
 
-use super::run::{open_adapter, prompt_tokens, CtxArgs, GeneratorDeviceArg};
+use super::run::{open_adapter, prompt_tokens, CtxArgs};
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
 
 /// Arguments of `iapt batch`.
@@ -133,6 +133,7 @@ fn adapter_args(args: &Args) -> Result<Vec<(String, PathBuf)>, (u8, String)> {
 /// The engine settings from the options, for `n_requests` requests.
 fn engine_config(args: &Args, n_requests: usize) -> anyhow::Result<EngineConfig> {
     let params = args.ctx.params()?;
+    let session = args.ctx.session_options()?;
     let parallel = args.parallel.min(n_requests).max(1);
     Ok(EngineConfig {
         parallel,
@@ -143,7 +144,8 @@ fn engine_config(args: &Args, n_requests: usize) -> anyhow::Result<EngineConfig>
         n_threads: params.n_threads,
         kv_type: params.kv_type,
         flash_attn: params.flash_attn,
-        generator_threads: args.ctx.threads(),
+        generator_threads: session.generator_threads,
+        gpu: session.gpu,
     })
 }
 
@@ -155,10 +157,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 {
         eprintln!("error: --parallel must be between 1 and 256 (llama.cpp's sequence limit), --batch-tokens at least 1");
-        return Ok(exit(EXIT_USAGE));
-    }
-    if matches!(args.ctx.generator_device, GeneratorDeviceArg::Cuda) {
-        eprintln!("error: iapt batch runs the IAPT generators on the CPU (the engine has no CUDA generator path yet); use --generator-device cpu or auto");
         return Ok(exit(EXIT_USAGE));
     }
     let (requests, adapters) = match read_requests(&args.requests).and_then(|r| Ok((r, adapter_args(args)?))) {

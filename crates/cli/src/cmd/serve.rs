@@ -16,7 +16,7 @@ use iapt_engine::{EngineConfig, EngineSpec};
 use iapt_server::{ServerConfig, DEFAULT_BODY_LIMIT, DEFAULT_GRACE};
 
 use super::batch::parse_adapter_arg;
-use super::run::{CtxArgs, GeneratorDeviceArg};
+use super::run::CtxArgs;
 use super::{exit, EXIT_USAGE};
 
 /// Arguments of `iapt serve`.
@@ -89,9 +89,6 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 || args.queue == 0 {
         return Err("--parallel must be 1..=256, --batch-tokens and --queue at least 1".to_owned());
     }
-    if matches!(args.ctx.generator_device, GeneratorDeviceArg::Cuda) {
-        return Err("iapt serve runs the IAPT generators on the CPU (the engine has no CUDA generator path yet); use --generator-device cpu or auto".to_owned());
-    }
     if !args.model.is_file() {
         return Err(format!("{}: no such model file", args.model.display()));
     }
@@ -110,6 +107,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         return Err(format!("--adapter-dir {}: no such directory", d.display()));
     }
     let params = args.ctx.params().map_err(|e| e.to_string())?;
+    let session = args.ctx.session_options().map_err(|e| format!("{e:#}"))?;
     let engine = EngineConfig {
         parallel: args.parallel,
         seq_ctx: params.n_ctx as usize / args.parallel,
@@ -119,7 +117,8 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         n_threads: params.n_threads,
         kv_type: params.kv_type,
         flash_attn: params.flash_attn,
-        generator_threads: args.ctx.threads(),
+        generator_threads: session.generator_threads,
+        gpu: session.gpu,
     };
     let stem = args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".to_owned());
     let spec = EngineSpec { model: args.model.clone(), model_params: args.ctx.model_params(), config: engine, adapters };
