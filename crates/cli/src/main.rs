@@ -1,11 +1,16 @@
 //! `iapt`: the IAPT toolkit's command line.
 //!
-//! Exit codes (every subcommand):
-//! - 0: success (for `validate`: the file is valid);
-//! - 1: failure (for `validate`: the file is invalid; elsewhere: bad input, incompatible files);
-//! - 2: usage error or an unreadable input file.
+//! Exit codes (every subcommand; the classification is in [`fail`]):
+//! - 0: success (for `validate`: the file is valid); also a closed stdout (`iapt inspect A | head`);
+//! - 1: invalid input or failure (for `validate`: the file is invalid; elsewhere: bad input content,
+//!   incompatible files, a refused pickle, a failed run);
+//! - 2: usage error (options, output paths) or an unreadable input file;
+//! - 130 / 143: interrupted by SIGINT / SIGTERM (temporary files removed, see [`interrupt`]); `serve` stops gracefully and exits 0 instead.
 
 mod cmd;
+mod fail;
+mod files;
+mod interrupt;
 mod tools;
 
 use std::process::ExitCode;
@@ -50,10 +55,16 @@ enum Command {
     Demo(cmd::demo::Args),
     /// The backend devices llama.cpp sees (CPU, CUDA0, ...) and whether layers can go to a GPU.
     Devices(cmd::devices::Args),
+    /// Serve this machine's devices to `--rpc` clients (llama.cpp's RPC backend); loopback only unless told otherwise.
+    RpcServer(cmd::rpc_server::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `serve` handles SIGINT/SIGTERM itself (graceful stop, exit 0) and writes no files.
+    if !matches!(cli.command, Command::Serve(_)) {
+        interrupt::install();
+    }
     let result = match &cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Validate(a) => cmd::validate::run(a),
@@ -69,12 +80,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Devices(a) => cmd::devices::run(a),
+        Command::RpcServer(a) => cmd::rpc_server::run(a),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    result.unwrap_or_else(|e| fail::report(&e))
 }

@@ -84,9 +84,14 @@ fn validate_against_a_base_model() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let codes: Vec<&str> = doc["findings"].as_array().unwrap().iter().map(|f| f["code"].as_str().unwrap()).collect();
     assert!(codes.contains(&"E302"), "{codes:?}");
+    // One classification for every command (issue 17): a readable file that is not a GGUF is
+    // invalid input (exit 1), a base model that cannot be read is exit 2; both are E304.
     let not_gguf = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), valid_adapter().as_os_str()]);
-    assert_eq!(not_gguf.status.code(), Some(2), "an unreadable base model is exit 2");
+    assert_eq!(not_gguf.status.code(), Some(1), "a base model that is not a GGUF is exit 1");
     assert!(String::from_utf8_lossy(&not_gguf.stdout).contains("E304"));
+    let missing = iapt(&[os("validate"), valid_adapter().as_os_str(), os("--model"), dir.path().join("none.gguf").as_os_str()]);
+    assert_eq!(missing.status.code(), Some(2), "an unreadable base model is exit 2");
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("E304"));
 }
 
 #[test]

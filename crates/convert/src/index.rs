@@ -101,10 +101,12 @@ pub fn read_index(path: &Path) -> Result<Index, IndexError> {
     let map = file.weight_map.ok_or_else(|| malformed("no \"weight_map\" object".into()))?.0;
     let dir = path.parent().map(Path::to_owned).unwrap_or_default();
     let mut names: Vec<String> = Vec::new();
+    let mut shard_numbers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut keys_seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(map.len());
     let mut weight_map: Vec<(String, usize)> = Vec::with_capacity(map.len());
     for (key, shard) in &map {
         // A JSON map where a repeated key silently wins would hide which shard holds the tensor.
-        if weight_map.iter().any(|(k, _)| k == key) {
+        if !keys_seen.insert(key.as_str()) {
             return Err(malformed(format!("{key:?} appears twice in \"weight_map\"; each tensor must be listed once")));
         }
         let shard = shard.as_str();
@@ -112,13 +114,10 @@ pub fn read_index(path: &Path) -> Result<Index, IndexError> {
         if !plain {
             return Err(IndexError::BadShardName { name: shard.to_owned() });
         }
-        let i = match names.iter().position(|n| n == shard) {
-            Some(i) => i,
-            None => {
-                names.push(shard.to_owned());
-                names.len() - 1
-            }
-        };
+        let i = *shard_numbers.entry(shard).or_insert_with(|| {
+            names.push(shard.to_owned());
+            names.len() - 1
+        });
         weight_map.push((key.clone(), i));
     }
     if weight_map.is_empty() {

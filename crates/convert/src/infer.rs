@@ -157,46 +157,121 @@ impl Settle {
 }
 
 /// Determines the adapter config. `shapes` holds the row-major shape of every mapped tensor.
+///
+/// The steps: the layer count the per-layer tensors give (`layer_count`); the sizes, each
+/// settled from every source that gives it (shapes, `--config`, `--base`) and refused when two
+/// disagree (`settle_sizes`); the activation (`infer_activation`); then the config, or every
+/// value still missing with a hint.
 pub fn infer_config(
     shapes: &BTreeMap<(Scope, Role), Vec<u64>>,
     cfg: &ConfigFile,
     base: Option<&BaseModelInfo>,
 ) -> Result<AdapterConfig, InferError> {
-    // Per-layer roles must cover the same layers 0..L.
-    let mut n_layer_shapes: Option<u32> = None;
-    for role in Role::ALL {
-        let layers: Vec<u32> = shapes
+    let shapes = RoleShapes(shapes);
+    let mut st = Settle { names: Vec::new(), hints: Vec::new() };
+    let sizes = settle_sizes(&mut st, &shapes, layer_count(&shapes)?, cfg, base)?;
+    let activation = infer_activation(&mut st, &shapes, cfg)?;
+    match (sizes, activation) {
+        (
+            Sizes {
+                n_layer: Some(n_layer),
+                n_embd: Some(n_embd),
+                bottleneck: Some(bottleneck),
+                n_soft_tokens: Some(n_soft_tokens),
+                base_model_arch: Some(base_model_arch),
+            },
+            Some(activation),
+        ) if st.names.is_empty() => Ok(AdapterConfig {
+            spec_version: SpecVersion::CURRENT,
+            n_layer,
+            n_embd,
+            n_soft_tokens,
+            bottleneck,
+            activation,
+            pool_scale: cfg.pool_scale.unwrap_or(1.0),
+            base_model_arch,
+        }),
+        _ => Err(InferError::Missing { names: st.names, hints: st.hints }),
+    }
+}
+
+/// The mapped tensors' shapes by (scope, role).
+struct RoleShapes<'a>(&'a BTreeMap<(Scope, Role), Vec<u64>>);
+
+impl RoleShapes<'_> {
+    /// The shape of a role: layer 0's, or the shared one.
+    fn shape(&self, role: Role) -> Option<&Vec<u64>> {
+        self.0.get(&(Scope::Layer(0), role)).or_else(|| self.0.get(&(Scope::Shared, role)))
+    }
+
+    /// Dimension `i` of a role's shape, when it fits in a u32.
+    fn dim(&self, role: Role, i: usize) -> Option<u32> {
+        self.shape(role).and_then(|s| s.get(i)).and_then(|&d| u32::try_from(d).ok())
+    }
+
+    /// The layers a role is stored for, in order.
+    fn layers(&self, role: Role) -> std::collections::BTreeSet<u32> {
+        self.0
             .keys()
             .filter_map(|(s, r)| match s {
                 Scope::Layer(l) if *r == role => Some(*l),
                 _ => None,
             })
-            .collect();
-        if layers.is_empty() {
-            continue;
-        }
-        if shapes.contains_key(&(Scope::Shared, role)) {
+            .collect()
+    }
+}
+
+/// The layer count the per-layer tensors give (`None` when every role is shared): each per-layer
+/// role must cover the same layers 0..L, and no role may be both shared and per layer.
+fn layer_count(shapes: &RoleShapes<'_>) -> Result<Option<u32>, InferError> {
+    let mut n_layer: Option<u32> = None;
+    let mut per_role = Vec::new();
+    for role in Role::ALL {
+        let layers = shapes.layers(role);
+        let Some(&last) = layers.last() else { continue };
+        if shapes.0.contains_key(&(Scope::Shared, role)) {
             return Err(InferError::Both { role });
         }
-        let n = layers.iter().max().map_or(0, |m| m + 1);
-        n_layer_shapes = Some(n_layer_shapes.map_or(n, |o: u32| o.max(n)));
+        if last >= iapt_format::MAX_N_LAYER {
+            return Err(InferError::Conflict {
+                key: "n_layer",
+                a: format!("the tensors name layer {last} of {role}"),
+                b: format!("spec v1 allows at most {} layers", iapt_format::MAX_N_LAYER),
+            });
+        }
+        n_layer = Some(n_layer.map_or(last + 1, |o| o.max(last + 1)));
+        per_role.push((role, layers));
     }
-    if let Some(n) = n_layer_shapes {
-        for role in Role::ALL {
-            let present: Vec<u32> = (0..n).filter(|l| shapes.contains_key(&(Scope::Layer(*l), role))).collect();
-            if !present.is_empty() && present.len() as u32 != n {
+    if let Some(n) = n_layer {
+        for (role, present) in per_role {
+            if present.len() as u32 != n {
                 let missing: Vec<u32> = (0..n).filter(|l| !present.contains(l)).collect();
+                let present: Vec<u32> = present.into_iter().collect();
                 return Err(InferError::PartialLayers { role, present: list(&present), missing: list(&missing) });
             }
         }
     }
-    // The shape of a role: layer 0's, or the shared one.
-    let shape = |role: Role| shapes.get(&(Scope::Layer(0), role)).or_else(|| shapes.get(&(Scope::Shared, role)));
-    let dim = |role: Role, i: usize| shape(role).and_then(|s| s.get(i)).and_then(|&d| u32::try_from(d).ok());
+    Ok(n_layer)
+}
+
+/// The five sizes, each settled from the shapes, `--config` and `--base`.
+struct Sizes {
+    n_layer: Option<u32>,
+    n_embd: Option<u32>,
+    bottleneck: Option<u32>,
+    n_soft_tokens: Option<u32>,
+    base_model_arch: Option<String>,
+}
+
+fn settle_sizes(
+    st: &mut Settle,
+    shapes: &RoleShapes<'_>,
+    n_layer_shapes: Option<u32>,
+    cfg: &ConfigFile,
+    base: Option<&BaseModelInfo>,
+) -> Result<Sizes, InferError> {
     let cfg_name = "--config";
     let base_name = "--base";
-    let mut st = Settle { names: Vec::new(), hints: Vec::new() };
-
     let n_layer = st.one(
         "n_layer",
         &[(n_layer_shapes, "the tensors".into()), (cfg.n_layer, cfg_name.into()), (base.map(|b| b.n_layer), base_name.into())],
@@ -205,8 +280,8 @@ pub fn infer_config(
     let n_embd = st.one(
         "n_embd",
         &[
-            (dim(Role::DownWeight, 1), "down.weight".into()),
-            (dim(Role::UpWeight, 0), "up.weight".into()),
+            (shapes.dim(Role::DownWeight, 1), "down.weight".into()),
+            (shapes.dim(Role::UpWeight, 0), "up.weight".into()),
             (cfg.n_embd, cfg_name.into()),
             (base.map(|b| b.n_embd), base_name.into()),
         ],
@@ -215,16 +290,16 @@ pub fn infer_config(
     let bottleneck = st.one(
         "bottleneck",
         &[
-            (dim(Role::DownWeight, 0), "down.weight".into()),
-            (dim(Role::UpWeight, 1), "up.weight".into()),
-            (dim(Role::PoolQuery, 1), "pool.query".into()),
+            (shapes.dim(Role::DownWeight, 0), "down.weight".into()),
+            (shapes.dim(Role::UpWeight, 1), "up.weight".into()),
+            (shapes.dim(Role::PoolQuery, 1), "pool.query".into()),
             (cfg.bottleneck, cfg_name.into()),
         ],
         "add \"bottleneck\" to --config",
     )?;
     let n_soft_tokens = st.one(
         "n_soft_tokens",
-        &[(dim(Role::PoolQuery, 0), "pool.query".into()), (cfg.n_soft_tokens, cfg_name.into())],
+        &[(shapes.dim(Role::PoolQuery, 0), "pool.query".into()), (cfg.n_soft_tokens, cfg_name.into())],
         "add \"n_soft_tokens\" to --config",
     )?;
     let base_model_arch = st.one(
@@ -232,15 +307,20 @@ pub fn infer_config(
         &[(cfg.base_model_arch.clone(), cfg_name.into()), (base.map(|b| b.arch.clone()), base_name.into())],
         "add \"base_model_arch\": \"llama\" (the llama.cpp architecture) to --config, or pass --base BASE.gguf",
     )?;
+    Ok(Sizes { n_layer, n_embd, bottleneck, n_soft_tokens, base_model_arch })
+}
 
-    let has_coeffs = shape(Role::ActNum).is_some() || shape(Role::ActDen).is_some();
+/// The activation: from `--config`'s `activation`, or rational when the checkpoint holds
+/// coefficients; a fixed activation with coefficients is a conflict.
+fn infer_activation(st: &mut Settle, shapes: &RoleShapes<'_>, cfg: &ConfigFile) -> Result<Option<Activation>, InferError> {
+    let has_coeffs = shapes.shape(Role::ActNum).is_some() || shapes.shape(Role::ActDen).is_some();
     let spec = cfg.activation.clone();
     let kind = match (&spec, has_coeffs) {
         (Some(s), _) => Some(s.kind.clone()),
         (None, true) => Some("rational".to_owned()),
         (None, false) => None,
     };
-    let activation = match kind.as_deref() {
+    match kind.as_deref() {
         None => {
             st.names.push("activation");
             st.hints.push(
@@ -248,54 +328,9 @@ pub fn infer_config(
                  (or identity, relu, gelu_tanh, silu, tanh) to --config"
                     .into(),
             );
-            None
+            Ok(None)
         }
-        Some("rational") => {
-            let spec = spec.unwrap_or_default();
-            let variant = match spec.variant.as_deref() {
-                Some(v) => Some(RationalVariant::parse(v).ok_or_else(|| InferError::Conflict {
-                    key: "activation.variant",
-                    a: format!("--config gives {v:?}"),
-                    b: "it must be one of A, B, C, D".into(),
-                })?),
-                None => {
-                    st.names.push("activation.variant");
-                    st.hints.push(
-                        "  activation.variant: cannot be told from shapes; add \"activation\": {\"kind\": \"rational\", \"variant\": \"B\"} \
-                         (A, B, C or D, as trained) to --config"
-                            .into(),
-                    );
-                    None
-                }
-            };
-            let c_extra = u32::from(variant == Some(RationalVariant::C));
-            let num_len = dim(Role::ActNum, 1);
-            let den_len = dim(Role::ActDen, 1);
-            let m = st.one(
-                "activation.numerator_degree",
-                &[(num_len.and_then(|n| n.checked_sub(1)), "act.num".into()), (spec.numerator_degree, cfg_name.into())],
-                "the checkpoint has no numerator coefficients; check the profile maps act.num",
-            )?;
-            let n = match variant {
-                Some(_) => st.one(
-                    "activation.denominator_degree",
-                    &[(den_len.and_then(|n| n.checked_sub(c_extra)), "act.den".into()), (spec.denominator_degree, cfg_name.into())],
-                    "the checkpoint has no denominator coefficients; check the profile maps act.den",
-                )?,
-                None => None,
-            };
-            let groups = st.one(
-                "activation.groups",
-                &[(dim(Role::ActNum, 0), "act.num".into()), (dim(Role::ActDen, 0), "act.den".into()), (spec.groups, cfg_name.into())],
-                "add \"groups\" to the activation in --config",
-            )?;
-            match (variant, m, n, groups) {
-                (Some(variant), Some(numerator_degree), Some(denominator_degree), Some(groups)) => {
-                    Some(Activation::Rational(RationalConfig { variant, numerator_degree, denominator_degree, groups }))
-                }
-                _ => None,
-            }
-        }
+        Some("rational") => infer_rational(st, shapes, spec.unwrap_or_default()),
         Some(fixed) => {
             if has_coeffs {
                 return Err(InferError::Conflict {
@@ -304,31 +339,62 @@ pub fn infer_config(
                     b: "the checkpoint has rational coefficients (act.num/act.den)".into(),
                 });
             }
-            Some(Activation::fixed_from_name(fixed).ok_or_else(|| InferError::Conflict {
+            Ok(Some(Activation::fixed_from_name(fixed).ok_or_else(|| InferError::Conflict {
                 key: "activation.kind",
                 a: format!("--config gives {fixed:?}"),
                 b: format!("it must be one of {}", Activation::NAMES.join(", ")),
-            })?)
+            })?))
+        }
+    }
+}
+
+/// A rational activation: the variant from `--config`; the degrees and groups from the
+/// coefficient shapes and `--config`, settled.
+fn infer_rational(st: &mut Settle, shapes: &RoleShapes<'_>, spec: ActivationSpec) -> Result<Option<Activation>, InferError> {
+    let cfg_name = "--config";
+    let variant = match spec.variant.as_deref() {
+        Some(v) => Some(RationalVariant::parse(v).ok_or_else(|| InferError::Conflict {
+            key: "activation.variant",
+            a: format!("--config gives {v:?}"),
+            b: "it must be one of A, B, C, D".into(),
+        })?),
+        None => {
+            st.names.push("activation.variant");
+            st.hints.push(
+                "  activation.variant: cannot be told from shapes; add \"activation\": {\"kind\": \"rational\", \"variant\": \"B\"} \
+                 (A, B, C or D, as trained) to --config"
+                    .into(),
+            );
+            None
         }
     };
-
-    match (n_layer, n_embd, bottleneck, n_soft_tokens, base_model_arch, activation) {
-        (Some(n_layer), Some(n_embd), Some(bottleneck), Some(n_soft_tokens), Some(base_model_arch), Some(activation))
-            if st.names.is_empty() =>
-        {
-            Ok(AdapterConfig {
-                spec_version: SpecVersion::CURRENT,
-                n_layer,
-                n_embd,
-                n_soft_tokens,
-                bottleneck,
-                activation,
-                pool_scale: cfg.pool_scale.unwrap_or(1.0),
-                base_model_arch,
-            })
+    let c_extra = u32::from(variant == Some(RationalVariant::C));
+    let num_len = shapes.dim(Role::ActNum, 1);
+    let den_len = shapes.dim(Role::ActDen, 1);
+    let m = st.one(
+        "activation.numerator_degree",
+        &[(num_len.and_then(|n| n.checked_sub(1)), "act.num".into()), (spec.numerator_degree, cfg_name.into())],
+        "the checkpoint has no numerator coefficients; check the profile maps act.num",
+    )?;
+    let n = match variant {
+        Some(_) => st.one(
+            "activation.denominator_degree",
+            &[(den_len.and_then(|n| n.checked_sub(c_extra)), "act.den".into()), (spec.denominator_degree, cfg_name.into())],
+            "the checkpoint has no denominator coefficients; check the profile maps act.den",
+        )?,
+        None => None,
+    };
+    let groups = st.one(
+        "activation.groups",
+        &[(shapes.dim(Role::ActNum, 0), "act.num".into()), (shapes.dim(Role::ActDen, 0), "act.den".into()), (spec.groups, cfg_name.into())],
+        "add \"groups\" to the activation in --config",
+    )?;
+    Ok(match (variant, m, n, groups) {
+        (Some(variant), Some(numerator_degree), Some(denominator_degree), Some(groups)) => {
+            Some(Activation::Rational(RationalConfig { variant, numerator_degree, denominator_degree, groups }))
         }
-        _ => Err(InferError::Missing { names: st.names, hints: st.hints }),
-    }
+        _ => None,
+    })
 }
 
 fn list(v: &[u32]) -> String {
@@ -389,5 +455,13 @@ mod tests {
         s.remove(&(Scope::Layer(1), Role::UpWeight));
         let err = infer_config(&s, &ConfigFile::default(), None).unwrap_err();
         assert!(matches!(err, InferError::PartialLayers { role: Role::UpWeight, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_huge_layer_index_is_refused_without_counting_up_to_it() {
+        let mut s = shapes(1, 8, 4, 2);
+        s.insert((Scope::Layer(u32::MAX - 1), Role::DownWeight), vec![4, 8]);
+        let err = infer_config(&s, &ConfigFile::default(), None).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 }

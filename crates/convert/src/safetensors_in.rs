@@ -1,14 +1,13 @@
-//! Safetensors checkpoints as input: only the header is parsed up front; each tensor's bytes are
-//! read from the file when it is converted. The header's offsets are checked the way the
-//! safetensors crate does (in bounds, sizes matching dtype x shape, with checked arithmetic) but
-//! without reading the whole file into memory.
+//! Safetensors checkpoints as input: only the header is parsed up front, by `iapt-format`'s parser
+//! (the one adapters are read with: offsets checked with checked arithmetic, in bounds, sizes
+//! matching dtype x shape, tiling the data exactly, duplicates refused); each tensor's bytes are
+//! read from the file when it is converted, so the whole file is never held in memory.
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use crate::pickle::TorchDType;
+pub use iapt_format::MAX_HEADER_BYTES;
 
-/// Largest safetensors header accepted (the safetensors crate uses the same 100 MB cap).
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+use crate::pickle::TorchDType;
 
 /// Why a safetensors file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +34,7 @@ pub enum SafetensorsError {
 pub struct StEntry {
     /// The tensor name.
     pub name: String,
-    /// Element type (`None` when it is one this converter cannot read, such as F8 or I4).
+    /// Element type (`None` when it is one this converter cannot read, such as F8).
     pub dtype: Option<TorchDType>,
     /// The dtype as written in the file.
     pub dtype_label: String,
@@ -61,69 +60,25 @@ pub fn read_header<R: Read + Seek>(r: &mut R) -> Result<Vec<StEntry>, Safetensor
     if n > MAX_HEADER_BYTES || n > file_len - 8 {
         return Err(bad(format!("header length {n} exceeds the file or the {MAX_HEADER_BYTES}-byte limit")));
     }
-    let mut head = vec![0u8; n as usize];
-    r.read_exact(&mut head)?;
-    let data_start = 8 + n;
-    let data_len = file_len - data_start;
-    let Entries(map) = serde_json::from_slice(&head).map_err(|e| bad(e.to_string()))?;
-    let mut out: Vec<StEntry> = Vec::with_capacity(map.len());
-    let mut seen = std::collections::HashSet::new();
-    for (name, v) in map {
-        if !seen.insert(name.clone()) {
-            return Err(bad(format!("the key {name:?} appears twice")));
-        }
-        if name == "__metadata__" {
-            continue;
-        }
-        let obj = v.as_object().ok_or_else(|| bad(format!("entry {name:?} is not an object")))?;
-        let dtype_label = obj.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("entry {name:?} has no dtype")))?;
-        let shape: Vec<u64> = obj
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect())
-            .ok_or_else(|| bad(format!("entry {name:?} has no shape of non-negative integers")))?;
-        let offs: Vec<u64> = obj
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(serde_json::Value::as_u64).collect())
-            .ok_or_else(|| bad(format!("entry {name:?} has no data_offsets")))?;
-        let [a, b] = offs[..] else { return Err(bad(format!("entry {name:?}: data_offsets must be [begin, end]"))) };
-        if a > b || b > data_len {
-            return Err(bad(format!("entry {name:?}: data_offsets [{a}, {b}] are outside the {data_len} data bytes")));
-        }
-        let dtype = TorchDType::from_name(dtype_label);
-        if let Some(dt) = dtype {
-            let want = shape.iter().try_fold(dt.size() as u64, |x, &d| x.checked_mul(d));
-            if want != Some(b - a) {
-                return Err(bad(format!("entry {name:?}: {} bytes do not match {dtype_label} x {shape:?}", b - a)));
-            }
-        }
-        out.push(StEntry { name, dtype, dtype_label: dtype_label.to_owned(), shape, start: data_start + a, len: b - a });
-    }
-    Ok(out)
-}
-
-/// A JSON object's entries in order, duplicates kept (a map would silently keep only the last).
-struct Entries(Vec<(String, serde_json::Value)>);
-
-impl<'de> serde::Deserialize<'de> for Entries {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Entries;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Entries, A::Error> {
-                let mut v = Vec::new();
-                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
-                    v.push(entry);
-                }
-                Ok(Entries(v))
-            }
-        }
-        d.deserialize_map(Visit)
-    }
+    let mut head = vec![0u8; 8 + n as usize];
+    head[..8].copy_from_slice(&n.to_le_bytes());
+    r.read_exact(&mut head[8..])?;
+    let raw = iapt_format::raw::parse_safetensors_header(&head, file_len).map_err(|report| {
+        let errors: Vec<String> = report.errors().map(|f| f.to_string()).collect();
+        bad(errors.join("; "))
+    })?;
+    Ok(raw
+        .tensors
+        .into_iter()
+        .map(|t| StEntry {
+            dtype: TorchDType::from_name(&t.dtype_label),
+            name: t.name,
+            dtype_label: t.dtype_label,
+            shape: t.shape,
+            start: t.start,
+            len: t.len,
+        })
+        .collect())
 }
 
 /// Reads one tensor's bytes (little-endian, row-major, as safetensors stores them).

@@ -172,8 +172,9 @@ impl Adapter {
                 })
                 .collect(),
         };
-        for (i, t) in raw.tensors.iter().enumerate() {
-            if raw.tensors[..i].iter().any(|o| o.name == t.name) {
+        let mut seen = std::collections::HashSet::with_capacity(raw.tensors.len());
+        for t in &raw.tensors {
+            if !seen.insert(t.name.as_str()) {
                 report.push(Finding::about(Code::DuplicateTensor, t.name.clone(), "tensor given more than once"));
             }
         }
@@ -252,10 +253,11 @@ impl Adapter {
 
     /// The tensor layer `layer` uses for `role`: the per-layer one, else the shared one.
     pub fn tensor(&self, layer: u32, role: Role) -> Option<&Tensor> {
-        self.tensors
-            .iter()
-            .find(|t| t.name == TensorName::layer(layer, role))
-            .or_else(|| self.tensors.iter().find(|t| t.name == TensorName::shared(role)))
+        // Tensors are kept in canonical order: a binary search, not a scan per lookup.
+        let find = |name: TensorName| {
+            self.tensors.binary_search_by_key(&name.canonical_key(), |t| t.name.canonical_key()).ok().map(|i| &self.tensors[i])
+        };
+        find(TensorName::layer(layer, role)).or_else(|| find(TensorName::shared(role)))
     }
 
     /// Whether `role` is stored once for all layers.
@@ -359,13 +361,19 @@ impl Adapter {
 }
 
 /// Runs `write` into a temporary file next to `path`, then renames it into place.
+///
+/// The temporary is named as [`crate::temp`] describes and registered as in flight while it
+/// exists (a signal handler can remove it); stale temporaries a killed process left in the same
+/// directory are removed first.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<(), FormatError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
     let io = |source| FormatError::Io { path: path.to_owned(), source };
-    let tmp = tempfile::Builder::new().prefix(".iapt-tmp-").tempfile_in(&dir).map_err(io)?;
+    crate::temp::remove_stale(&dir);
+    let tmp = tempfile::Builder::new().prefix(&crate::temp::temp_prefix()).tempfile_in(&dir).map_err(io)?;
+    let _in_flight = crate::temp::register(tmp.path());
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
         write(&mut w).map_err(io)?;

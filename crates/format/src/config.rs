@@ -376,13 +376,15 @@ pub type Metadata = Vec<(String, MetaValue)>;
 /// other keys the type recorded in [`META_TYPES_KEY`] or string. Unparseable text is reported
 /// (E102) and the key dropped.
 pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) -> Metadata {
-    let mut recorded: Vec<(String, MetaType)> = Vec::new();
+    let mut recorded: std::collections::HashMap<String, MetaType> = std::collections::HashMap::new();
     if let Some((_, text)) = raw.iter().find(|(k, _)| k == META_TYPES_KEY) {
         match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
             Ok(map) => {
                 for (k, v) in map {
                     match v.as_str().and_then(MetaType::parse) {
-                        Some(t) => recorded.push((k, t)),
+                        Some(t) => {
+                            recorded.insert(k, t);
+                        }
                         None => report.push(Finding::about(
                             Code::BadKeyValue,
                             META_TYPES_KEY,
@@ -401,7 +403,7 @@ pub fn type_safetensors_metadata(raw: &[(String, String)], report: &mut Report) 
         if k == META_TYPES_KEY {
             continue;
         }
-        let ty = defined_type(k).or_else(|| recorded.iter().find(|(rk, _)| rk == k).map(|(_, t)| t.clone())).unwrap_or(MetaType::Str);
+        let ty = defined_type(k).or_else(|| recorded.get(k).cloned()).unwrap_or(MetaType::Str);
         match MetaValue::from_text(&ty, text) {
             Some(v) => out.push((k.clone(), v)),
             None => {
@@ -441,11 +443,124 @@ pub fn stringify_metadata(meta: &[(String, MetaValue)]) -> Vec<(String, String)>
 
 /// Parses the configuration from typed metadata, pushing every finding into `report`. Returns the
 /// config (if every required key is usable) and the optional keys, in file order.
+///
+/// The steps, in the order their findings appear: the type of every spec-defined key; the spec
+/// version (an unknown major stops here); the four sizes; pooling; the base architecture; the
+/// activation (with the rational keys); GGUF's container keys; the optional keys; and the
+/// config's own value checks.
 pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: &mut Report) -> (Option<AdapterConfig>, Metadata) {
-    let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-    let mut ok = true;
+    let keys = Keys::new(meta);
+    check_defined_types(meta, container, report);
+    let Ok(version) = read_version(&keys, report) else {
+        return (None, Vec::new());
+    };
+    let n_layer = keys.require_u32(keys::N_LAYER, report);
+    let n_embd = keys.require_u32(keys::N_EMBD, report);
+    let n_soft = keys.require_u32(keys::N_SOFT_TOKENS, report);
+    let bottleneck = keys.require_u32(keys::BOTTLENECK, report);
+    let pool_scale = read_pool(&keys, report);
+    let arch = keys.str_key(keys::BASE_MODEL_ARCH);
+    if arch.is_none() {
+        missing(keys::BASE_MODEL_ARCH, report);
+    }
+    let activation = read_activation(&keys, report);
+    if container == Container::Gguf {
+        check_gguf_container_keys(&keys, &arch, report);
+    }
+    let extras = optional_keys(meta, &keys, &activation, report);
+    let config = match (version, n_layer, n_embd, n_soft, bottleneck, activation, pool_scale, arch) {
+        (
+            Some(version),
+            Some(n_layer),
+            Some(n_embd),
+            Some(n_soft_tokens),
+            Some(bottleneck),
+            Some(activation),
+            Some(pool_scale),
+            Some(Some(base_model_arch)),
+        ) => {
+            let spec_version = SpecVersion::parse(&version).unwrap_or(SpecVersion::CURRENT);
+            let c = AdapterConfig { spec_version, n_layer, n_embd, n_soft_tokens, bottleneck, activation, pool_scale, base_model_arch };
+            checked(c, report)
+        }
+        _ => None,
+    };
+    (config, extras)
+}
 
-    // Type check every defined key present.
+/// Metadata looked up by key in constant time (the first occurrence: duplicates were reported
+/// when the file was read).
+struct Keys<'a> {
+    map: std::collections::HashMap<&'a str, &'a MetaValue>,
+}
+
+impl<'a> Keys<'a> {
+    fn new(meta: &'a [(String, MetaValue)]) -> Keys<'a> {
+        let mut map = std::collections::HashMap::with_capacity(meta.len());
+        for (k, v) in meta {
+            map.entry(k.as_str()).or_insert(v);
+        }
+        Keys { map }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a MetaValue> {
+        self.map.get(key).copied()
+    }
+
+    /// The value of `key` when it has the type spec v1 defines for it.
+    fn typed(&self, key: &str) -> Option<&'a MetaValue> {
+        self.get(key).filter(|v| Some(v.meta_type()) == defined_type(key))
+    }
+
+    /// `None` when absent; `Some(None)` when present with the wrong type (reported by
+    /// [`check_defined_types`]); `Some(Some(s))` otherwise.
+    fn str_key(&self, key: &str) -> Option<Option<String>> {
+        self.get(key).map(|_| match self.typed(key) {
+            Some(MetaValue::Str(s)) => Some(s.clone()),
+            _ => None,
+        })
+    }
+
+    /// A required string key: missing is reported, mistyped was.
+    fn require_str(&self, key: &str, report: &mut Report) -> Option<String> {
+        match self.str_key(key) {
+            None => {
+                missing(key, report);
+                None
+            }
+            Some(s) => s,
+        }
+    }
+
+    /// A required u32 key: missing is reported, mistyped was.
+    fn require_u32(&self, key: &str, report: &mut Report) -> Option<u32> {
+        match self.get(key) {
+            None => {
+                missing(key, report);
+                None
+            }
+            Some(_) => match self.typed(key) {
+                Some(MetaValue::U32(n)) => Some(*n),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether `iapt.activation` is the string "rational" (whatever else is wrong).
+    fn says_rational(&self) -> Option<bool> {
+        match self.get(keys::ACTIVATION) {
+            Some(MetaValue::Str(s)) => Some(s == "rational"),
+            _ => None,
+        }
+    }
+}
+
+fn missing(key: &str, report: &mut Report) {
+    report.push(Finding::about(Code::MissingKey, key, "required key is missing; add it (see spec/iapt-v1.md, Metadata keys)"));
+}
+
+/// E102 for every spec-defined key present with another type.
+fn check_defined_types(meta: &[(String, MetaValue)], container: Container, report: &mut Report) {
     for (k, v) in meta {
         if let Some(t) = defined_type(k) {
             // Safetensors text that did not parse was reported when it was typed.
@@ -455,32 +570,17 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
             }
         }
     }
-    let typed = |key: &str| get(key).filter(|v| Some(v.meta_type()) == defined_type(key));
+}
 
-    let mut require_str = |key: &str, report: &mut Report| -> Option<String> {
-        match get(key) {
-            None => {
-                report.push(Finding::about(Code::MissingKey, key, "required key is missing; add it (see spec/iapt-v1.md, Metadata keys)"));
-                ok = false;
-                None
-            }
-            Some(_) => match typed(key) {
-                Some(MetaValue::Str(s)) => Some(s.clone()),
-                _ => {
-                    ok = false;
-                    None
-                }
-            },
-        }
-    };
-
-    // Version first: an unknown major stops interpretation of the rest.
-    let version = require_str(keys::SPEC_VERSION, report);
+/// The spec version text (`None` when missing or mistyped); `Err` when it is malformed or of an
+/// unknown major, which stops interpretation of everything else. A newer minor is a warning.
+fn read_version(keys: &Keys<'_>, report: &mut Report) -> Result<Option<String>, ()> {
+    let version = keys.require_str(keys::SPEC_VERSION, report);
     if let Some(v) = &version {
         match SpecVersion::parse(v) {
             None => {
                 report.push(Finding::about(Code::BadKeyValue, keys::SPEC_VERSION, format!("{v:?} is not \"major.minor\"; write \"1.0\"")));
-                return (None, Vec::new());
+                return Err(());
             }
             Some(sv) if sv.major != SPEC_MAJOR => {
                 report.push(Finding::about(
@@ -491,7 +591,7 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
                         sv.major
                     ),
                 ));
-                return (None, Vec::new());
+                return Err(());
             }
             Some(sv) if sv.minor > SPEC_MINOR => {
                 report.push(Finding::about(
@@ -503,36 +603,12 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
             Some(_) => {}
         }
     }
+    Ok(version)
+}
 
-    let require_u32 = |key: &str, report: &mut Report| -> Option<u32> {
-        match get(key) {
-            None => {
-                report.push(Finding::about(Code::MissingKey, key, "required key is missing; add it (see spec/iapt-v1.md, Metadata keys)"));
-                None
-            }
-            Some(_) => match typed(key) {
-                Some(MetaValue::U32(n)) => Some(*n),
-                _ => None,
-            },
-        }
-    };
-    let n_layer = require_u32(keys::N_LAYER, report);
-    let n_embd = require_u32(keys::N_EMBD, report);
-    let n_soft = require_u32(keys::N_SOFT_TOKENS, report);
-    let bottleneck = require_u32(keys::BOTTLENECK, report);
-
-    let missing = |key: &str, report: &mut Report| {
-        report.push(Finding::about(Code::MissingKey, key, "required key is missing; add it (see spec/iapt-v1.md, Metadata keys)"));
-    };
-    let str_key = |key: &str| -> Option<Option<String>> {
-        get(key).map(|_| match typed(key) {
-            Some(MetaValue::Str(s)) => Some(s.clone()),
-            _ => None,
-        })
-    };
-
-    let pool_type = str_key(keys::POOL_TYPE);
-    match &pool_type {
+/// Checks `iapt.pool.type` (only "query") and returns `iapt.pool.scale`.
+fn read_pool(keys: &Keys<'_>, report: &mut Report) -> Option<f32> {
+    match keys.str_key(keys::POOL_TYPE) {
         None => missing(keys::POOL_TYPE, report),
         Some(Some(t)) if t != "query" => report.push(Finding::about(
             Code::BadKeyValue,
@@ -541,56 +617,27 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
         )),
         _ => {}
     }
-    let pool_scale = match get(keys::POOL_SCALE) {
+    match keys.get(keys::POOL_SCALE) {
         None => {
             missing(keys::POOL_SCALE, report);
             None
         }
-        Some(_) => match typed(keys::POOL_SCALE) {
+        Some(_) => match keys.typed(keys::POOL_SCALE) {
             Some(MetaValue::F32(f)) => Some(*f),
             _ => None,
         },
-    };
-    let arch = str_key(keys::BASE_MODEL_ARCH);
-    if arch.is_none() {
-        missing(keys::BASE_MODEL_ARCH, report);
     }
+}
 
-    let activation = match str_key(keys::ACTIVATION) {
+/// `iapt.activation`: a fixed activation, or a rational one with its four keys.
+fn read_activation(keys: &Keys<'_>, report: &mut Report) -> Option<Activation> {
+    match keys.str_key(keys::ACTIVATION) {
         None => {
             missing(keys::ACTIVATION, report);
             None
         }
         Some(None) => None,
-        Some(Some(name)) if name == "rational" => {
-            let variant = match str_key(keys::RATIONAL_VARIANT) {
-                None => {
-                    missing(keys::RATIONAL_VARIANT, report);
-                    None
-                }
-                Some(None) => None,
-                Some(Some(v)) => match RationalVariant::parse(&v) {
-                    Some(v) => Some(v),
-                    None => {
-                        report.push(Finding::about(
-                            Code::UnknownRationalVariant,
-                            keys::RATIONAL_VARIANT,
-                            format!("{v:?} is not a rational variant; use \"A\", \"B\", \"C\" or \"D\""),
-                        ));
-                        None
-                    }
-                },
-            };
-            let num = require_u32(keys::RATIONAL_NUM_DEGREE, report);
-            let den = require_u32(keys::RATIONAL_DEN_DEGREE, report);
-            let groups = require_u32(keys::RATIONAL_GROUPS, report);
-            match (variant, num, den, groups) {
-                (Some(variant), Some(numerator_degree), Some(denominator_degree), Some(groups)) => {
-                    Some(Activation::Rational(RationalConfig { variant, numerator_degree, denominator_degree, groups }))
-                }
-                _ => None,
-            }
-        }
+        Some(Some(name)) if name == "rational" => read_rational(keys, report),
         Some(Some(name)) => match Activation::fixed_from_name(&name) {
             Some(a) => Some(a),
             None => {
@@ -602,64 +649,91 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
                 None
             }
         },
-    };
+    }
+}
 
-    // GGUF container keys.
-    if container == Container::Gguf {
-        let expect = [(keys::GENERAL_TYPE, "adapter"), (keys::ADAPTER_TYPE, "iapt")];
-        for (key, want) in expect {
-            match get(key) {
-                None => {
-                    report.push(Finding::about(Code::BadContainerKey, key, format!("missing; a GGUF IAPT adapter must set it to {want:?}")))
-                }
-                Some(MetaValue::Str(s)) if s == want => {}
-                Some(MetaValue::Str(s)) => {
-                    report.push(Finding::about(Code::BadContainerKey, key, format!("is {s:?} but must be {want:?}")))
-                }
-                Some(_) => {}
-            }
+/// The rational activation's variant, degrees and groups.
+fn read_rational(keys: &Keys<'_>, report: &mut Report) -> Option<Activation> {
+    let variant = match keys.str_key(keys::RATIONAL_VARIANT) {
+        None => {
+            missing(keys::RATIONAL_VARIANT, report);
+            None
         }
-        match (get(keys::GENERAL_ARCHITECTURE), &arch) {
-            (None, _) => report.push(Finding::about(
-                Code::BadContainerKey,
-                keys::GENERAL_ARCHITECTURE,
-                "missing; it must equal iapt.base_model.arch",
-            )),
-            (Some(MetaValue::Str(g)), Some(Some(a))) if g != a => report.push(Finding::about(
-                Code::BadContainerKey,
-                keys::GENERAL_ARCHITECTURE,
-                format!("is {g:?} but iapt.base_model.arch is {a:?}; they must be equal"),
-            )),
-            _ => {}
+        Some(None) => None,
+        Some(Some(v)) => match RationalVariant::parse(&v) {
+            Some(v) => Some(v),
+            None => {
+                report.push(Finding::about(
+                    Code::UnknownRationalVariant,
+                    keys::RATIONAL_VARIANT,
+                    format!("{v:?} is not a rational variant; use \"A\", \"B\", \"C\" or \"D\""),
+                ));
+                None
+            }
+        },
+    };
+    let num = keys.require_u32(keys::RATIONAL_NUM_DEGREE, report);
+    let den = keys.require_u32(keys::RATIONAL_DEN_DEGREE, report);
+    let groups = keys.require_u32(keys::RATIONAL_GROUPS, report);
+    match (variant, num, den, groups) {
+        (Some(variant), Some(numerator_degree), Some(denominator_degree), Some(groups)) => {
+            Some(Activation::Rational(RationalConfig { variant, numerator_degree, denominator_degree, groups }))
+        }
+        _ => None,
+    }
+}
+
+/// GGUF only: `general.type` = "adapter", `adapter.type` = "iapt", and `general.architecture`
+/// equal to `iapt.base_model.arch`.
+fn check_gguf_container_keys(keys: &Keys<'_>, arch: &Option<Option<String>>, report: &mut Report) {
+    let expect = [(keys::GENERAL_TYPE, "adapter"), (keys::ADAPTER_TYPE, "iapt")];
+    for (key, want) in expect {
+        match keys.get(key) {
+            None => {
+                report.push(Finding::about(Code::BadContainerKey, key, format!("missing; a GGUF IAPT adapter must set it to {want:?}")))
+            }
+            Some(MetaValue::Str(s)) if s == want => {}
+            Some(MetaValue::Str(s)) => report.push(Finding::about(Code::BadContainerKey, key, format!("is {s:?} but must be {want:?}"))),
+            Some(_) => {}
         }
     }
-
-    // Optional keys: everything not required.
-    let required_now: Vec<&str> = {
-        let mut r = vec![
-            keys::SPEC_VERSION,
-            keys::N_LAYER,
-            keys::N_EMBD,
-            keys::N_SOFT_TOKENS,
-            keys::BOTTLENECK,
-            keys::ACTIVATION,
-            keys::POOL_TYPE,
-            keys::POOL_SCALE,
-            keys::BASE_MODEL_ARCH,
-        ];
-        if matches!(activation, Some(Activation::Rational(_)))
-            || matches!(get(keys::ACTIVATION), Some(MetaValue::Str(s)) if s == "rational")
-        {
-            r.extend([keys::RATIONAL_VARIANT, keys::RATIONAL_NUM_DEGREE, keys::RATIONAL_DEN_DEGREE, keys::RATIONAL_GROUPS]);
+    match (keys.get(keys::GENERAL_ARCHITECTURE), arch) {
+        (None, _) => {
+            report.push(Finding::about(Code::BadContainerKey, keys::GENERAL_ARCHITECTURE, "missing; it must equal iapt.base_model.arch"))
         }
-        r
-    };
+        (Some(MetaValue::Str(g)), Some(Some(a))) if g != a => report.push(Finding::about(
+            Code::BadContainerKey,
+            keys::GENERAL_ARCHITECTURE,
+            format!("is {g:?} but iapt.base_model.arch is {a:?}; they must be equal"),
+        )),
+        _ => {}
+    }
+}
+
+/// The optional keys (everything not required now, nor a container key), in file order: unknown
+/// ones are kept with W002; rational keys without a rational activation are dropped with W002.
+fn optional_keys(meta: &[(String, MetaValue)], keys: &Keys<'_>, activation: &Option<Activation>, report: &mut Report) -> Metadata {
+    let says_rational = keys.says_rational();
+    let mut required_now = vec![
+        keys::SPEC_VERSION,
+        keys::N_LAYER,
+        keys::N_EMBD,
+        keys::N_SOFT_TOKENS,
+        keys::BOTTLENECK,
+        keys::ACTIVATION,
+        keys::POOL_TYPE,
+        keys::POOL_SCALE,
+        keys::BASE_MODEL_ARCH,
+    ];
+    if matches!(activation, Some(Activation::Rational(_))) || says_rational == Some(true) {
+        required_now.extend([keys::RATIONAL_VARIANT, keys::RATIONAL_NUM_DEGREE, keys::RATIONAL_DEN_DEGREE, keys::RATIONAL_GROUPS]);
+    }
     let mut extras = Vec::new();
     for (k, v) in meta {
         if required_now.contains(&k.as_str()) || is_gguf_container_key(k) || k == META_TYPES_KEY {
             continue;
         }
-        if k.starts_with("iapt.rational.") && matches!(get(keys::ACTIVATION), Some(MetaValue::Str(s)) if s != "rational") {
+        if k.starts_with("iapt.rational.") && says_rational == Some(false) {
             report.push(Finding::about(Code::UnknownOptionalKey, k.clone(), "ignored and dropped: the activation is not rational"));
             continue;
         }
@@ -668,32 +742,19 @@ pub fn parse_config(meta: &[(String, MetaValue)], container: Container, report: 
         }
         extras.push((k.clone(), v.clone()));
     }
+    extras
+}
 
-    let config = match (ok, n_layer, n_embd, n_soft, bottleneck, activation, pool_scale, arch) {
-        (
-            true,
-            Some(n_layer),
-            Some(n_embd),
-            Some(n_soft_tokens),
-            Some(bottleneck),
-            Some(activation),
-            Some(pool_scale),
-            Some(Some(base_model_arch)),
-        ) => {
-            let spec_version = version.as_deref().and_then(SpecVersion::parse).unwrap_or(SpecVersion::CURRENT);
-            let c = AdapterConfig { spec_version, n_layer, n_embd, n_soft_tokens, bottleneck, activation, pool_scale, base_model_arch };
-            let findings = c.check();
-            let fatal = !findings.is_empty();
-            for f in findings {
-                report.push(f);
-            }
-            if fatal {
-                None
-            } else {
-                Some(c)
-            }
-        }
-        _ => None,
-    };
-    (config, extras)
+/// The config when its own value checks pass (their findings are pushed).
+fn checked(c: AdapterConfig, report: &mut Report) -> Option<AdapterConfig> {
+    let findings = c.check();
+    let fatal = !findings.is_empty();
+    for f in findings {
+        report.push(f);
+    }
+    if fatal {
+        None
+    } else {
+        Some(c)
+    }
 }

@@ -45,3 +45,74 @@ pub enum FormatError {
         bytes: usize,
     },
 }
+
+/// A base model GGUF could not be used for the `--model`/`--base` check.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BaseModelError {
+    /// The file cannot be opened or read.
+    #[error("cannot read base model {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with the GGUF magic.
+    #[error("{}: not a GGUF file (no GGUF magic); give the base model's .gguf file", path.display())]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file ends inside its header.
+    #[error("{}: truncated base model: {detail}; copy or download it again", path.display())]
+    TruncatedHeader {
+        /// The file.
+        path: PathBuf,
+        /// Where it ends.
+        detail: String,
+    },
+    /// The header is whole but the file is shorter than the tensor data it declares.
+    #[error("{}: truncated base model: its tensor data ends at byte {needed} but the file has {len} bytes; copy or download it again", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The length the header declares (at least).
+        needed: u64,
+        /// The file's length.
+        len: u64,
+    },
+    /// The GGUF header is malformed.
+    #[error("{}: malformed GGUF header: {detail}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// Every finding.
+        detail: String,
+    },
+    /// `general.architecture` is missing or not a string.
+    #[error("{} has no general.architecture string; is it a base model GGUF?", path.display())]
+    NoArchitecture {
+        /// The file.
+        path: PathBuf,
+    },
+    /// `{arch}.block_count` or `{arch}.embedding_length` is missing, not an integer, or out of range.
+    #[error("{} has no usable integer {key}: {why}", path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Missing, negative, or too large.
+        why: &'static str,
+    },
+}
+
+impl BaseModelError {
+    /// Whether the file could not be read whole (missing, not permitted, an I/O error, or
+    /// truncated), as opposed to readable content that is not a usable base model.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, BaseModelError::Io { .. } | BaseModelError::TruncatedHeader { .. } | BaseModelError::Truncated { .. })
+    }
+}

@@ -26,6 +26,8 @@ mod meta;
 mod names;
 pub mod raw;
 mod report;
+pub mod temp;
+pub mod testing;
 mod validate;
 
 pub use adapter::{validate_bytes, validate_file, write_atomically, Adapter, Tensor, Validation};
@@ -33,9 +35,11 @@ pub use config::{
     is_arch_name, keys, Activation, AdapterConfig, Container, Metadata, RationalConfig, RationalVariant, SpecVersion, KNOWN_OPTIONAL_KEYS,
     MAX_N_LAYER, MAX_RATIONAL_DEGREE, MAX_SOFT_TOKENS, MAX_WIDTH, SPEC_MAJOR, SPEC_MINOR,
 };
-pub use container::{sniff, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS};
+pub use container::{
+    sniff, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_BASE_MODEL_TENSORS, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS,
+};
 pub use dtype::DType;
-pub use error::FormatError;
+pub use error::{BaseModelError, FormatError};
 pub use meta::{MetaType, MetaValue, META_TYPES_KEY};
 pub use names::{Role, Scope, TensorName};
 pub use report::{Code, Finding, Report, Severity};

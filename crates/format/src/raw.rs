@@ -1,9 +1,25 @@
-//! Unvalidated writers for arbitrary tensor sets and metadata in either container. Tools and tests
-//! use them to make files that break spec rules on purpose (one broken file per rule); adapters are
-//! written through [`crate::Adapter::save`], which validates first.
+//! Unvalidated writers for arbitrary tensor sets and metadata in either container, and the
+//! structural safetensors header parser on its own. Tools and tests use the writers to make files
+//! that break spec rules on purpose (one broken file per rule); adapters are written through
+//! [`crate::Adapter::save`], which validates first. The converter reads checkpoints' safetensors
+//! headers with [`parse_safetensors_header`], the same parser adapters are read with.
 
 use crate::container::{gguf, safetensors, GGUF_DEFAULT_ALIGNMENT};
+pub use crate::container::{RawFile, RawTensor};
 use crate::meta::MetaValue;
+use crate::report::Report;
+
+/// Parses a safetensors header structurally (lengths, dtypes, shapes, offsets that tile the data
+/// exactly, duplicates, [`crate::MAX_HEADER_BYTES`] and [`crate::MAX_TENSORS`]), no spec rule
+/// applied. `head` holds the first `8 + N` bytes of a file of `file_len` bytes (or all of it).
+/// Every problem found is in the returned report; `Err` when it holds an error.
+pub fn parse_safetensors_header(head: &[u8], file_len: u64) -> Result<RawFile, Report> {
+    let mut report = Report::default();
+    match safetensors::parse(head, file_len, &mut report) {
+        Some(raw) if !report.has_errors() => Ok(raw),
+        _ => Err(report),
+    }
+}
 
 /// A tensor to write as-is.
 #[derive(Debug, Clone)]

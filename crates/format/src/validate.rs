@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::config::{parse_config, type_safetensors_metadata, AdapterConfig, Container, Metadata};
 use crate::container::RawFile;
 use crate::dtype::DType;
+use crate::error::BaseModelError;
 use crate::meta::MetaValue;
 use crate::names::{Role, Scope, TensorName};
 use crate::report::{Code, Finding, Report};
@@ -160,20 +161,28 @@ pub struct BaseModelInfo {
 }
 
 impl BaseModelInfo {
-    /// Reads the three facts from a base model GGUF's metadata (only the header is read).
-    pub fn read(path: &std::path::Path) -> Result<BaseModelInfo, String> {
-        let file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let meta = crate::container::read_gguf_metadata(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// Reads the three facts from a base model GGUF's metadata (only the header is read), after
+    /// checking the file is as long as the tensor data its header declares.
+    pub fn read(path: &std::path::Path) -> Result<BaseModelInfo, BaseModelError> {
+        let io = |source| BaseModelError::Io { path: path.to_owned(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        if file.metadata().map_err(io)?.is_dir() {
+            return Err(io(std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory")));
+        }
+        let meta = crate::container::read_gguf_metadata(&file, path)?;
         let get = |k: &str| meta.iter().find(|(mk, _)| mk == k).map(|(_, v)| v);
         let arch = match get("general.architecture") {
             Some(MetaValue::Str(s)) => s.clone(),
-            _ => return Err(format!("{} has no general.architecture string", path.display())),
+            _ => return Err(BaseModelError::NoArchitecture { path: path.to_owned() }),
         };
-        let num = |k: String| match get(&k) {
-            Some(MetaValue::U32(v)) => Ok(*v),
-            Some(MetaValue::U64(v)) => u32::try_from(*v).map_err(|_| format!("{k} is too large")),
-            Some(MetaValue::I32(v)) => u32::try_from(*v).map_err(|_| format!("{k} is negative")),
-            _ => Err(format!("{} has no integer {k}", path.display())),
+        let num = |key: String| {
+            let bad = |why| BaseModelError::BadKey { path: path.to_owned(), key: key.clone(), why };
+            match get(&key) {
+                Some(MetaValue::U32(v)) => Ok(*v),
+                Some(MetaValue::U64(v)) => u32::try_from(*v).map_err(|_| bad("too large")),
+                Some(MetaValue::I32(v)) => u32::try_from(*v).map_err(|_| bad("negative")),
+                _ => Err(bad("missing or not an integer")),
+            }
         };
         Ok(BaseModelInfo { n_layer: num(format!("{arch}.block_count"))?, n_embd: num(format!("{arch}.embedding_length"))?, arch })
     }

@@ -301,7 +301,7 @@ fn e304_base_model_unreadable() {
     let no_keys = dir.path().join("nokeys.gguf");
     std::fs::write(&no_keys, write_gguf(&[("general.architecture".into(), MetaValue::Str("llama".into()))], &[])).unwrap();
     let err = BaseModelInfo::read(&no_keys).unwrap_err();
-    assert!(err.contains("llama.block_count"), "{err}");
+    assert!(err.to_string().contains("llama.block_count"), "{err}");
 }
 
 #[test]

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use iapt_format::{
     validate_bytes, Activation, Adapter, AdapterConfig, Code, Container, DType, RationalConfig, RationalVariant, SpecVersion,
-    GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, KNOWN_OPTIONAL_KEYS, MAX_HEADER_BYTES, MAX_KEYS, MAX_N_LAYER, MAX_RATIONAL_DEGREE,
-    MAX_SOFT_TOKENS, MAX_STRING_BYTES, MAX_TENSORS, MAX_WIDTH,
+    GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, KNOWN_OPTIONAL_KEYS, MAX_BASE_MODEL_TENSORS, MAX_HEADER_BYTES, MAX_KEYS, MAX_N_LAYER,
+    MAX_RATIONAL_DEGREE, MAX_SOFT_TOKENS, MAX_STRING_BYTES, MAX_TENSORS, MAX_WIDTH,
 };
 use serde_json::Value;
 
@@ -317,9 +317,10 @@ fn the_spec_lists_every_validation_code_and_limit() {
         let line = spec.lines().find(|l| l.starts_with(&row)).expect("row");
         assert!(line.ends_with(&format!("| `{}` |", code.slug())), "{}: the row does not end with its slug {}", code.as_str(), code.slug());
     }
-    let limits: [(&str, u64); 10] = [
+    let limits: [(&str, u64); 11] = [
         ("MAX_HEADER_BYTES", MAX_HEADER_BYTES),
         ("MAX_TENSORS", MAX_TENSORS),
+        ("MAX_BASE_MODEL_TENSORS", MAX_BASE_MODEL_TENSORS),
         ("MAX_KEYS", MAX_KEYS),
         ("MAX_STRING_BYTES", MAX_STRING_BYTES),
         ("GGUF_VERSION", u64::from(GGUF_VERSION)),

@@ -86,9 +86,9 @@ pub enum LlamaError {
         detail: String,
     },
     /// The prompt (plus soft tokens) does not fit the context.
-    #[error("prompt of {n_tokens} tokens (including {n_soft} soft tokens) does not fit the context of {n_ctx} tokens; use a shorter prompt or a larger --ctx-size")]
+    #[error("prompt of {n_tokens} tokens plus {n_soft} soft tokens needs {needed} positions and does not fit the context of {n_ctx} tokens; use a shorter prompt or a --ctx-size of at least {needed}", needed = .n_tokens + .n_soft)]
     PromptTooLong {
-        /// Prompt tokens.
+        /// Prompt tokens (without the soft tokens).
         n_tokens: usize,
         /// Soft tokens added.
         n_soft: usize,
@@ -121,6 +121,28 @@ pub enum LlamaError {
         token: i32,
         /// The vocabulary size.
         n_vocab: usize,
+    },
+    /// An RPC worker address is malformed.
+    #[error("RPC worker {endpoint:?}: {why}")]
+    RpcEndpoint {
+        /// The address as given.
+        endpoint: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An RPC worker cannot be reached (or reports no device).
+    #[error("cannot reach the RPC worker at {endpoint}: is `iapt rpc-server` running there, and is the port right?")]
+    RpcUnreachable {
+        /// The address.
+        endpoint: String,
+    },
+    /// An RPC worker could not start serving.
+    #[error("the RPC worker at {endpoint} could not serve: {why}")]
+    RpcServe {
+        /// The address it was to listen on.
+        endpoint: String,
+        /// Why.
+        why: String,
     },
     /// The injection hook reported errors during a decode (the results were discarded).
     #[error("IAPT injection failed: {}", join(errors))]

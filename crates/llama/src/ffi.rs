@@ -35,8 +35,10 @@ use iapt_generator_cuda::{DevRows, DevRowsMut};
 use crate::error::{LlamaError, NodeError};
 
 mod memory;
+mod rpc;
 mod sampler;
 
+pub use rpc::{add_rpc_workers, install_abort_exit, rpc_worker_serve, RpcEndpoint};
 pub use sampler::SamplerChain;
 
 /// A token id of the model's vocabulary.
@@ -372,13 +374,17 @@ pub fn devices() -> Vec<Device> {
     out
 }
 
-/// Whether this build of llama.cpp can offload layers to a GPU (`llama_supports_gpu_offload`):
-/// true when a GPU backend (CUDA, ...) is compiled in and found a device.
+/// Whether layers can be offloaded: true when the backend registry holds a GPU device (a GPU
+/// backend compiled in that found a device, or an RPC worker added with [`add_rpc_workers`]).
+/// Unlike `llama_supports_gpu_offload`, a build that merely has the RPC backend compiled in does
+/// not count: without a worker added, every layer stays on the CPU.
 pub fn supports_gpu_offload() -> bool {
     init();
-    // SAFETY: no arguments and no preconditions; it only reads ggml's backend registry (a
-    // process-wide static).
-    unsafe { sys::llama_supports_gpu_offload() }
+    [sys::GGML_BACKEND_DEVICE_TYPE_GPU, sys::GGML_BACKEND_DEVICE_TYPE_IGPU].into_iter().any(|ty| {
+        // SAFETY: a plain enum argument; it only reads ggml's backend registry (a process-wide
+        // static, built on first use and never torn down while the process runs).
+        !unsafe { sys::ggml_backend_dev_by_type(ty) }.is_null()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

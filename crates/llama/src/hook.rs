@@ -130,6 +130,9 @@ struct Inner {
     gpu_pool: Vec<(usize, GpuSeqState)>,
     /// Wall time spent handling claimed nodes (reading, generating, writing) in the last armed decode.
     busy: Duration,
+    /// Row copies (reads and writes) through the backend API of nodes outside host memory (a GPU
+    /// without the zero-copy path, an RPC worker: one round trip each) in the last armed decode.
+    remote_copies: usize,
 }
 
 /// The IAPT injection hook for one context, holding a resident set of adapters.
@@ -194,6 +197,7 @@ impl IaptHook {
                 buf: Vec::new(),
                 gpu_pool: Vec::new(),
                 busy: Duration::ZERO,
+                remote_copies: 0,
             }),
         }
     }
@@ -292,6 +296,7 @@ impl IaptHook {
         inner.errors.clear();
         inner.claims.clear();
         inner.busy = Duration::ZERO;
+        inner.remote_copies = 0;
         inner.armed = Some(Armed { plan, seqs, ubatch: None, next_layer: 0, failed: false });
         self.live.store(true, Ordering::SeqCst);
         Ok(())
@@ -365,6 +370,12 @@ impl IaptHook {
         self.lock().busy
     }
 
+    /// Row copies through the backend API of nodes that are not in host memory during the last
+    /// armed decode: with the model's layers on an RPC worker, one network round trip each.
+    pub fn remote_copies(&self) -> usize {
+        self.lock().remote_copies
+    }
+
     /// The nodes claimed during the last armed decode, in order.
     pub fn claims(&self) -> Vec<Claim> {
         self.lock().claims.clone()
@@ -374,7 +385,7 @@ impl IaptHook {
     /// sequence with an adapter stream its instruction rows and write its soft rows. Any GPU work
     /// still reading the node is waited for before this returns, on every path (see [`SyncOnExit`]).
     fn handle(&self, inner: &mut Inner, node: &mut NodeData<'_>, layer: usize) -> Result<(), HookError> {
-        let Inner { armed, claims, buf, .. } = inner;
+        let Inner { armed, claims, buf, remote_copies, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
         if a.failed {
             return Ok(());
@@ -393,7 +404,7 @@ impl IaptHook {
         let sync = SyncOnExit(self.gpu.as_deref());
         let ub = Ubatch { start, end: start + len };
         for (seq, s) in a.seqs.iter_mut().enumerate() {
-            let mut step = SeqStep { seq, layer, ub, node: &mut *node, buf: &mut *buf };
+            let mut step = SeqStep { seq, layer, ub, node: &mut *node, buf: &mut *buf, remote_copies: &mut *remote_copies };
             match (s.generator.clone(), self.gpu.as_deref()) {
                 (None, _) => continue,
                 (Some(HookAdapter::Cpu(g)), _) => step.cpu(&g, s)?,
@@ -455,6 +466,7 @@ struct SeqStep<'n, 'd, 'b> {
     ub: Ubatch,
     node: &'n mut NodeData<'d>,
     buf: &'b mut Vec<f32>,
+    remote_copies: &'b mut usize,
 }
 
 impl SeqStep<'_, '_, '_> {
@@ -470,6 +482,13 @@ impl SeqStep<'_, '_, '_> {
         (self.ub.start.max(first), self.ub.end.min(first + s.m))
     }
 
+    /// Counts a row copy of a node outside host memory (a round trip to its device or worker).
+    fn count_copy(&mut self) {
+        if !self.node.is_host() {
+            *self.remote_copies += 1;
+        }
+    }
+
     fn node_err(&self) -> impl Fn(crate::error::NodeError) -> HookError {
         let layer = self.layer;
         move |source| HookError::Node { layer, source }
@@ -480,6 +499,7 @@ impl SeqStep<'_, '_, '_> {
         let k = (i1 - i0) * d;
         self.buf.resize(k, 0.0);
         self.node.read_rows(i0 - self.ub.start, &mut self.buf[..k]).map_err(self.node_err())?;
+        self.count_copy();
         Ok(&self.buf[..k])
     }
 
@@ -563,6 +583,7 @@ impl SeqStep<'_, '_, '_> {
         let d = p.len() / s.m;
         let first = s0 - (s.plan.row0 + s.plan.n_instr);
         self.node.write_rows(s0 - self.ub.start, &p[first * d..(first + s1 - s0) * d]).map_err(self.node_err())?;
+        self.count_copy();
         s.written[self.layer] += s1 - s0;
         Ok(())
     }

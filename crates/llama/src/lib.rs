@@ -48,8 +48,9 @@ pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use error::{HookError, LlamaError, NodeError};
 pub use ffi::SamplerChain;
 pub use ffi::{
-    devices, gguf_probe, init, quantize, set_verbose, supports_gpu_offload, Batch, Context, ContextParams, Device, DeviceKind,
-    EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams, NodeData, NodeInfo, Quant, Token,
+    add_rpc_workers, devices, gguf_probe, init, install_abort_exit, quantize, rpc_worker_serve, set_verbose, supports_gpu_offload, Batch,
+    Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams,
+    NodeData, NodeInfo, Quant, RpcEndpoint, Token,
 };
 pub use hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 /// The GPU generator's types that appear in this crate's API ([`SessionOptions::gpu`],

@@ -170,6 +170,12 @@ impl<'m> Session<'m> {
         self.hook.as_ref().map_or(Duration::ZERO, |h| h.busy_time())
     }
 
+    /// The hook's row copies of nodes outside host memory in the last prefill (round trips to an
+    /// RPC worker or a device; zero without an adapter).
+    pub fn hook_remote_copies(&self) -> usize {
+        self.hook.as_ref().map_or(0, |h| h.remote_copies())
+    }
+
     /// The nodes the hook claimed in the last prefill (empty without an adapter).
     pub fn claims(&self) -> Vec<Claim> {
         self.hook.as_ref().map(|h| h.claims()).unwrap_or_default()

@@ -11,20 +11,22 @@
 //! "stopped_at_eog"}`, to stdout or to `--out` (written to a temporary file and renamed into place).
 //! Statistics go to stderr, as one JSON object with `--json` (aggregate and decode-only tokens/s).
 //! Exit 0 on success, 1 on a malformed or refused request or an incompatible adapter, 2 on a missing
-//! file or bad option.
+//! or unreadable file, a bad option or an unusable `--out` (`crate::files`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use iapt_engine::{Engine, EngineConfig, EventKind, FinishReason, Request, SeqId};
 use iapt_llama::{SamplerSettings, Token};
 use serde::Deserialize;
 
 use super::run::{open_adapter, prompt_tokens, CtxArgs};
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
+use crate::fail::Fail;
+use crate::files;
 
 /// Arguments of `iapt batch`.
 #[derive(clap::Args, Debug)]
@@ -81,14 +83,15 @@ struct RequestLine {
     prompt_tokens: Option<Vec<Token>>,
 }
 
-/// `NAME=PATH` or `PATH` (named by its stem).
-pub(crate) fn parse_adapter_arg(arg: &str) -> (String, PathBuf) {
+/// `NAME=PATH` or `PATH` (named by its stem); an empty NAME is a usage error.
+pub(crate) fn parse_adapter_arg(arg: &str) -> Result<(String, PathBuf), Fail> {
     match arg.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !name.contains('/') => (name.to_owned(), PathBuf::from(path)),
+        Some(("", _)) => Err(Fail::usage(format!("--adapter {arg}: the name before '=' is empty; give NAME=PATH, or PATH alone"))),
+        Some((name, path)) if !name.contains('/') => Ok((name.to_owned(), PathBuf::from(path))),
         _ => {
             let path = PathBuf::from(arg);
             let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_owned());
-            (name, path)
+            Ok((name, path))
         }
     }
 }
@@ -114,20 +117,21 @@ fn read_requests(path: &Path) -> Result<Vec<(usize, RequestLine)>, (u8, String)>
     Ok(out)
 }
 
-/// Reads the adapter arguments: `(name, path)` pairs, or the exit code and message.
-fn adapter_args(args: &Args) -> Result<Vec<(String, PathBuf)>, (u8, String)> {
-    let mut out: Vec<(String, PathBuf)> = Vec::new();
-    for a in &args.adapter {
-        let (name, path) = parse_adapter_arg(a);
-        if !path.is_file() {
-            return Err((EXIT_USAGE, format!("{}: no such adapter file", path.display())));
+/// Reads the adapter arguments into `(name, path)` pairs and checks every input file and `--out`
+/// (`crate::files`); a name given twice is a usage error.
+fn adapter_args(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let named: Vec<(String, PathBuf)> = args.adapter.iter().map(|a| parse_adapter_arg(a)).collect::<Result<_, _>>()?;
+    let mut inputs = vec![files::input("the base model", &args.model)?, files::input("the requests", &args.requests)?];
+    for (i, (name, path)) in named.iter().enumerate() {
+        inputs.push(files::input("the adapter", path)?);
+        if named[..i].iter().any(|(n, _)| n == name) {
+            return Err(Fail::usage(format!("adapter name {name:?} given twice; name them NAME=PATH")).into());
         }
-        if out.iter().any(|(n, _)| *n == name) {
-            return Err((EXIT_USAGE, format!("adapter name {name:?} given twice; name them NAME=PATH")));
-        }
-        out.push((name, path));
     }
-    Ok(out)
+    if let Some(out) = &args.out {
+        files::output("--out", out, &["jsonl"], &inputs)?;
+    }
+    Ok(named)
 }
 
 /// The engine settings from the options, for `n_requests` requests.
@@ -153,13 +157,15 @@ fn engine_config(args: &Args, n_requests: usize) -> anyhow::Result<EngineConfig>
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
     if !args.temp.is_finite() || args.temp < 0.0 {
-        bail!("--temp must be a finite number >= 0");
+        return Err(Fail::usage("--temp must be a finite number >= 0").into());
     }
     if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 {
         eprintln!("error: --parallel must be between 1 and 256 (llama.cpp's sequence limit), --batch-tokens at least 1");
         return Ok(exit(EXIT_USAGE));
     }
-    let (requests, adapters) = match read_requests(&args.requests).and_then(|r| Ok((r, adapter_args(args)?))) {
+    args.ctx.check()?;
+    let adapters = adapter_args(args)?;
+    let requests = match read_requests(&args.requests) {
         Ok(r) => r,
         Err((code, msg)) => {
             eprintln!("error: {msg}");
@@ -219,7 +225,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let wall = t0.elapsed();
     if let Some((id, e)) = failure {
         let line = ids.iter().position(|&i| i == id).map_or(0, |i| requests[i].0);
-        bail!("request on line {line} of {}: {e}", args.requests.display());
+        anyhow::bail!("request on line {line} of {}: {e}", args.requests.display());
     }
     let lines: Vec<String> = requests
         .iter()

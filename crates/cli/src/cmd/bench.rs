@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use crate::tools::bench::{bench, BenchConfig, Throughput};
 
 use super::run::{open_adapter, CtxArgs};
+use crate::fail::Fail;
+use crate::files;
 
 /// Arguments of `iapt bench`.
 #[derive(clap::Args, Debug)]
@@ -39,7 +41,12 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
     if args.reps == 0 || args.gen < 2 {
-        anyhow::bail!("--reps must be at least 1 and --gen at least 2");
+        return Err(Fail::usage("--reps must be at least 1 and --gen at least 2").into());
+    }
+    args.ctx.check()?;
+    let inputs = files::inputs(&[("the base model", &args.model), ("the adapter", &args.adapter)])?;
+    if let Some(out) = &args.json {
+        files::output("--json", out, &["json"], &inputs)?;
     }
     let mut params = args.ctx.params()?;
     if (params.n_ctx as usize) < args.prompt_len + args.gen {
@@ -93,26 +100,35 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "decode_ratio": r.decode_ratio(),
             "hook_secs": r.hook_secs,
             "base_prefill_secs": r.base_prefill_secs,
+            "hook_remote_copies": r.hook_remote_copies,
+            "rpc": args.ctx.rpc,
         });
         iapt_format::write_atomically(path, |w| serde_json::to_writer_pretty(w, &v).map_err(std::io::Error::other))?;
     }
-    println!("| variant | prefill tok/s (best) | decode tok/s (best) | prefill tok/s (median) | decode tok/s (median) |");
-    println!("|---|---|---|---|---|");
+    crate::outln!("| variant | prefill tok/s (best) | decode tok/s (best) | prefill tok/s (median) | decode tok/s (median) |")?;
+    crate::outln!("|---|---|---|---|---|")?;
     let (b, i, bm, im) = (r.base, r.iapt, r.base_median, r.iapt_median);
-    println!("| base | {:.2} | {:.2} | {:.2} | {:.2} |", b.prefill_tps, b.decode_tps, bm.prefill_tps, bm.decode_tps);
-    println!("| IAPT | {:.2} | {:.2} | {:.2} | {:.2} |", i.prefill_tps, i.decode_tps, im.prefill_tps, im.decode_tps);
-    println!(
+    crate::outln!("| base | {:.2} | {:.2} | {:.2} | {:.2} |", b.prefill_tps, b.decode_tps, bm.prefill_tps, bm.decode_tps)?;
+    crate::outln!("| IAPT | {:.2} | {:.2} | {:.2} | {:.2} |", i.prefill_tps, i.decode_tps, im.prefill_tps, im.decode_tps)?;
+    crate::outln!(
         "| IAPT / base | {:.3}x | {:.3}x | {:.3}x | {:.3}x |",
         r.prefill_ratio(),
         r.decode_ratio(),
         im.prefill_tps / bm.prefill_tps,
         im.decode_tps / bm.decode_tps
-    );
-    println!(
+    )?;
+    crate::outln!(
         "\nhook time per IAPT prefill (median): {:.1} ms = {:.2}% of the base prefill ({:.0} ms)",
         r.hook_secs * 1e3,
         100.0 * r.hook_secs / r.base_prefill_secs,
         r.base_prefill_secs * 1e3
-    );
+    )?;
+    if r.hook_remote_copies > 0 {
+        crate::outln!(
+            "hook row copies outside host memory per IAPT prefill: {} (one round trip each); the hook time then includes waiting for \
+             the device or worker to finish computing each node it reads, so the prefill ratio is the measure of IAPT's cost",
+            r.hook_remote_copies
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -103,9 +103,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&r))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&to_json(&r))?)?;
     } else {
-        print_text(&r);
+        print_text(&r)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -121,9 +121,9 @@ fn to_json(r: &GpuBenchReport) -> serde_json::Value {
     })
 }
 
-fn print_text(r: &GpuBenchReport) {
-    println!("device: {}", r.device);
-    println!(
+fn print_text(r: &GpuBenchReport) -> std::io::Result<()> {
+    crate::outln!("device: {}", r.device)?;
+    crate::outln!(
         "adapter: L {} d {} r {} m {} {} ({:.1} MiB on the device)",
         r.n_layer,
         r.n_embd,
@@ -131,15 +131,16 @@ fn print_text(r: &GpuBenchReport) {
         r.n_soft_tokens,
         r.dtype,
         r.adapter_device_bytes as f64 / (1 << 20) as f64
-    );
-    println!(
+    )?;
+    crate::outln!(
         "generator, all {} layers, {} rows: {:.3} ms median, {:.3} ms best ({:.1} us per layer)",
         r.n_layer,
         r.rows,
         r.generator_ms_median,
         r.generator_ms_min,
         r.generator_ms_median * 1e3 / r.n_layer as f64
-    );
-    println!("down-projection kernel: {:.2} us median, {} bytes of W_down: {:.1} GB/s", r.down_us_median, r.down_bytes, r.down_gbps);
-    println!("device-to-device copy of {} MiB: {:.1} GB/s (read + written)", r.copy_bytes >> 20, r.copy_gbps);
+    )?;
+    crate::outln!("down-projection kernel: {:.2} us median, {} bytes of W_down: {:.1} GB/s", r.down_us_median, r.down_bytes, r.down_gbps)?;
+    crate::outln!("device-to-device copy of {} MiB: {:.1} GB/s (read + written)", r.copy_bytes >> 20, r.copy_gbps)?;
+    Ok(())
 }

@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use iapt_convert::{convert_to_file, DTypeChoice, Options, Profile};
 use iapt_format::BaseModelInfo;
 
+use anyhow::Context as _;
+
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
+use crate::files;
 
 /// Inputs at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN_BYTES: u64 = 32 << 20;
@@ -38,11 +41,33 @@ pub struct Args {
     pub output: PathBuf,
 }
 
+/// Checks every input file (the checkpoint, its shards, `--config`, a profile file, `--base`).
+fn check_inputs(args: &Args) -> Result<Vec<files::Input>, crate::fail::Fail> {
+    let mut list: Vec<(&str, std::path::PathBuf)> = vec![("the checkpoint", args.checkpoint.clone())];
+    if iapt_convert::is_index_path(&args.checkpoint) {
+        // Shards are checked when the index is readable; a broken index is reported by the converter.
+        if let Ok(index) = iapt_convert::read_index(&args.checkpoint) {
+            list.extend(index.shards.into_iter().map(|p| ("the shard", p)));
+        }
+    }
+    if let Some(c) = &args.config {
+        list.push(("the config", c.clone()));
+    }
+    let profile = std::path::Path::new(&args.profile);
+    if profile.extension().is_some_and(|e| e == "json") {
+        list.push(("the profile", profile.to_owned()));
+    }
+    if let Some(b) = &args.base {
+        list.push(("the base model", b.clone()));
+    }
+    list.iter().map(|(label, p)| files::input(label, p)).collect()
+}
+
 /// Runs `iapt convert`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let Some(container) = super::output_container(&args.output) else {
-        return Ok(exit(EXIT_USAGE));
-    };
+    let inputs = check_inputs(args)?;
+    files::output("-o", &args.output, &["safetensors", "gguf"], &inputs)?;
+    let container = super::output_container(&args.output)?;
     let profile = match Profile::load(&args.profile) {
         Ok(p) => p,
         Err(e) => {
@@ -51,13 +76,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     };
     let base = match &args.base {
-        Some(p) => match BaseModelInfo::read(p) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("error: --base: {e}");
-                return Ok(exit(EXIT_USAGE));
-            }
-        },
+        Some(p) => Some(BaseModelInfo::read(p).context("--base")?),
         None => None,
     };
     let opts = Options { config: args.config.clone(), profile, base, dtype: args.dtype };

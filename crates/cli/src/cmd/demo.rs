@@ -74,12 +74,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let model_path = dir.join(&args.model);
     let adapter_path = dir.join(&args.adapter);
-    for p in [&model_path, &adapter_path] {
-        if !p.is_file() {
-            eprintln!(
-                "error: {}: no such file; the demo assets are made by converters/python/demo/make_assets.sh (or give --assets DIR)",
-                p.display()
-            );
+    args.ctx.check()?;
+    for (label, p) in [("the model", &model_path), ("the adapter", &adapter_path)] {
+        if let Err(e) = crate::files::input(label, p) {
+            eprintln!("error: {e}; the demo assets are made by converters/python/demo/make_assets.sh (or give --assets DIR)");
             return Ok(exit(EXIT_USAGE));
         }
     }
@@ -99,12 +97,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut base = Session::new(&model, None, &params, threads)?;
     let mut tuned = Session::with_adapters(&model, &[&adapter], &params, &args.ctx.session_options()?)?;
 
-    println!("IAPT demo: {} + adapter {}", model_path.display(), adapter_path.display());
-    println!(
+    crate::outln!("IAPT demo: {} + adapter {}", model_path.display(), adapter_path.display())?;
+    crate::outln!(
         "The base model never saw the phrasing \"write the list backwards\"; the adapter ({} soft tokens per layer) teaches it.",
         fmt.n_slots
-    );
-    println!();
+    )?;
+    crate::outln!()?;
     let mut rows = vec![["instruction".to_owned(), "expected".to_owned(), "base (no adapter)".to_owned(), "base + IAPT".to_owned()]];
     let (mut n_base, mut n_tuned) = (0, 0);
     for (i, ex) in examples.iter().enumerate() {
@@ -129,15 +127,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     for (k, r) in rows.iter().enumerate() {
         let cells: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", cells.join(" | ").trim_end());
+        crate::outln!("{}", cells.join(" | ").trim_end())?;
         if k == 0 {
-            println!("{}", widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("-+-"));
+            crate::outln!("{}", widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("-+-"))?;
         }
     }
-    println!();
-    println!(
+    crate::outln!()?;
+    crate::outln!(
         "exact match: base (no adapter) {n_base}/{n}, base + IAPT {n_tuned}/{n} (ok = matches the expected answer)",
         n = examples.len()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

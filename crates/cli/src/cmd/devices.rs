@@ -54,22 +54,22 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "gpu_offload": gpu, "devices": list, "generator": generator_json() }));
+        crate::outln!("{}", serde_json::json!({ "gpu_offload": gpu, "devices": list, "generator": generator_json() }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}", devices_line());
+    crate::outln!("{}", devices_line())?;
     for d in &devices {
-        println!(
+        crate::outln!(
             "  {:<8} {:<5} {:.1} GiB free of {:.1} GiB  {}",
             d.name,
             d.kind.as_str(),
             gib(d.memory_free),
             gib(d.memory_total),
             d.description
-        );
+        )?;
     }
     let has_gpu = devices.iter().any(|d| matches!(d.kind, DeviceKind::Gpu | DeviceKind::IntegratedGpu));
-    println!(
+    crate::outln!(
         "GPU offload: {}",
         match (gpu, has_gpu) {
             (true, _) => "supported (models load with every layer on the GPU unless --n-gpu-layers says otherwise)",
@@ -77,10 +77,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             (false, false) =>
                 "not available (no GPU backend in this llama.cpp; build with the `cuda` feature or link a CUDA-enabled libggml)",
         }
-    );
+    )?;
     match GpuRuntime::cuda(0) {
-        Ok(rt) => println!("IAPT generator: CPU, or CUDA on {}", rt.describe()),
-        Err(e) => println!("IAPT generator: CPU (CUDA: {e})"),
+        Ok(rt) => crate::outln!("IAPT generator: CPU, or CUDA on {}", rt.describe())?,
+        Err(e) => crate::outln!("IAPT generator: CPU (CUDA: {e})")?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,8 @@
 //! `prompt_format.json` beside the data file (as the embedded demo ships it); the rules are in
 //! `crate::tools::eval`. When a row carries `prompt_ids`, the model's tokenization must give exactly
 //! those ids (a mismatch is an error that names the row). Exit 0 after printing the scores, 1 on a
-//! malformed data file or an incompatible adapter, 2 on a missing file or bad option.
+//! malformed data file or an incompatible adapter, 2 on a missing or unreadable file, a bad option
+//! or an unusable `--answers` path (`crate::files`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use iapt_llama::{Session, Token};
 
 use super::run::{open_adapter, CtxArgs};
 use super::{exit, EXIT_USAGE};
+use crate::files;
 
 /// Default answer length cap (the demo's `max 24 new tokens`).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 24;
@@ -146,7 +148,16 @@ fn scores_json(s: &Score) -> serde_json::Value {
 /// Runs `iapt eval`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
+    args.ctx.check()?;
     let fmt_path = prompt_format_path(args.prompt_format.as_deref(), &args.data);
+    let inputs = files::inputs(&[("the base model", &args.model), ("the adapter", &args.adapter), ("the data file", &args.data)])?;
+    if let Some(path) = &args.answers {
+        let mut all = inputs.clone();
+        if let Ok(f) = files::input("the prompt format", &fmt_path) {
+            all.push(f);
+        }
+        files::output("--answers", path, &["jsonl"], &all)?;
+    }
     let loaded = load_examples(&args.data).and_then(|ex| Ok((ex, load_prompt_format(&fmt_path, args.max_new_tokens)?)));
     let (mut examples, fmt) = match loaded {
         Ok(x) => x,
@@ -161,12 +172,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(exit(EXIT_USAGE));
         }
         examples.truncate(n);
-    }
-    for p in [&args.model, &args.adapter] {
-        if !p.is_file() {
-            eprintln!("error: {}: no such file", p.display());
-            return Ok(exit(EXIT_USAGE));
-        }
     }
     let params = args.ctx.params()?;
     let adapter = open_adapter(&args.adapter, &args.model)?;
@@ -228,17 +233,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "lift": lift,
             "seconds": secs,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!("model:   {}", args.model.display());
-        println!("adapter: {}", args.adapter.display());
-        println!("data:    {} ({} examples)", args.data.display(), with.n);
+        crate::outln!("model:   {}", args.model.display())?;
+        crate::outln!("adapter: {}", args.adapter.display())?;
+        crate::outln!("data:    {} ({} examples)", args.data.display(), with.n)?;
         if let Some(w) = &without {
-            println!("base without adapter: {:5.1}% ({}/{})", w.percent(), w.correct, w.n);
+            crate::outln!("base without adapter: {:5.1}% ({}/{})", w.percent(), w.correct, w.n)?;
         }
-        println!("base + IAPT adapter:  {:5.1}% ({}/{})", with.percent(), with.correct, with.n);
+        crate::outln!("base + IAPT adapter:  {:5.1}% ({}/{})", with.percent(), with.correct, with.n)?;
         if let Some(l) = lift {
-            println!("lift: {l:+.1} points");
+            crate::outln!("lift: {l:+.1} points")?;
         }
         eprintln!("[{secs:.1} s]");
     }

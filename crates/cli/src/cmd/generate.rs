@@ -8,7 +8,7 @@
 //! prints the relative error of the f32 path per layer.
 //!
 //! Exit codes: 0 success; 1 bad input (invalid adapter, wrong dtype or shape, non-finite values);
-//! 2 an input file that cannot be opened, or `--threads 0`.
+//! 2 an input file that cannot be opened, an unusable output path (`crate::files`), or `--threads 0`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +19,7 @@ use iapt_generator::{reference, Generator, GeneratorError};
 use iapt_npy::{Dtype, NpyError};
 
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
+use crate::files;
 
 /// Arguments of `iapt generate`.
 #[derive(clap::Args)]
@@ -61,7 +62,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+impl From<crate::fail::Fail> for Bad {
+    fn from(f: crate::fail::Fail) -> Bad {
+        Bad(f.kind.exit_code(), f.message)
+    }
+}
+
 fn generate(args: &Args) -> Result<ExitCode, Bad> {
+    let inputs = files::inputs(&[("the adapter", &args.adapter), ("the hidden states", &args.hidden)])?;
+    files::output("-o", &args.output, &["npy"], &inputs)?;
     let v = validate_file(&args.adapter, None);
     let Some(adapter) = v.adapter else {
         for f in &v.report.findings {
@@ -78,7 +87,8 @@ fn generate(args: &Args) -> Result<ExitCode, Bad> {
     let hp = args.hidden.display();
     let layers: Vec<usize> = match args.layer {
         Some(l) if l >= n_layer => {
-            return Err(Bad(EXIT_FAILURE, format!("--layer {l} does not exist: the adapter has layers 0..{n_layer}; pick one of them")))
+            let which = if n_layer == 1 { "one layer, 0".to_owned() } else { format!("{n_layer} layers, 0 to {}", n_layer - 1) };
+            return Err(Bad(EXIT_FAILURE, format!("--layer {l} does not exist: the adapter has {which}; pick one of them")));
         }
         Some(l) => vec![l],
         None => (0..n_layer).collect(),
@@ -127,6 +137,13 @@ fn generate(args: &Args) -> Result<ExitCode, Bad> {
         let rows = &h.data[i * per_layer..(i + 1) * per_layer];
         let dst = &mut out[i * m * d..(i + 1) * m * d];
         let bad_rows = |e: GeneratorError| match e {
+            GeneratorError::NonFiniteInput { row } if rows.chunks(d).nth(row).is_some_and(|r| r.iter().all(|v| v.is_finite())) => Bad(
+                EXIT_FAILURE,
+                format!(
+                    "{hp}: layer {l}, row {row}: the values are finite but so large that the adapter's attention scores overflow; \
+                     check the hidden states are the model's (not scaled or corrupted)"
+                ),
+            ),
             GeneratorError::NonFiniteInput { row } => {
                 Bad(EXIT_FAILURE, format!("{hp}: layer {l}, row {row} holds NaN or infinite values; hidden states must be finite"))
             }

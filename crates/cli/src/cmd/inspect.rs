@@ -19,6 +19,7 @@ pub struct Args {
 
 /// Runs `iapt inspect`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    crate::files::input("the adapter", &args.file)?;
     let v = validate_file(&args.file, None);
     let Some(a) = v.adapter else {
         for f in &v.report.findings {
@@ -28,9 +29,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         return Ok(exit(if v.report.has(Code::Unreadable) { EXIT_USAGE } else { EXIT_FAILURE }));
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&a))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&to_json(&a))?)?;
     } else {
-        print_text(&a);
+        print_text(&a)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -61,42 +62,49 @@ fn to_json(a: &Adapter) -> serde_json::Value {
     })
 }
 
-fn print_text(a: &Adapter) {
+fn print_text(a: &Adapter) -> std::io::Result<()> {
     let c = a.config();
     if let Some((p, cont)) = a.source() {
-        println!("file:            {} ({cont})", p.display());
+        crate::outln!("file:            {} ({cont})", p.display())?;
     }
-    println!("spec version:    {}", c.spec_version);
-    println!("base model arch: {}", c.base_model_arch);
-    println!("n_layer:         {}", c.n_layer);
-    println!("n_embd:          {}", c.n_embd);
-    println!("n_soft_tokens:   {}", c.n_soft_tokens);
-    println!("bottleneck:      {}", c.bottleneck);
+    crate::outln!("spec version:    {}", c.spec_version)?;
+    crate::outln!("base model arch: {}", c.base_model_arch)?;
+    crate::outln!("n_layer:         {}", c.n_layer)?;
+    crate::outln!("n_embd:          {}", c.n_embd)?;
+    crate::outln!("n_soft_tokens:   {}", c.n_soft_tokens)?;
+    crate::outln!("bottleneck:      {}", c.bottleneck)?;
     match &c.activation {
-        Activation::Rational(r) => println!(
+        Activation::Rational(r) => crate::outln!(
             "activation:      rational (variant {}, degrees {}/{}, {} group{})",
             r.variant.as_str(),
             r.numerator_degree,
             r.denominator_degree,
             r.groups,
             if r.groups == 1 { "" } else { "s" }
-        ),
-        other => println!("activation:      {}", other.name()),
+        )?,
+        other => crate::outln!("activation:      {}", other.name())?,
     }
-    println!("pool:            query, scale {}", c.pool_scale);
+    crate::outln!("pool:            query, scale {}", c.pool_scale)?;
     for (k, v) in a.extras() {
-        println!("{k}: {}", v.to_text());
+        crate::outln!("{k}: {}", v.to_text())?;
     }
-    println!();
+    crate::outln!()?;
     let w = a.tensors().iter().map(|t| t.name().to_string().len()).max().unwrap_or(4).max(4);
-    println!("{:<w$}  {:<5}  {:<14}  {:>12}", "name", "dtype", "shape", "bytes");
+    crate::outln!("{:<w$}  {:<5}  {:<14}  {:>12}", "name", "dtype", "shape", "bytes")?;
     for t in a.tensors() {
-        println!("{:<w$}  {:<5}  {:<14}  {:>12}", t.name().to_string(), t.dtype().to_string(), format!("{:?}", t.shape()), t.byte_len());
+        crate::outln!(
+            "{:<w$}  {:<5}  {:<14}  {:>12}",
+            t.name().to_string(),
+            t.dtype().to_string(),
+            format!("{:?}", t.shape()),
+            t.byte_len()
+        )?;
     }
-    println!();
-    println!("parameters: {}", a.param_count());
-    println!("data bytes: {}", a.data_bytes());
+    crate::outln!()?;
+    crate::outln!("parameters: {}", a.param_count())?;
+    crate::outln!("data bytes: {}", a.data_bytes())?;
     for w in a.warnings() {
-        println!("{w}");
+        crate::outln!("{w}")?;
     }
+    Ok(())
 }

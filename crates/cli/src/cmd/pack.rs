@@ -1,5 +1,6 @@
 //! `iapt pack IN -o OUT`: validate, then re-write in the container named by OUT's extension,
-//! atomically (a temporary file renamed into place; a failure leaves OUT untouched).
+//! atomically (a temporary file renamed into place; a failure leaves OUT untouched). OUT may not
+//! be the same file as IN (`crate::files`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use anyhow::Context;
 use iapt_format::{validate_file, Code};
 
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
+use crate::files;
 
 /// Arguments of `iapt pack`.
 #[derive(clap::Args)]
@@ -21,9 +23,9 @@ pub struct Args {
 
 /// Runs `iapt pack`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let Some(container) = super::output_container(&args.output) else {
-        return Ok(exit(EXIT_USAGE));
-    };
+    let input = files::input("the input", &args.input)?;
+    files::output("-o", &args.output, &["safetensors", "gguf"], &[input])?;
+    let container = super::output_container(&args.output)?;
     let v = validate_file(&args.input, None);
     let Some(adapter) = v.adapter else {
         for f in &v.report.findings {

@@ -1,7 +1,8 @@
 //! `iapt quantize IN.gguf -o OUT.gguf --type q8_0|q4_k_m|f16 [--threads N]`: quantize a base model
 //! with llama.cpp's `llama_model_quantize`.
 //!
-//! The output is written atomically: llama.cpp writes a temporary file in the output's directory,
+//! The output is written atomically: llama.cpp writes a temporary file in the output's directory
+//! (named and registered as `iapt_format::temp` says, so an interrupt removes it),
 //! which is renamed over OUT only when quantization succeeded (a failure leaves OUT untouched).
 //! For K-quants the tensor shapes are checked first: llama.cpp quantizes a tensor whose rows are
 //! not a multiple of 256 values with a fallback type, which is reported as a warning.
@@ -12,7 +13,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use iapt_llama::Quant;
 
-use super::{exit, EXIT_USAGE};
+use crate::fail::Fail;
+use crate::files;
 
 /// Target type.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -68,32 +70,30 @@ pub struct Args {
     pub verbose: bool,
 }
 
-/// The temporary path llama.cpp writes to: a hidden name in the output's directory.
+/// The temporary path llama.cpp writes to: a name of the `iapt_format::temp` form in the output's
+/// directory.
 fn temp_path(out: &Path) -> PathBuf {
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.join(format!(".iapt-tmp-{}-{name}", std::process::id()))
+    dir.join(format!("{}{name}", iapt_format::temp::temp_prefix()))
 }
 
 /// Runs `iapt quantize`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.verbose);
-    if !args.input.is_file() {
-        eprintln!("error: {}: no such file; give the GGUF model to quantize", args.input.display());
-        return Ok(exit(EXIT_USAGE));
+    if args.threads == Some(0) {
+        return Err(Fail::usage("--threads 0: the number of threads must be at least 1").into());
     }
-    if args.output.file_name().is_none() || args.output.is_dir() {
-        eprintln!("error: {}: the output must be a file path, e.g. model-q8_0.gguf", args.output.display());
-        return Ok(exit(EXIT_USAGE));
-    }
+    let input = files::input("the model to quantize", &args.input)?;
+    files::output("-o", &args.output, &["gguf"], &[input])?;
     let tmp = temp_path(&args.output);
-    if let Some(dir) = tmp.parent().filter(|d| !d.is_dir()) {
-        eprintln!("error: {}: the output directory does not exist; create it first", dir.display());
-        return Ok(exit(EXIT_USAGE));
+    if let Some(dir) = tmp.parent() {
+        iapt_format::temp::remove_stale(dir);
     }
+    iapt_format::BaseModelInfo::read(&args.input).context("cannot read the model's header")?;
     let summary = iapt_llama::gguf_probe(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
     if matches!(args.quant, QuantArg::Q4KM) {
         let odd: Vec<String> = summary
@@ -111,6 +111,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let _in_flight = iapt_format::temp::register(&tmp);
     let result = iapt_llama::quantize(&args.input, &tmp, args.quant.quant(), i32::try_from(threads).unwrap_or(i32::MAX))
         .map_err(anyhow::Error::from)
         .and_then(|()| {

@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
+
+use crate::fail::Fail;
+use crate::files;
 use iapt_format::{Adapter, BaseModelInfo};
-use iapt_llama::{ContextParams, GenerateOptions, GpuRuntime, KvType, Model, ModelParams, Sampling, Session, SessionOptions};
+use iapt_llama::{ContextParams, GenerateOptions, GpuRuntime, KvType, Model, ModelParams, RpcEndpoint, Sampling, Session, SessionOptions};
 
 /// KV cache element type.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -73,12 +76,28 @@ pub struct CtxArgs {
     /// offloaded to a GPU and a CUDA driver is usable (else the CPU); `cuda` fails if it is not usable.
     #[arg(long, value_enum, default_value = "auto")]
     pub generator_device: GeneratorDeviceArg,
+    /// Spread the base model's layers over RPC workers (`iapt rpc-server` on each), as
+    /// HOST:PORT[,HOST:PORT...]; the IAPT generators run in this process. A worker that stops
+    /// mid-run ends this command with exit code 1 and a message.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
     /// Show the backend devices, the offload decision and llama.cpp's log on stderr.
     #[arg(long)]
     pub verbose: bool,
 }
 
 impl CtxArgs {
+    /// Refuses option values no run can use (`--threads 0`), as a usage error.
+    pub fn check(&self) -> Result<(), Fail> {
+        if self.threads == Some(0) {
+            return Err(Fail::usage("--threads 0: the number of threads must be at least 1"));
+        }
+        if self.ctx_size == 0 || self.ubatch_size == 0 {
+            return Err(Fail::usage("--ctx-size and --ubatch-size must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// The thread count to use.
     pub fn threads(&self) -> usize {
         self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
@@ -90,19 +109,41 @@ impl CtxArgs {
     }
 
     /// Loads the base model with [`CtxArgs::model_params`]; with `--verbose`, first says which
-    /// devices llama.cpp has and where the layers go.
+    /// devices llama.cpp has and where the layers go. The header is read first, so that a file
+    /// that is not a GGUF model (exit 1) or a truncated one (exit 2) is told apart before llama.cpp
+    /// reports a generic load failure.
     pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        BaseModelInfo::read(path).context("cannot read the base model's header")?;
+        self.add_rpc_workers()?;
         let mp = self.model_params();
         if self.verbose {
             eprintln!("{}", super::devices::devices_line());
-            eprintln!("{}", offload_line(&mp, iapt_llama::supports_gpu_offload()));
+            let line = offload_line(&mp, iapt_llama::supports_gpu_offload());
+            // With --rpc the offload devices are the workers (and any local GPU).
+            eprintln!("{}", if self.rpc.is_some() { line.replace("to the GPU", "to the GPU and RPC workers") } else { line });
         }
         Ok(Model::load_with(path, &mp)?)
     }
 
+    /// With `--rpc`: connects to the workers and adds their devices (every layer then goes to them
+    /// unless `--n-gpu-layers` says otherwise); a worker that dies later ends the process with
+    /// exit code 1 and a message instead of llama.cpp's abort.
+    fn add_rpc_workers(&self) -> anyhow::Result<()> {
+        let Some(list) = &self.rpc else { return Ok(()) };
+        let endpoints = RpcEndpoint::parse_list(list).context("--rpc")?;
+        iapt_llama::install_abort_exit();
+        iapt_llama::add_rpc_workers(&endpoints).context("--rpc")?;
+        if self.verbose {
+            let names: Vec<&str> = endpoints.iter().map(RpcEndpoint::as_str).collect();
+            eprintln!("rpc: layers go to the workers at {}; the IAPT generators run here", names.join(", "));
+        }
+        Ok(())
+    }
+
     /// The session options: generator threads and, per `--generator-device`, the GPU runtime.
     pub fn session_options(&self) -> anyhow::Result<SessionOptions> {
-        let offloaded = iapt_llama::supports_gpu_offload() && self.n_gpu_layers != Some(0);
+        // Layers on RPC workers are not on a local GPU: `auto` keeps the generators on the CPU.
+        let offloaded = iapt_llama::supports_gpu_offload() && self.n_gpu_layers != Some(0) && self.rpc.is_none();
         let gpu = match self.generator_device {
             GeneratorDeviceArg::Cpu => None,
             GeneratorDeviceArg::Cuda => Some(GpuRuntime::cuda(0).context("--generator-device cuda")?),
@@ -126,9 +167,7 @@ impl CtxArgs {
 
     /// The context parameters.
     pub fn params(&self) -> anyhow::Result<ContextParams> {
-        if self.ctx_size == 0 || self.ubatch_size == 0 {
-            bail!("--ctx-size and --ubatch-size must be at least 1");
-        }
+        self.check()?;
         Ok(ContextParams {
             n_ctx: self.ctx_size,
             n_batch: self.ctx_size,
@@ -202,9 +241,16 @@ pub struct Args {
 }
 
 /// Opens an adapter and checks it against the base model's GGUF header (before loading weights).
+/// Both files are expected to have passed `crate::files::input`.
 pub fn open_adapter(adapter: &std::path::Path, model: &std::path::Path) -> anyhow::Result<Adapter> {
-    let a = Adapter::open(adapter).with_context(|| format!("cannot use adapter {}", adapter.display()))?;
-    let base = BaseModelInfo::read(model).map_err(|e| anyhow::anyhow!("cannot read base model header: {e}"))?;
+    let a = match Adapter::open(adapter) {
+        Ok(a) => a,
+        Err(iapt_format::FormatError::Invalid { report, .. }) => {
+            return Err(Fail::invalid(format!("cannot use adapter {}: not a valid IAPT adapter:\n{report}", adapter.display())).into())
+        }
+        Err(e) => return Err(Fail::unreadable(format!("cannot use adapter {}: {e}", adapter.display())).into()),
+    };
+    let base = BaseModelInfo::read(model).context("cannot read the base model's header")?;
     let findings = base.check(a.config());
     if !findings.is_empty() {
         let lines: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
@@ -220,13 +266,30 @@ pub fn prompt_tokens(model: &Model, text: &str, chat: bool) -> anyhow::Result<Ve
     Ok(model.tokenize(&text, true, chat)?)
 }
 
+/// `N tok/s`, or `n/a` where nothing was timed (`--n-predict 0` prefills nothing; one generated
+/// token has no decode step).
+pub fn rate(tokens: usize, time: std::time::Duration) -> String {
+    if tokens == 0 || time.is_zero() {
+        "n/a".to_owned()
+    } else {
+        format!("{:.1} tok/s", tokens as f64 / time.as_secs_f64())
+    }
+}
+
 /// Runs `iapt run`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
     if !args.temp.is_finite() || args.temp < 0.0 {
-        bail!("--temp must be a finite number >= 0");
+        return Err(Fail::usage("--temp must be a finite number >= 0").into());
     }
     let params = args.ctx.params()?;
+    let mut inputs = vec![files::input("the base model", &args.model)?];
+    if let Some(a) = &args.adapter {
+        inputs.push(files::input("the adapter", a)?);
+    }
+    if let Some(out) = &args.dump_logits {
+        files::output("--dump-logits", out, &["npy"], &inputs)?;
+    }
     let adapter = match &args.adapter {
         Some(p) => Some(open_adapter(p, &args.model)?),
         None => None,
@@ -258,21 +321,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
     }
-    writeln!(out).ok();
+    writeln!(out).context("writing to stdout")?;
     drop(out);
     if let Some(path) = &args.dump_logits {
         let n_vocab = model.n_vocab();
         let flat: Vec<f32> = g.logits.iter().flatten().copied().collect();
         iapt_format::write_atomically(path, |w| iapt_npy::write_f32(w, &[g.logits.len(), n_vocab], &flat).map_err(std::io::Error::other))?;
     }
-    let secs = |d: std::time::Duration| d.as_secs_f64().max(1e-9);
     eprintln!(
-        "[{} prompt tokens + {} soft tokens; prefill {:.1} tok/s; {} generated, decode {:.1} tok/s{}]",
+        "[{} prompt tokens + {} soft tokens; prefill {}; {} generated, decode {}{}]",
         tokens.len(),
         session.n_soft_tokens(),
-        g.prefill_tokens as f64 / secs(g.prefill_time),
+        rate(g.prefill_tokens, g.prefill_time),
         g.tokens.len(),
-        g.tokens.len().saturating_sub(1) as f64 / secs(g.decode_time),
+        rate(g.tokens.len().saturating_sub(1), g.decode_time),
         if g.stopped_at_eog { "; stopped at end of generation" } else { "" }
     );
     Ok(ExitCode::SUCCESS)

@@ -94,7 +94,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     }
     let mut adapters: Vec<(String, PathBuf)> = Vec::new();
     for a in &args.adapter {
-        let (name, path) = parse_adapter_arg(a);
+        let (name, path) = parse_adapter_arg(a).map_err(|f| f.message)?;
         if !path.is_file() {
             return Err(format!("{}: no such adapter file", path.display()));
         }
@@ -144,7 +144,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model_path = args.model.display().to_string();
     let served = rt.block_on(iapt_server::serve(config, stop_signal(), |r| {
         let adapters = if r.adapters.is_empty() { "none".to_owned() } else { r.adapters.join(", ") };
-        println!("iapt serve: listening on http://{} (model {:?} from {model_path}; adapters: {adapters})", r.addr, r.model_id);
+        // A closed stdout must not stop the server: the line is informational.
+        let _ =
+            crate::outln!("iapt serve: listening on http://{} (model {:?} from {model_path}; adapters: {adapters})", r.addr, r.model_id);
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
     }));

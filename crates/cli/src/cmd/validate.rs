@@ -1,4 +1,8 @@
 //! `iapt validate FILE [--model BASE.gguf] [--json]`: every finding of spec v1's rules.
+//!
+//! Exit 0 valid, 1 invalid (the adapter, or a base model that is not a usable GGUF: E304), 2 when
+//! the adapter or the base model cannot be read (missing, a directory, not permitted, truncated
+//! base model).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,12 +27,14 @@ pub struct Args {
 /// Runs `iapt validate`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut pre = Report::default();
+    let mut base_unreadable = false;
     let base = match &args.model {
         None => None,
         Some(p) => match BaseModelInfo::read(p) {
             Ok(b) => Some(b),
             Err(e) => {
-                pre.push(Finding::about(Code::BaseModelUnreadable, p.display().to_string(), e));
+                base_unreadable = e.is_unreadable();
+                pre.push(Finding::about(Code::BaseModelUnreadable, "--model", e.to_string()));
                 None
             }
         },
@@ -37,7 +43,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut report = v.report;
     report.findings.extend(pre.findings);
     let valid = !report.has_errors();
-    let code = if report.has(Code::Unreadable) || report.has(Code::BaseModelUnreadable) {
+    let code = if report.has(Code::Unreadable) || base_unreadable {
         EXIT_USAGE
     } else if valid {
         0
@@ -53,24 +59,27 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "warnings": report.warnings().count(),
             "findings": report.findings,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
         for f in &report.findings {
-            println!("{}: {f}", args.file.display());
+            crate::outln!("{}: {f}", args.file.display())?;
         }
         let n_err = report.errors().count();
         let n_warn = report.warnings().count();
         if code == EXIT_USAGE {
-            println!("{}: could not be read", args.file.display());
+            crate::outln!(
+                "{}: could not be read",
+                if base_unreadable { args.model.as_deref().unwrap_or(&args.file) } else { &args.file }.display()
+            )?;
         } else if valid {
-            println!("{}: valid IAPT adapter ({n_warn} warning{})", args.file.display(), if n_warn == 1 { "" } else { "s" });
+            crate::outln!("{}: valid IAPT adapter ({n_warn} warning{})", args.file.display(), if n_warn == 1 { "" } else { "s" })?;
         } else {
-            println!(
+            crate::outln!(
                 "{}: invalid: {n_err} error{}, {n_warn} warning{}",
                 args.file.display(),
                 if n_err == 1 { "" } else { "s" },
                 if n_warn == 1 { "" } else { "s" }
-            );
+            )?;
         }
     }
     Ok(exit(code))

@@ -54,6 +54,9 @@ pub struct BenchReport {
     /// Median base prefill time, in seconds (the hook time relative to it is the prefill overhead
     /// IAPT adds, measured without the run-to-run noise of two separate timings).
     pub base_prefill_secs: f64,
+    /// The hook's row copies of nodes outside host memory per IAPT prefill (with the layers on RPC
+    /// workers: network round trips; 0 when every node it touches is in host memory).
+    pub hook_remote_copies: usize,
 }
 
 impl BenchReport {
@@ -108,7 +111,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
     }
     let instr = &prompt[..cfg.prompt_len - m];
     let (mut bp, mut bd, mut ip, mut id) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut hook, mut bsecs) = (Vec::new(), Vec::new());
+    let (mut hook, mut bsecs, mut remote) = (Vec::new(), Vec::new(), 0);
     for rep in 0..=cfg.reps {
         // Prefill: base then IAPT.
         let t = Instant::now();
@@ -118,6 +121,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         let mut li = iapt.prefill(instr)?;
         let i_pre = t.elapsed();
         let i_hook = iapt.hook_busy_time();
+        remote = iapt.hook_remote_copies();
         // Decode: the two variants step in turn, token by token, so that interference from other
         // processes falls on both alike.
         let (mut b_dec, mut i_dec) = (Duration::ZERO, Duration::ZERO);
@@ -157,5 +161,6 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         iapt_median: Throughput { prefill_tps: median(&ip), decode_tps: median(&id) },
         hook_secs: median(&hook),
         base_prefill_secs: median(&bsecs),
+        hook_remote_copies: remote,
     })
 }

@@ -5,8 +5,11 @@
 //! report findings with spec codes rather than stop at the first error. Every length read from the
 //! file is checked against the bytes that remain before anything is allocated from it.
 
+use std::collections::HashSet;
+
 use super::{
-    align_up, RawFile, RawTensor, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS,
+    align_up, RawFile, RawTensor, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_BASE_MODEL_TENSORS, MAX_HEADER_BYTES, MAX_KEYS,
+    MAX_STRING_BYTES, MAX_TENSORS,
 };
 use crate::config::{keys, Container, Metadata};
 use crate::dtype::DType;
@@ -139,11 +142,40 @@ fn min_size(id: u32) -> u64 {
     }
 }
 
-/// Parses the GGUF header, metadata and tensor infos from `head` (a prefix of a file of
-/// `file_len` bytes), checking tensor extents against `file_len`. `Err(Stop::NeedMore)` asks for a
-/// longer prefix; any other failure is already in `report` and gives `Ok(None)`.
-pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report, with_tensors: bool) -> Result<Option<RawFile>, Stop> {
-    match parse_inner(head, file_len, report, with_tensors) {
+/// Parses the GGUF header, metadata and tensor infos of an adapter from `head` (a prefix of a file
+/// of `file_len` bytes), checking tensor extents against `file_len`. `Err(Stop::NeedMore)` asks for
+/// a longer prefix; any other failure is already in `report` and gives `Ok(None)`.
+pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Result<Option<RawFile>, Stop> {
+    let parsed = parse_inner(head, file_len, report);
+    settle(parsed, report)
+}
+
+/// A base model's header: its metadata and where its tensor data ends.
+pub(crate) struct BaseHeader {
+    /// The metadata, in file order.
+    pub metadata: Metadata,
+    /// The smallest file length that holds every tensor's data (tensors of ggml types this crate
+    /// does not know count with their offset only).
+    pub data_end: u64,
+}
+
+/// Parses a base model's header (its tensors are not ours to check, only their extent), as
+/// [`parse`] does an adapter's.
+pub(crate) fn parse_base(head: &[u8], file_len: u64, report: &mut Report) -> Result<Option<BaseHeader>, Stop> {
+    let parsed = (|| {
+        let mut c = Cursor { bytes: head, file_len, pos: 0 };
+        let h = read_header(&mut c, report, MAX_BASE_MODEL_TENSORS)?;
+        // Without tensors nothing follows the header, not even the alignment padding.
+        let data_end = h.infos.iter().map(|i| i.data_end(h.data_start)).max().unwrap_or(c.pos as u64);
+        Ok(BaseHeader { metadata: h.metadata, data_end })
+    })();
+    settle(parsed, report)
+}
+
+/// Turns a parse result into the report's findings: `NeedMore` passes through, a stop becomes
+/// its finding and `Ok(None)`.
+fn settle<T>(parsed: Result<T, Stop>, report: &mut Report) -> Result<Option<T>, Stop> {
+    match parsed {
         Ok(f) => Ok(Some(f)),
         Err(Stop::NeedMore) => Err(Stop::NeedMore),
         Err(Stop::Truncated(m)) => {
@@ -158,13 +190,88 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report, with_tensor
     }
 }
 
-/// Metadata of a parsed GGUF header (used for base models, whose tensors are not ours to check).
-pub(crate) fn metadata_of(file: RawFile) -> Metadata {
-    file.metadata
+/// One tensor info as stored.
+struct Info {
+    name: String,
+    /// GGUF order (innermost first).
+    ne: Vec<u64>,
+    ggml_type: u32,
+    offset: u64,
 }
 
-fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: bool) -> Result<RawFile, Stop> {
+impl Info {
+    /// Where this tensor's data ends, given the start of the data section; saturating, and counting
+    /// a tensor of an unknown ggml type with its offset only.
+    fn data_end(&self, data_start: u64) -> u64 {
+        let numel = self.ne.iter().fold(1u64, |a, &d| a.saturating_mul(d));
+        let bytes = ggml_type_size(self.ggml_type).map_or(0, |(block, size)| numel.div_ceil(block).saturating_mul(size));
+        data_start.saturating_add(self.offset).saturating_add(bytes)
+    }
+}
+
+/// (elements per block, bytes per block) of the ggml types (ggml.c's `type_traits`).
+fn ggml_type_size(t: u32) -> Option<(u64, u64)> {
+    Some(match t {
+        0 => (1, 4),           // F32
+        1 | 30 | 25 => (1, 2), // F16, BF16, I16
+        2 | 20 => (32, 18),    // Q4_0, IQ4_NL
+        3 => (32, 20),         // Q4_1
+        6 => (32, 22),         // Q5_0
+        7 => (32, 24),         // Q5_1
+        8 => (32, 34),         // Q8_0
+        9 => (32, 36),         // Q8_1
+        10 => (256, 84),       // Q2_K
+        11 | 21 => (256, 110), // Q3_K, IQ3_S
+        12 => (256, 144),      // Q4_K
+        13 => (256, 176),      // Q5_K
+        14 => (256, 210),      // Q6_K
+        15 => (256, 292),      // Q8_K
+        16 | 35 => (256, 66),  // IQ2_XXS, TQ2_0
+        17 => (256, 74),       // IQ2_XS
+        18 => (256, 98),       // IQ3_XXS
+        19 => (256, 50),       // IQ1_S
+        22 => (256, 82),       // IQ2_S
+        23 => (256, 136),      // IQ4_XS
+        24 => (1, 1),          // I8
+        26 => (1, 4),          // I32
+        27 | 28 => (1, 8),     // I64, F64
+        29 => (256, 56),       // IQ1_M
+        34 => (256, 54),       // TQ1_0
+        39 => (32, 17),        // MXFP4
+        _ => return None,
+    })
+}
+
+/// Everything before the tensor data.
+struct Header {
+    metadata: Metadata,
+    alignment: u64,
+    infos: Vec<Info>,
+    /// Absolute offset of the data section (the header's end, aligned).
+    data_start: u64,
+}
+
+fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report) -> Result<RawFile, Stop> {
     let mut c = Cursor { bytes, file_len, pos: 0 };
+    let h = read_header(&mut c, report, MAX_TENSORS)?;
+    let tensors = raw_tensors(h.infos, h.data_start, h.alignment, file_len, report);
+    Ok(RawFile { container: Container::Gguf, metadata: h.metadata, tensors })
+}
+
+/// Reads the magic, version, counts, metadata and tensor infos; at most `max_tensors` tensors.
+fn read_header(c: &mut Cursor<'_>, report: &mut Report, max_tensors: u64) -> Result<Header, Stop> {
+    let (n_tensors, n_kv) = read_preamble(c, report, max_tensors)?;
+    let metadata = read_metadata(c, n_kv, report)?;
+    check_header_size(c)?;
+    let alignment = alignment_of(&metadata, report)?;
+    let infos = read_tensor_infos(c, n_tensors)?;
+    check_header_size(c)?;
+    let data_start = align_up(c.pos as u64, alignment).ok_or_else(|| Stop::Malformed("data offset overflows".into()))?;
+    Ok(Header { metadata, alignment, infos, data_start })
+}
+
+/// The magic, the version and the two counts, each against its limit and the bytes left.
+fn read_preamble(c: &mut Cursor<'_>, report: &mut Report, max_tensors: u64) -> Result<(u64, u64), Stop> {
     let magic = c.take(4, "the magic")?;
     if magic != b"GGUF" {
         return Err(Stop::Malformed("missing GGUF magic".into()));
@@ -179,8 +286,8 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
     }
     let n_tensors = c.u64("the tensor count")?;
     let n_kv = c.u64("the metadata count")?;
-    if n_tensors > MAX_TENSORS {
-        return Err(Stop::Malformed(format!("declares {n_tensors} tensors, over the limit of {MAX_TENSORS}")));
+    if n_tensors > max_tensors {
+        return Err(Stop::Malformed(format!("declares {n_tensors} tensors, over the limit of {max_tensors}")));
     }
     if n_kv > MAX_KEYS {
         return Err(Stop::Malformed(format!("declares {n_kv} metadata keys, over the limit of {MAX_KEYS}")));
@@ -189,13 +296,18 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
     if n_kv.saturating_mul(13).saturating_add(n_tensors.saturating_mul(32)) > c.remaining() {
         return Err(Stop::Truncated(format!("declares {n_kv} keys and {n_tensors} tensors, more than the file holds")));
     }
+    Ok((n_tensors, n_kv))
+}
 
+/// The metadata key/value pairs in file order; a repeated key is reported and the first kept.
+fn read_metadata(c: &mut Cursor<'_>, n_kv: u64, report: &mut Report) -> Result<Metadata, Stop> {
     let mut metadata: Metadata = Vec::with_capacity(n_kv as usize);
+    let mut keys_seen: HashSet<String> = HashSet::with_capacity(n_kv as usize);
     for i in 0..n_kv {
         let key = c.string(&format!("metadata key #{i}"))?;
         let ty = c.u32(&format!("the type of {key:?}"))?;
         let value = c.value(ty, &format!("the value of {key:?}"), 0)?;
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !keys_seen.insert(key.clone()) {
             report.push(Finding::about(
                 Code::DuplicateKey,
                 key.clone(),
@@ -205,29 +317,34 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
         }
         metadata.push((key, value));
     }
+    Ok(metadata)
+}
+
+fn check_header_size(c: &Cursor<'_>) -> Result<(), Stop> {
     if c.pos as u64 > MAX_HEADER_BYTES {
         return Err(Stop::Malformed(format!("header is over the limit of {MAX_HEADER_BYTES} bytes")));
     }
+    Ok(())
+}
 
-    let alignment = match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
-        None => GGUF_DEFAULT_ALIGNMENT,
-        Some((_, MetaValue::U32(a))) if *a != 0 && a.is_power_of_two() => u64::from(*a),
+/// `general.alignment`, or the default; anything but a non-zero power of two (u32) is reported.
+fn alignment_of(metadata: &Metadata, report: &mut Report) -> Result<u64, Stop> {
+    match metadata.iter().find(|(k, _)| k == keys::GENERAL_ALIGNMENT) {
+        None => Ok(GGUF_DEFAULT_ALIGNMENT),
+        Some((_, MetaValue::U32(a))) if *a != 0 && a.is_power_of_two() => Ok(u64::from(*a)),
         Some((_, v)) => {
             report.push(Finding::about(
                 Code::BadOffsets,
                 keys::GENERAL_ALIGNMENT,
                 format!("{} must be a non-zero power of two (u32)", v.to_text()),
             ));
-            return Err(Stop::Reported);
+            Err(Stop::Reported)
         }
-    };
-
-    struct Info {
-        name: String,
-        ne: Vec<u64>,
-        ggml_type: u32,
-        offset: u64,
     }
+}
+
+/// The tensor infos: name, 1..=4 dimensions each at most `INT64_MAX`, ggml type and offset.
+fn read_tensor_infos(c: &mut Cursor<'_>, n_tensors: u64) -> Result<Vec<Info>, Stop> {
     let mut infos: Vec<Info> = Vec::with_capacity(n_tensors as usize);
     for i in 0..n_tensors {
         let name = c.string(&format!("the name of tensor #{i}"))?;
@@ -248,18 +365,17 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
         let offset = c.u64(&what)?;
         infos.push(Info { name, ne, ggml_type, offset });
     }
-    if c.pos as u64 > MAX_HEADER_BYTES {
-        return Err(Stop::Malformed(format!("header is over the limit of {MAX_HEADER_BYTES} bytes")));
-    }
+    Ok(infos)
+}
 
+/// The raw tensors of the infos, each extent checked (alignment, inside the file, no overflow);
+/// a repeated name is reported and its later infos dropped; overlapping extents are reported.
+fn raw_tensors(infos: Vec<Info>, data_start: u64, alignment: u64, file_len: u64, report: &mut Report) -> Vec<RawTensor> {
     let mut tensors = Vec::with_capacity(infos.len());
-    if !with_tensors {
-        return Ok(RawFile { container: Container::Gguf, metadata, tensors });
-    }
-    let data_start = align_up(c.pos as u64, alignment).ok_or_else(|| Stop::Malformed("data offset overflows".into()))?;
     let mut extents: Vec<(u64, u64, usize)> = Vec::new();
+    let mut names_seen: HashSet<String> = HashSet::with_capacity(infos.len());
     for info in infos {
-        if tensors.iter().any(|t: &RawTensor| t.name == info.name) {
+        if !names_seen.insert(info.name.clone()) {
             report.push(Finding::about(
                 Code::DuplicateTensor,
                 info.name.clone(),
@@ -267,47 +383,67 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
             ));
             continue;
         }
-        let dtype = DType::from_ggml_type(info.ggml_type);
-        let shape: Vec<u64> = info.ne.iter().rev().copied().collect();
-        let mut t = RawTensor {
-            name: info.name.clone(),
-            dtype,
-            dtype_label: dtype.map_or_else(|| format!("ggml type {}", info.ggml_type), |d| d.to_string()),
-            shape,
-            start: 0,
-            len: 0,
-            in_bounds: false,
-        };
-        if let Some(dt) = dtype {
-            if info.offset % alignment != 0 {
-                report.push(Finding::about(
-                    Code::BadOffsets,
-                    info.name.clone(),
-                    format!("data offset {} is not a multiple of the alignment {alignment}", info.offset),
-                ));
-            } else {
-                let nbytes = info.ne.iter().try_fold(dt.size() as u64, |acc, &d| acc.checked_mul(d));
-                let start = data_start.checked_add(info.offset);
-                match (nbytes, start) {
-                    (Some(n), Some(s)) if s.checked_add(n).is_some_and(|e| e <= file_len) => {
-                        t.start = s;
-                        t.len = n;
-                        t.in_bounds = true;
-                        extents.push((s, s + n, tensors.len()));
-                    }
-                    (Some(_), Some(_)) => {
-                        report.push(Finding::about(
-                            Code::Truncated,
-                            info.name.clone(),
-                            "tensor data extends past the end of the file (truncated file or bad offset)",
-                        ));
-                    }
-                    _ => report.push(Finding::about(Code::BadOffsets, info.name.clone(), "tensor size or offset overflows 64 bits")),
-                }
+        let mut t = raw_tensor(&info);
+        if let Some(dt) = t.dtype {
+            if let Some((s, n)) = check_extent(&info, dt, data_start, alignment, file_len, report) {
+                t.start = s;
+                t.len = n;
+                t.in_bounds = true;
+                extents.push((s, s + n, tensors.len()));
             }
         }
         tensors.push(t);
     }
+    report_overlaps(extents, &tensors, report);
+    tensors
+}
+
+/// The raw tensor of an info, its extent not yet checked.
+fn raw_tensor(info: &Info) -> RawTensor {
+    let dtype = DType::from_ggml_type(info.ggml_type);
+    RawTensor {
+        name: info.name.clone(),
+        dtype,
+        dtype_label: dtype.map_or_else(|| format!("ggml type {}", info.ggml_type), |d| d.to_string()),
+        shape: info.ne.iter().rev().copied().collect(),
+        start: 0,
+        len: 0,
+        in_bounds: false,
+    }
+}
+
+/// The (start, length) of a tensor's data when it is aligned and inside the file; otherwise the
+/// reason is reported and `None` returned.
+fn check_extent(info: &Info, dt: DType, data_start: u64, alignment: u64, file_len: u64, report: &mut Report) -> Option<(u64, u64)> {
+    if info.offset % alignment != 0 {
+        report.push(Finding::about(
+            Code::BadOffsets,
+            info.name.clone(),
+            format!("data offset {} is not a multiple of the alignment {alignment}", info.offset),
+        ));
+        return None;
+    }
+    let nbytes = info.ne.iter().try_fold(dt.size() as u64, |acc, &d| acc.checked_mul(d));
+    let start = data_start.checked_add(info.offset);
+    match (nbytes, start) {
+        (Some(n), Some(s)) if s.checked_add(n).is_some_and(|e| e <= file_len) => Some((s, n)),
+        (Some(_), Some(_)) => {
+            report.push(Finding::about(
+                Code::Truncated,
+                info.name.clone(),
+                "tensor data extends past the end of the file (truncated file or bad offset)",
+            ));
+            None
+        }
+        _ => {
+            report.push(Finding::about(Code::BadOffsets, info.name.clone(), "tensor size or offset overflows 64 bits"));
+            None
+        }
+    }
+}
+
+/// Reports every tensor whose data overlaps the data of the tensor before it (by start offset).
+fn report_overlaps(mut extents: Vec<(u64, u64, usize)>, tensors: &[RawTensor], report: &mut Report) {
     extents.sort();
     for w in extents.windows(2) {
         if w[1].0 < w[0].1 {
@@ -315,7 +451,6 @@ fn parse_inner(bytes: &[u8], file_len: u64, report: &mut Report, with_tensors: b
             report.push(Finding::about(Code::BadOffsets, b.clone(), format!("tensor data overlaps the data of {a:?}")));
         }
     }
-    Ok(RawFile { container: Container::Gguf, metadata, tensors })
 }
 
 /// One tensor to write: name, row-major shape, ggml type id, data length.

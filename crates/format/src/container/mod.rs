@@ -7,13 +7,18 @@ pub(crate) mod safetensors;
 
 use crate::config::{Container, Metadata};
 use crate::dtype::DType;
+use crate::error::BaseModelError;
 use crate::report::{Code, Finding, Report};
 
 /// Largest header (safetensors JSON, or GGUF metadata + tensor infos) accepted: 100 MiB, as the
 /// safetensors reference implementation's `MAX_HEADER_SIZE`.
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
-/// Largest number of tensors accepted in one file.
-pub const MAX_TENSORS: u64 = 1 << 20;
+/// Largest number of tensors accepted in one adapter file: 2^15 = 32768, above the most a valid
+/// adapter can hold (7 roles x ([`crate::MAX_N_LAYER`] layers + 1 shared) = 28679), so that a file
+/// declaring hundreds of thousands of tensors is refused before any per-tensor work.
+pub const MAX_TENSORS: u64 = 1 << 15;
+/// Largest number of tensors accepted in a base model GGUF (only its header is read): 2^20.
+pub const MAX_BASE_MODEL_TENSORS: u64 = 1 << 20;
 /// Largest number of metadata keys accepted in one file.
 pub const MAX_KEYS: u64 = 1 << 16;
 /// Longest key or string accepted (bytes).
@@ -116,7 +121,7 @@ fn parse_prefix(bytes: &[u8], file_len: u64, report: &mut Report) -> Result<Opti
         return Ok(None);
     }
     match sniff(bytes) {
-        Some(Container::Gguf) => gguf::parse(bytes, file_len, report, true).map_err(|_| ()),
+        Some(Container::Gguf) => gguf::parse(bytes, file_len, report).map_err(|_| ()),
         Some(Container::Safetensors) => Ok(safetensors::parse(bytes, file_len, report)),
         None => {
             if bytes.len() < 9 && (b"GGUF".starts_with(&bytes[..bytes.len().min(4)])) {
@@ -137,24 +142,38 @@ pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
     x.checked_add(align - 1).map(|v| v & !(align - 1))
 }
 
-/// Reads only the metadata of a GGUF file (base models: their tensors are not ours to check).
-pub fn read_gguf_metadata(file: &std::fs::File) -> Result<Metadata, String> {
+/// Reads only the metadata of a base model GGUF (its tensors are not ours to check), and checks
+/// that the file is long enough to hold the tensor data its header declares (a truncated model is
+/// [`BaseModelError::Truncated`]). `path` names the file in errors.
+pub fn read_gguf_metadata(file: &std::fs::File, path: &std::path::Path) -> Result<Metadata, BaseModelError> {
     use std::os::unix::fs::FileExt;
-    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let io = |source| BaseModelError::Io { path: path.to_owned(), source };
+    let file_len = file.metadata().map_err(io)?.len();
     let mut want: u64 = 1 << 20;
     loop {
         let n = want.min(file_len) as usize;
         let mut head = vec![0u8; n];
-        file.read_exact_at(&mut head, 0).map_err(|e| e.to_string())?;
+        file.read_exact_at(&mut head, 0).map_err(io)?;
         if !head.starts_with(b"GGUF") {
-            return Err("not a GGUF file (no GGUF magic)".into());
+            return Err(BaseModelError::NotGguf { path: path.to_owned() });
         }
         let mut report = Report::default();
-        match gguf::parse(&head, file_len, &mut report, false) {
-            Ok(Some(raw)) => return Ok(gguf::metadata_of(raw)),
-            Ok(None) => return Err(report.to_string()),
+        match gguf::parse_base(&head, file_len, &mut report) {
+            Ok(Some(h)) if h.data_end > file_len => {
+                return Err(BaseModelError::Truncated { path: path.to_owned(), needed: h.data_end, len: file_len })
+            }
+            Ok(Some(h)) => return Ok(h.metadata),
+            Ok(None) if report.has(Code::Truncated) => {
+                return Err(BaseModelError::TruncatedHeader { path: path.to_owned(), detail: report.to_string() })
+            }
+            Ok(None) => return Err(BaseModelError::Malformed { path: path.to_owned(), detail: report.to_string() }),
             Err(_) if (n as u64) < file_len && want < 4 * MAX_HEADER_BYTES => want *= 4,
-            Err(_) => return Err("the GGUF header is larger than the limit".into()),
+            Err(_) => {
+                return Err(BaseModelError::Malformed {
+                    path: path.to_owned(),
+                    detail: format!("the GGUF header is larger than the limit of {MAX_HEADER_BYTES} bytes"),
+                })
+            }
         }
     }
 }

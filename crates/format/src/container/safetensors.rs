@@ -8,10 +8,12 @@
 //! writer emits a canonical file: metadata keys sorted, tensors in the order given, header padded
 //! with spaces to a multiple of 8 bytes as the reference writer does.
 
+use std::collections::HashSet;
+
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{RawFile, RawTensor, MAX_HEADER_BYTES, MAX_TENSORS};
+use super::{RawFile, RawTensor, MAX_HEADER_BYTES, MAX_KEYS, MAX_TENSORS};
 use crate::config::Container;
 use crate::dtype::DType;
 use crate::meta::MetaValue;
@@ -94,7 +96,7 @@ fn element_size(dtype: &str) -> Option<u64> {
     })
 }
 
-fn malformed(report: &mut Report, m: impl Into<String>) -> Option<RawFile> {
+fn malformed<T>(report: &mut Report, m: impl Into<String>) -> Option<T> {
     report.push(Finding::file(Code::MalformedHeader, m));
     None
 }
@@ -108,7 +110,53 @@ pub(crate) fn head_len(first8: &[u8]) -> u64 {
 
 /// Parses a safetensors header from `head` (a prefix of a file of `file_len` bytes holding at
 /// least [`head_len`] bytes, or the whole file), checking extents against `file_len`.
+///
+/// The steps: the JSON header (`json_entries`); each entry, the `__metadata__` object
+/// (`read_metadata`) or a tensor (`tensor_entry`, then `read_tensor`); then the tiling of the data
+/// buffer (`check_tiling`).
 pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<RawFile> {
+    let (n, entries) = json_entries(head, file_len, report)?;
+    let data = Buffer { start: 8 + n, len: file_len - 8 - n };
+    let mut metadata = Vec::new();
+    let mut seen_metadata = false;
+    let mut tensor_names: HashSet<String> = HashSet::with_capacity(entries.len());
+    let mut tensors: Vec<RawTensor> = Vec::new();
+    let mut extents: Vec<(u64, u64, String)> = Vec::new();
+    for (name, value) in entries {
+        if name == METADATA_KEY {
+            if seen_metadata {
+                report.push(Finding::about(Code::DuplicateKey, METADATA_KEY, "the header has two __metadata__ objects; merge them"));
+                continue;
+            }
+            seen_metadata = true;
+            metadata = read_metadata(value, report)?;
+            continue;
+        }
+        let Some(entry) = tensor_entry(&value) else {
+            return malformed(
+                report,
+                format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"),
+            );
+        };
+        if !tensor_names.insert(name.clone()) {
+            report.push(Finding::about(Code::DuplicateTensor, name, "tensor name appears more than once; each tensor must be stored once"));
+            continue;
+        }
+        tensors.push(read_tensor(&name, entry, &data, &mut extents, report)?);
+    }
+    check_tiling(extents, data.len, report);
+    Some(RawFile { container: Container::Safetensors, metadata, tensors })
+}
+
+/// The tensor data buffer: its absolute start and its length.
+struct Buffer {
+    start: u64,
+    len: u64,
+}
+
+/// The header length `n` and the JSON object's entries, in order and with duplicates, after the
+/// length, UTF-8, JSON and count checks.
+fn json_entries(head: &[u8], file_len: u64, report: &mut Report) -> Option<(u64, Vec<(String, Json)>)> {
     if file_len < 8 || head.len() < 8 {
         report.push(Finding::file(Code::Truncated, "the file ends inside the 8-byte header length"));
         return None;
@@ -136,101 +184,95 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
     if entries.len() as u64 > MAX_TENSORS + 1 {
         return malformed(report, format!("the header lists over {MAX_TENSORS} tensors"));
     }
+    Some((n, entries))
+}
 
-    let buffer_start = 8 + n;
-    let buffer_len = rest - n;
-    let mut metadata = Vec::new();
-    let mut seen_metadata = false;
-    let mut tensors: Vec<RawTensor> = Vec::new();
-    let mut extents: Vec<(u64, u64, String)> = Vec::new();
-    for (name, value) in entries {
-        if name == METADATA_KEY {
-            if seen_metadata {
-                report.push(Finding::about(Code::DuplicateKey, METADATA_KEY, "the header has two __metadata__ objects; merge them"));
-                continue;
-            }
-            seen_metadata = true;
-            let Json::Object(kvs) = value else {
-                return malformed(report, "__metadata__ is not a JSON object");
-            };
-            for (k, v) in kvs {
-                let Json::Str(s) = v else {
-                    return malformed(
-                        report,
-                        format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"),
-                    );
-                };
-                if metadata.iter().any(|(mk, _): &(String, MetaValue)| *mk == k) {
-                    report.push(Finding::about(Code::DuplicateKey, k, "metadata key appears more than once; keep one (the first is used)"));
-                    continue;
-                }
-                metadata.push((k, MetaValue::Str(s)));
-            }
-            continue;
-        }
-        let Some((dtype, shape, begin, end)) = tensor_entry(&value) else {
-            return malformed(
-                report,
-                format!("tensor {name:?} is not {{\"dtype\": string, \"shape\": [int], \"data_offsets\": [int, int]}}"),
-            );
-        };
-        if tensors.iter().any(|t| t.name == name) {
-            report.push(Finding::about(Code::DuplicateTensor, name, "tensor name appears more than once; each tensor must be stored once"));
-            continue;
-        }
-        let Some(esize) = element_size(&dtype) else {
-            return malformed(report, format!("tensor {name:?} has unknown dtype {dtype:?}"));
-        };
-        let mut t = RawTensor {
-            name: name.clone(),
-            dtype: DType::from_safetensors_name(&dtype),
-            dtype_label: dtype.clone(),
-            shape: shape.clone(),
-            start: 0,
-            len: 0,
-            in_bounds: false,
-        };
-        let nbytes = shape.iter().try_fold(esize, |acc, &d| acc.checked_mul(d));
-        match nbytes {
-            None => report.push(Finding::about(Code::BadOffsets, name.clone(), "shape x dtype size overflows 64 bits")),
-            Some(nb) if end < begin || end - begin != nb => report.push(Finding::about(
-                Code::BadOffsets,
-                name.clone(),
-                format!(
-                    "data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}",
-                    end.wrapping_sub(begin)
-                ),
-            )),
-            Some(nb) => {
-                extents.push((begin, end, name.clone()));
-                if end <= buffer_len {
-                    t.start = buffer_start + begin;
-                    t.len = nb;
-                    t.in_bounds = true;
-                }
-            }
-        }
-        tensors.push(t);
+/// The `__metadata__` object: string values only, at most [`MAX_KEYS`]; a repeated key is reported
+/// and the first kept. `None` (reported) when it is not an object of strings.
+fn read_metadata(value: Json, report: &mut Report) -> Option<Vec<(String, MetaValue)>> {
+    let Json::Object(kvs) = value else {
+        return malformed(report, "__metadata__ is not a JSON object");
+    };
+    if kvs.len() as u64 > MAX_KEYS {
+        return malformed(report, format!("__metadata__ has {} keys, over the limit of {MAX_KEYS}", kvs.len()));
     }
+    let mut metadata = Vec::with_capacity(kvs.len());
+    let mut keys_seen: HashSet<String> = HashSet::with_capacity(kvs.len());
+    for (k, v) in kvs {
+        let Json::Str(s) = v else {
+            return malformed(report, format!("__metadata__ value of {k:?} is not a string (safetensors metadata values are strings)"));
+        };
+        if !keys_seen.insert(k.clone()) {
+            report.push(Finding::about(Code::DuplicateKey, k, "metadata key appears more than once; keep one (the first is used)"));
+            continue;
+        }
+        metadata.push((k, MetaValue::Str(s)));
+    }
+    Some(metadata)
+}
 
-    // Extents must tile the buffer exactly: no hole, no overlap, nothing after the last tensor.
+/// One tensor entry `(dtype, shape, begin, end)`: its dtype (`None`, reported, when unknown), its
+/// size against `data_offsets` (findings), and its extent, recorded in `extents` when consistent.
+fn read_tensor(
+    name: &str,
+    (dtype, shape, begin, end): (String, Vec<u64>, u64, u64),
+    data: &Buffer,
+    extents: &mut Vec<(u64, u64, String)>,
+    report: &mut Report,
+) -> Option<RawTensor> {
+    let Some(esize) = element_size(&dtype) else {
+        return malformed(report, format!("tensor {name:?} has unknown dtype {dtype:?}"));
+    };
+    let mut t = RawTensor {
+        name: name.to_owned(),
+        dtype: DType::from_safetensors_name(&dtype),
+        dtype_label: dtype.clone(),
+        shape: shape.clone(),
+        start: 0,
+        len: 0,
+        in_bounds: false,
+    };
+    let nbytes = shape.iter().try_fold(esize, |acc, &d| acc.checked_mul(d));
+    match nbytes {
+        None => report.push(Finding::about(Code::BadOffsets, name, "shape x dtype size overflows 64 bits")),
+        Some(_) if end < begin => report.push(Finding::about(
+            Code::BadOffsets,
+            name,
+            format!("data_offsets [{begin}, {end}] end before they begin; the end must be at least the start"),
+        )),
+        Some(nb) if end - begin != nb => report.push(Finding::about(
+            Code::BadOffsets,
+            name,
+            format!("data_offsets [{begin}, {end}] span {} bytes but dtype {dtype} x shape {shape:?} needs {nb}", end - begin),
+        )),
+        Some(nb) => {
+            extents.push((begin, end, name.to_owned()));
+            if end <= data.len {
+                t.start = data.start + begin;
+                t.len = nb;
+                t.in_bounds = true;
+            }
+        }
+    }
+    Some(t)
+}
+
+/// Extents must tile the buffer exactly: no hole, no overlap, nothing after the last tensor, and
+/// nothing past the end of the file.
+fn check_tiling(mut extents: Vec<(u64, u64, String)>, buffer_len: u64, report: &mut Report) {
     extents.sort();
     let mut cursor = 0u64;
-    for (begin, end, name) in &extents {
-        if *begin > cursor {
+    for (begin, end, name) in extents {
+        if begin > cursor {
             report.push(Finding::about(
                 Code::BadOffsets,
-                name.clone(),
+                name,
                 format!("hole of {} bytes before this tensor's data (offset {begin})", begin - cursor),
             ));
-        } else if *begin < cursor {
-            report.push(Finding::about(
-                Code::BadOffsets,
-                name.clone(),
-                format!("data at offset {begin} overlaps the previous tensor's data"),
-            ));
+        } else if begin < cursor {
+            report.push(Finding::about(Code::BadOffsets, name, format!("data at offset {begin} overlaps the previous tensor's data")));
         }
-        cursor = cursor.max(*end);
+        cursor = cursor.max(end);
     }
     if cursor > buffer_len {
         report.push(Finding::file(
@@ -243,7 +285,6 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
             format!("{} bytes after the last tensor's data belong to no tensor", buffer_len - cursor),
         ));
     }
-    Some(RawFile { container: Container::Safetensors, metadata, tensors })
 }
 
 fn tensor_entry(v: &Json) -> Option<(String, Vec<u64>, u64, u64)> {

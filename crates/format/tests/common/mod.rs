@@ -3,26 +3,8 @@
 #![allow(dead_code)]
 
 use iapt_format::raw::RawTensorOut;
+use iapt_format::testing::Rng;
 use iapt_format::{Activation, Adapter, AdapterConfig, DType, RationalConfig, RationalVariant, Role, SpecVersion, Tensor, TensorName};
-
-/// A tiny deterministic generator (xorshift64*), enough for test data.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-1, 1).
-    pub fn f32(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
 
 pub fn rational_config() -> AdapterConfig {
     AdapterConfig {
@@ -44,7 +26,7 @@ pub fn rational_config() -> AdapterConfig {
 
 /// Builds a valid adapter: every role per layer (biases included), except roles in `shared`.
 pub fn build(cfg: &AdapterConfig, dtype: DType, shared: &[Role], seed: u64) -> Adapter {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut tensors = Vec::new();
     for role in Role::ALL {
         if !role.is_allowed(cfg) {
@@ -58,7 +40,7 @@ pub fn build(cfg: &AdapterConfig, dtype: DType, shared: &[Role], seed: u64) -> A
             (0..cfg.n_layer).map(|l| TensorName::layer(l, role)).collect()
         };
         for name in names {
-            let values: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+            let values: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
             tensors.push(Tensor::from_f32(name, dtype, shape.clone(), &values).unwrap());
         }
     }
