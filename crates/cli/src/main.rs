@@ -5,7 +5,7 @@
 //! - 1: invalid input or failure (for `validate`: the file is invalid; elsewhere: bad input content,
 //!   incompatible files, a refused pickle, a failed run);
 //! - 2: usage error (options, output paths) or an unreadable input file;
-//! - 130 / 143: interrupted by SIGINT / SIGTERM (temporary files removed, see [`interrupt`]).
+//! - 130 / 143: interrupted by SIGINT / SIGTERM (temporary files removed, see [`interrupt`]); `serve` stops gracefully and exits 0 instead.
 
 mod cmd;
 mod fail;
@@ -41,6 +41,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Multi-tenant serving: several resident adapters, JSON-lines requests decoded together, each with its own adapter.
     Batch(cmd::batch::Args),
+    /// An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, streaming; the request's `model` picks the adapter.
+    Serve(cmd::serve::Args),
     /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
     Bench(cmd::bench::Args),
     /// Micro-benchmark of the GPU generator on a random adapter (exit 2 when no CUDA device is usable).
@@ -59,7 +61,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    interrupt::install();
+    // `serve` handles SIGINT/SIGTERM itself (graceful stop, exit 0) and writes no files.
+    if !matches!(cli.command, Command::Serve(_)) {
+        interrupt::install();
+    }
     let result = match &cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Validate(a) => cmd::validate::run(a),
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Batch(a) => cmd::batch::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::BenchGpu(a) => cmd::bench_gpu::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),

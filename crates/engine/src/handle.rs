@@ -6,6 +6,12 @@
 //! (a client went away), the request is cancelled before the next step, queued, prefilling or
 //! decoding, and its KV cells are freed at once; so does [`EngineHandle::cancel`]. Dropping the
 //! handle stops the thread (running requests are dropped).
+//!
+//! Async callers (an HTTP server) give each request their own [`EventSink`] instead
+//! ([`EngineHandle::submit_to`]): the engine thread hands it each event, which must not block (e.g.
+//! a send on an unbounded async channel), and asks it before every step whether anyone still
+//! listens. [`EngineHandle::with_model`] runs a closure with the model on the engine thread
+//! (tokenizing, chat templates), since the model is not shared across threads.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -49,12 +55,40 @@ pub struct Status {
 
 type Reply<T> = Sender<Result<T, EngineError>>;
 
-/// The engine thread's end of a request's stream.
-struct Sink {
+/// Where one request's events go, on the engine thread ([`EngineHandle::submit_to`]).
+pub trait EventSink: Send {
+    /// Delivers one event, in order. Must return at once (never wait on a client); `false` says
+    /// nobody listens any more, and the request is cancelled (its KV cells freed).
+    fn send(&mut self, event: Event) -> bool;
+
+    /// Whether anyone still listens, asked before every step: `false` cancels the request before
+    /// it takes part in another step (queued, prefilling or decoding).
+    fn is_alive(&self) -> bool {
+        true
+    }
+}
+
+/// The engine thread's end of an [`EventStream`].
+struct StreamSink {
     tx: Sender<Event>,
     /// Gone once the [`EventStream`] is dropped.
     alive: Weak<()>,
 }
+
+impl EventSink for StreamSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.tx.send(event).is_ok()
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.strong_count() > 0
+    }
+}
+
+type Sink = Box<dyn EventSink>;
+
+/// A closure run with the model on the engine thread ([`EngineHandle::with_model`]).
+type ModelJob = Box<dyn FnOnce(&Model) + Send>;
 
 /// The events of one request, in order, ending with [`EventKind::Done`] or [`EventKind::Failed`]
 /// (after which the stream is closed). Dropping it cancels the request.
@@ -101,6 +135,7 @@ impl Iterator for EventStream {
 
 enum Command {
     Submit(Box<Request>, Sink, Reply<SeqId>),
+    WithModel(ModelJob),
     Cancel(SeqId),
     Load(String, PathBuf, Reply<AdapterInfo>),
     Unload(String, Reply<Unloaded>),
@@ -153,9 +188,24 @@ impl EngineHandle {
     pub fn submit(&self, req: Request) -> Result<(SeqId, EventStream), EngineError> {
         let (tx, rx) = mpsc::channel();
         let alive = Arc::new(());
-        let sink = Sink { tx, alive: Arc::downgrade(&alive) };
-        let id = self.ask(|reply| Command::Submit(Box::new(req), sink, reply))?;
+        let sink = StreamSink { tx, alive: Arc::downgrade(&alive) };
+        let id = self.submit_to(req, Box::new(sink))?;
         Ok((id, EventStream { rx, _alive: alive }))
+    }
+
+    /// Validates and queues `req` (answered between two steps); its events go to `sink` (see
+    /// [`EventSink`]), and the request is cancelled once the sink stops listening.
+    pub fn submit_to(&self, req: Request, sink: Box<dyn EventSink>) -> Result<SeqId, EngineError> {
+        self.ask(|reply| Command::Submit(Box::new(req), sink, reply))
+    }
+
+    /// Runs `f` with the base model on the engine thread, between two steps, and returns its result.
+    pub fn with_model<T: Send + 'static>(&self, f: impl FnOnce(&Model) -> T + Send + 'static) -> Result<T, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::WithModel(Box::new(move |m| {
+            let _ = tx.send(f(m));
+        })))?;
+        rx.recv().map_err(|_| EngineError::Stopped)
     }
 
     /// Cancels a request (no effect when it has ended).
@@ -240,7 +290,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
         }
         // Requests whose stream was dropped: cancelled before they take part in another step.
         sinks.retain(|&id, sink| {
-            let alive = sink.alive.strong_count() > 0;
+            let alive = sink.is_alive();
             if !alive {
                 engine.cancel(id);
             }
@@ -248,7 +298,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
         });
         for ev in engine.step() {
             let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
-            let delivered = sinks.get(&id).is_some_and(|sink| sink.tx.send(ev).is_ok());
+            let delivered = sinks.get_mut(&id).is_some_and(|sink| sink.send(ev));
             if !delivered && !last {
                 // The receiver is gone: the client does not want the rest.
                 engine.cancel(id);
@@ -273,6 +323,7 @@ fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command
                 sinks.remove(&id);
             }
         }
+        Command::WithModel(job) => job(engine.model()),
         Command::Cancel(id) => {
             engine.cancel(id);
             sinks.remove(&id);

@@ -59,6 +59,6 @@ mod request;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
-pub use handle::{EngineHandle, EngineSpec, EventStream, Status};
+pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
 pub use registry::{AdapterInfo, Unloaded};
 pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

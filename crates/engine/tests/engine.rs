@@ -27,7 +27,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use iapt_engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, Unloaded,
+    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, EventSink, FinishReason, Finished, Request, SeqId, TokenOut,
+    Unloaded,
 };
 use iapt_format::{Activation, Adapter};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
@@ -510,6 +511,50 @@ fn handle_streams_events_and_cancels_when_the_stream_is_dropped() {
 }
 
 #[test]
+fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
+    let m = model("llama");
+    let c = case("llama-short-base");
+    let spec = EngineSpec {
+        model: fixtures().join("llama-tiny-f32.gguf"),
+        model_params: Default::default(),
+        config: exact(2, 8, 8),
+        adapters: Vec::new(),
+    };
+    let h = EngineHandle::spawn(spec).unwrap();
+    let want = alone(&m, &[], &greedy(&c.instruction, None, 10));
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit_to(greedy(&c.instruction, None, 10), Box::new(ChannelSink { tx, listen_for: usize::MAX, alive: None })).unwrap();
+    let mut got = Outcome::default();
+    for ev in rx {
+        match ev.kind {
+            EventKind::Token(t) => got.tokens.push(t),
+            EventKind::Done(d) => got.done = Some(d),
+            EventKind::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got.ids(), want.ids());
+    // A sink that stops listening after its first event: the request is cancelled, its cells freed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit_to(greedy(&c.instruction, None, 40), Box::new(ChannelSink { tx, listen_for: 1, alive: None })).unwrap();
+    assert!(matches!(rx.recv().unwrap().kind, EventKind::Token(_)));
+    assert!(rx.recv().is_err(), "nothing follows a sink's false");
+    let st = h.status().unwrap();
+    assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
+    assert!(st.stats.generated < 10 + 40, "{st:?}");
+    // A sink that says nobody listens before its request ever ran: cancelled with no event.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    h.submit_to(greedy(&c.instruction, None, 40), Box::new(ChannelSink { tx, listen_for: usize::MAX, alive: Some(alive) })).unwrap();
+    assert!(rx.recv().is_err(), "cancelled before any step");
+    let st2 = h.status().unwrap();
+    assert_eq!((st2.running, st2.queued, st2.stats.generated), (0, 0, st.stats.generated), "{st2:?}");
+    // The model, on the engine thread: the same tokens as here.
+    let text = "hello world";
+    let ids = h.with_model(move |m| m.tokenize(text, true, false).unwrap()).unwrap();
+    assert_eq!(ids, m.tokenize(text, true, false).unwrap());
+}
+
+#[test]
 fn gpu_emulated_adapters_batch_like_alone() {
     let m = model("llama");
     let ads = adapters("llama", &m);
@@ -528,4 +573,23 @@ fn gpu_emulated_adapters_batch_like_alone() {
         assert_eq!(out[id].ids(), want.ids(), "request {i} ({:?}): batched vs alone on the emulated GPU", r.adapter);
     }
     assert_eq!(e.cells_in_use(), 0);
+}
+
+/// A test sink: forwards events to a channel, stops listening after `listen_for` events, and says
+/// it is alive while `alive` (if any) is true.
+struct ChannelSink {
+    tx: std::sync::mpsc::Sender<iapt_engine::Event>,
+    listen_for: usize,
+    alive: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: iapt_engine::Event) -> bool {
+        self.listen_for = self.listen_for.saturating_sub(1);
+        self.tx.send(event).is_ok() && self.listen_for > 0
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.as_ref().is_none_or(|a| a.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }

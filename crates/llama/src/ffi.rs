@@ -576,19 +576,35 @@ impl Model {
     /// Formats one user message with the model's chat template (llama.cpp's built-in template
     /// engine), followed by the assistant prefix.
     pub fn apply_chat_template(&self, user: &str) -> Result<String, LlamaError> {
-        let tmpl = self.chat_template().ok_or(LlamaError::ChatTemplate { detail: "the model has no chat template".to_owned() })?;
-        let ctmpl = CString::new(tmpl).map_err(|_| LlamaError::ChatTemplate { detail: "template contains NUL".to_owned() })?;
-        let role = CString::new("user").expect("no NUL");
-        let content = CString::new(user).map_err(|_| LlamaError::ChatTemplate { detail: "prompt contains NUL".to_owned() })?;
-        let msg = sys::llama_chat_message { role: role.as_ptr(), content: content.as_ptr() };
-        let mut buf = vec![0u8; user.len() * 2 + 256];
+        self.apply_chat_messages(&[("user", user)])
+    }
+
+    /// Formats a conversation of `(role, content)` messages with the model's chat template
+    /// (llama.cpp's `llama_chat_apply_template`, the function llama-server uses for templates it
+    /// recognises), followed by the assistant prefix.
+    pub fn apply_chat_messages(&self, messages: &[(&str, &str)]) -> Result<String, LlamaError> {
+        let bad = |detail: &str| LlamaError::ChatTemplate { detail: detail.to_owned() };
+        let tmpl = self.chat_template().ok_or_else(|| bad("the model has no chat template"))?;
+        let ctmpl = CString::new(tmpl).map_err(|_| bad("template contains NUL"))?;
+        let mut owned = Vec::with_capacity(messages.len());
+        for (role, content) in messages {
+            let role = CString::new(*role).map_err(|_| bad("a role contains NUL"))?;
+            let content = CString::new(*content).map_err(|_| bad("a message contains NUL"))?;
+            owned.push((role, content));
+        }
+        let msgs: Vec<sys::llama_chat_message> =
+            owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+        let mut buf = vec![0u8; total * 2 + 256];
         for _ in 0..2 {
             let cap = i32::try_from(buf.len()).unwrap_or(i32::MAX);
-            // SAFETY: `ctmpl`, `role`, `content` are NUL-terminated and alive across the call; `msg`
-            // points to one message (n_msg = 1); `buf` is writable for `cap` bytes, the length passed.
-            let n = unsafe { sys::llama_chat_apply_template(ctmpl.as_ptr(), &msg, 1, true, buf.as_mut_ptr().cast(), cap) };
+            // SAFETY: `ctmpl` and every role and content string in `owned` are NUL-terminated and
+            // alive across the call; `msgs` holds `msgs.len()` messages pointing into them; `buf` is
+            // writable for `cap` bytes, the length passed.
+            let n =
+                unsafe { sys::llama_chat_apply_template(ctmpl.as_ptr(), msgs.as_ptr(), msgs.len(), true, buf.as_mut_ptr().cast(), cap) };
             if n < 0 {
-                return Err(LlamaError::ChatTemplate { detail: "llama.cpp does not support this model's chat template".to_owned() });
+                return Err(bad("llama.cpp does not support this model's chat template"));
             }
             let n = n as usize;
             if n <= buf.len() {
@@ -596,7 +612,7 @@ impl Model {
             }
             buf.resize(n + 1, 0);
         }
-        Err(LlamaError::ChatTemplate { detail: "template output changed size".to_owned() })
+        Err(bad("template output changed size"))
     }
 }
 

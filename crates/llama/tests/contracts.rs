@@ -6,7 +6,10 @@
 //! - `logits_only_for_rows_that_asked`: `Context::logits` refuses batch rows that did not ask
 //!   for logits, and rows beyond the batch;
 //! - `callback_state_survives_moves_and_is_freed_once`: the callback state handed to llama.cpp
-//!   stays valid when the `Context` moves, and is released exactly once when it drops.
+//!   stays valid when the `Context` moves, and is released exactly once when it drops;
+//! - `chat_messages_keep_every_message_in_order`: `Model::apply_chat_messages` with one user message
+//!   is `apply_chat_template`, and a conversation renders every message once, in order, longer than
+//!   its first turn; a model without a template and a NUL in a message are errors, not aborts.
 //!
 //! The f32-rows check over all four strides is a unit test of `ffi`; "one writable view of a node
 //! at a time" is a `compile_fail` doctest on `NodeData::gpu_rows_mut`.
@@ -154,4 +157,19 @@ fn rows_viewed_in_place_equal_a_copy_and_stay_in_bounds() {
     }
     ctx.decode(&batch).unwrap();
     assert_eq!(*cb.0.lock().unwrap(), vec!["equal".to_owned()]);
+}
+
+#[test]
+fn chat_messages_keep_every_message_in_order() {
+    let m = model();
+    assert_eq!(m.apply_chat_messages(&[("user", "alpha")]).unwrap(), m.apply_chat_template("alpha").unwrap());
+    let conv = [("system", "be brief"), ("user", "alpha"), ("assistant", "beta"), ("user", "gamma")];
+    let text = m.apply_chat_messages(&conv).unwrap();
+    let first = m.apply_chat_messages(&conv[..2]).unwrap();
+    assert!(text.len() > first.len(), "{text:?}");
+    let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle:?} missing from {text:?}"));
+    assert!(at("alpha") < at("gamma"), "{text:?}");
+    assert!(matches!(m.apply_chat_messages(&[("user", "a\0b")]), Err(LlamaError::ChatTemplate { .. })));
+    let demo = Model::load(&fixtures().join("../../demo/assets/base-q4_k_m.gguf")).expect("demo model");
+    assert!(matches!(demo.apply_chat_messages(&[("user", "x")]), Err(LlamaError::ChatTemplate { .. })), "the demo model has no template");
 }

@@ -84,7 +84,7 @@ struct RequestLine {
 }
 
 /// `NAME=PATH` or `PATH` (named by its stem); an empty NAME is a usage error.
-fn parse_adapter_arg(arg: &str) -> Result<(String, PathBuf), Fail> {
+pub(crate) fn parse_adapter_arg(arg: &str) -> Result<(String, PathBuf), Fail> {
     match arg.split_once('=') {
         Some(("", _)) => Err(Fail::usage(format!("--adapter {arg}: the name before '=' is empty; give NAME=PATH, or PATH alone"))),
         Some((name, path)) if !name.contains('/') => Ok((name.to_owned(), PathBuf::from(path))),

@@ -13,6 +13,7 @@ pub mod pack;
 pub mod quantize;
 pub mod rpc_server;
 pub mod run;
+pub mod serve;
 pub mod validate;
 
 use std::process::ExitCode;

@@ -1,0 +1,473 @@
+//! `iapt serve` end to end over HTTP (each test starts its own server on an ephemeral loopback
+//! port, bounds every wait and always stops it). Expected outputs come from `iapt run`, from the
+//! log-softmax of `iapt run --dump-logits`, or from the same request sent alone, never hard-coded.
+//! - `completions_and_chat_equal_iapt_run`: greedy text, streamed and not, with the adapter and
+//!   the base, for a text prompt and for chat messages (`iapt run --chat`); /v1/models, usage;
+//! - `token_id_logprobs_are_the_log_softmax_of_dumped_logits`: to 1e-4, top-5 included;
+//! - `sixteen_concurrent_requests_each_equal_alone`: three adapters and the base, streamed and not;
+//! - `bad_input_is_a_4xx_error_object_naming_the_field`: every class of bad input;
+//! - `queue_full_is_503_with_retry_after` and `client_disconnect_cancels_its_sequence`;
+//! - `adapters_load_and_unload_at_run_time_inside_the_directory_only`;
+//! - `api_key_guards_everything_but_health`, `metrics_count_requests_and_tokens`;
+//! - `hundreds_of_mixed_requests_at_once_are_all_answered`: then /health is still 200;
+//! - `sigterm_lets_the_in_flight_request_finish_and_exits_0`;
+//! - `the_readme_command_serves_the_demo`: the README's demo server and curl body.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use support::*;
+
+fn tiny_model() -> PathBuf {
+    fixtures().join("llama-tiny-f32.gguf")
+}
+
+fn tiny_adapter() -> PathBuf {
+    fixtures().join("llama-tiny.iapt.safetensors")
+}
+
+fn tiny_server(extra: &[&str]) -> Server {
+    let (m, a) = (tiny_model(), format!("tiny={}", tiny_adapter().display()));
+    let mut args = vec!["--model", m.to_str().unwrap(), "--adapter", &a];
+    if !extra.contains(&"--ctx-size") {
+        args.extend(["--ctx-size", "1024"]);
+    }
+    args.extend(EXACT);
+    args.extend(extra);
+    Server::start(&args)
+}
+
+fn ids_text(ids: &[i64]) -> String {
+    ids.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Random adapters for the tiny llama fixture (m = 2 and 3), written to `dir`.
+fn random_adapters(dir: &Path) -> Vec<PathBuf> {
+    use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+    let base = iapt_format::BaseModelInfo::read(&tiny_model()).unwrap();
+    [(2, 8), (3, 16)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, r))| {
+            let spec = AdapterSpec::small(base.n_layer, base.n_embd, m, r, iapt_format::Activation::Silu);
+            let a = random_adapter(&spec, &mut Rng::new(0x5E7 + i as u64)).unwrap();
+            let mut cfg = a.config().clone();
+            cfg.base_model_arch = base.arch.clone();
+            let a = iapt_format::Adapter::from_parts(cfg, a.extras().clone(), a.tensors().to_vec()).unwrap();
+            let path = dir.join(format!("r{i}.safetensors"));
+            a.save(&path, iapt_format::Container::Safetensors).unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn completions_and_chat_equal_iapt_run() {
+    let s = tiny_server(&[]);
+    assert!(s.ready_line.contains("llama-tiny-f32") && s.ready_line.contains("tiny"), "{}", s.ready_line);
+    assert_eq!(s.get("/health").status, 200);
+    let models = s.get("/v1/models").json();
+    let data = models["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{models}");
+    assert_eq!(data[0]["id"], "llama-tiny-f32");
+    assert_eq!((&data[1]["id"], &data[1]["parent"]), (&json!("tiny"), &json!("llama-tiny-f32")));
+    let prompt = "write the list backwards: b a c";
+    for (model, adapter) in [("tiny", Some(tiny_adapter())), ("llama-tiny-f32", None)] {
+        let want = run_alone(&tiny_model(), adapter.as_deref(), prompt, false, false, 12, &EXACT);
+        let body = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
+        let r = s.post_json("/v1/completions", &body).json();
+        assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want, "{model}");
+        assert_eq!(r["object"], "text_completion");
+        assert_eq!(r["model"], model);
+        let n = r["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(n > 0 && n <= 12 && r["usage"]["total_tokens"].as_u64() == Some(n + r["usage"]["prompt_tokens"].as_u64().unwrap()), "{r}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let chunks = s.open_stream("/v1/completions", &streamed).chunks();
+        assert_eq!(stream_text(&chunks), want, "{model} streamed");
+        assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+        let want = run_alone(&tiny_model(), adapter.as_deref(), prompt, false, true, 12, &EXACT);
+        let body = json!({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0});
+        let r = s.post_json("/v1/chat/completions", &body).json();
+        assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap(), want, "{model} chat");
+        assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let chunks = s.open_stream("/v1/chat/completions", &streamed).chunks();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+        assert_eq!(stream_text(&chunks), want, "{model} chat streamed");
+    }
+    assert!(s.stop().success());
+}
+
+/// log-softmax of one logits row, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+#[test]
+fn token_id_logprobs_are_the_log_softmax_of_dumped_logits() {
+    let s = tiny_server(&[]);
+    let ids = instruction("llama-long-iapt");
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("logits.npy");
+    let mut extra = EXACT.to_vec();
+    extra.extend(["--dump-logits", dump.to_str().unwrap()]);
+    let want_text = run_alone(&tiny_model(), Some(&tiny_adapter()), &ids_text(&ids), true, false, 8, &extra);
+    let logits = iapt_npy::read_f32_file(&dump).unwrap();
+    let (steps, n_vocab) = (logits.shape[0], logits.shape[1]);
+    let body = json!({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 5});
+    let r = s.post_json("/v1/completions", &body).json();
+    assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want_text);
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
+    let lp = &r["choices"][0]["logprobs"];
+    let token_lps = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_lps.len(), steps, "{lp}");
+    for (i, got) in token_lps.iter().enumerate() {
+        let ls = log_softmax(&logits.data[i * n_vocab..(i + 1) * n_vocab]);
+        let mut sorted = ls.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        // Greedy: the chosen token is the most likely one.
+        assert!((got.as_f64().unwrap() - sorted[0]).abs() < 1e-4, "step {i}: {got} vs {}", sorted[0]);
+        let mut top: Vec<f64> = lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+        top.sort_by(|a, b| b.total_cmp(a));
+        // Token texts can coincide (byte tokens), merging keys: every value given is one of the top 5.
+        assert!(!top.is_empty() && top.len() <= 5);
+        for v in &top {
+            assert!(sorted[..5].iter().any(|w| (v - w).abs() < 1e-4), "step {i}: {v} not among {:?}", &sorted[..5]);
+        }
+    }
+    // Chat-shaped log-probabilities with the same ids as a completion prompt, streamed: one per token.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = s.open_stream("/v1/completions", &streamed).chunks();
+    let streamed_lps: Vec<f64> = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"][0].as_f64()).collect();
+    let whole: Vec<f64> = token_lps.iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(streamed_lps.len(), whole.len());
+    assert!(streamed_lps.iter().zip(&whole).all(|(a, b)| (a - b).abs() < 1e-6));
+}
+
+#[test]
+fn sixteen_concurrent_requests_each_equal_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = random_adapters(dir.path());
+    let (a1, a2) = (format!("r1={}", r[0].display()), format!("r2={}", r[1].display()));
+    let s = tiny_server(&["--adapter", &a1, "--adapter", &a2, "--parallel", "16", "--ctx-size", "2048", "--batch-tokens", "64"]);
+    let prompts = [instruction("llama-short-iapt"), instruction("llama-long-iapt")];
+    let models = ["tiny", "r1", "r2", "llama-tiny-f32"];
+    let bodies: Vec<serde_json::Value> = (0..16)
+        .map(|i| json!({"model": models[i % 4], "prompt": prompts[(i / 4) % 2], "max_tokens": 10, "temperature": 0, "stream": i % 3 == 0, "logprobs": 1}))
+        .collect();
+    let answer = |s: &Server, b: &serde_json::Value| -> (String, Vec<f64>) {
+        if b["stream"] == json!(true) {
+            let chunks = s.open_stream("/v1/completions", b).chunks();
+            let lps = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"][0].as_f64()).collect();
+            (stream_text(&chunks), lps)
+        } else {
+            let r = s.post_json("/v1/completions", b).json();
+            let lps = r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            (r["choices"][0]["text"].as_str().unwrap().to_owned(), lps)
+        }
+    };
+    let alone: Vec<(String, Vec<f64>)> = bodies.iter().map(|b| answer(&s, b)).collect();
+    let together: Vec<(String, Vec<f64>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = bodies.iter().map(|b| sc.spawn(|| answer(&s, b))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.0, t.0, "request {i} ({})", bodies[i]);
+        assert_eq!(a.1.len(), t.1.len(), "request {i}");
+        assert!(a.1.iter().zip(&t.1).all(|(x, y)| (x - y).abs() < 1e-4), "request {i}: {:?} vs {:?}", a.1, t.1);
+    }
+    assert_ne!(alone[0].0, alone[3].0, "the adapter changes the continuation");
+    assert_ne!(alone[1].0, alone[2].0, "the two random adapters differ");
+}
+
+#[test]
+fn bad_input_is_a_4xx_error_object_naming_the_field() {
+    let s = tiny_server(&["--ctx-size", "256", "--parallel", "2", "--max-body", "65536"]);
+    let c = "/v1/completions";
+    let chat = "/v1/chat/completions";
+    s.post(c, "{\"model\": \"tiny\", \"prompt\": ").assert_error(400, None);
+    s.post(c, "not json").assert_error(400, None);
+    s.post(c, "[1, 2]").assert_error(400, None);
+    s.post(c, "").assert_error(400, None);
+    let cases: Vec<(&str, serde_json::Value, u16, Option<&str>)> = vec![
+        (c, json!({"model": "tiny", "prompt": "x", "temperature": "hot"}), 400, Some("temperature")),
+        (c, json!({"model": "tiny", "prompt": "x", "temperature": -1}), 400, Some("temperature")),
+        (c, json!({"model": "tiny", "prompt": "x", "top_p": 1.5}), 400, Some("top_p")),
+        (c, json!({"model": "tiny", "prompt": "x", "top_k": -2}), 400, Some("top_k")),
+        (c, json!({"model": "tiny", "prompt": "x", "min_p": 2}), 400, Some("min_p")),
+        (c, json!({"model": "tiny", "prompt": "x", "repeat_penalty": 0}), 400, Some("repeat_penalty")),
+        (c, json!({"model": "tiny", "prompt": "x", "max_tokens": 0}), 400, Some("max_tokens")),
+        (c, json!({"model": "tiny", "prompt": "x", "max_tokens": "many"}), 400, Some("max_tokens")),
+        (c, json!({"model": "tiny", "prompt": "x", "n": 2}), 400, Some("n")),
+        (c, json!({"model": "tiny", "prompt": "x", "echo": true}), 400, Some("echo")),
+        (c, json!({"model": "tiny", "prompt": "x", "logprobs": 99}), 400, Some("logprobs")),
+        (c, json!({"model": "tiny", "prompt": "x", "stop": ["", "a"]}), 400, Some("stop[0]")),
+        (c, json!({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, Some("stop")),
+        (c, json!({"model": "tiny", "prompt": "x", "seed": 1e20}), 400, Some("seed")),
+        (c, json!({"model": "tiny", "prompt": [1, 999999]}), 400, Some("prompt")),
+        (c, json!({"model": "tiny", "prompt": []}), 400, Some("prompt")),
+        (c, json!({"model": "tiny", "prompt": {"text": "x"}}), 400, Some("prompt")),
+        (c, json!({"model": "tiny"}), 400, Some("prompt")),
+        (c, json!({"prompt": "x"}), 400, Some("model")),
+        (c, json!({"model": 7, "prompt": "x"}), 400, Some("model")),
+        (c, json!({"model": "nope", "prompt": "x"}), 404, Some("model")),
+        (c, json!({"model": "tiny", "prompt": vec![1; 300]}), 400, Some("prompt")),
+        (c, json!({"model": "tiny", "prompt": "x", "max_tokens": 100000}), 400, Some("prompt")),
+        (chat, json!({"model": "tiny", "messages": []}), 400, Some("messages")),
+        (chat, json!({"model": "tiny", "messages": "hi"}), 400, Some("messages")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}), 400, Some("messages[0].role")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": {"a": 1}}]}), 400, Some("messages[0].content")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}), 400, Some("top_logprobs")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}), 400, Some("n")),
+        (chat, json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, Some("model")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x ".repeat(400)}]}), 400, Some("messages")),
+    ];
+    for (path, body, status, param) in &cases {
+        let e = s.post_json(path, body).assert_error(*status, *param);
+        if *status == 404 {
+            assert_eq!(e["code"], "model_not_found");
+        }
+    }
+    let e = s.post_json(c, &json!({"model": "tiny", "prompt": vec![1; 300]})).assert_error(400, Some("prompt"));
+    assert_eq!(e["code"], "context_length_exceeded");
+    // The body cap: 413 with an error object.
+    let big = json!({"model": "tiny", "prompt": "x".repeat(70_000)});
+    s.post_json(c, &big).assert_error(413, None);
+    // Unknown routes and methods.
+    s.get("/v1/nothing").assert_error(404, None);
+    s.get("/v1/completions").assert_error(405, None);
+    // Nothing broke: a good request still runs, and /health is 200.
+    let r = s.post_json(c, &json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.get("/health").status, 200);
+    assert!(s.metric("iapt_http_errors_total{status=\"400\"}") >= 30.0);
+}
+
+/// A long request that runs until cancelled (past end-of-generation tokens).
+fn long_body(model: &str) -> serde_json::Value {
+    json!({"model": model, "prompt": [1, 2, 3], "max_tokens": 30000, "temperature": 0, "ignore_eos": true, "stream": true})
+}
+
+#[test]
+fn queue_full_is_503_with_retry_after() {
+    let s = tiny_server(&["--parallel", "1", "--queue", "1", "--ctx-size", "32768"]);
+    let mut running = s.open_stream("/v1/completions", &long_body("tiny"));
+    assert!(running.next_data().is_some(), "the first request runs");
+    std::thread::scope(|sc| {
+        let queued = sc.spawn(|| {
+            let mut r = s.open_stream("/v1/completions", &long_body("tiny"));
+            r.next_data().is_some()
+        });
+        s.wait_until("one request queued", |s| s.metric("iapt_requests_queued") == 1.0);
+        let r = s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x", "max_tokens": 2}));
+        let e = r.assert_error(503, None);
+        assert_eq!(e["code"], "queue_full");
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+        drop(running);
+        assert!(queued.join().unwrap(), "the queued request runs once the slot frees");
+    });
+    s.wait_until("everything cancelled", |s| s.metric("iapt_requests_running") + s.metric("iapt_requests_queued") == 0.0);
+    assert_eq!(s.get("/health").status, 200);
+}
+
+#[test]
+fn client_disconnect_cancels_its_sequence() {
+    let s = tiny_server(&["--parallel", "2", "--ctx-size", "65536"]);
+    let mut stream = s.open_stream("/v1/completions", &long_body("tiny"));
+    for _ in 0..3 {
+        assert!(stream.next_data().is_some());
+    }
+    // Another request, alongside: unaffected.
+    let body = json!({"model": "tiny", "prompt": "write the list backwards: b a c", "max_tokens": 12, "temperature": 0});
+    let alone_before = s.post_json("/v1/completions", &body).json()["choices"][0]["text"].clone();
+    drop(stream);
+    s.wait_until("the disconnected request cancelled", |s| s.metric("iapt_requests_total{model=\"tiny\",outcome=\"cancelled\"}") == 1.0);
+    s.wait_until("no request running", |s| s.metric("iapt_requests_running") == 0.0 && s.metric("iapt_requests_in_flight") == 0.0);
+    assert!(s.metric("iapt_completion_tokens_total{model=\"tiny\"}") < 30000.0, "the sequence stopped early");
+    let after = s.post_json("/v1/completions", &body).json()["choices"][0]["text"].clone();
+    assert_eq!(alone_before, after);
+}
+
+#[test]
+fn adapters_load_and_unload_at_run_time_inside_the_directory_only() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("adapters");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(tiny_adapter(), dir.join("copy.safetensors")).unwrap();
+    std::fs::copy(tiny_adapter(), root.path().join("outside.safetensors")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("outside.safetensors"), dir.join("link.safetensors")).unwrap();
+    std::fs::write(dir.join("broken.safetensors"), b"not an adapter").unwrap();
+    let qwen = fixtures().join("qwen2-tiny.iapt.safetensors");
+    std::fs::copy(&qwen, dir.join("qwen.safetensors")).unwrap();
+    let s = tiny_server(&["--adapter-dir", dir.to_str().unwrap()]);
+    let load = |name: &str, path: &str| s.post_json("/v1/adapters", &json!({"name": name, "path": path}));
+    let r = load("copy", "copy.safetensors");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["parent"], "llama-tiny-f32");
+    let ids: Vec<String> =
+        s.get("/v1/models").json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, ["llama-tiny-f32", "copy", "tiny"]);
+    let ask = |model: &str| s.post_json("/v1/completions", &json!({"model": model, "prompt": "b a c", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(ask("copy").json()["choices"][0]["text"], ask("tiny").json()["choices"][0]["text"], "the same file gives the same text");
+    for bad in [
+        "../outside.safetensors",
+        "link.safetensors",
+        root.path().join("outside.safetensors").to_str().unwrap(),
+        "missing.safetensors",
+        "sub/../../outside.safetensors",
+    ] {
+        load("x", bad).assert_error(403, Some("path"));
+    }
+    let e = load("x", "broken.safetensors").assert_error(400, Some("path"));
+    assert!(e["message"].as_str().unwrap().contains('E'), "spec codes in {e}");
+    let e = load("x", "qwen.safetensors").assert_error(400, Some("path"));
+    assert!(e["message"].as_str().unwrap().contains("E3"), "spec codes in {e}");
+    load("copy", "copy.safetensors").assert_error(409, Some("name"));
+    load("llama-tiny-f32", "copy.safetensors").assert_error(409, Some("name"));
+    load("bad name!", "copy.safetensors").assert_error(400, Some("name"));
+    s.post("/v1/adapters", "{\"name\": 3}").assert_error(400, Some("name"));
+    assert_eq!(s.get("/v1/models").json()["data"].as_array().unwrap().len(), 3, "refused loads changed nothing");
+    let r = agent().delete(&s.url("/v1/adapters/copy")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    ask("copy").assert_error(404, Some("model"));
+    let r = agent().delete(&s.url("/v1/adapters/copy")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    // Without --adapter-dir both are refused.
+    let plain = tiny_server(&[]);
+    plain.post_json("/v1/adapters", &json!({"name": "c", "path": "copy.safetensors"})).assert_error(403, None);
+    assert_eq!(agent().delete(&plain.url("/v1/adapters/tiny")).call().unwrap().status().as_u16(), 403);
+}
+
+#[test]
+fn api_key_guards_everything_but_health() {
+    let s = tiny_server(&["--api-key", "k3y"]);
+    assert_eq!(s.get("/health").status, 200);
+    for path in ["/v1/models", "/metrics"] {
+        let e = s.get(path).assert_error(401, None);
+        assert_eq!(e["code"], "invalid_api_key");
+        let r = agent().get(&s.url(path)).header("authorization", "Bearer k3").call().unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        let r = agent().get(&s.url(path)).header("authorization", "Bearer k3y").call().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x"})).assert_error(401, None);
+    let r = agent()
+        .post(&s.url("/v1/completions"))
+        .header("authorization", "Bearer k3y")
+        .send(json!({"model": "tiny", "prompt": "x", "max_tokens": 2}).to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[test]
+fn metrics_count_requests_and_tokens() {
+    let s = tiny_server(&[]);
+    let mut prompt_tokens = 0;
+    let mut completion_tokens = 0;
+    for i in 0..3 {
+        let r = s
+            .post_json("/v1/completions", &json!({"model": "tiny", "prompt": format!("b a c {i}"), "max_tokens": 5, "temperature": 0}))
+            .json();
+        prompt_tokens += r["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion_tokens += r["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    let r = s.get("/metrics");
+    assert!(r.body.contains("# TYPE iapt_time_to_first_token_seconds histogram"), "{}", r.body);
+    assert_eq!(s.metric("iapt_prompt_tokens_total{model=\"tiny\"}"), prompt_tokens as f64);
+    assert_eq!(s.metric("iapt_completion_tokens_total{model=\"tiny\"}"), completion_tokens as f64);
+    assert_eq!(s.metric("iapt_time_to_first_token_seconds_count{model=\"tiny\"}"), 3.0);
+    assert_eq!(s.metric("iapt_inter_token_latency_seconds_count{model=\"tiny\"}"), (completion_tokens - 3) as f64);
+    assert_eq!(s.metric("iapt_requests_total{model=\"tiny\""), 3.0);
+    assert_eq!(s.metric("iapt_requests_running"), 0.0);
+}
+
+#[test]
+fn hundreds_of_mixed_requests_at_once_are_all_answered() {
+    let s = tiny_server(&["--parallel", "4", "--ctx-size", "1024", "--queue", "512"]);
+    let model = |i: usize| if i % 2 == 0 { "tiny" } else { "llama-tiny-f32" };
+    let good = |i: usize| json!({"model": model(i), "prompt": format!("b a c {}", i % 5), "max_tokens": 6, "temperature": 0});
+    // Alone, one at a time: the expected text of each (model, prompt) pair.
+    let alone: Vec<String> =
+        (0..10).map(|i| s.post_json("/v1/completions", &good(i)).json()["choices"][0]["text"].as_str().unwrap().to_owned()).collect();
+    let check = |i: usize| match i % 6 {
+        0 | 1 => {
+            let mut b = good(i);
+            let text = if i % 4 == 1 {
+                b["stream"] = json!(true);
+                stream_text(&s.open_stream("/v1/completions", &b).chunks())
+            } else {
+                s.post_json("/v1/completions", &b).json()["choices"][0]["text"].as_str().unwrap().to_owned()
+            };
+            assert_eq!(text, alone[i % 10], "request {i}");
+        }
+        2 => {
+            s.post("/v1/completions", "{\"model\": \"tiny\", \"prompt\"").assert_error(400, None);
+        }
+        3 => {
+            s.post_json("/v1/chat/completions", &json!({"model": format!("m{i}"), "messages": [{"role": "user", "content": "x"}]}))
+                .assert_error(404, Some("model"));
+        }
+        4 => {
+            s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x", "n": 2})).assert_error(400, Some("n"));
+        }
+        _ => {
+            s.post_json("/v1/completions", &json!({"model": model(i), "prompt": vec![1; 2000]})).assert_error(400, Some("prompt"));
+        }
+    };
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..300).map(|i| sc.spawn(move || check(i))).collect();
+        for h in hs {
+            h.join().expect("every answer as expected");
+        }
+    });
+    assert_eq!(s.get("/health").status, 200);
+    assert_eq!(s.metric("iapt_requests_running") + s.metric("iapt_requests_queued") + s.metric("iapt_requests_in_flight"), 0.0);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
+    let s = tiny_server(&["--ctx-size", "32768", "--parallel", "1", "--grace", "30"]);
+    let mut body = long_body("tiny");
+    body["max_tokens"] = json!(4000);
+    let mut stream = s.open_stream("/v1/completions", &body);
+    assert!(stream.next_data().is_some());
+    let base = s.base.clone();
+    let status = std::thread::scope(|sc| {
+        let stopping = sc.spawn(|| s.stop());
+        let chunks = stream.chunks();
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "the in-flight request ran to its end");
+        stopping.join().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+    assert!(agent().get(&format!("{base}/health")).call().is_err(), "nothing listens after the stop");
+}
+
+#[test]
+fn the_readme_command_serves_the_demo() {
+    let assets = repo().join("converters/python/demo/assets");
+    let (model, adapter) = (assets.join("base-q4_k_m.gguf"), assets.join("adapter.iapt.gguf"));
+    let a = format!("reverse={}", adapter.display());
+    let s = Server::start(&["--model", model.to_str().unwrap(), "--adapter", &a]);
+    let line = std::fs::read_to_string(assets.join("demo_prompts.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let instruction = first["instruction"].as_str().unwrap();
+    // The README's curl body.
+    let body = json!({"model": "reverse", "prompt": instruction, "max_tokens": 24, "temperature": 0, "stop": ["\n"]});
+    let got = s.post_json("/v1/completions", &body).json()["choices"][0]["text"].as_str().unwrap().to_owned();
+    let want = run_alone(&model, Some(&adapter), instruction, false, false, 24, &[]);
+    assert_eq!(got, want.split('\n').next().unwrap());
+    assert_eq!(got.trim(), first["response"].as_str().unwrap(), "the adapter answers the held-out instruction");
+    // The demo model has no chat template: chat is refused naming messages, never a 500.
+    s.post_json("/v1/chat/completions", &json!({"model": "reverse", "messages": [{"role": "user", "content": instruction}]}))
+        .assert_error(400, Some("messages"));
+}

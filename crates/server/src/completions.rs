@@ -1,0 +1,57 @@
+//! `POST /v1/completions`: the prompt (text, or token ids fed as given) is the whole instruction;
+//! the adapter `model` names adds its soft tokens after it. `max_tokens` defaults to 16, as
+//! OpenAI's does.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::Response;
+
+use crate::api::{self, Prompt};
+use crate::error::ApiError;
+use crate::generate::{self, Fields, Input, Job};
+use crate::respond::{respond, Shape};
+use crate::routes::body_bytes;
+use crate::state::AppState;
+
+/// OpenAI's default `max_tokens` for completions.
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The handler.
+pub(crate) async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match run(&st, body).await {
+        Ok(r) => r,
+        Err(e) => st.error(e),
+    }
+}
+
+async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let b = api::parse(&body_bytes(body)?)?;
+    let (common, prompt) = api::completion(&b)?;
+    let ready = st.ready()?;
+    let adapter = st.resolve(&ready, &common.model)?;
+    let prompt = match prompt {
+        Prompt::Tokens(ids) => ids,
+        Prompt::Text(text) => generate::tokenize(&ready, Input::Text(text)).await?,
+    };
+    let shape = Shape {
+        chat: false,
+        id: format!("cmpl-{}", st.next_id()),
+        created: st.created,
+        model: common.model.clone(),
+        logprobs: common.logprobs.is_some(),
+    };
+    let (stream, usage) = (common.stream, common.include_usage);
+    let job = Job {
+        model: common.model.clone(),
+        adapter,
+        prompt,
+        common,
+        default_max: Some(DEFAULT_MAX_TOKENS),
+        fields: Fields { prompt: "prompt", logprobs: "logprobs" },
+    };
+    let started = generate::start(&ready, &st.metrics, job).await?;
+    respond(started, shape, ready, stream, usage).await
+}

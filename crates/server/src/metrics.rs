@@ -1,0 +1,120 @@
+//! `/metrics`: Prometheus text exposition (the `prometheus` crate, no protobuf).
+//!
+//! - `iapt_requests_running`, `iapt_requests_queued`: the engine's slots and queue, read at scrape time;
+//! - `iapt_requests_in_flight{model}`: accepted requests not yet answered, per model (the base id
+//!   or an adapter's name);
+//! - `iapt_requests_total{model, outcome}`: ended requests (`stop`, `length`, `cancelled`, `error`);
+//! - `iapt_prompt_tokens_total{model}`, `iapt_completion_tokens_total{model}`: tokens in and out;
+//! - `iapt_time_to_first_token_seconds{model}`, `iapt_inter_token_latency_seconds{model}`:
+//!   histograms, timed on the engine thread as tokens are produced (not as clients read them);
+//! - `iapt_http_errors_total{status}`: error answers by HTTP status.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// The server's metrics and their registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) running: IntGauge,
+    pub(crate) queued: IntGauge,
+    pub(crate) in_flight: IntGaugeVec,
+    pub(crate) requests: IntCounterVec,
+    pub(crate) prompt_tokens: IntCounterVec,
+    pub(crate) completion_tokens: IntCounterVec,
+    pub(crate) ttft: HistogramVec,
+    pub(crate) itl: HistogramVec,
+    pub(crate) http_errors: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        let histogram = |name: &str, help: &str| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["model"]).expect("valid metric")
+        };
+        let m = Metrics {
+            running: gauge("iapt_requests_running", "Requests in an engine slot."),
+            queued: gauge("iapt_requests_queued", "Requests waiting for an engine slot."),
+            in_flight: IntGaugeVec::new(Opts::new("iapt_requests_in_flight", "Accepted requests not yet answered, per model."), &["model"])
+                .expect("valid metric"),
+            requests: counter("iapt_requests_total", "Ended generation requests, per model and outcome.", &["model", "outcome"]),
+            prompt_tokens: counter("iapt_prompt_tokens_total", "Prompt tokens of accepted requests.", &["model"]),
+            completion_tokens: counter("iapt_completion_tokens_total", "Generated tokens.", &["model"]),
+            ttft: histogram("iapt_time_to_first_token_seconds", "From acceptance to the first generated token."),
+            itl: histogram("iapt_inter_token_latency_seconds", "Between two generated tokens of one request."),
+            http_errors: counter("iapt_http_errors_total", "Error answers, per HTTP status.", &["status"]),
+            registry,
+        };
+        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(m.running.clone()),
+            Box::new(m.queued.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.prompt_tokens.clone()),
+            Box::new(m.completion_tokens.clone()),
+            Box::new(m.ttft.clone()),
+            Box::new(m.itl.clone()),
+            Box::new(m.http_errors.clone()),
+        ];
+        for c in all {
+            m.registry.register(c).expect("unique metric names");
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to memory");
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Counts a request in flight for `model` until dropped.
+pub(crate) struct InFlight(IntGauge);
+
+impl InFlight {
+    pub fn new(m: &Metrics, model: &str) -> InFlight {
+        let g = m.in_flight.with_label_values(&[model]);
+        g.inc();
+        InFlight(g)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_exposition_has_every_family_and_counts() {
+        let m = Metrics::new();
+        {
+            let _a = InFlight::new(&m, "sorter");
+            m.prompt_tokens.with_label_values(&["sorter"]).inc_by(7);
+            m.ttft.with_label_values(&["sorter"]).observe(0.02);
+            assert!(m.render().contains("iapt_requests_in_flight{model=\"sorter\"} 1"));
+        }
+        let text = m.render();
+        assert!(text.contains("iapt_requests_in_flight{model=\"sorter\"} 0"), "{text}");
+        assert!(text.contains("iapt_prompt_tokens_total{model=\"sorter\"} 7"), "{text}");
+        assert!(text.contains("iapt_time_to_first_token_seconds_count{model=\"sorter\"} 1"), "{text}");
+        assert!(text.contains("# TYPE iapt_requests_running gauge"), "{text}");
+    }
+}
