@@ -11,7 +11,8 @@
 //! - `api_key_guards_everything_but_health`, `metrics_count_requests_and_tokens`;
 //! - `hundreds_of_mixed_requests_at_once_are_all_answered`: then /health is still 200;
 //! - `sigterm_lets_the_in_flight_request_finish_and_exits_0`;
-//! - `the_readme_command_serves_the_demo`: the README's demo server and curl body.
+//! - `the_readme_command_serves_the_demo`: the README's demo server and curl body;
+//! - `serve_over_an_rpc_worker_equals_iapt_run`: `--rpc` puts the layers on an `iapt rpc-server`.
 
 mod support;
 
@@ -470,4 +471,40 @@ fn the_readme_command_serves_the_demo() {
     // The demo model has no chat template: chat is refused naming messages, never a 500.
     s.post_json("/v1/chat/completions", &json!({"model": "reverse", "messages": [{"role": "user", "content": instruction}]}))
         .assert_error(400, Some("messages"));
+}
+
+/// `iapt serve --rpc`: the base model's layers on an `iapt rpc-server` worker (127.0.0.1, an
+/// ephemeral port, killed on drop); greedy text equals the local `iapt run` with the same adapter.
+#[test]
+fn serve_over_an_rpc_worker_equals_iapt_run() {
+    struct Worker(std::process::Child);
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _worker = Worker(
+        std::process::Command::new(iapt_bin())
+            .args(["rpc-server", "--host", "127.0.0.1", "--port", &port.to_string(), "--threads", "1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start iapt rpc-server"),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the worker did not listen within {WAIT:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let endpoint = format!("127.0.0.1:{port}");
+    let s = tiny_server(&["--rpc", &endpoint, "--verbose"]);
+    let ids = instruction("llama-long-iapt");
+    let want_text = run_alone(&tiny_model(), Some(&tiny_adapter()), &ids_text(&ids), true, false, 8, &EXACT);
+    let body = json!({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0});
+    let r = s.post_json("/v1/completions", &body).json();
+    assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want_text, "over RPC vs local");
+    let err = s.stderr_text();
+    assert!(err.contains(&format!("RPC0 ({endpoint})")), "the worker's device must be listed: {err}");
 }

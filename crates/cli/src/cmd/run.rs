@@ -113,8 +113,16 @@ impl CtxArgs {
     /// that is not a GGUF model (exit 1) or a truncated one (exit 2) is told apart before llama.cpp
     /// reports a generic load failure.
     pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        let mp = self.prepare_model(path)?;
+        Ok(Model::load_with(path, &mp)?)
+    }
+
+    /// Everything before llama.cpp loads the base model at `path`, for callers that load it
+    /// themselves (`serve`, on the engine's thread): reads its header and refuses an architecture
+    /// the hook cannot run, adds the `--rpc` workers, and with `--verbose` says where the layers
+    /// go. Returns the model parameters to load it with.
+    pub fn prepare_model(&self, path: &Path) -> anyhow::Result<ModelParams> {
         let base = BaseModelInfo::read(path).context("cannot read the base model's header")?;
-        // Before llama.cpp loads anything: an architecture the hook cannot run is refused by name.
         ensure_supported_arch(&base, path)?;
         self.add_rpc_workers()?;
         let mp = self.model_params();
@@ -124,7 +132,7 @@ impl CtxArgs {
             // With --rpc the offload devices are the workers (and any local GPU).
             eprintln!("{}", if self.rpc.is_some() { line.replace("to the GPU", "to the GPU and RPC workers") } else { line });
         }
-        Ok(Model::load_with(path, &mp)?)
+        Ok(mp)
     }
 
     /// With `--rpc`: connects to the workers and adds their devices (every layer then goes to them

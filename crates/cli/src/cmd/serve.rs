@@ -85,7 +85,7 @@ fn usage_error(msg: &str) -> ExitCode {
 }
 
 /// The server settings from the options, or a usage error.
-fn config(args: &Args) -> Result<ServerConfig, String> {
+fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerConfig, String> {
     if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 || args.queue == 0 {
         return Err("--parallel must be 1..=256, --batch-tokens and --queue at least 1".to_owned());
     }
@@ -121,7 +121,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         gpu: session.gpu,
     };
     let stem = args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".to_owned());
-    let spec = EngineSpec { model: args.model.clone(), model_params: args.ctx.model_params(), config: engine, adapters };
+    let spec = EngineSpec { model: args.model.clone(), model_params, config: engine, adapters };
     Ok(ServerConfig {
         host: args.host.clone(),
         port: args.port,
@@ -136,7 +136,10 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
 /// Runs `iapt serve`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
-    let config = match config(args) {
+    // Header, architecture and --rpc workers here (their errors keep their exit codes); the
+    // engine's thread then loads the model.
+    let model_params = args.ctx.prepare_model(&args.model)?;
+    let config = match config(args, model_params) {
         Ok(c) => c,
         Err(msg) => return Ok(usage_error(&msg)),
     };
