@@ -105,6 +105,19 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Every event of one request's stream, in order, until it ends; a failure fails the test.
+    fn collect(events: impl IntoIterator<Item = iapt_engine::Event>) -> Outcome {
+        let mut got = Outcome::default();
+        for ev in events {
+            match ev.kind {
+                EventKind::Token(t) => got.tokens.push(t),
+                EventKind::Done(d) => got.done = Some(d),
+                EventKind::Failed(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
     fn ids(&self) -> Vec<Token> {
         self.tokens.iter().map(|t| t.token).collect()
     }
@@ -490,14 +503,7 @@ fn handle_streams_events_and_cancels_when_the_stream_is_dropped() {
     // first request's 35 steps end, so it is cancelled without running.
     let (_, dropped) = h.submit(greedy(&c.instruction, Some("a0"), 12)).unwrap();
     drop(dropped);
-    let mut got = Outcome::default();
-    for ev in rx {
-        match ev.kind {
-            EventKind::Token(t) => got.tokens.push(t),
-            EventKind::Done(d) => got.done = Some(d),
-            EventKind::Failed(e) => panic!("{e}"),
-        }
-    }
+    let got = Outcome::collect(rx);
     assert_eq!(got.ids(), want.ids());
     let st = h.status().unwrap();
     assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
@@ -524,14 +530,7 @@ fn handle_sinks_get_every_event_and_a_false_sink_cancels() {
     let want = alone(&m, &[], &greedy(&c.instruction, None, 10));
     let (tx, rx) = std::sync::mpsc::channel();
     h.submit_to(greedy(&c.instruction, None, 10), Box::new(ChannelSink { tx, listen_for: usize::MAX, alive: None })).unwrap();
-    let mut got = Outcome::default();
-    for ev in rx {
-        match ev.kind {
-            EventKind::Token(t) => got.tokens.push(t),
-            EventKind::Done(d) => got.done = Some(d),
-            EventKind::Failed(e) => panic!("{e}"),
-        }
-    }
+    let got = Outcome::collect(rx);
     assert_eq!(got.ids(), want.ids());
     // A sink that stops listening after its first event: the request is cancelled, its cells freed.
     let (tx, rx) = std::sync::mpsc::channel();
