@@ -26,6 +26,7 @@ use iapt_format::{Activation, Adapter, Role, TensorName};
 
 use crate::activation;
 use crate::error::GeneratorError;
+use crate::kernels;
 use crate::matmul::{matmul, MatMut, MatRef};
 
 /// Rows processed per block when pooling raw hidden states (a 64 x 4096 f32 block is 1 MiB and
@@ -291,28 +292,27 @@ impl Generator {
             Strategy::PoolFirst => Vec::new(),
             _ => vec![0.0f32; block * r],
         };
-        // Scores transposed, m x nr: a GEMM with many output rows and few columns runs far
-        // slower in `gemm` than its transpose.
+        // Scores transposed, m x nr (soft token k's scores contiguous, as the softmax and the
+        // weighted sum read them).
         let mut st = vec![0.0f32; m * block];
         let mut blk = vec![0.0f32; m * w];
         let mut f = vec![1.0f64; m];
         for (bi, chunk) in rows.chunks(block * d).enumerate() {
             let nr = chunk.len() / d;
-            let ht = MatRef::row_major(chunk, nr, d).t();
-            let scores = MatMut::row_major(&mut st, m, nr);
+            let scores = &mut st[..m * nr];
             // x: the rows being pooled, nr x w (H itself, or Z).
             let x: &[f32] = match self.strategy {
                 Strategy::PoolFirst => {
                     // S^T = K^T H^T, K^T stored m x d.
                     let kt = layer.k.as_deref().unwrap_or(&[]);
-                    matmul(scores, None, MatRef::row_major(kt, m, d), ht, self.pool_scale);
+                    kernels::dot_rows(kt, m, chunk, d, self.pool_scale, scores);
                     chunk
                 }
                 _ => {
-                    matmul(MatMut::row_major(&mut z, nr, r), None, ht.t(), MatRef::row_major(&layer.down, r, d).t(), 1.0);
+                    let h = MatRef::row_major(chunk, nr, d);
+                    matmul(MatMut::row_major(&mut z, nr, r), None, h, MatRef::row_major(&layer.down, r, d).t(), 1.0);
                     // S^T = Q Z^T.
-                    let zt = MatRef::row_major(&z, nr, r).t();
-                    matmul(scores, None, MatRef::row_major(&layer.query, m, r), zt, self.pool_scale);
+                    kernels::dot_rows(&layer.query, m, &z[..nr * r], r, self.pool_scale, scores);
                     &z
                 }
             };
@@ -342,9 +342,7 @@ impl Generator {
             let mut i0 = 0;
             while i0 < nr {
                 let ns = POOL_SLICE.min(nr - i0);
-                let xs = MatRef::row_major(&x[i0 * w..], ns, w);
-                let es = MatRef::new(&st[i0..], m, ns, nr, 1);
-                matmul(MatMut::row_major(&mut blk, m, w), None, es, xs, 1.0);
+                kernels::weighted_sum(&st[i0..], nr, m, &x[i0 * w..(i0 + ns) * w], w, &mut blk);
                 for k in 0..m {
                     let (acc, b) = (&mut part.acc[k * w..(k + 1) * w], &blk[k * w..(k + 1) * w]);
                     if f[k] == 1.0 {
@@ -401,8 +399,7 @@ impl Generator {
             Strategy::PoolFirst => {
                 let p32: Vec<f32> = pooled.iter().map(|&v| v as f32).collect();
                 let mut pbar = vec![0.0f32; m * r];
-                let h = MatRef::row_major(&p32, m, d);
-                matmul(MatMut::row_major(&mut pbar, m, r), None, h, MatRef::row_major(&layer.down, r, d).t(), 1.0);
+                self.par_dot_rows(&p32, &layer.down, d, &mut pbar);
                 pbar.iter().map(|&v| f64::from(v)).collect()
             }
             _ => pooled,
@@ -412,14 +409,48 @@ impl Generator {
         }
         activation::apply(&self.activation, &layer.num, &layer.den, r, &mut tail);
         let u: Vec<f32> = tail.iter().map(|&v| v as f32).collect();
-        let keep = match &layer.up_bias {
-            Some(b) => {
-                out.chunks_exact_mut(d).for_each(|row| row.copy_from_slice(b));
-                Some(1.0)
+        self.par_dot_rows(&u, &layer.up, r, out);
+        if let Some(b) = &layer.up_bias {
+            out.chunks_exact_mut(d).for_each(|row| row.iter_mut().zip(b.iter()).for_each(|(v, &b)| *v += b));
+        }
+    }
+}
+
+impl Generator {
+    /// [`kernels::dot_rows`] with scale 1 (`out` is m x n, n = `rows.len() / c`), the rows split
+    /// among up to `self.threads` threads: the tail's two products (pooled W_down^T and u W_up^T)
+    /// each read a whole weight matrix, which the threads share. Each thread writes its own
+    /// m x (its rows) block, copied into `out` in order, so the result does not depend on the
+    /// thread count.
+    fn par_dot_rows(&self, vecs: &[f32], rows: &[f32], c: usize, out: &mut [f32]) {
+        let (m, n) = (self.m, rows.len() / c);
+        let t = self.threads.min(n / MIN_ROWS_PER_THREAD).max(1);
+        if t == 1 {
+            kernels::dot_rows(vecs, m, rows, c, 1.0, out);
+            return;
+        }
+        let per = n.div_ceil(t);
+        let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(per * c)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut o = vec![0.0f32; m * (part.len() / c)];
+                        kernels::dot_rows(vecs, m, part, c, 1.0, &mut o);
+                        o
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        });
+        let mut i0 = 0;
+        for o in parts {
+            let len = o.len() / m.max(1);
+            for k in 0..m {
+                out[k * n + i0..k * n + i0 + len].copy_from_slice(&o[k * len..(k + 1) * len]);
             }
-            None => None,
-        };
-        matmul(MatMut::row_major(out, m, d), keep, MatRef::row_major(&u, m, r), MatRef::row_major(&layer.up, d, r).t(), 1.0);
+            i0 += len;
+        }
     }
 }
 

@@ -43,6 +43,7 @@
 mod activation;
 mod error;
 mod generator;
+mod kernels;
 mod matmul;
 pub mod reference;
 pub mod testing;

@@ -137,18 +137,23 @@ proptest! {
 fn threads_give_the_single_thread_result() {
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
-    let adapter = random_adapter(&AdapterSpec::small(2, 16, 3, 12, Activation::Tanh), &mut rng).unwrap();
-    for strategy in [Strategy::PoolFirst, Strategy::DownFirst] {
-        let one = Generator::from_adapter(&adapter).unwrap().with_strategy(strategy);
-        let three = one.clone().with_threads(3).unwrap();
-        for n in [1, 64, 200, 513] {
-            let rows = rng.vec_f32(n * 16, 1.0);
-            let err = rel_err(&run(&three, 1, &rows), &to_f64(&run(&one, 1, &rows)));
-            assert!(err <= PAIR_TOL, "seed {seed}: {strategy:?} n {n}: {err:e}");
-            let want = reference::generate(&adapter, 1, &to_f64(&rows)).unwrap();
-            assert!(rel_err(&run(&three, 1, &rows), &want) <= TOL, "seed {seed}");
+    // d 16 / r 12: only the pooling splits rows; d 160 / r 136: the tail's two products split
+    // W_down's and W_up's rows among the threads too.
+    for (d, r) in [(16u32, 12u32), (160, 136)] {
+        let adapter = random_adapter(&AdapterSpec::small(2, d, 3, r, Activation::Tanh), &mut rng).unwrap();
+        for strategy in [Strategy::PoolFirst, Strategy::DownFirst] {
+            let one = Generator::from_adapter(&adapter).unwrap().with_strategy(strategy);
+            let three = one.clone().with_threads(3).unwrap();
+            for n in [1, 64, 200, 513] {
+                let rows = rng.vec_f32(n * d as usize, 1.0);
+                let err = rel_err(&run(&three, 1, &rows), &to_f64(&run(&one, 1, &rows)));
+                assert!(err <= PAIR_TOL, "seed {seed}: d {d} {strategy:?} n {n}: {err:e}");
+                let want = reference::generate(&adapter, 1, &to_f64(&rows)).unwrap();
+                assert!(rel_err(&run(&three, 1, &rows), &want) <= TOL, "seed {seed}: d {d}");
+            }
         }
     }
+    let adapter = random_adapter(&AdapterSpec::small(2, 16, 3, 12, Activation::Tanh), &mut rng).unwrap();
     assert!(matches!(Generator::from_adapter(&adapter).unwrap().with_threads(0), Err(GeneratorError::ZeroThreads)));
 }
 
