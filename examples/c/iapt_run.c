@@ -2,14 +2,15 @@
  *
  *   cc iapt_run.c -o iapt_run $(pkg-config --cflags --libs iapt)
  *   iapt_run -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-a ADAPTER2 -p IDS2] \
- *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX]
+ *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1]
  *
  * Each -a/-p pair is one sequence (at most 8), all prefilled in one batch: the instruction ids,
  * then m placeholder tokens (id 0) whose rows the hook overwrites with the adapter's soft tokens.
  * `-a none` runs a sequence without adapter. Generation is greedy with F32 KV cache and flash
  * attention off (the settings of `iapt run --temp 0 --kv-type f32 --flash-attn off`) and stops at
  * an end-of-generation token. Prints "seq S: id id ..." per sequence; with -d, writes the logits of
- * every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps, n_vocab]).
+ * every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps, n_vocab]). `-x 1` skips the
+ * optional iapt_hook_set_context (the hook then learns n_ubatch from the first ubatch).
  * Exit: 0 success, 1 a failure (message on stderr), 2 bad usage. */
 #include <errno.h>
 #include <stdio.h>
@@ -30,7 +31,7 @@ struct seq {
 };
 
 static int usage(const char *msg) {
-    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX]\n", msg);
+    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1]\n", msg);
     return 2;
 }
 
@@ -77,7 +78,7 @@ static int check(int32_t rc, const char *what, const char *err) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *dump_prefix = NULL;
     struct seq seqs[MAX_SEQS];
-    int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1;
+    int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1, no_set_context = 0;
     memset(seqs, 0, sizeof seqs);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -96,6 +97,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-u")) n_ubatch = atoi(v);
         else if (!strcmp(a, "-t")) threads = atoi(v);
         else if (!strcmp(a, "-d")) dump_prefix = v;
+        else if (!strcmp(a, "-x")) no_set_context = atoi(v);
         else return usage("unknown option");
     }
     if (!model_path || n_seqs == 0 || n_seqs != n_adapters || n_predict < 1 || n_ctx < 1 || n_ubatch < 1 || threads < 1)
@@ -127,7 +129,7 @@ int main(int argc, char **argv) {
     cp.cb_eval_user_data = hook;
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "iapt_run: cannot create the context\n"); return 1; }
-    if (check(iapt_hook_set_context(hook, ctx, err, sizeof err), "set_context", err)) return 1;
+    if (!no_set_context && check(iapt_hook_set_context(hook, ctx, err, sizeof err), "set_context", err)) return 1;
 
     int total = 0;
     for (int s = 0; s < n_seqs; s++) {

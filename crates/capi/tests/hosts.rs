@@ -2,7 +2,8 @@
 //! - `c_host_*`: `examples/c/iapt_run.c` built with `pkg-config --cflags --libs iapt`, two sequences
 //!   with different adapters (the fixture's and a second, random one with m = 2) in one batch on
 //!   the llama and qwen2 parity fixtures; each sequence's tokens and logits (every step) equal
-//!   `iapt run --dump-logits` of that sequence alone (F32 model and KV cache, flash attention off);
+//!   `iapt run --dump-logits` of that sequence alone (F32 model and KV cache, flash attention off),
+//!   in one ubatch and in ubatches of 7 rows (n_ubatch told to the hook, or learned by it);
 //! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
 //! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
 //!   `iapt run`'s.
@@ -158,11 +159,12 @@ fn c_host(arch: &str) {
     let second = second_adapter(arch, &model, dir.path());
     let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
     let seqs = [(&first, &short.instruction), (&second, &long.instruction)];
-    // Both sequences in one batch; with ubatches of 512 (one) and 7 rows (the prefill split).
-    for n_ubatch in ["512", "7"] {
-        let prefix = dir.path().join(format!("c-{n_ubatch}"));
+    // Both sequences in one batch; with ubatches of 512 (one) and 7 rows (the prefill split), told
+    // by iapt_hook_set_context or (x) learned by the hook from the first ubatch.
+    for (n_ubatch, x) in [("512", "0"), ("7", "0"), ("7", "1")] {
+        let prefix = dir.path().join(format!("c-{n_ubatch}-{x}"));
         let mut cmd = Command::new(&exe);
-        cmd.arg("-m").arg(&model).args(["-n", "16", "-u", n_ubatch, "-d"]).arg(&prefix);
+        cmd.arg("-m").arg(&model).args(["-n", "16", "-u", n_ubatch, "-x", x, "-d"]).arg(&prefix);
         for (a, instr) in seqs {
             cmd.arg("-a").arg(a).arg("-p").arg(ids(instr));
         }
@@ -171,7 +173,7 @@ fn c_host(arch: &str) {
         for (s, (adapter, instr)) in seqs.iter().enumerate() {
             let (want_tokens, want_logits) = iapt_run(&model, adapter, instr, &dir.path().join(format!("iapt-{s}.npy")));
             assert_eq!(got[s], want_tokens, "{arch}, sequence {s}, n_ubatch {n_ubatch}: tokens differ from iapt run");
-            let logits = read_logits(&dir.path().join(format!("c-{n_ubatch}-{s}.npy")));
+            let logits = read_logits(&dir.path().join(format!("c-{n_ubatch}-{x}-{s}.npy")));
             let rel = worst_rel_diff(&logits, &want_logits);
             eprintln!("{arch} sequence {s} n_ubatch {n_ubatch}: worst relative logit difference to iapt run {rel:.3e}");
             assert!(rel <= TOLERANCE, "{arch}, sequence {s}, n_ubatch {n_ubatch}: logits differ from iapt run by {rel:.3e} (relative)");
