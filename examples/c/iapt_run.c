@@ -2,15 +2,16 @@
  *
  *   cc iapt_run.c -o iapt_run $(pkg-config --cflags --libs iapt)
  *   iapt_run -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-a ADAPTER2 -p IDS2] \
- *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1]
+ *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1] [-b N_CHUNK]
  *
- * Each -a/-p pair is one sequence (at most 8), all prefilled in one batch: the instruction ids,
+ * Each -a/-p pair is one sequence (at most 8), all prefilled together: the instruction ids,
  * then m placeholder tokens (id 0) whose rows the hook overwrites with the adapter's soft tokens.
  * `-a none` runs a sequence without adapter. Generation is greedy with F32 KV cache and flash
  * attention off (the settings of `iapt run --temp 0 --kv-type f32 --flash-attn off`) and stops at
  * an end-of-generation token. Prints "seq S: id id ..." per sequence; with -d, writes the logits of
  * every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps, n_vocab]). `-x 1` skips the
- * optional iapt_hook_set_context (the hook then learns n_ubatch from the first ubatch).
+ * optional iapt_hook_set_context (the hook then learns n_ubatch from the first ubatch); `-b N`
+ * prefills in decodes of at most N rows (chunked prefill).
  * Exit: 0 success, 1 a failure (message on stderr), 2 bad usage. */
 #include <errno.h>
 #include <stdio.h>
@@ -31,7 +32,7 @@ struct seq {
 };
 
 static int usage(const char *msg) {
-    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1]\n", msg);
+    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1] [-b N_CHUNK]\n", msg);
     return 2;
 }
 
@@ -70,15 +71,34 @@ static void quiet(enum ggml_log_level level, const char *text, void *ud) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
+/* Greedy choice from a sequence's logits; 1 when the sequence is done. */
+static int take(struct seq *q, const float *logits, const struct llama_vocab *vocab, int n_vocab, int n_predict) {
+    int best = 0;
+    for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+    if (q->dump) fwrite(logits, sizeof(float), (size_t)n_vocab, q->dump);
+    q->out[q->n_out++] = best;
+    q->done = llama_vocab_is_eog(vocab, best) || q->n_out == n_predict;
+    return q->done;
+}
+
 static int check(int32_t rc, const char *what, const char *err) {
     if (rc != IAPT_OK) fprintf(stderr, "iapt_run: %s: %s (code %d)\n", what, err, rc);
     return rc != IAPT_OK;
 }
 
+/* prepare, decode, finish: 0 or 1 (message on stderr). */
+static int decode(iapt_hook *hook, struct llama_context *ctx, struct llama_batch batch, char *err, size_t err_size) {
+    if (check(iapt_hook_prepare(hook, &batch, err, err_size), "prepare", err)) return 1;
+    int rc = llama_decode(ctx, batch);
+    int32_t hrc = iapt_hook_finish(hook, err, err_size); /* after every decode, whatever it returned */
+    if (rc != 0) { fprintf(stderr, "iapt_run: llama_decode returned %d\n", rc); return 1; }
+    return check(hrc, "finish", err);
+}
+
 int main(int argc, char **argv) {
     const char *model_path = NULL, *dump_prefix = NULL;
     struct seq seqs[MAX_SEQS];
-    int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1, no_set_context = 0;
+    int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1, no_set_context = 0, n_chunk = 0;
     memset(seqs, 0, sizeof seqs);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -98,6 +118,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-t")) threads = atoi(v);
         else if (!strcmp(a, "-d")) dump_prefix = v;
         else if (!strcmp(a, "-x")) no_set_context = atoi(v);
+        else if (!strcmp(a, "-b")) n_chunk = atoi(v);
         else return usage("unknown option");
     }
     if (!model_path || n_seqs == 0 || n_seqs != n_adapters || n_predict < 1 || n_ctx < 1 || n_ubatch < 1 || threads < 1)
@@ -154,48 +175,60 @@ int main(int argc, char **argv) {
     }
     if (total > n_ctx) { fprintf(stderr, "iapt_run: %d prompt rows exceed the context of %d\n", total, n_ctx); return 1; }
 
-    /* The prefill: every sequence's instruction and soft slots in one batch. */
-    struct llama_batch batch = llama_batch_init(total, 0, 1);
+    /* The prefill: every sequence's instruction and soft slots, in batch order, decoded in chunks of
+     * at most n_chunk rows (-b; default all in one decode). A chunk may end inside a sequence's
+     * instruction or soft slots: the hook carries its state to the next decode. */
+    struct llama_batch all = llama_batch_init(total, 0, 1);
     for (int s = 0; s < n_seqs; s++) {
         struct seq *q = &seqs[s];
         for (int p = 0; p < q->n_prompt + q->m; p++) {
-            int i = batch.n_tokens++;
-            batch.token[i] = p < q->n_prompt ? q->prompt[p] : 0;
-            batch.pos[i] = p;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = s;
-            batch.logits[i] = p == q->n_prompt + q->m - 1;
-            if (batch.logits[i]) q->batch_row = i;
+            int i = all.n_tokens++;
+            all.token[i] = p < q->n_prompt ? q->prompt[p] : 0;
+            all.pos[i] = p;
+            all.n_seq_id[i] = 1;
+            all.seq_id[i][0] = s;
+            all.logits[i] = p == q->n_prompt + q->m - 1;
+            if (all.logits[i]) q->batch_row = i;
         }
     }
-    int failed = 0;
-    for (int step = 0; step < n_predict && !failed; step++) {
-        if (check(iapt_hook_prepare(hook, &batch, err, sizeof err), "prepare", err)) { failed = 1; break; }
-        int rc = llama_decode(ctx, batch);
-        int hrc = iapt_hook_finish(hook, err, sizeof err);
-        if (rc != 0) { fprintf(stderr, "iapt_run: llama_decode returned %d\n", rc); failed = 1; break; }
-        if (check(hrc, "finish", err)) { failed = 1; break; }
-        int n_next = 0;
+    if (n_chunk <= 0 || n_chunk > total) n_chunk = total;
+    struct llama_batch batch = llama_batch_init(total, 0, 1);
+    int failed = 0, active = n_seqs;
+    for (int k = 0; k < total && !failed; k += n_chunk) {
+        batch.n_tokens = k + n_chunk < total ? n_chunk : total - k;
+        for (int i = 0; i < batch.n_tokens; i++) {
+            batch.token[i] = all.token[k + i];
+            batch.pos[i] = all.pos[k + i];
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = all.seq_id[k + i][0];
+            batch.logits[i] = all.logits[k + i];
+        }
+        if ((failed = decode(hook, ctx, batch, err, sizeof err))) break;
+        for (int s = 0; s < n_seqs; s++) {
+            struct seq *q = &seqs[s];
+            if (q->batch_row >= k && q->batch_row < k + batch.n_tokens)
+                active -= take(q, llama_get_logits_ith(ctx, q->batch_row - k), vocab, n_vocab, n_predict);
+        }
+    }
+    /* Generation: one token per active sequence per decode. */
+    while (!failed && active > 0) {
+        batch.n_tokens = 0;
         for (int s = 0; s < n_seqs; s++) {
             struct seq *q = &seqs[s];
             if (q->done) continue;
-            const float *logits = llama_get_logits_ith(ctx, q->batch_row);
-            int best = 0;
-            for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
-            if (q->dump) fwrite(logits, sizeof(float), (size_t)n_vocab, q->dump);
-            q->out[q->n_out++] = best;
-            if (llama_vocab_is_eog(vocab, best) || q->n_out == n_predict) { q->done = 1; continue; }
-            int i = n_next++;
-            batch.token[i] = best;
+            int i = batch.n_tokens++;
+            batch.token[i] = q->out[q->n_out - 1];
             batch.pos[i] = q->n_prompt + q->m + q->n_out - 1;
             batch.n_seq_id[i] = 1;
             batch.seq_id[i][0] = s;
             batch.logits[i] = 1;
             q->batch_row = i;
         }
-        batch.n_tokens = n_next;
-        if (n_next == 0) break;
+        if ((failed = decode(hook, ctx, batch, err, sizeof err))) break;
+        for (int s = 0; s < n_seqs; s++)
+            if (!seqs[s].done) active -= take(&seqs[s], llama_get_logits_ith(ctx, seqs[s].batch_row), vocab, n_vocab, n_predict);
     }
+    llama_batch_free(all);
     for (int s = 0; s < n_seqs; s++) {
         struct seq *q = &seqs[s];
         printf("seq %d:", s);

@@ -3,7 +3,8 @@
 //!   with different adapters (the fixture's and a second, random one with m = 2) in one batch on
 //!   the llama and qwen2 parity fixtures; each sequence's tokens and logits (every step) equal
 //!   `iapt run --dump-logits` of that sequence alone (F32 model and KV cache, flash attention off),
-//!   in one ubatch and in ubatches of 7 rows (n_ubatch told to the hook, or learned by it);
+//!   in one ubatch, in ubatches of 7 rows (n_ubatch told to the hook, or learned by it), and
+//!   prefilled in decodes of 5 rows (chunked prefill);
 //! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
 //! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
 //!   `iapt run`'s.
@@ -160,11 +161,12 @@ fn c_host(arch: &str) {
     let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
     let seqs = [(&first, &short.instruction), (&second, &long.instruction)];
     // Both sequences in one batch; with ubatches of 512 (one) and 7 rows (the prefill split), told
-    // by iapt_hook_set_context or (x) learned by the hook from the first ubatch.
-    for (n_ubatch, x) in [("512", "0"), ("7", "0"), ("7", "1")] {
-        let prefix = dir.path().join(format!("c-{n_ubatch}-{x}"));
+    // by iapt_hook_set_context or (x) learned by the hook from the first ubatch; and prefilled in
+    // decodes of 5 rows (chunked prefill: chunks end inside instructions and soft slots).
+    for (n_ubatch, x, chunk) in [("512", "0", "0"), ("7", "0", "0"), ("7", "1", "0"), ("4", "0", "5")] {
+        let prefix = dir.path().join(format!("c-{n_ubatch}-{x}-{chunk}"));
         let mut cmd = Command::new(&exe);
-        cmd.arg("-m").arg(&model).args(["-n", "16", "-u", n_ubatch, "-x", x, "-d"]).arg(&prefix);
+        cmd.arg("-m").arg(&model).args(["-n", "16", "-u", n_ubatch, "-x", x, "-b", chunk, "-d"]).arg(&prefix);
         for (a, instr) in seqs {
             cmd.arg("-a").arg(a).arg("-p").arg(ids(instr));
         }
@@ -172,11 +174,14 @@ fn c_host(arch: &str) {
         assert_eq!(got.len(), 2, "two sequences");
         for (s, (adapter, instr)) in seqs.iter().enumerate() {
             let (want_tokens, want_logits) = iapt_run(&model, adapter, instr, &dir.path().join(format!("iapt-{s}.npy")));
-            assert_eq!(got[s], want_tokens, "{arch}, sequence {s}, n_ubatch {n_ubatch}: tokens differ from iapt run");
-            let logits = read_logits(&dir.path().join(format!("c-{n_ubatch}-{x}-{s}.npy")));
+            assert_eq!(got[s], want_tokens, "{arch}, sequence {s}, n_ubatch {n_ubatch}, chunk {chunk}: tokens differ from iapt run");
+            let logits = read_logits(&dir.path().join(format!("c-{n_ubatch}-{x}-{chunk}-{s}.npy")));
             let rel = worst_rel_diff(&logits, &want_logits);
-            eprintln!("{arch} sequence {s} n_ubatch {n_ubatch}: worst relative logit difference to iapt run {rel:.3e}");
-            assert!(rel <= TOLERANCE, "{arch}, sequence {s}, n_ubatch {n_ubatch}: logits differ from iapt run by {rel:.3e} (relative)");
+            eprintln!("{arch} sequence {s} n_ubatch {n_ubatch} chunk {chunk}: worst relative logit difference to iapt run {rel:.3e}");
+            assert!(
+                rel <= TOLERANCE,
+                "{arch}, sequence {s}, n_ubatch {n_ubatch}, chunk {chunk}: logits differ from iapt run by {rel:.3e} (relative)"
+            );
         }
         // The fixture adapter's sequence also reproduces the reference's greedy tokens.
         assert_eq!(got[0], short.tokens, "{arch}: the reference's tokens");
