@@ -304,7 +304,9 @@ pub extern "C" fn iapt_hook_set_adapter(
 /// the batch, belong to that sequence alone, and continue its prefix where the previous decode
 /// left it (or restart it at position 0); the batch must carry token ids with `pos` and `seq_id`
 /// arrays. On error nothing is armed. Call [`iapt_hook_finish`] after the decode, whatever it
-/// returned. Not thread-safe with a decode of the same hook's context.
+/// returned. The hook follows llama.cpp's ubatches in batch order, so a context with
+/// `n_seq_max > 1` needs `cparams.kv_unified = true` (tested with it only). Not thread-safe with a
+/// decode of the same hook's context.
 #[allow(unsafe_code)] // `no_mangle`: exported under its C name.
 #[no_mangle]
 pub extern "C" fn iapt_hook_prepare(hook: *mut IaptHook, batch: *const llama_batch, err: *mut c_char, err_size: usize) -> i32 {
