@@ -35,8 +35,10 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Runs `cmd` to success. Without cargo's LD_LIBRARY_PATH, which lists target/debug and would win
+/// over the programs' RUNPATH: the hosts must load the installed libiapt, not a build-tree copy.
 fn run(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let o = cmd.env_remove("LD_LIBRARY_PATH").output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         o.status.success(),
         "{cmd:?} failed ({}):\n{}\n{}",
@@ -216,6 +218,7 @@ fn bad_input_from_c() {
     let not_adapter = dir.path().join("not.iapt.safetensors");
     std::fs::write(&not_adapter, b"not an adapter").unwrap();
     let o = Command::new(&exe)
+        .env_remove("LD_LIBRARY_PATH")
         .arg(fixtures().join("llama-tiny-f32.gguf"))
         .arg(fixtures().join("llama-tiny.iapt.safetensors"))
         .arg(fixtures().join("qwen2-tiny.iapt.safetensors"))
