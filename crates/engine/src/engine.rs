@@ -10,10 +10,10 @@ use iapt_generator_cuda::GpuRuntime;
 use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType, Model, SamplerChain, Token};
 
 use crate::error::EngineError;
-use crate::hook::{Prefill, Segment, StreamHook};
 use crate::output::{logprobs, Pushed, StopMatcher};
 use crate::registry::{AdapterInfo, Registry, Resident, Unloaded};
 use crate::request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
+use iapt_hook::{Prefill, Segment, StreamHook};
 
 /// Engine settings.
 #[derive(Debug, Clone)]

@@ -52,7 +52,6 @@
 mod engine;
 mod error;
 mod handle;
-mod hook;
 mod output;
 mod registry;
 mod request;

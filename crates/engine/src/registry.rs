@@ -13,7 +13,7 @@ use iapt_generator_cuda::{GpuAdapter, GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use iapt_llama::Model;
 
 use crate::error::EngineError;
-use crate::hook::Prefill;
+use iapt_hook::Prefill;
 
 /// A resident adapter's generator, where it runs.
 #[derive(Clone)]

@@ -862,6 +862,32 @@ impl NodeData<'_> {
     }
 }
 
+impl iapt_hook::LayerRows for NodeData<'_> {
+    type Error = NodeError;
+    fn name(&self) -> &str {
+        NodeInfo::name(self)
+    }
+    fn ne(&self) -> [i64; 4] {
+        NodeInfo::ne(self)
+    }
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), NodeError> {
+        NodeData::read_rows(self, row0, out)
+    }
+    fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), NodeError> {
+        NodeData::write_rows(self, row0, values)
+    }
+}
+
+/// The shared multi-sequence hook (the engine's) as this crate's callback.
+impl EvalCallback for iapt_hook::StreamHook {
+    fn wants(&self, node: &NodeInfo<'_>) -> bool {
+        iapt_hook::StreamHook::wants(self, node.name())
+    }
+    fn on_data(&self, node: &mut NodeData<'_>) {
+        iapt_hook::StreamHook::on_data(self, node)
+    }
+}
+
 /// Receives graph nodes from llama.cpp's scheduler (`cb_eval`).
 ///
 /// Called on the thread running `llama_decode`, never concurrently for one context. Panics are

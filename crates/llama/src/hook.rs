@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 use iapt_generator::{Generator, LayerState};
 use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime, GpuSeqState};
 
-use crate::arch::ArchSpec;
 use crate::error::{HookError, LlamaError};
 use crate::ffi::{EvalCallback, NodeData, NodeInfo};
+use iapt_hook::ArchSpec;
 
 /// One resident adapter of a hook and where its generator runs.
 #[derive(Debug, Clone)]

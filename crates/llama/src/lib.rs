@@ -11,7 +11,7 @@
 //! over `llama-cpp-sys-2`, including the narrow bridge that lends a graph node's device memory to
 //! the GPU generator, [`NodeData::gpu_rows`]; `ffi::sampler`, llama.cpp's sampler chain applied to
 //! a sequence's own logits row, [`SamplerChain`]; `ffi::memory`, per-sequence KV control), `arch`
-//! (the node names per architecture), `hook` (the injection plan and callback), `session` (prefill
+//! (re-exported from `iapt-hook`: the node names per architecture), `hook` (the injection plan and callback), `session` (prefill
 //! and generation, several sequences per decode, each with its own resident adapter), `sample`
 //! (greedy and temperature sampling), `sampling` (the sampler chain's settings and their rules).
 //! The demo's exact-match evaluation and the throughput benchmark are tools of the `iapt` CLI; the
@@ -35,7 +35,6 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-mod arch;
 mod error;
 #[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
 mod ffi;
@@ -44,7 +43,6 @@ mod sample;
 mod sampling;
 mod session;
 
-pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use error::{HookError, LlamaError, NodeError};
 pub use ffi::SamplerChain;
 pub use ffi::{
@@ -56,6 +54,8 @@ pub use hook::{Claim, HookAdapter, HookTimes, IaptHook, Plan, SeqPlan};
 /// The GPU generator's types that appear in this crate's API ([`SessionOptions::gpu`],
 /// [`HookAdapter::Gpu`]), re-exported so that callers need no second import.
 pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};
+/// The architecture table lives in `iapt-hook` (shared with libiapt); re-exported unchanged.
+pub use iapt_hook::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use sample::{argmax, Sampler, Sampling};
 pub use sampling::{InvalidSampling, SamplerSettings};
 pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};

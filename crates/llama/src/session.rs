@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use iapt_format::{Adapter, AdapterConfig, BaseModelInfo};
 use iapt_generator::Generator;
 
-use crate::arch::{arch_spec, supported_archs, ArchSpec};
 use crate::error::LlamaError;
 use crate::ffi::{Batch, Context, ContextParams, EvalCallback, Model, Token};
 use crate::hook::{Claim, HookAdapter, IaptHook, Plan, SeqPlan};
 use crate::sample::{Sampler, Sampling};
 use iapt_generator_cuda::{GpuRuntime, GPU_MAX_SOFT_TOKENS};
+use iapt_hook::{arch_spec, supported_archs, ArchSpec};
 
 /// Checks that an adapter fits a model (architecture, layer count, width) and that the hook
 /// supports the architecture; returns the architecture's node table.

@@ -1,6 +1,7 @@
 //! The architecture table: which llama.cpp graph node carries the residual stream entering each
 //! layer, per architecture (`general.architecture`), for the llama.cpp bundled with
-//! llama-cpp-sys-2 0.1.161.
+//! llama-cpp-sys-2 0.1.161 (the `iapt` binary) and the one vendored in llama-cpp-python 0.3.36
+//! (libiapt's tested hosts), which name these nodes alike.
 //!
 //! In that version the graph builders name the nodes with `cb(tensor, name, il)`, which formats
 //! `"{name}-{il}"` for a layer and `"{name}"` otherwise:
@@ -18,7 +19,8 @@
 //!
 //! Only architectures whose graphs were checked against an independent reference are listed: every
 //! entry must have parity fixtures (Hugging Face transformers in float64), and `tests/parity.rs`
-//! fails if one has none, if llama.cpp renames the nodes, or if a layer stops reading them.
+//! fails if one has none, if llama.cpp renames the nodes, or if a layer stops reading them (in
+//! `iapt-llama`; libiapt's host tests check the other llama.cpp's logits the same way).
 
 /// How the hook finds the layer inputs of one architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

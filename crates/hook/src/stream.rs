@@ -1,6 +1,6 @@
-//! The engine's injection hook: streaming prefill across decodes.
+//! The multi-sequence injection hook: streaming prefill across decodes.
 //!
-//! A decode of the engine holds, in batch order, one token for each decoding sequence and one chunk
+//! A decode (of the engine, or of a C application through libiapt) holds, in batch order, one token for each decoding sequence and one chunk
 //! of each sequence in prefill. The hook only touches the rows of chunks of sequences with an
 //! adapter ([`Segment`]); every other row passes through. A sequence's pooling state
 //! ([`Prefill`]: one CPU generator [`LayerState`] per layer, or one GPU generator state, and the
@@ -12,7 +12,9 @@
 //!
 //! As in `iapt_llama`'s own hook, the callback follows llama.cpp's ubatches: with a unified KV cache
 //! a batch is split into contiguous ubatches of `n_ubatch` rows in batch order, each running layers
-//! 0..L; a layer-0 node with another row count than planned is an error, and after one error the
+//! 0..L (a caller that does not know `n_ubatch` arms with 0: the first ubatch's row count is then
+//! taken as `n_ubatch`, and every later ubatch must agree with it); a layer-0 node with another row
+//! count than planned is an error, and after one error the
 //! hook stops touching the graph. Errors are reported by [`StreamHook::finish`]. GPU states are fed
 //! and finished through host copies; work a feed queued on the runtime is synchronised before the
 //! callback returns.
@@ -22,7 +24,24 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use iapt_generator::{Generator, LayerState};
 use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime, GpuSeqState};
-use iapt_llama::{ArchSpec, EvalCallback, NodeData, NodeInfo};
+
+use crate::arch::ArchSpec;
+
+/// A graph node in the data phase of llama.cpp's `cb_eval`, as the hook sees it: its name, its
+/// extents, and copies of its rows in and out. Implemented by `iapt_llama::NodeData` and by
+/// libiapt's raw ggml tensors.
+pub trait LayerRows {
+    /// Why a row copy failed.
+    type Error: std::fmt::Display;
+    /// The node's name (e.g. `l_out-3`).
+    fn name(&self) -> &str;
+    /// ggml's `ne`: `[n_embd, n_tokens, 1, 1]` for the residual stream.
+    fn ne(&self) -> [i64; 4];
+    /// Copies rows `row0 .. row0 + out.len() / ne[0]` into `out` (row-major, `ne[0]` per row).
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), Self::Error>;
+    /// Overwrites rows `row0 .. row0 + values.len() / ne[0]` with `values`.
+    fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), Self::Error>;
+}
 
 /// Where one sequence's pooling runs: the CPU generator's streaming states (one per layer), or a
 /// device state of the GPU generator (fed and finished through host copies).
@@ -32,7 +51,7 @@ enum Pooling {
 }
 
 /// The pooling state of one sequence's prefill, kept across decodes.
-pub(crate) struct Prefill {
+pub struct Prefill {
     pooling: Pooling,
     /// Instruction rows of the whole prompt.
     pub n_instr: usize,
@@ -89,7 +108,7 @@ impl Prefill {
 }
 
 /// The rows of one sequence's prefill chunk in a decode.
-pub(crate) struct Segment {
+pub struct Segment {
     /// Batch row of the chunk's first row.
     pub row0: usize,
     /// Sequence position of that row (instruction positions come first, then the m soft slots).
@@ -119,7 +138,7 @@ struct Inner {
 }
 
 /// The hook installed in the engine's context (see the module documentation).
-pub(crate) struct StreamHook {
+pub struct StreamHook {
     arch: ArchSpec,
     n_layer: usize,
     n_embd: usize,
@@ -129,6 +148,7 @@ pub(crate) struct StreamHook {
 }
 
 impl StreamHook {
+    /// A disarmed hook for a model of architecture `arch` with `n_layer` layers of width `n_embd`.
     pub fn new(arch: ArchSpec, n_layer: usize, n_embd: usize) -> StreamHook {
         StreamHook {
             arch,
@@ -144,12 +164,13 @@ impl StreamHook {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Arms the hook for the next decode of `batch_len` rows split into ubatches of `n_ubatch`.
+    /// Arms the hook for the next decode of `batch_len` rows split into ubatches of `n_ubatch`
+    /// (0: not known, learned from the first ubatch).
     pub fn arm(&self, segs: Vec<Segment>, batch_len: usize, n_ubatch: usize) {
         let done = segs.iter().map(|_| vec![0; self.n_layer]).collect();
         let mut inner = self.lock();
         inner.errors.clear();
-        inner.armed = Some(Armed { segs, done, batch_len, n_ubatch: n_ubatch.max(1), ubatch: None, next_layer: 0, failed: false });
+        inner.armed = Some(Armed { segs, done, batch_len, n_ubatch, ubatch: None, next_layer: 0, failed: false });
         self.live.store(true, Ordering::SeqCst);
     }
 
@@ -192,7 +213,12 @@ impl StreamHook {
                 Some((i, s, len)) if a.next_layer == self.n_layer => (i + 1, s + len),
                 Some((i, ..)) => return Err(format!("ubatch {i}: layer {} input never appeared", a.next_layer)),
             };
-            let want = a.n_ubatch.min(a.batch_len.saturating_sub(start));
+            let left = a.batch_len.saturating_sub(start);
+            if a.n_ubatch == 0 && idx == 0 && rows > 0 {
+                // Not told: llama.cpp's first ubatch has n_ubatch rows, or the whole batch.
+                a.n_ubatch = rows;
+            }
+            let want = a.n_ubatch.min(left);
             if rows != want || want == 0 {
                 return Err(format!("ubatch {idx} has {rows} rows, the plan expects {want}: llama.cpp split the batch differently"));
             }
@@ -208,7 +234,7 @@ impl StreamHook {
     }
 
     /// Handles one claimed node (the residual stream entering `layer`).
-    fn handle(&self, inner: &mut Inner, node: &mut NodeData<'_>, layer: usize) -> Result<(), String> {
+    fn handle<N: LayerRows>(&self, inner: &mut Inner, node: &mut N, layer: usize) -> Result<(), String> {
         let d = self.n_embd;
         let Inner { armed, buf, .. } = inner;
         let Some(a) = armed.as_mut() else { return Ok(()) };
@@ -263,20 +289,23 @@ impl StreamHook {
         }
         Ok(())
     }
-}
 
-impl EvalCallback for StreamHook {
-    fn wants(&self, node: &NodeInfo<'_>) -> bool {
-        self.live.load(Ordering::SeqCst) && self.arch.layer_of(node.name(), self.n_layer).is_some()
+    /// Ask phase: whether the node named `name` is a layer input this hook handles (only while armed
+    /// and not failed).
+    pub fn wants(&self, name: &str) -> bool {
+        self.live.load(Ordering::SeqCst) && self.arch.layer_of(name, self.n_layer).is_some()
     }
 
-    fn on_data(&self, node: &mut NodeData<'_>) {
+    /// Data phase: feeds the node's instruction rows and writes its soft rows. Errors are recorded
+    /// for [`StreamHook::finish`] (a callback cannot fail a decode) and stop the hook touching the
+    /// graph until the next [`StreamHook::arm`].
+    pub fn on_data<N: LayerRows>(&self, node: &mut N) {
         let Some(layer) = self.arch.layer_of(node.name(), self.n_layer) else { return };
         let mut inner = self.lock();
         if let Err(e) = self.handle(&mut inner, node, layer) {
             inner.errors.push(e);
             if let Some(a) = inner.armed.as_mut() {
-                // Stop touching the graph; `finish` reports the error and the engine drops the chunks' sequences.
+                // Stop touching the graph; `finish` reports the error and the caller drops the chunks' sequences.
                 a.failed = true;
                 self.live.store(false, Ordering::SeqCst);
             }

@@ -1,0 +1,457 @@
+//! libiapt: IAPT adapters in any llama.cpp-based application, through a C API (`include/iapt.h`).
+//!
+//! The application keeps its own llama.cpp: it creates an `iapt_hook` ([`IaptHook`]) for its model, sets
+//! `cparams.cb_eval = iapt_hook_eval_callback; cparams.cb_eval_user_data = hook;` itself (libiapt
+//! never writes a llama.cpp struct, so a layout change between llama.cpp versions cannot corrupt the
+//! application), binds adapters to sequences with [`iapt_hook_set_adapter`], and brackets every
+//! `llama_decode` with [`iapt_hook_prepare`] and [`iapt_hook_finish`]. The hook is the one
+//! `iapt-hook` shares with the `iapt` binary's engine ([`iapt_hook::StreamHook`]): several sequences
+//! per batch, each with its own adapter, instruction and soft slots spread over any number of
+//! decodes (chunked prefill).
+//!
+//! ```c
+//! iapt_adapter *a = iapt_adapter_load("sorter.iapt.safetensors", err, sizeof err);
+//! iapt_hook *h = iapt_hook_new(model, err, sizeof err);
+//! cparams.cb_eval = iapt_hook_eval_callback; cparams.cb_eval_user_data = h;
+//! cparams.kv_unified = true;   /* batch rows stay in batch order across ubatches */
+//! struct llama_context *ctx = llama_init_from_model(model, cparams);
+//! iapt_hook_set_adapter(h, 0, a, n_instruction, err, sizeof err);
+//! /* batch: seq 0, positions 0 .. n_instruction + m - 1 (the last m tokens are placeholders) */
+//! iapt_hook_prepare(h, &batch, err, sizeof err);
+//! llama_decode(ctx, batch);
+//! iapt_hook_finish(h, err, sizeof err);  /* 0, or what went wrong inside the decode */
+//! ```
+//!
+//! **Linking: one ggml per process.** The hook reads and writes graph tensors with the ggml the
+//! application's tensors belong to, so libiapt must not bring its own: it does not link
+//! llama-cpp-sys-2. It is linked against the vendored llama.cpp's shared libraries
+//! (`scripts/vendor-llama`; `build.rs` fails with that hint when they are missing), which records
+//! NEEDED entries for `libllama.so.0` and `libggml-base.so.0` and RUNPATH `$ORIGIN`. In a host that
+//! already loaded a llama.cpp under those sonames (a C program linked with `-lllama`,
+//! llama-cpp-python with `LLAMA_CPP_LIB_PATH`), the dynamic linker reuses the loaded libraries; a
+//! host alone gets the ones installed beside libiapt. Leaving the symbols undefined instead would
+//! turn a host without them into a "symbol lookup error" at the first call rather than at load.
+//! Only API stable across llama.cpp releases is used (module `ffi`).
+//!
+//! **Errors.** Every function returns `IAPT_OK` (0) or a negative `IAPT_ERR_*` code, or NULL for
+//! constructors, and writes a NUL-terminated message into `err` when it is not NULL (truncated to
+//! `err_size`). No call unwinds or aborts across the boundary: each catches panics
+//! (`IAPT_ERR_INTERNAL`). A callback cannot fail a decode, so errors inside one are recorded and
+//! returned by [`iapt_hook_finish`].
+//!
+//! **Threads.** An `iapt_adapter` ([`IaptAdapter`]) is immutable and may be used from any thread, by any number of
+//! hooks at once. An `iapt_hook` is internally locked, so no call corrupts it whatever the
+//! threads, but its protocol is sequential (set adapters, prepare, decode, finish): drive one hook
+//! from one thread at a time, as llama.cpp's context itself requires.
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+/// cbindgen:ignore
+#[allow(unsafe_code)] // The one module declaring foreign functions (their C declarations are llama.h's).
+pub mod ffi;
+#[allow(unsafe_code)] // Raw tensors, batches and C strings: every block states its invariant.
+mod raw;
+
+use std::collections::HashMap;
+use std::ffi::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use iapt_format::{Adapter, AdapterConfig, BaseModelInfo};
+use iapt_generator::Generator;
+use iapt_hook::{arch_spec, supported_archs, Prefill, Segment, StreamHook};
+
+use ffi::{ggml_tensor, llama_batch, llama_context, llama_model, llama_seq_id};
+use raw::{ErrBuf, RawBatch};
+
+/// Success.
+pub const IAPT_OK: i32 = 0;
+/// A required pointer (handle, path, batch) was NULL.
+pub const IAPT_ERR_NULL: i32 = -1;
+/// A panic inside libiapt was caught (a bug; the message says where).
+pub const IAPT_ERR_INTERNAL: i32 = -2;
+/// The model's architecture is not supported by the hook.
+pub const IAPT_ERR_UNSUPPORTED_ARCH: i32 = -3;
+/// The adapter file could not be read or is invalid.
+pub const IAPT_ERR_ADAPTER: i32 = -4;
+/// The adapter was made for another base model (architecture, layers or width differ).
+pub const IAPT_ERR_INCOMPATIBLE: i32 = -5;
+/// An argument is out of range (`n_instruction <= 0`, instruction plus soft slots beyond the
+/// context, a negative sequence id).
+pub const IAPT_ERR_RANGE: i32 = -6;
+/// The batch does not match what was set (positions out of order, a prefix row shared by several
+/// sequences, embeddings instead of tokens, missing `pos`/`seq_id` arrays).
+pub const IAPT_ERR_BATCH: i32 = -7;
+/// A call out of order: `finish` without `prepare`, `prepare` or `set_adapter` between a
+/// `prepare` and its `finish`.
+pub const IAPT_ERR_STATE: i32 = -8;
+/// The hook failed inside the decode (the message says where); the soft rows of the prepared
+/// sequences are wrong, their prefill starts again at position 0.
+pub const IAPT_ERR_DECODE: i32 = -9;
+
+/// An error: a code and a message.
+struct Failure(i32, String);
+
+fn fail<T>(code: i32, msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure(code, msg.into()))
+}
+
+/// Runs `f`, catching panics; writes the message of an error into `err`.
+fn guard(err: ErrBuf, f: impl FnOnce() -> Result<i32, Failure>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => {
+            err.write("");
+            v
+        }
+        Ok(Err(Failure(code, msg))) => {
+            err.write(&msg);
+            code
+        }
+        Err(_) => {
+            err.write("internal error: a panic was caught inside libiapt");
+            IAPT_ERR_INTERNAL
+        }
+    }
+}
+
+/// `iapt_adapter` in C: a loaded adapter, its generator and the base model it was made for. Opaque to C; shared by
+/// reference count (`iapt_adapter_free` drops the caller's reference, hooks keep their own).
+pub struct IaptAdapter {
+    gen: Arc<Generator>,
+    config: AdapterConfig,
+}
+
+/// One sequence's binding: its adapter, instruction length, and the prefill progress.
+struct SeqSlot {
+    adapter: Arc<IaptAdapter>,
+    n_instr: usize,
+    m: usize,
+    /// Prefix positions (instruction plus soft slots) decoded so far.
+    next: usize,
+    /// The pooling state between decodes (while `0 < next < n_instr + m`).
+    prefill: Option<Prefill>,
+}
+
+struct State {
+    seqs: HashMap<llama_seq_id, SeqSlot>,
+    /// Between `prepare` and `finish`: the sequences lent to the hook (in segment order) and their
+    /// progress after the decode.
+    armed: Option<Vec<(llama_seq_id, usize)>>,
+    n_ctx: usize,
+    n_ubatch: usize,
+}
+
+/// `iapt_hook` in C: the hook of one model (and one context). Opaque to C.
+pub struct IaptHook {
+    stream: StreamHook,
+    base: BaseModelInfo,
+    state: Mutex<State>,
+}
+
+impl IaptHook {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a call panicked (caught and reported); the state stays usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The library's version (`MAJOR.MINOR.PATCH`), a static NUL-terminated string. Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Loads an adapter file (`.iapt.safetensors` or `.iapt.gguf`) and builds its CPU generator.
+/// Returns NULL on error, with the message (including the spec's finding codes) in `err`.
+/// Thread-safe; the result is owned by the caller ([`iapt_adapter_free`]).
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_adapter_load(path: *const c_char, err: *mut c_char, err_size: usize) -> *mut IaptAdapter {
+    let err = raw::err_buf(err, err_size);
+    let mut out: *mut IaptAdapter = std::ptr::null_mut();
+    guard(err, || {
+        let path = raw::path(path)?;
+        let adapter = Adapter::open(&path).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
+        let gen = Generator::from_adapter(&adapter).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
+        let a = IaptAdapter { gen: Arc::new(gen), config: adapter.config().clone() };
+        out = Arc::into_raw(Arc::new(a)).cast_mut();
+        Ok(IAPT_OK)
+    });
+    out
+}
+
+/// Releases the caller's reference to an adapter (NULL is ignored). Safe while hooks still use it:
+/// they hold their own references until their sequence is cleared or the hook is freed. Thread-safe;
+/// each handle is freed once.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_adapter_free(adapter: *mut IaptAdapter) {
+    let _ = catch_unwind(|| raw::adapter_release(adapter));
+}
+
+/// The adapter's soft tokens m (the number of placeholder positions after the instruction), or
+/// `IAPT_ERR_NULL` for NULL. Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_adapter_n_soft_tokens(adapter: *const IaptAdapter) -> i32 {
+    guard(ErrBuf::none(), || {
+        let a = raw::adapter_ref(adapter)?;
+        Ok(i32::try_from(a.gen.n_soft_tokens()).unwrap_or(i32::MAX))
+    })
+}
+
+/// Creates a hook for `model`: checks that its architecture (`general.architecture`) is one the
+/// hook supports. Returns NULL on error (`err`). The caller owns the result ([`iapt_hook_free`])
+/// and must keep `model` alive while the hook lives. Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_new(model: *const llama_model, err: *mut c_char, err_size: usize) -> *mut IaptHook {
+    let err = raw::err_buf(err, err_size);
+    let mut out: *mut IaptHook = std::ptr::null_mut();
+    guard(err, || {
+        let m = raw::model_info(model)?;
+        let Some(spec) = arch_spec(&m.arch) else {
+            return fail(
+                IAPT_ERR_UNSUPPORTED_ARCH,
+                format!("the model's architecture {:?} is not supported (supported: {})", m.arch, supported_archs()),
+            );
+        };
+        let stream = StreamHook::new(*spec, m.n_layer as usize, m.n_embd as usize);
+        let state = State { seqs: HashMap::new(), armed: None, n_ctx: m.n_ctx_train, n_ubatch: 0 };
+        let base = BaseModelInfo { arch: m.arch, n_layer: m.n_layer, n_embd: m.n_embd };
+        out = Box::into_raw(Box::new(IaptHook { stream, base, state: Mutex::new(state) }));
+        Ok(IAPT_OK)
+    });
+    out
+}
+
+/// Frees a hook (NULL is ignored) and its references to adapters. Call it after `llama_free` of
+/// the context whose `cb_eval_user_data` it is. Not thread-safe with other calls on the same hook.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_free(hook: *mut IaptHook) {
+    let _ = catch_unwind(|| raw::hook_free(hook));
+}
+
+/// Optional: tells the hook the context it serves, after `llama_init_from_model`. The hook then
+/// checks instruction plus soft slots against `llama_n_ctx(ctx)` (instead of the model's training
+/// context) and knows `llama_n_ubatch(ctx)` (instead of learning it from the first ubatch).
+/// Returns 0 or a negative code. Call it before the first `prepare`.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_set_context(hook: *mut IaptHook, ctx: *const llama_context, err: *mut c_char, err_size: usize) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
+        let h = raw::hook_ref(hook)?;
+        let (n_ctx, n_ubatch) = raw::context_info(ctx)?;
+        let mut st = h.lock();
+        st.n_ctx = n_ctx;
+        st.n_ubatch = n_ubatch;
+        Ok(IAPT_OK)
+    })
+}
+
+/// Binds `adapter` to sequence `seq` from now on: in its rows, positions `[0, n_instruction)` are
+/// the instruction and `[n_instruction, n_instruction + m)` the soft slots (any token ids; their
+/// rows are overwritten at every layer); the logits at position `n_instruction + m - 1` give the
+/// first response token. `adapter = NULL` clears the sequence. The adapter is checked against the
+/// model (architecture, layers, width; spec finding codes in `err`); the hook keeps its own
+/// reference. Rebinding a sequence restarts its prefill. Not between `prepare` and `finish`.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_set_adapter(
+    hook: *mut IaptHook,
+    seq: llama_seq_id,
+    adapter: *const IaptAdapter,
+    n_instruction: i32,
+    err: *mut c_char,
+    err_size: usize,
+) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
+        let h = raw::hook_ref(hook)?;
+        let mut st = h.lock();
+        if st.armed.is_some() {
+            return fail(IAPT_ERR_STATE, "iapt_hook_set_adapter between iapt_hook_prepare and iapt_hook_finish");
+        }
+        if seq < 0 {
+            return fail(IAPT_ERR_RANGE, format!("sequence id {seq} is negative"));
+        }
+        if adapter.is_null() {
+            st.seqs.remove(&seq);
+            return Ok(IAPT_OK);
+        }
+        let a = raw::adapter_clone(adapter)?;
+        let findings = h.base.check(&a.config);
+        if !findings.is_empty() {
+            let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
+            return fail(IAPT_ERR_INCOMPATIBLE, detail);
+        }
+        let m = a.gen.n_soft_tokens();
+        if n_instruction <= 0 {
+            return fail(IAPT_ERR_RANGE, format!("n_instruction is {n_instruction}: the instruction needs at least one token"));
+        }
+        let n = n_instruction as usize;
+        if n + m > st.n_ctx {
+            return fail(IAPT_ERR_RANGE, format!("{n} instruction tokens plus {m} soft slots exceed the context of {} tokens", st.n_ctx));
+        }
+        st.seqs.insert(seq, SeqSlot { adapter: a, n_instr: n, m, next: 0, prefill: None });
+        Ok(IAPT_OK)
+    })
+}
+
+/// Plans the next `llama_decode` of `batch`: finds each bound sequence's prefix rows (instruction
+/// and soft slots) and arms the callback. Each bound sequence's prefix rows must be contiguous in
+/// the batch, belong to that sequence alone, and continue its prefix where the previous decode
+/// left it (or restart it at position 0); the batch must carry token ids with `pos` and `seq_id`
+/// arrays. On error nothing is armed. Call [`iapt_hook_finish`] after the decode, whatever it
+/// returned. The hook follows llama.cpp's ubatches in batch order, so a context with
+/// `n_seq_max > 1` needs `cparams.kv_unified = true` (tested with it only). Not thread-safe with a
+/// decode of the same hook's context.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_prepare(hook: *mut IaptHook, batch: *const llama_batch, err: *mut c_char, err_size: usize) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
+        let h = raw::hook_ref(hook)?;
+        let batch = raw::batch(batch)?;
+        let mut st = h.lock();
+        if st.armed.is_some() {
+            return fail(IAPT_ERR_STATE, "iapt_hook_prepare called twice without iapt_hook_finish");
+        }
+        let plan = plan_batch(&st, &batch)?;
+        let n_ubatch = st.n_ubatch;
+        let mut segs = Vec::with_capacity(plan.len());
+        let mut lent = Vec::with_capacity(plan.len());
+        for p in &plan {
+            let slot = st.seqs.get_mut(&p.seq).expect("planned from the bound sequences");
+            let prefill = match slot.prefill.take() {
+                Some(pf) if p.first != 0 => pf,
+                _ => Prefill::cpu(slot.adapter.gen.clone(), slot.n_instr),
+            };
+            segs.push(Segment { row0: p.row0, first: p.first, len: p.len, prefill });
+            lent.push((p.seq, p.first + p.len));
+        }
+        if !segs.is_empty() {
+            h.stream.arm(segs, batch.n_tokens(), n_ubatch);
+        }
+        st.armed = Some(lent);
+        Ok(IAPT_OK)
+    })
+}
+
+/// Ends the decode [`iapt_hook_prepare`] planned: returns 0, or `IAPT_ERR_DECODE` with what went
+/// wrong inside it (then the prepared sequences restart their prefill at position 0), or
+/// `IAPT_ERR_STATE` without a `prepare`. Not thread-safe with a decode of the same hook's context.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_finish(hook: *mut IaptHook, err: *mut c_char, err_size: usize) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
+        let h = raw::hook_ref(hook)?;
+        let mut st = h.lock();
+        let Some(lent) = st.armed.take() else {
+            return fail(IAPT_ERR_STATE, "iapt_hook_finish without iapt_hook_prepare");
+        };
+        if lent.is_empty() {
+            return Ok(IAPT_OK);
+        }
+        let (states, result) = h.stream.finish();
+        let ok = result.is_ok();
+        for ((seq, next), prefill) in lent.into_iter().zip(states) {
+            if let Some(slot) = st.seqs.get_mut(&seq) {
+                let whole = slot.n_instr + slot.m;
+                slot.next = if ok { next } else { 0 };
+                slot.prefill = (ok && next < whole).then_some(prefill);
+            }
+        }
+        match result {
+            Ok(()) => Ok(IAPT_OK),
+            Err(errors) => fail(IAPT_ERR_DECODE, errors.join("; ")),
+        }
+    })
+}
+
+/// The `cb_eval` callback: set `cparams.cb_eval = iapt_hook_eval_callback` and
+/// `cparams.cb_eval_user_data = hook`. Claims the layer-input nodes while a `prepare` is armed and
+/// handles them; errors are recorded for [`iapt_hook_finish`]. Never unwinds; with a NULL hook it
+/// claims nothing. Called by llama.cpp on the decoding thread.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_eval_callback(t: *mut ggml_tensor, ask: bool, hook: *mut std::ffi::c_void) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        let Ok(h) = raw::hook_ref(hook.cast()) else { return !ask };
+        let Some(mut node) = raw::Node::new(t) else { return !ask };
+        if ask {
+            h.stream.wants(node.name_str())
+        } else {
+            h.stream.on_data(&mut node);
+            true
+        }
+    }))
+    // In the ask phase "not wanted"; in the data phase "continue".
+    .unwrap_or(!ask)
+}
+
+/// One bound sequence's prefix rows in a batch.
+struct Planned {
+    seq: llama_seq_id,
+    row0: usize,
+    first: usize,
+    len: usize,
+}
+
+/// Finds the prefix rows of the bound sequences in `batch` and checks them (see `iapt_hook_prepare`).
+fn plan_batch(st: &State, batch: &RawBatch<'_>) -> Result<Vec<Planned>, Failure> {
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut idx: HashMap<llama_seq_id, usize> = HashMap::new();
+    if st.seqs.is_empty() {
+        return Ok(plan);
+    }
+    for row in 0..batch.n_tokens() {
+        let (pos, seqs) = batch.row(row).map_err(|e| Failure(IAPT_ERR_BATCH, e))?;
+        for &seq in seqs {
+            let Some(slot) = st.seqs.get(&seq) else { continue };
+            let whole = slot.n_instr + slot.m;
+            let bad = |msg: String| Failure(IAPT_ERR_BATCH, format!("batch row {row} (sequence {seq}, position {pos}): {msg}"));
+            if pos < 0 {
+                return Err(bad("negative position".to_owned()));
+            }
+            let p = pos as usize;
+            match idx.get(&seq).map(|&i| &mut plan[i]) {
+                Some(seg) if p < whole => {
+                    if seg.row0 + seg.len != row || seg.first + seg.len != p {
+                        return Err(bad(format!(
+                            "the sequence's prefix rows must be contiguous in the batch with consecutive positions (previous row {} at position {})",
+                            seg.row0 + seg.len - 1,
+                            seg.first + seg.len - 1
+                        )));
+                    }
+                    seg.len += 1;
+                }
+                Some(seg) if seg.first + seg.len != whole => {
+                    return Err(bad(format!("the prefix ends at position {} of {whole}: positions skipped", seg.first + seg.len)));
+                }
+                Some(_) => {}
+                None if p < whole || slot.next < whole => {
+                    if p != 0 && p != slot.next {
+                        return Err(bad(format!(
+                            "expected position {} (instruction {} + soft slots {}: decoded in order, or restarted at 0)",
+                            slot.next, slot.n_instr, slot.m
+                        )));
+                    }
+                    if p >= whole {
+                        continue;
+                    }
+                    idx.insert(seq, plan.len());
+                    plan.push(Planned { seq, row0: row, first: p, len: 1 });
+                }
+                None => {}
+            }
+            if p < whole && seqs.len() != 1 {
+                return Err(bad(format!("a prefix row belongs to {} sequences; it must belong to its sequence alone", seqs.len())));
+            }
+        }
+    }
+    if !plan.is_empty() && batch.has_embd() {
+        return fail(IAPT_ERR_BATCH, "the batch carries embeddings (batch.embd): the hook needs token ids");
+    }
+    Ok(plan)
+}

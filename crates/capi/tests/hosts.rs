@@ -1,0 +1,268 @@
+//! libiapt in hosts we did not write, against an installed prefix (`scripts/install-libiapt`):
+//! - `c_host_*`: `examples/c/iapt_run.c` built with `pkg-config --cflags --libs iapt`, two sequences
+//!   with different adapters (the fixture's and a second, random one with m = 2) in one batch on
+//!   the llama and qwen2 parity fixtures; each sequence's tokens and logits (every step) equal
+//!   `iapt run --dump-logits` of that sequence alone (F32 model and KV cache, flash attention off),
+//!   in one ubatch, in ubatches of 7 rows (n_ubatch told to the hook, or learned by it), and
+//!   prefilled in decodes of 5 rows (chunked prefill);
+//! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
+//! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
+//!   `iapt run`'s.
+//!
+//! They need the prefix and are run by `scripts/test-libiapt` (part of `scripts/test`), which sets
+//! IAPT_TEST_PREFIX (the prefix), IAPT_TEST_IAPT (the `iapt` binary) and IAPT_TEST_PYTHON (the
+//! .venv's python with llama-cpp-python); hence `#[ignore]` in a plain `cargo test`. Run with
+//! `--ignored` without those variables they fail, naming what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use iapt_format::{Activation, Adapter, Container};
+use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+
+/// The largest |logit difference| accepted, relative to the largest |logit| of the step.
+const TOLERANCE: f64 = 1e-5;
+
+fn var(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} is not set: run scripts/test-libiapt")))
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../converters/python/fixtures/models")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `cmd` to success. Without cargo's LD_LIBRARY_PATH, which lists target/debug and would win
+/// over the programs' RUNPATH: the hosts must load the installed libiapt, not a build-tree copy.
+fn run(cmd: &mut Command) -> Output {
+    let o = cmd.env_remove("LD_LIBRARY_PATH").output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Builds a C file against the installed prefix with pkg-config, as a user would.
+fn build_c(src: &Path, out: &Path) {
+    let prefix = var("IAPT_TEST_PREFIX");
+    let pc = run(Command::new("pkg-config").args(["--cflags", "--libs", "iapt"]).env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")));
+    let flags = String::from_utf8(pc.stdout).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    run(Command::new(cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1"])
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(flags.split_whitespace()));
+}
+
+struct Case {
+    instruction: Vec<i64>,
+    tokens: Vec<i64>,
+}
+
+fn case(name: &str) -> Case {
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap();
+    let c = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"));
+    let ints = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    Case { instruction: ints(&c["instruction"]), tokens: ints(&c["tokens"]) }
+}
+
+fn ids(v: &[i64]) -> String {
+    v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// A second adapter for `arch`'s tiny model (m = 2, SiLU), saved in `dir`.
+fn second_adapter(arch: &str, model: &Path, dir: &Path) -> PathBuf {
+    let base = iapt_format::BaseModelInfo::read(model).unwrap();
+    let spec = AdapterSpec::small(base.n_layer, base.n_embd, 2, 16, Activation::Silu);
+    let a = random_adapter(&spec, &mut Rng::new(0x11A9_7C0F)).expect("valid adapter");
+    let mut cfg = a.config().clone();
+    cfg.base_model_arch = arch.to_owned();
+    let a = Adapter::from_parts(cfg, a.extras().clone(), a.tensors().to_vec()).expect("valid adapter");
+    let path = dir.join(format!("{arch}-second.iapt.safetensors"));
+    a.save(&path, Container::Safetensors).unwrap();
+    path
+}
+
+/// `iapt run` of one sequence: (tokens, logits [steps][n_vocab]).
+fn iapt_run(model: &Path, adapter: &Path, instruction: &[i64], dump: &Path) -> (Vec<i64>, Vec<Vec<f32>>) {
+    let o = run(Command::new(var("IAPT_TEST_IAPT"))
+        .args(["run", "--model"])
+        .arg(model)
+        .arg("--adapter")
+        .arg(adapter)
+        .args([
+            "--prompt-tokens",
+            &ids(instruction),
+            "--n-predict",
+            "16",
+            "--temp",
+            "0",
+            "--kv-type",
+            "f32",
+            "--flash-attn",
+            "off",
+            "--threads",
+            "1",
+            "--ctx-size",
+            "256",
+            "--dump-logits",
+        ])
+        .arg(dump));
+    drop(o);
+    let logits = read_logits(dump);
+    let tokens = logits.iter().map(|row| argmax(row) as i64).collect();
+    (tokens, logits)
+}
+
+fn read_logits(path: &Path) -> Vec<Vec<f32>> {
+    let a = iapt_npy::read_f32_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    a.data.chunks(a.shape[1]).map(|r| r.to_vec()).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+}
+
+/// The largest |got - want| over a step, relative to the step's largest |want|; the worst step.
+fn worst_rel_diff(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+    assert_eq!(got.len(), want.len(), "steps");
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            assert_eq!(g.len(), w.len(), "n_vocab");
+            let diff = g.iter().zip(w).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+            diff / w.iter().map(|b| f64::from(b.abs())).fold(1e-30, f64::max)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn parse_seqs(stdout: &[u8]) -> Vec<Vec<i64>> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("seq "))
+        .map(|l| l.split_once(':').unwrap().1.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect()
+}
+
+fn c_host(arch: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("iapt_run");
+    build_c(&repo().join("examples/c/iapt_run.c"), &exe);
+    let model = fixtures().join(format!("{arch}-tiny-f32.gguf"));
+    let first = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
+    let second = second_adapter(arch, &model, dir.path());
+    let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
+    let seqs = [(&first, &short.instruction), (&second, &long.instruction)];
+    // Both sequences in one batch; with ubatches of 512 (one) and 7 rows (the prefill split), told
+    // by iapt_hook_set_context or (x) learned by the hook from the first ubatch; and prefilled in
+    // decodes of 5 rows (chunked prefill: chunks end inside instructions and soft slots).
+    for (n_ubatch, x, chunk) in [("512", "0", "0"), ("7", "0", "0"), ("7", "1", "0"), ("4", "0", "5")] {
+        let prefix = dir.path().join(format!("c-{n_ubatch}-{x}-{chunk}"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-m").arg(&model).args(["-n", "16", "-u", n_ubatch, "-x", x, "-b", chunk, "-d"]).arg(&prefix);
+        for (a, instr) in seqs {
+            cmd.arg("-a").arg(a).arg("-p").arg(ids(instr));
+        }
+        let got = parse_seqs(&run(&mut cmd).stdout);
+        assert_eq!(got.len(), 2, "two sequences");
+        for (s, (adapter, instr)) in seqs.iter().enumerate() {
+            let (want_tokens, want_logits) = iapt_run(&model, adapter, instr, &dir.path().join(format!("iapt-{s}.npy")));
+            assert_eq!(got[s], want_tokens, "{arch}, sequence {s}, n_ubatch {n_ubatch}, chunk {chunk}: tokens differ from iapt run");
+            let logits = read_logits(&dir.path().join(format!("c-{n_ubatch}-{x}-{chunk}-{s}.npy")));
+            let rel = worst_rel_diff(&logits, &want_logits);
+            eprintln!("{arch} sequence {s} n_ubatch {n_ubatch} chunk {chunk}: worst relative logit difference to iapt run {rel:.3e}");
+            assert!(
+                rel <= TOLERANCE,
+                "{arch}, sequence {s}, n_ubatch {n_ubatch}, chunk {chunk}: logits differ from iapt run by {rel:.3e} (relative)"
+            );
+        }
+        // The fixture adapter's sequence also reproduces the reference's greedy tokens.
+        assert_eq!(got[0], short.tokens, "{arch}: the reference's tokens");
+    }
+}
+
+#[test]
+#[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
+fn c_host_llama_two_adapters_in_one_batch_equal_iapt_run() {
+    c_host("llama");
+}
+
+#[test]
+#[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
+fn c_host_qwen2_two_adapters_in_one_batch_equal_iapt_run() {
+    c_host("qwen2");
+}
+
+#[test]
+#[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
+fn bad_input_from_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("bad_input");
+    build_c(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/bad_input.c"), &exe);
+    // A model llama.cpp loads whose architecture ("deci") the hook does not support.
+    let deci = dir.path().join("deci.gguf");
+    run(Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rename_arch.py"))
+        .arg(fixtures().join("llama-tiny-f32.gguf"))
+        .arg(&deci)
+        .arg("deci"));
+    let not_adapter = dir.path().join("not.iapt.safetensors");
+    std::fs::write(&not_adapter, b"not an adapter").unwrap();
+    let o = Command::new(&exe)
+        .env_remove("LD_LIBRARY_PATH")
+        .arg(fixtures().join("llama-tiny-f32.gguf"))
+        .arg(fixtures().join("llama-tiny.iapt.safetensors"))
+        .arg(fixtures().join("qwen2-tiny.iapt.safetensors"))
+        .arg(&deci)
+        .arg(&not_adapter)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "bad_input: {}\n{out}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(out.ends_with("0 failure(s)\n"), "{out}");
+    assert!(out.lines().filter(|l| l.starts_with("ok ")).count() >= 25, "every case ran:\n{out}");
+}
+
+fn python_host(arch: &str) {
+    let prefix = var("IAPT_TEST_PREFIX");
+    let model = fixtures().join(format!("{arch}-tiny-f32.gguf"));
+    let adapter = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
+    let c = case(&format!("{arch}-short-iapt"));
+    let o = run(Command::new(var("IAPT_TEST_PYTHON"))
+        .arg(repo().join("examples/python/llama_cpp_iapt.py"))
+        .arg("--lib")
+        .arg(prefix.join("lib/libiapt.so"))
+        .arg("-m")
+        .arg(&model)
+        .arg("-a")
+        .arg(&adapter)
+        .args(["-p", &ids(&c.instruction), "-n", "16"])
+        .env("LLAMA_CPP_LIB_PATH", prefix.join("lib")));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find_map(|l| l.strip_prefix("tokens:")).unwrap_or_else(|| panic!("no tokens line:\n{out}"));
+    let got: Vec<i64> = line.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (want, _) = iapt_run(&model, &adapter, &c.instruction, &dir.path().join("iapt.npy"));
+    assert_eq!(got, want, "{arch}: llama-cpp-python + libiapt tokens differ from iapt run");
+}
+
+#[test]
+#[ignore = "needs an installed libiapt and llama-cpp-python: run by scripts/test-libiapt"]
+fn python_host_llama_tokens_equal_iapt_run() {
+    python_host("llama");
+}
+
+#[test]
+#[ignore = "needs an installed libiapt and llama-cpp-python: run by scripts/test-libiapt"]
+fn python_host_qwen2_tokens_equal_iapt_run() {
+    python_host("qwen2");
+}

@@ -1,0 +1,251 @@
+/* iapt_run: greedy generation with IAPT adapters in plain C, on llama.cpp's C API and libiapt.
+ *
+ *   cc iapt_run.c -o iapt_run $(pkg-config --cflags --libs iapt)
+ *   iapt_run -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-a ADAPTER2 -p IDS2] \
+ *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1] [-b N_CHUNK]
+ *
+ * Each -a/-p pair is one sequence (at most 8), all prefilled together: the instruction ids,
+ * then m placeholder tokens (id 0) whose rows the hook overwrites with the adapter's soft tokens.
+ * `-a none` runs a sequence without adapter. Generation is greedy with F32 KV cache and flash
+ * attention off (the settings of `iapt run --temp 0 --kv-type f32 --flash-attn off`) and stops at
+ * an end-of-generation token. Prints "seq S: id id ..." per sequence; with -d, writes the logits of
+ * every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps, n_vocab]). `-x 1` skips the
+ * optional iapt_hook_set_context (the hook then learns n_ubatch from the first ubatch); `-b N`
+ * prefills in decodes of at most N rows (chunked prefill).
+ * Exit: 0 success, 1 a failure (message on stderr), 2 bad usage. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "iapt.h"
+
+#define MAX_SEQS 8
+
+struct seq {
+    const char *adapter_path;
+    iapt_adapter *adapter;
+    llama_token *prompt;
+    int n_prompt, m, done, n_out, batch_row;
+    llama_token *out;
+    FILE *dump;
+};
+
+static int usage(const char *msg) {
+    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1] [-b N_CHUNK]\n", msg);
+    return 2;
+}
+
+static int parse_ids(const char *s, llama_token **out) {
+    int n = 1;
+    for (const char *p = s; *p; p++) n += *p == ',';
+    *out = malloc(sizeof(llama_token) * (size_t)n);
+    char *end;
+    for (int i = 0; i < n; i++) {
+        errno = 0;
+        long v = strtol(s, &end, 10);
+        if (end == s || errno || v < 0 || (*end != ',' && *end != '\0')) return -1;
+        (*out)[i] = (llama_token)v;
+        s = end + (*end == ',');
+    }
+    return n;
+}
+
+/* A NumPy .npy header for float32 [rows, cols]; the row count is patched at the end. */
+static void npy_header(FILE *f, long rows, long cols) {
+    char dict[128];
+    int n = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%10ld, %ld), }", rows, cols);
+    int total = 10 + n + 1, pad = (64 - total % 64) % 64;
+    unsigned short hlen = (unsigned short)(n + pad + 1);
+    fwrite("\x93NUMPY\x01\x00", 1, 8, f);
+    fputc(hlen & 0xff, f);
+    fputc(hlen >> 8, f);
+    fwrite(dict, 1, (size_t)n, f);
+    for (int i = 0; i < pad; i++) fputc(' ', f);
+    fputc('\n', f);
+}
+
+/* llama.cpp's log, errors only. */
+static void quiet(enum ggml_log_level level, const char *text, void *ud) {
+    (void)ud;
+    if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+}
+
+/* Greedy choice from a sequence's logits; 1 when the sequence is done. */
+static int take(struct seq *q, const float *logits, const struct llama_vocab *vocab, int n_vocab, int n_predict) {
+    int best = 0;
+    for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+    if (q->dump) fwrite(logits, sizeof(float), (size_t)n_vocab, q->dump);
+    q->out[q->n_out++] = best;
+    q->done = llama_vocab_is_eog(vocab, best) || q->n_out == n_predict;
+    return q->done;
+}
+
+static int check(int32_t rc, const char *what, const char *err) {
+    if (rc != IAPT_OK) fprintf(stderr, "iapt_run: %s: %s (code %d)\n", what, err, rc);
+    return rc != IAPT_OK;
+}
+
+/* prepare, decode, finish: 0 or 1 (message on stderr). */
+static int decode(iapt_hook *hook, struct llama_context *ctx, struct llama_batch batch, char *err, size_t err_size) {
+    if (check(iapt_hook_prepare(hook, &batch, err, err_size), "prepare", err)) return 1;
+    int rc = llama_decode(ctx, batch);
+    int32_t hrc = iapt_hook_finish(hook, err, err_size); /* after every decode, whatever it returned */
+    if (rc != 0) { fprintf(stderr, "iapt_run: llama_decode returned %d\n", rc); return 1; }
+    return check(hrc, "finish", err);
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *dump_prefix = NULL;
+    struct seq seqs[MAX_SEQS];
+    int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1, no_set_context = 0, n_chunk = 0;
+    memset(seqs, 0, sizeof seqs);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (i + 1 >= argc) return usage("every option takes a value");
+        const char *v = argv[++i];
+        if (!strcmp(a, "-m")) model_path = v;
+        else if (!strcmp(a, "-a")) {
+            if (n_adapters >= MAX_SEQS) return usage("at most 8 sequences");
+            seqs[n_adapters++].adapter_path = strcmp(v, "none") ? v : NULL;
+        } else if (!strcmp(a, "-p")) {
+            if (n_seqs >= n_adapters) return usage("-p must follow its -a");
+            if ((seqs[n_seqs].n_prompt = parse_ids(v, &seqs[n_seqs].prompt)) <= 0) return usage("-p takes comma-separated token ids");
+            n_seqs++;
+        } else if (!strcmp(a, "-n")) n_predict = atoi(v);
+        else if (!strcmp(a, "-c")) n_ctx = atoi(v);
+        else if (!strcmp(a, "-u")) n_ubatch = atoi(v);
+        else if (!strcmp(a, "-t")) threads = atoi(v);
+        else if (!strcmp(a, "-d")) dump_prefix = v;
+        else if (!strcmp(a, "-x")) no_set_context = atoi(v);
+        else if (!strcmp(a, "-b")) n_chunk = atoi(v);
+        else return usage("unknown option");
+    }
+    if (!model_path || n_seqs == 0 || n_seqs != n_adapters || n_predict < 1 || n_ctx < 1 || n_ubatch < 1 || threads < 1)
+        return usage("give -m and one -p per -a; -n, -c, -u, -t positive");
+
+    char err[512];
+    fprintf(stderr, "iapt_run: libiapt %s\n", iapt_version());
+    llama_log_set(quiet, NULL);
+    llama_backend_init();
+    struct llama_model_params mp = llama_model_default_params();
+    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    if (!model) { fprintf(stderr, "iapt_run: cannot load %s\n", model_path); return 1; }
+    const struct llama_vocab *vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    iapt_hook *hook = iapt_hook_new(model, err, sizeof err);
+    if (!hook) { fprintf(stderr, "iapt_run: %s\n", err); return 1; }
+
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t)n_ctx;
+    cp.n_batch = (uint32_t)n_ctx;
+    cp.n_ubatch = (uint32_t)n_ubatch;
+    cp.n_seq_max = (uint32_t)n_seqs;
+    cp.n_threads = cp.n_threads_batch = threads;
+    cp.type_k = cp.type_v = GGML_TYPE_F32;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.kv_unified = true; /* rows stay in batch order across ubatches, as the hook expects */
+    cp.cb_eval = iapt_hook_eval_callback;
+    cp.cb_eval_user_data = hook;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) { fprintf(stderr, "iapt_run: cannot create the context\n"); return 1; }
+    if (!no_set_context && check(iapt_hook_set_context(hook, ctx, err, sizeof err), "set_context", err)) return 1;
+
+    int total = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        struct seq *q = &seqs[s];
+        if (q->adapter_path) {
+            q->adapter = iapt_adapter_load(q->adapter_path, err, sizeof err);
+            if (!q->adapter) { fprintf(stderr, "iapt_run: %s\n", err); return 1; }
+            q->m = iapt_adapter_n_soft_tokens(q->adapter);
+            if (check(iapt_hook_set_adapter(hook, s, q->adapter, q->n_prompt, err, sizeof err), "set_adapter", err)) return 1;
+            /* The hook holds its own reference: the caller's can go now. */
+            iapt_adapter_free(q->adapter);
+            q->adapter = NULL;
+        }
+        total += q->n_prompt + q->m;
+        q->out = malloc(sizeof(llama_token) * (size_t)n_predict);
+        if (dump_prefix) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s-%d.npy", dump_prefix, s);
+            if (!(q->dump = fopen(path, "wb"))) { fprintf(stderr, "iapt_run: cannot write %s\n", path); return 1; }
+            npy_header(q->dump, 0, n_vocab);
+        }
+    }
+    if (total > n_ctx) { fprintf(stderr, "iapt_run: %d prompt rows exceed the context of %d\n", total, n_ctx); return 1; }
+
+    /* The prefill: every sequence's instruction and soft slots, in batch order, decoded in chunks of
+     * at most n_chunk rows (-b; default all in one decode). A chunk may end inside a sequence's
+     * instruction or soft slots: the hook carries its state to the next decode. */
+    struct llama_batch all = llama_batch_init(total, 0, 1);
+    for (int s = 0; s < n_seqs; s++) {
+        struct seq *q = &seqs[s];
+        for (int p = 0; p < q->n_prompt + q->m; p++) {
+            int i = all.n_tokens++;
+            all.token[i] = p < q->n_prompt ? q->prompt[p] : 0;
+            all.pos[i] = p;
+            all.n_seq_id[i] = 1;
+            all.seq_id[i][0] = s;
+            all.logits[i] = p == q->n_prompt + q->m - 1;
+            if (all.logits[i]) q->batch_row = i;
+        }
+    }
+    if (n_chunk <= 0 || n_chunk > total) n_chunk = total;
+    struct llama_batch batch = llama_batch_init(total, 0, 1);
+    int failed = 0, active = n_seqs;
+    for (int k = 0; k < total && !failed; k += n_chunk) {
+        batch.n_tokens = k + n_chunk < total ? n_chunk : total - k;
+        for (int i = 0; i < batch.n_tokens; i++) {
+            batch.token[i] = all.token[k + i];
+            batch.pos[i] = all.pos[k + i];
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = all.seq_id[k + i][0];
+            batch.logits[i] = all.logits[k + i];
+        }
+        if ((failed = decode(hook, ctx, batch, err, sizeof err))) break;
+        for (int s = 0; s < n_seqs; s++) {
+            struct seq *q = &seqs[s];
+            if (q->batch_row >= k && q->batch_row < k + batch.n_tokens)
+                active -= take(q, llama_get_logits_ith(ctx, q->batch_row - k), vocab, n_vocab, n_predict);
+        }
+    }
+    /* Generation: one token per active sequence per decode. */
+    while (!failed && active > 0) {
+        batch.n_tokens = 0;
+        for (int s = 0; s < n_seqs; s++) {
+            struct seq *q = &seqs[s];
+            if (q->done) continue;
+            int i = batch.n_tokens++;
+            batch.token[i] = q->out[q->n_out - 1];
+            batch.pos[i] = q->n_prompt + q->m + q->n_out - 1;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = s;
+            batch.logits[i] = 1;
+            q->batch_row = i;
+        }
+        if ((failed = decode(hook, ctx, batch, err, sizeof err))) break;
+        for (int s = 0; s < n_seqs; s++)
+            if (!seqs[s].done) active -= take(&seqs[s], llama_get_logits_ith(ctx, seqs[s].batch_row), vocab, n_vocab, n_predict);
+    }
+    llama_batch_free(all);
+    for (int s = 0; s < n_seqs; s++) {
+        struct seq *q = &seqs[s];
+        printf("seq %d:", s);
+        for (int i = 0; i < q->n_out; i++) printf(" %d", q->out[i]);
+        printf("\n");
+        if (q->dump) {
+            fseek(q->dump, 0, SEEK_SET);
+            npy_header(q->dump, q->n_out, n_vocab);
+            fclose(q->dump);
+        }
+        free(q->out);
+        free(q->prompt);
+    }
+    llama_batch_free(batch);
+    llama_free(ctx);
+    iapt_hook_free(hook); /* after llama_free: no callback can run any more */
+    llama_model_free(model);
+    llama_backend_free();
+    return failed;
+}
