@@ -369,14 +369,7 @@ impl Generator {
             return self.pool(layer, rows).map_err(err);
         }
         let per = n.div_ceil(t);
-        let results: Vec<Result<Partial, usize>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = rows
-                .chunks(per * d)
-                .enumerate()
-                .map(|(i, part)| scope.spawn(move || self.pool(layer, part).map_err(|row| i * per + row)))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-        });
+        let results = on_threads(rows.chunks(per * d), |i, part| self.pool(layer, part).map_err(|row| i * per + row));
         let mut merged = Partial::new(self.m, self.width());
         for r in results {
             merged.merge(&r.map_err(err)?);
@@ -430,18 +423,10 @@ impl Generator {
             return;
         }
         let per = n.div_ceil(t);
-        let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = rows
-                .chunks(per * c)
-                .map(|part| {
-                    scope.spawn(move || {
-                        let mut o = vec![0.0f32; m * (part.len() / c)];
-                        kernels::dot_rows(vecs, m, part, c, 1.0, &mut o);
-                        o
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        let parts = on_threads(rows.chunks(per * c), |_, part| {
+            let mut o = vec![0.0f32; m * (part.len() / c)];
+            kernels::dot_rows(vecs, m, part, c, 1.0, &mut o);
+            o
         });
         let mut i0 = 0;
         for o in parts {
@@ -452,6 +437,21 @@ impl Generator {
             i0 += len;
         }
     }
+}
+
+/// `f(i, part)` for every part, the first on the calling thread and each other one on a thread of
+/// its own (so t parts cost t - 1 thread starts); the results in the parts' order. A panic in a
+/// thread is resumed on the caller.
+fn on_threads<'a, T: Send>(parts: impl Iterator<Item = &'a [f32]>, f: impl Fn(usize, &'a [f32]) -> T + Sync) -> Vec<T> {
+    let mut parts = parts.enumerate();
+    let Some((_, first)) = parts.next() else { return Vec::new() };
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts.map(|(i, part)| scope.spawn(move || f(i, part))).collect();
+        let mut out = vec![f(0, first)];
+        out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
+        out
+    })
 }
 
 /// K^T = Q W_down (m x d; K = W_down^T Q^T), computed in f64 and rounded once.
