@@ -499,15 +499,26 @@ fn handle_streams_events_and_cancels_when_the_stream_is_dropped() {
     let req = greedy(&c.instruction, Some("a0"), 30);
     let want = alone(&m, &ads, &req);
     let (_, rx) = h.submit(req.clone()).unwrap();
-    // One slot: the second request waits in the queue; its stream is dropped long before the
-    // first request's 35 steps end, so it is cancelled without running.
+    // One slot: the second request waits in the queue and its stream is dropped at once. That
+    // usually happens long before the first request's 35 steps end, but on a loaded machine this
+    // thread can sleep through them, and the second request is then admitted and starts its
+    // prefill before the drop (seen: 24 of its rows). Either way the drop cancels it before its
+    // next step and frees its cells; that it never runs when nobody listens from the start is
+    // `handle_sinks_get_every_event_and_a_false_sink_cancels`'s last case.
     let (_, dropped) = h.submit(greedy(&c.instruction, Some("a0"), 12)).unwrap();
     drop(dropped);
     let got = Outcome::collect(rx);
     assert_eq!(got.ids(), want.ids());
-    let st = h.status().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let st = loop {
+        let st = h.status().unwrap();
+        if (st.running, st.queued) == (0, 0) || std::time::Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
     assert_eq!((st.running, st.queued, st.cells_in_use), (0, 0, 0), "{st:?}");
-    assert_eq!(st.stats.generated, 30, "the dropped request never ran: {st:?}");
+    assert!(st.stats.generated < 30 + 12, "the dropped request was cancelled before its end: {st:?}");
     assert!(matches!(h.submit(greedy(&[1], Some("zz"), 1)), Err(EngineError::UnknownAdapter { .. })));
     assert_eq!(h.unload_adapter("a0").unwrap(), Unloaded::Freed);
     assert!(h.adapters().unwrap().is_empty());
