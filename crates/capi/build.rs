@@ -7,7 +7,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=IAPT_VENDOR_DIR");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let dir = match std::env::var_os("IAPT_VENDOR_DIR") {
-        Some(d) => PathBuf::from(d),
+        // A relative IAPT_VENDOR_DIR is relative to the repository root, where the scripts run.
+        Some(d) => manifest.join("../..").join(d),
         None => manifest.join("../../target/vendor-llama"),
     };
     let bin = dir.join("build/bin");
