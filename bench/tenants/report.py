@@ -97,12 +97,12 @@ def row_line(r: dict) -> str:
     tenants = "—" if not r["tenants"] else f"{r['tenants']}" + (" skewed" if r["mix"] == "skewed" else "")
     if r["server"] == "iapt-batch":
         s = r["stats"]
-        return (f"| {r['label']} | {kind} | {tenants} | {s['parallel']} | {r['max_tokens']} | "
+        return (f"| {r['label']} | {kind} | {tenants} | {s['parallel']} | {s['requests']} x {r['max_tokens']} | "
                 f"**{s['tokens_per_s']:.2f}** (decode-only {s['decode_tokens_per_s']:.2f}) | "
                 f"{r['requests_per_s']:.3f} | — | — | {r['peak_rss_kib'] / 1024:.0f} |")
     x = r["run"]
     hit = f" ({x['tenants_hit']} hit)" if r["tenants"] > 1 else ""
-    return (f"| {r['label']} | {kind} | {tenants}{hit} | {r['concurrency']} | {r['max_tokens']} | "
+    return (f"| {r['label']} | {kind} | {tenants}{hit} | {r['concurrency']} | {x['requests']} x {r['max_tokens']} | "
             f"**{x['output_tokens_per_s']:.2f}** | {x['requests_per_s']:.3f} | {x['ttft_p50_s']:.2f} / {x['ttft_p99_s']:.2f} | "
             f"{fmt(x['itl_p50_ms'], '.0f')} / {fmt(x['itl_p99_ms'], '.0f')} | {r['peak_rss_kib'] / 1024:.0f} |")
 
@@ -188,11 +188,11 @@ def main() -> int:
     (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
 
     s = settings
-    L = [f"Settings: {s['requests']} requests per run (after {s['warmup']} warm-up requests of {s['warmup_gen']} tokens), "
+    L = [f"Settings: {s['requests']} requests per run ({s.get('requests_serial', s['requests'])} in the 1-in-flight rows; after {s['warmup']} warm-up requests of {s['warmup_gen']} tokens), "
          f"prompts of {s['prompt']} tokens, greedy, `ignore_eos`, {s['threads']} threads for every server, "
          f"{s['parallel']} slots, context {s['ctx']} ({s['ctx_per_seq']} per slot), batch {s['batch']} / ubatch {s['ubatch']}; "
          f"machine: {res['machine']['model_name']}, {res['machine']['nproc']} CPUs; run took {s['wall_s']} s.", "",
-         "| row | server | tenants | in flight | generated | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | peak RSS (MiB) |",
+         "| row | server | tenants | in flight | requests x generated | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | peak RSS (MiB) |",
          "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     order = s["rows"].split()
     for k in order:

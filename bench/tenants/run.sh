@@ -14,8 +14,10 @@
 #
 # Settings (environment; full-run defaults, smoke defaults in brackets):
 #   REQUESTS 16 [4]    requests per measured run        GEN 128 [8]     generated tokens per request
+#   REQUESTS_SERIAL 8 [2]  requests per run of the "1 in flight" rows (each request runs alone, so
+#                      fewer give the same figure; they are the slowest rows)
 #   GEN_SHORT 32 [4]   the short-generation rows        PROMPT 128 [16] prompt tokens (BOS included)
-#   WARMUP 4 [1]       warm-up requests before each run WARMUP_GEN 8 [2] their generated tokens
+#   WARMUP 2 [1]       warm-up requests before each run WARMUP_GEN 8 [2] their generated tokens
 #   PARALLEL 16 [2]    server slots = requests in flight (the "1 in flight" rows use 1)
 #   N_ADAPTERS 16 [2]  adapters resident in each adapter server (tenants 1, 4 and N_ADAPTERS use the first ones)
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
@@ -51,11 +53,12 @@ WORK=${WORK:-target/tenants}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 if [ "$smoke" = 1 ]; then
-  REQUESTS=${REQUESTS:-4} GEN=${GEN:-8} GEN_SHORT=${GEN_SHORT:-4} PROMPT=${PROMPT:-16} WARMUP=${WARMUP:-1}
+  REQUESTS=${REQUESTS:-4} REQUESTS_SERIAL=${REQUESTS_SERIAL:-2} GEN=${GEN:-8} GEN_SHORT=${GEN_SHORT:-4} PROMPT=${PROMPT:-16} WARMUP=${WARMUP:-1}
   WARMUP_GEN=${WARMUP_GEN:-2} PARALLEL=${PARALLEL:-2} N_ADAPTERS=${N_ADAPTERS:-2} CTX_PER_SEQ=${CTX_PER_SEQ:-256}
   OUT=${OUT:-$WORK/smoke} VOCAB=tiny
 else
-  REQUESTS=${REQUESTS:-16} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32} PROMPT=${PROMPT:-128} WARMUP=${WARMUP:-4}
+  REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
+  PROMPT=${PROMPT:-128} WARMUP=${WARMUP:-2}
   WARMUP_GEN=${WARMUP_GEN:-8} PARALLEL=${PARALLEL:-16} N_ADAPTERS=${N_ADAPTERS:-16} CTX_PER_SEQ=${CTX_PER_SEQ:-512}
   OUT=${OUT:-$HERE/results} VOCAB=bench
 fi
@@ -145,7 +148,7 @@ done
 # --- servers -----------------------------------------------------------------------------------
 rm -rf "$OUT/rows" "$OUT/logs"
 mkdir -p "$OUT/rows" "$OUT/logs"
-SERVER_PID=""
+SERVER_PID="" CHILD_PID=""
 stop_server() {
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -155,9 +158,25 @@ stop_server() {
   fi
   SERVER_PID=""
 }
-trap stop_server EXIT
-trap 'stop_server; exit 130' INT
-trap 'stop_server; exit 143' TERM
+# On exit or a signal: the load generator (or `iapt batch`) and the server. Children run in the
+# background and are waited for, so that a signal interrupts the wait at once.
+stop_all() {
+  if [ -n "$CHILD_PID" ]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; wait "$CHILD_PID" 2>/dev/null || true; fi
+  CHILD_PID=""
+  stop_server
+}
+trap stop_all EXIT
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+# run_child CMD...: runs CMD in the background and waits for it; returns its status.
+run_child() {
+  "$@" &
+  CHILD_PID=$!
+  local rc=0
+  wait "$CHILD_PID" || rc=$?
+  CHILD_PID=""
+  return "$rc"
+}
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -215,8 +234,9 @@ start_server() {
 
 # run_row ID KIND TENANTS MIX INFLIGHT GEN
 run_row() {
-  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS
-  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $REQUESTS x ($PROMPT prompt + $gen generated)"
+  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS n=$REQUESTS
+  if [ "$inflight" = 1 ]; then n=$REQUESTS_SERIAL; fi
+  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $n x ($PROMPT prompt + $gen generated)"
   if [ "$kind" = iapt-batch ]; then
     run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
     return
@@ -224,8 +244,8 @@ run_row() {
   start_server "$kind" "$id"
   local startup=$((SECONDS - t0)) metrics=()
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
-  "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$kind" --model base --tenants "$tenants" --mix "$mix" \
-    --requests "$REQUESTS" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
+  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$kind" --model base --tenants "$tenants" --mix "$mix" \
+    --requests "$n" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
     --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
     --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
   stop_server
@@ -238,29 +258,20 @@ json.dump(d, open(p, "w"), indent=1)
 PY
 }
 
-# run_batch ID TENANTS MIX PARALLEL GEN: `iapt batch` offline on the same kind of prompts.
-run_batch() {
-  local id=$1 tenants=$2 mix=$3 par=$4 gen=$5 t0=$SECONDS args=()
-  "$PY" "$HERE/loadgen.py" --emit-jsonl "$OUT/logs/$id.requests.jsonl" --base-url unused --server iapt \
-    --tenants "$tenants" --mix "$mix" --requests "$REQUESTS" --prompt-tokens "$PROMPT" --words "$VOCAB" --label "$id" \
-    --out /dev/null >&2
-  for i in $(seq 0 $((N_ADAPTERS - 1))); do
-    n=$(printf %02d "$i")
-    args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
-  done
-  python3 - "$OUT/rows/$id.json" "$id" "$REQUESTS" "$PROMPT" "$gen" "$tenants" "$mix" "$par" -- "$IAPT_BIN" batch \
-    --model "$MODEL" "${args[@]}" --requests "$OUT/logs/$id.requests.jsonl" --out "$OUT/logs/$id.out.jsonl" \
-    --parallel "$par" --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --n-predict "$gen" --threads "$THREADS" \
-    --ctx-size "$CTX" --temp 0 --json <<'PY' || die "row $id (iapt batch) failed"
-import json, resource, subprocess, sys, time
+# Runs `iapt batch` (the arguments after "--"), checks its results, writes the row's JSON (peak RSS:
+# the child's ru_maxrss).
+BATCH_RUNNER=$(cat <<'PY'
+import json, resource, signal, subprocess, sys, time
 out, label, n_req, prompt, gen, tenants, mix, par = sys.argv[1:9]
 cmd = sys.argv[10:]
 t0 = time.perf_counter()
-r = subprocess.run(cmd, capture_output=True, text=True)
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+signal.signal(signal.SIGTERM, lambda *_: (p.terminate(), sys.exit(143)))
+_, err = p.communicate()
 wall = time.perf_counter() - t0
-if r.returncode != 0:
-    sys.exit(f"iapt batch exited {r.returncode}:\n{r.stderr[-3000:]}")
-stats = json.loads(r.stderr.strip().splitlines()[-1])
+if p.returncode != 0:
+    sys.exit(f"iapt batch exited {p.returncode}:\n{err[-3000:]}")
+stats = json.loads(err.strip().splitlines()[-1])
 lines = [json.loads(l) for l in open(cmd[cmd.index("--out") + 1])]
 if len(lines) != int(n_req):
     sys.exit(f"iapt batch wrote {len(lines)} results for {n_req} requests")
@@ -274,6 +285,22 @@ json.dump({"label": label, "server": "iapt-batch", "tenants": int(tenants), "mix
           open(out, "w"), indent=1)
 print(f"batch {label}: {json.dumps(stats)}", file=sys.stderr)
 PY
+)
+
+# run_batch ID TENANTS MIX PARALLEL GEN: `iapt batch` offline on the same kind of prompts.
+run_batch() {
+  local id=$1 tenants=$2 mix=$3 par=$4 gen=$5 t0=$SECONDS args=()
+  "$PY" "$HERE/loadgen.py" --emit-jsonl "$OUT/logs/$id.requests.jsonl" --base-url unused --server iapt \
+    --tenants "$tenants" --mix "$mix" --requests "$REQUESTS" --prompt-tokens "$PROMPT" --words "$VOCAB" --label "$id" \
+    --out /dev/null >&2
+  for i in $(seq 0 $((N_ADAPTERS - 1))); do
+    n=$(printf %02d "$i")
+    args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
+  done
+  run_child python3 -c "$BATCH_RUNNER" "$OUT/rows/$id.json" "$id" "$REQUESTS" "$PROMPT" "$gen" "$tenants" "$mix" "$par" -- "$IAPT_BIN" batch \
+    --model "$MODEL" "${args[@]}" --requests "$OUT/logs/$id.requests.jsonl" --out "$OUT/logs/$id.out.jsonl" \
+    --parallel "$par" --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --n-predict "$gen" --threads "$THREADS" \
+    --ctx-size "$CTX" --temp 0 --json || die "row $id (iapt batch) failed"
   python3 - "$OUT/rows/$id.json" "$((SECONDS - t0))" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -292,7 +319,7 @@ done < <(rows)
 
 # --- the table ---------------------------------------------------------------------------------
 SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:])))' \
-  smoke="$smoke" requests="$REQUESTS" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
+  smoke="$smoke" requests="$REQUESTS" requests_serial="$REQUESTS_SERIAL" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
   warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
   llama_server="$LLAMA_SERVER" vendor_version="$VENDOR_LLAMA_VERSION" vendor_src="$VENDOR_LLAMA_SRC" rows="$ROWS" \
