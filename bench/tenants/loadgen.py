@@ -7,8 +7,8 @@ crates/cli/tests/openai/requirements.txt) sends streamed, greedy /v1/completions
 until `--requests` have run, after a warm-up run of `--warmup` requests. Each request picks its tenant
 from the first `--tenants` adapters, uniformly or with a skewed (Zipf, s = 1) mix, seeded.
 
-- llama-server (`--server llama-lora`): `lora: [{"id": tenant, "scale": 1.0}]` via extra_body (the
-  adapters were loaded with --lora-init-without-apply, so every other adapter's scale is 0);
+- llama-server (`--server llama-lora`): `lora: [{"id": tenant, "scale": 1.0}]` via extra_body (every
+  adapter a request does not list gets scale 0 for it: the server's construct_lora_list);
   `--server llama-base`: no `lora` field. `--server iapt`: `model` = the tenant's adapter name
   (`--adapter-prefix` + two digits); `--server iapt-base`: `model` = `--model`.
 - Prompts: distinct random lowercase strings without spaces (seeded by the run label and the request
@@ -23,6 +23,10 @@ from the first `--tenants` adapters, uniformly or with a skewed (Zipf, s = 1) mi
   usage fails the run (exit 1). Both servers stream one chunk per token, except that a byte token
   that does not complete a UTF-8 character is held back and sent with the next one: the inter-token
   latency is measured between text chunks, and `tokens_per_chunk` says how often that happened.
+
+Before the warm-up, adapter runs check that the adapters are applied: greedy text from the base and
+from the first two tenants' adapters for one prompt; an adapter's text equal to the base's fails the
+run.
 
 Reported (JSON, --out): aggregate output tokens/s (completion tokens of the measured run / wall time
 from the first request sent to the last one ended), requests/s, time to first token p50/p99 (request
@@ -146,6 +150,28 @@ def plan(a, label: str, n_req: int) -> tuple[list[int], list[str]]:
     return tenants, prompts
 
 
+async def check_applied(client: AsyncOpenAI, a) -> dict:
+    """Greedy 8 tokens of one short prompt from the base and from the first (up to) 2 tenants'
+    adapters: each adapter's text must differ from the base's, or the adapter was not applied."""
+    prompt = prompt_text(a.words, 16, random.Random(f"{a.seed}/check"))
+    texts = {}
+    for t in [-1] + list(range(min(a.tenants, 2))):
+        extra, model = {"ignore_eos": True}, a.model
+        if a.server == "llama-lora":
+            # The base: adapter 0 at scale 0 (every adapter not listed is 0 too). Without a `lora`
+            # field, this llama-server applies every --lora adapter at its global scale, which is
+            # 1.0 even with --lora-init-without-apply (GET /lora-adapters says so).
+            extra["lora"] = [{"id": max(t, 0), "scale": 1.0 if t >= 0 else 0.0}]
+        elif t >= 0:
+            model = f"{a.adapter_prefix}{t:02d}"
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra)
+        texts["base" if t < 0 else f"tenant {t}"] = r.choices[0].text
+    same = [k for k, v in texts.items() if k != "base" and v == texts["base"]]
+    if same:
+        raise Failure(f"adapter not applied? {', '.join(same)} gave the base model's text {texts['base']!r}")
+    return texts
+
+
 async def run_load(client: AsyncOpenAI, a, label: str, n_req: int, max_tokens: int) -> tuple[list[dict], float, float]:
     tenants, prompts = plan(a, label, n_req)
     queue = list(range(n_req))
@@ -188,6 +214,8 @@ async def amain(a) -> dict:
     out = {"label": a.label, "server": a.server, "tenants": a.tenants, "mix": a.mix, "concurrency": a.concurrency,
            "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "warmup_requests": a.warmup,
            "warmup_max_tokens": a.warmup_tokens}
+    if a.server in ("llama-lora", "iapt"):
+        out["applied_check"] = await check_applied(client, a)
     if a.warmup:
         wres, w0, w1 = await run_load(client, a, f"{a.label}/warmup", a.warmup, a.warmup_tokens)
         out["warmup"] = summarize(wres, w0, w1)

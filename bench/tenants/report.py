@@ -161,6 +161,8 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--settings", required=True, help="JSON object from run.sh")
     ap.add_argument("--expect-rows", default="")
+    ap.add_argument("--strict-base-agreement", action="store_true",
+                    help="fail unless every server's base model gave the same greedy text in the applied check")
     a = ap.parse_args()
     settings = json.loads(a.settings)
     rows = {}
@@ -173,12 +175,18 @@ def main() -> int:
     if missing:
         print(f"report: rows missing: {' '.join(missing)}", file=sys.stderr)
         return 1
+    base_texts = {k: r["applied_check"]["base"] for k, r in rows.items() if "applied_check" in r}
+    base_agree = len(set(base_texts.values())) <= 1
+    if a.strict_base_agreement and not base_agree:
+        print(f"report: the base model's greedy text differs between rows: {base_texts}", file=sys.stderr)
+        return 1
     n = int(settings["n_adapters"])
     adapters_json = Path(settings.get("adapters", "")) / "adapters.json"
     adapters_info = json.loads(adapters_json.read_text()) if adapters_json.is_file() else None
     res = {"settings": settings, "machine": machine(), "versions": versions(settings),
            "targets": {"gen": targets(rows, n, "", int(settings["gen"])),
                        "gen_short": targets(rows, n, "-short", int(settings["gen_short"]))},
+           "base_text_agrees_across_servers": base_agree,
            "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
            "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
            "per_request": {k: v.get("per_request") for k, v in rows.items()}}
