@@ -134,7 +134,7 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
         raise Failure(f"{where}: completion_tokens {usage.completion_tokens}, expected {max_tokens} (finish {finish})")
     if not 1 <= len(stamps) <= max_tokens:
         raise Failure(f"{where}: {len(stamps)} text chunks for {max_tokens} tokens")
-    return {"idx": idx, "chunks": len(stamps), "tenant": tenant, "t_send": t0, "t_end": t1, "ttft": stamps[0] - t0,
+    return {"idx": idx, "chunks": len(stamps), "stamps": stamps, "tenant": tenant, "t_send": t0, "t_end": t1, "ttft": stamps[0] - t0,
             "itl": [b - a_ for a_, b in zip(stamps, stamps[1:])], "tokens": usage.completion_tokens,
             "prompt_tokens": usage.prompt_tokens}
 
@@ -222,7 +222,9 @@ async def amain(a) -> dict:
     res, t0, t1 = await run_load(client, a, a.label, a.requests, a.max_tokens)
     out["run"] = summarize(res, t0, t1)
     out["per_request"] = [{"idx": r["idx"], "tenant": r["tenant"], "ttft_s": r["ttft"], "e2e_s": r["t_end"] - r["t_send"],
-                           "start_s": r["t_send"] - t0, "tokens": r["tokens"]} for r in res]
+                           "start_s": r["t_send"] - t0, "tokens": r["tokens"],
+                           # when each text chunk arrived, ms after the run's start (the step timeline)
+                           "chunk_ms": [round(1e3 * (x - t0), 1) for x in r["stamps"]]} for r in res]
     out["peak_rss_kib"] = vm_hwm_kib(a.pid)
     if a.metrics_url:
         with urllib.request.urlopen(a.metrics_url, timeout=30) as resp:

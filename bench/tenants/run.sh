@@ -82,6 +82,12 @@ rows() {
   echo "lora-short | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
   echo "iapt-short | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
   echo "batch | iapt-batch | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  # A second sample of the rows the two targets are computed from, last (the order effect and the
+  # run-to-run spread show in the pair).
+  echo "base-p-rep | llama-base | 0 | uniform | $PARALLEL | $GEN"
+  echo "base-1-rep | llama-base | 0 | uniform | 1 | $GEN"
+  echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
 ROWS=${ROWS:-$ALL_ROWS}
@@ -192,7 +198,7 @@ wait_ready() {
 
 # start_server KIND LABEL: llama-base | llama-lora | iapt | iapt-base; sets SERVER_PID, BASE_URL.
 start_server() {
-  local kind=$1 label=$2 logf="$OUT/logs/$2.server.log" port args=()
+  local kind=$1 label=$2 logf="$OUT/logs/$2.server.log" port args=() i n
   case "$kind" in
     llama-base | llama-lora)
       port=$(free_port)
@@ -234,9 +240,9 @@ start_server() {
 
 # run_row ID KIND TENANTS MIX INFLIGHT GEN
 run_row() {
-  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS n=$REQUESTS
-  if [ "$inflight" = 1 ]; then n=$REQUESTS_SERIAL; fi
-  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $n x ($PROMPT prompt + $gen generated)"
+  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS nreq=$REQUESTS
+  if [ "$inflight" = 1 ]; then nreq=$REQUESTS_SERIAL; fi
+  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $nreq x ($PROMPT prompt + $gen generated)"
   if [ "$kind" = iapt-batch ]; then
     run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
     return
@@ -245,7 +251,7 @@ run_row() {
   local startup=$((SECONDS - t0)) metrics=()
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
   run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$kind" --model base --tenants "$tenants" --mix "$mix" \
-    --requests "$n" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
+    --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
     --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
     --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
   stop_server
@@ -289,7 +295,7 @@ PY
 
 # run_batch ID TENANTS MIX PARALLEL GEN: `iapt batch` offline on the same kind of prompts.
 run_batch() {
-  local id=$1 tenants=$2 mix=$3 par=$4 gen=$5 t0=$SECONDS args=()
+  local id=$1 tenants=$2 mix=$3 par=$4 gen=$5 t0=$SECONDS args=() i n
   "$PY" "$HERE/loadgen.py" --emit-jsonl "$OUT/logs/$id.requests.jsonl" --base-url unused --server iapt \
     --tenants "$tenants" --mix "$mix" --requests "$REQUESTS" --prompt-tokens "$PROMPT" --words "$VOCAB" --label "$id" \
     --out /dev/null >&2
