@@ -107,6 +107,23 @@ def row_line(r: dict) -> str:
             f"{fmt(x['itl_p50_ms'], '.0f')} / {fmt(x['itl_p99_ms'], '.0f')} | {r['peak_rss_kib'] / 1024:.0f} |")
 
 
+def phases(per_request: list[dict] | None) -> dict | None:
+    """From the chunk timeline: the prefill phase (run start -> every request has its first token),
+    the decode phase after it, and the output rate in each."""
+    if not per_request or any(not r.get("chunk_ms") for r in per_request):
+        return None
+    first_all = max(r["chunk_ms"][0] for r in per_request)
+    end = max(r["chunk_ms"][-1] for r in per_request)
+    chunks = sorted(x for r in per_request for x in r["chunk_ms"])
+    after = sum(1 for x in chunks if x > first_all)
+    gaps = sorted(b - a for a, b in zip(chunks, chunks[1:]) if b > first_all)
+    return {"prefill_phase_s": first_all / 1e3, "decode_phase_s": (end - first_all) / 1e3,
+            "decode_phase_chunks": after,
+            "decode_phase_chunks_per_s": after / ((end - first_all) / 1e3) if end > first_all else None,
+            # the largest silences of the whole server in the decode phase (no client got a token)
+            "decode_phase_max_silence_ms": gaps[-1] if gaps else None}
+
+
 def tps(rows: dict, label: str):
     r = rows.get(label)
     if r is None:
@@ -196,6 +213,8 @@ def main() -> int:
            "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
            "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
            "per_request": {k: v.get("per_request") for k, v in rows.items()}}
+    for k, v in res["rows"].items():
+        v["phases"] = phases(res["per_request"].get(k)) if v["server"] != "iapt-batch" and v["concurrency"] > 1 else None
     for v in res["rows"].values():  # keep the Prometheus text short: totals and sums, not every bucket
         if "metrics" in v:
             v["metrics"] = [l for l in v["metrics"].splitlines() if l and not l.startswith("#") and "_bucket{" not in l]
@@ -212,6 +231,15 @@ def main() -> int:
     for k in order:
         if k in rows:
             L.append(row_line(rows[k]))
+    L += ["", "Phases (from the chunk timeline of each run; one wave of requests when all are in flight at once): "
+          "prefill phase = until every request has its first token; decode phase = after it.", "",
+          "| row | prefill phase (s) | decode phase (s) | decode-phase output tok/s | longest silence in the decode phase (ms) |",
+          "| --- | ---: | ---: | ---: | ---: |"]
+    for k in order:
+        ph = res["rows"].get(k, {}).get("phases")
+        if ph:
+            L.append(f"| {k} | {ph['prefill_phase_s']:.1f} | {ph['decode_phase_s']:.1f} | "
+                     f"{fmt(ph['decode_phase_chunks_per_s'])} | {fmt(ph['decode_phase_max_silence_ms'], '.0f')} |")
     L.append("")
     for key, t in res["targets"].items():
         if t is None:
