@@ -19,8 +19,9 @@ from the first `--tenants` adapters, uniformly or with a skewed (Zipf, s = 1) mi
   BOS + (n - 1) letters, the first not one that starts a word piece ("▁to" would merge further).
   The length is checked, not assumed: every response's usage.prompt_tokens must equal --prompt-tokens.
 - `ignore_eos: true` on every request, and every response must report exactly --max-tokens completion
-  tokens (usage.completion_tokens) in at least one text chunk; any HTTP error, wrong count or missing
-  usage fails the run (exit 1). Both servers stream one chunk per token, except that a byte token
+  tokens (usage.completion_tokens) in at most that many text chunks; any HTTP error, wrong count or missing
+  usage fails the run (exit 1); a response of byte tokens only (no text at all) is timed at its end
+  and counted (`requests_without_text`). Both servers stream one chunk per token, except that a byte token
   that does not complete a UTF-8 character is held back and sent with the next one: the inter-token
   latency is measured between text chunks, and `tokens_per_chunk` says how often that happened.
 
@@ -132,9 +133,12 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
         raise Failure(f"{where}: prompt_tokens {usage.prompt_tokens}, expected {a.prompt_tokens}")
     if usage.completion_tokens != max_tokens:
         raise Failure(f"{where}: completion_tokens {usage.completion_tokens}, expected {max_tokens} (finish {finish})")
-    if not 1 <= len(stamps) <= max_tokens:
+    if len(stamps) > max_tokens:
         raise Failure(f"{where}: {len(stamps)} text chunks for {max_tokens} tokens")
-    return {"idx": idx, "chunks": len(stamps), "stamps": stamps, "tenant": tenant, "t_send": t0, "t_end": t1, "ttft": stamps[0] - t0,
+    no_text = not stamps
+    if no_text:  # every token a byte held back (and dropped at the end): time the end instead
+        stamps = [t1]
+    return {"idx": idx, "chunks": len(stamps), "stamps": stamps, "no_text": no_text, "tenant": tenant, "t_send": t0, "t_end": t1, "ttft": stamps[0] - t0,
             "itl": [b - a_ for a_, b in zip(stamps, stamps[1:])], "tokens": usage.completion_tokens,
             "prompt_tokens": usage.prompt_tokens}
 
@@ -203,6 +207,7 @@ def summarize(results: list[dict], t0: float, t1: float) -> dict:
         "itl_mean_ms": 1e3 * sum(itl) / len(itl) if itl else None,
         "tenants_hit": len({r["tenant"] for r in results if r["tenant"] >= 0}),
         "tokens_per_chunk": tokens / sum(r["chunks"] for r in results),
+        "requests_without_text": sum(r["no_text"] for r in results),
     }
 
 

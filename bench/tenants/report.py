@@ -93,7 +93,7 @@ def fmt(x, spec=".2f", none="—"):
 
 def row_line(r: dict) -> str:
     kind = {"llama-base": "llama-server, base", "llama-lora": "llama-server, LoRA per request", "iapt": "`iapt serve`, IAPT",
-            "iapt-base": "`iapt serve`, base", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
+            "iapt-base": "`iapt serve`, base", "llama-base-kvu": "llama-server, base, `-kvu`", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
     tenants = "—" if not r["tenants"] else f"{r['tenants']}" + (" skewed" if r["mix"] == "skewed" else "")
     if r["server"] == "iapt-batch":
         s = r["stats"]

@@ -23,7 +23,7 @@
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
 #                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
 #   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
-#   ROWS "..."         row ids to run (default: all; see `rows` below)
+#   ROWS "..."         row ids to run (default: all but the diagnostic base-p-kvu; see `rows` below)
 #   WORK target/tenants   built model, adapters, Python venv for PEFT
 #   BENCH_MODEL        an existing Q4_K_M bench model to use instead of making one
 #   IAPT_BIN           an existing iapt binary (default: built here: release + target-cpu=native;
@@ -88,9 +88,12 @@ rows() {
   echo "base-1-rep | llama-base | 0 | uniform | 1 | $GEN"
   echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
   echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  # Diagnostic, only when named in ROWS: llama-server's bare base with a unified KV cache (-kvu),
+  # the cache `iapt serve` always uses.
+  echo "base-p-kvu | llama-base-kvu | 0 | uniform | $PARALLEL | $GEN"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
-ROWS=${ROWS:-$ALL_ROWS}
+ROWS=${ROWS:-${ALL_ROWS/base-p-kvu /}}
 for r in $ROWS; do case " $ALL_ROWS " in *" $r "*) ;; *) die "unknown row $r (rows: $ALL_ROWS)" ;; esac; done
 
 # --- tools: the client venv, the vendored llama.cpp, the iapt binary ---------------------------
@@ -200,10 +203,11 @@ wait_ready() {
 start_server() {
   local kind=$1 label=$2 logf="$OUT/logs/$2.server.log" port args=() i n
   case "$kind" in
-    llama-base | llama-lora)
+    llama-base | llama-lora | llama-base-kvu)
       port=$(free_port)
       args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -c "$CTX"
         -b "$BATCH" -ub "$UBATCH" --alias base --metrics --cache-ram 0 --no-webui)
+      if [ "$kind" = llama-base-kvu ]; then args+=(-kvu); fi
       if [ "$kind" = llama-lora ]; then
         for i in $(seq 0 $((N_ADAPTERS - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
         args+=(--lora-init-without-apply)
@@ -250,7 +254,7 @@ run_row() {
   start_server "$kind" "$id"
   local startup=$((SECONDS - t0)) metrics=()
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
-  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$kind" --model base --tenants "$tenants" --mix "$mix" \
+  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "${kind%-kvu}" --model base --tenants "$tenants" --mix "$mix" \
     --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
     --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
     --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
