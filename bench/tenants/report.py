@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""The table of bench/tenants: reads OUT/rows/*.json (loadgen.py and run.sh's `iapt batch` row),
+writes OUT/results.json (settings, machine, versions, every row without its per-request detail, the
+targets, the memory per adapter) and OUT/table.md. Fails (exit 1) when a row of --expect-rows is
+missing.
+
+    python3 bench/tenants/report.py OUT --settings JSON [--expect-rows "id id ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Shapes for the memory-per-adapter table: n_embd, n_layer, n_head, n_head_kv.
+SHAPES = {"TinyLlama-1.1B shape (this run)": (2048, 22, 32, 4), "LLaMA-2-7B": (4096, 32, 32, 32)}
+PAPER_D, PAPER_R, M, LORA_R = 4096, 320, 4, 8
+
+
+def iapt_params(d: int, n_layer: int, r: int, m: int = M) -> int:
+    """spec/iapt-v1.md, per layer: W_down r x d, b_down r, Q m x r, W_up d x r, b_up d, rational 7 + 5."""
+    return n_layer * (r * d + r + m * r + d * r + d + 7 + 5)
+
+
+def lora_params(d: int, n_layer: int, n_head: int, n_head_kv: int, targets: str, r: int = LORA_R) -> int:
+    """A (r x d_in) + B (d_out x r) per target and layer."""
+    kv = d // n_head * n_head_kv
+    dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d)}
+    return n_layer * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def sh(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({' '.join(cmd)}: {e})"
+
+
+def machine() -> dict:
+    lscpu = sh(["lscpu"])
+    mem = next((l.split(":", 1)[1].strip() for l in open("/proc/meminfo") if l.startswith("MemTotal")), "?")
+    return {"lscpu": lscpu, "model_name": re.search(r"Model name:\s*(.*)", lscpu).group(1) if "Model name" in lscpu else "?",
+            "nproc": sh(["nproc"]), "mem_total": mem, "kernel": platform.release()}
+
+
+def cmake_version(cmakelists: Path, prefix: str) -> str:
+    """X.Y.Z from a llama.cpp or ggml CMakeLists.txt's PREFIX_VERSION_{MAJOR,MINOR,PATCH}."""
+    try:
+        t = cmakelists.read_text()
+    except OSError:
+        return "?"
+    parts = [re.search(rf"set\({prefix}_VERSION_{k}\s+(\d+)\)", t) for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(p.group(1) for p in parts) if all(parts) else "?"
+
+
+def versions(settings: dict) -> dict:
+    lock = (ROOT / "Cargo.lock").read_text()
+    m = re.search(r'name = "llama-cpp-sys-2"\nversion = "([^"]+)"', lock)
+    sys_ver = m.group(1) if m else "?"
+    # llama-cpp-sys-2's bundled llama.cpp, as cargo unpacked it
+    home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+    src = next(iter(sorted(home.glob(f"registry/src/*/llama-cpp-sys-2-{sys_ver}/llama.cpp"))), None)
+    bundled = (f"llama.cpp {cmake_version(src / 'CMakeLists.txt', 'LLAMA')}, ggml {cmake_version(src / 'ggml/CMakeLists.txt', 'GGML')}"
+               if src else "llama.cpp ?")
+    vendor_src = Path(settings.get("vendor_src", ""))
+    server_ver = sh([settings["llama_server"], "--version"]) if settings.get("llama_server") else "?"
+    server_ver = " ".join(l for l in server_ver.splitlines() if l.startswith("version"))
+    v = {"llama_server": f"{settings.get('vendor_version', '?')}: `llama-server --version`: {server_ver}; "
+                        f"ggml {cmake_version(vendor_src / 'ggml/CMakeLists.txt', 'GGML')}",
+         "iapt_llama_cpp": f"llama-cpp-sys-2 {sys_ver} ({bundled}; linked statically into iapt)",
+         "iapt": sh([settings["iapt_bin"], "--version"]) if settings.get("iapt_bin") else "?",
+         "rustc": sh(["rustc", "--version"]), "python": platform.python_version()}
+    adapters = Path(settings.get("adapters", "")) / "adapters.json"
+    if adapters.is_file():
+        a = json.loads(adapters.read_text())
+        if "lora" in a:
+            v.update({k: a["lora"][k] for k in ("torch", "transformers", "peft")})
+    return v
+
+
+def fmt(x, spec=".2f", none="—"):
+    return none if x is None else format(x, spec)
+
+
+def row_line(r: dict) -> str:
+    kind = {"llama-base": "llama-server, base", "llama-lora": "llama-server, LoRA per request", "iapt": "`iapt serve`, IAPT",
+            "iapt-base": "`iapt serve`, base", "llama-base-kvu": "llama-server, base, `-kvu`", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
+    tenants = "—" if not r["tenants"] else f"{r['tenants']}" + (" skewed" if r["mix"] == "skewed" else "")
+    if r["server"] == "iapt-batch":
+        s = r["stats"]
+        return (f"| {r['label']} | {kind} | {tenants} | {s['parallel']} | {s['requests']} x {r['max_tokens']} | "
+                f"**{s['tokens_per_s']:.2f}** (decode-only {s['decode_tokens_per_s']:.2f}) | "
+                f"{r['requests_per_s']:.3f} | — | — | {r['peak_rss_kib'] / 1024:.0f} |")
+    x = r["run"]
+    hit = f" ({x['tenants_hit']} hit)" if r["tenants"] > 1 else ""
+    return (f"| {r['label']} | {kind} | {tenants}{hit} | {r['concurrency']} | {x['requests']} x {r['max_tokens']} | "
+            f"**{x['output_tokens_per_s']:.2f}** | {x['requests_per_s']:.3f} | {x['ttft_p50_s']:.2f} / {x['ttft_p99_s']:.2f} | "
+            f"{fmt(x['itl_p50_ms'], '.0f')} / {fmt(x['itl_p99_ms'], '.0f')} | {r['peak_rss_kib'] / 1024:.0f} |")
+
+
+def phases(per_request: list[dict] | None) -> dict | None:
+    """From the chunk timeline: the prefill phase (run start -> every request has its first token),
+    the decode phase after it, and the output rate in each."""
+    if not per_request or any(not r.get("chunk_ms") for r in per_request):
+        return None
+    first_all = max(r["chunk_ms"][0] for r in per_request)
+    end = max(r["chunk_ms"][-1] for r in per_request)
+    chunks = sorted(x for r in per_request for x in r["chunk_ms"])
+    after = sum(1 for x in chunks if x > first_all)
+    gaps = sorted(b - a for a, b in zip(chunks, chunks[1:]) if b > first_all)
+    return {"prefill_phase_s": first_all / 1e3, "decode_phase_s": (end - first_all) / 1e3,
+            "decode_phase_chunks": after,
+            "decode_phase_chunks_per_s": after / ((end - first_all) / 1e3) if end > first_all else None,
+            # the largest silences of the whole server in the decode phase (no client got a token)
+            "decode_phase_max_silence_ms": gaps[-1] if gaps else None}
+
+
+def tps(rows: dict, label: str):
+    r = rows.get(label)
+    if r is None:
+        return None
+    return r["stats"]["tokens_per_s"] if r["server"] == "iapt-batch" else r["run"]["output_tokens_per_s"]
+
+
+def targets(rows: dict, n: int, suffix: str, gen: int) -> dict | None:
+    named = {"": f"t{n}", "-short": "short", "-rep": "rep"}[suffix]
+    ids = {"base_p": "base-p" + suffix, "base_1": "base-1" + suffix, "iapt": f"iapt-{named}", "lora": f"lora-{named}"}
+    v = {k: tps(rows, i) for k, i in ids.items()}
+    if any(x is None for x in v.values()):
+        return None
+    gain = v["base_p"] / v["base_1"]
+    ratio = v["iapt"] / v["lora"]
+    return {"generated_tokens": gen, "rows": ids, "tokens_per_s": v,
+            "iapt_over_base": v["iapt"] / v["base_p"], "target_iapt_over_base": 0.95,
+            "base_batching_gain": gain, "iapt_over_lora": ratio, "share_of_gain": ratio / gain,
+            "share_of_gain_excess": (ratio - 1) / (gain - 1) if gain != 1 else None, "target_share": 0.90}
+
+
+def memory(rows: dict, n: int, adapters_info: dict | None) -> dict:
+    info = adapters_info or {}
+    shapes = dict(SHAPES)
+    if info.get("shape") == "tiny":  # the smoke's base (make_adapters.py's "tiny")
+        shapes = {"tiny llama fixture (this run)": (64, 3, 4, 2), "LLaMA-2-7B": SHAPES["LLaMA-2-7B"]}
+    first = next(iter(shapes.values()))
+    r_run = info.get("iapt", {}).get("bottleneck") or round(first[0] * PAPER_R / PAPER_D)
+    out = {"shapes": {}}
+    for name, (d, n_layer, n_head, n_head_kv) in shapes.items():
+        r = r_run if "this run" in name else round(d * PAPER_R / PAPER_D)
+        ip = iapt_params(d, n_layer, r)
+        out["shapes"][name] = {
+            "iapt_r": r, "iapt_params": ip, "iapt_file_f16_bytes": 2 * ip, "iapt_resident_f32_bytes": 4 * ip,
+            "lora_qkvo_params": lora_params(d, n_layer, n_head, n_head_kv, "qkvo"),
+            "lora_qv_params": lora_params(d, n_layer, n_head, n_head_kv, "qv"),
+        }
+        for k in ("qkvo", "qv"):
+            out["shapes"][name][f"lora_{k}_resident_f16_bytes"] = 2 * out["shapes"][name][f"lora_{k}_params"]
+
+    def rss(label):
+        r = rows.get(label)
+        return None if r is None else r["peak_rss_kib"]
+
+    pairs = {"iapt": (f"iapt-t{n}", "iapt-base-p"), "lora": (f"lora-t{n}", "base-p")}
+    out["measured_rss_delta_per_adapter_kib"] = {
+        k: (rss(a) - rss(b)) / n if rss(a) is not None and rss(b) is not None else None for k, (a, b) in pairs.items()}
+    return out
+
+
+def mib(b):
+    return f"{b / 2**20:.1f} MiB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--settings", required=True, help="JSON object from run.sh")
+    ap.add_argument("--expect-rows", default="")
+    ap.add_argument("--strict-base-agreement", action="store_true",
+                    help="fail unless every server's base model gave the same greedy text in the applied check")
+    a = ap.parse_args()
+    settings = json.loads(a.settings)
+    rows = {}
+    for p in sorted((a.out / "rows").glob("*.json")):
+        r = json.loads(p.read_text())
+        if r["server"] == "iapt-batch":  # wall_s: the engine's run, model load excluded
+            r["requests_per_s"] = r["stats"]["requests"] / r["stats"]["wall_s"]
+        rows[r["label"]] = r
+    missing = [i for i in a.expect_rows.split() if i not in rows]
+    if missing:
+        print(f"report: rows missing: {' '.join(missing)}", file=sys.stderr)
+        return 1
+    base_texts = {k: r["applied_check"]["base"] for k, r in rows.items() if "applied_check" in r}
+    base_agree = len(set(base_texts.values())) <= 1
+    if a.strict_base_agreement and not base_agree:
+        print(f"report: the base model's greedy text differs between rows: {base_texts}", file=sys.stderr)
+        return 1
+    n = int(settings["n_adapters"])
+    adapters_json = Path(settings.get("adapters", "")) / "adapters.json"
+    adapters_info = json.loads(adapters_json.read_text()) if adapters_json.is_file() else None
+    res = {"settings": settings, "machine": machine(), "versions": versions(settings),
+           "targets": {"gen": targets(rows, n, "", int(settings["gen"])),
+                       "gen_short": targets(rows, n, "-short", int(settings["gen_short"])),
+                       "gen_second_sample": targets(rows, n, "-rep", int(settings["gen"]))},
+           "base_text_agrees_across_servers": base_agree,
+           "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
+           "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
+           "per_request": {k: v.get("per_request") for k, v in rows.items()}}
+    for k, v in res["rows"].items():
+        v["phases"] = phases(res["per_request"].get(k)) if v["server"] != "iapt-batch" and v["concurrency"] > 1 else None
+    for v in res["rows"].values():  # keep the Prometheus text short: totals and sums, not every bucket
+        if "metrics" in v:
+            v["metrics"] = [l for l in v["metrics"].splitlines() if l and not l.startswith("#") and "_bucket{" not in l]
+    (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+
+    s = settings
+    L = [f"Settings: {s['requests']} requests per run ({s.get('requests_serial', s['requests'])} in the 1-in-flight rows; after {s['warmup']} warm-up requests of {s['warmup_gen']} tokens), "
+         f"prompts of {s['prompt']} tokens, greedy, `ignore_eos`, {s['threads']} threads for every server, "
+         f"{s['parallel']} slots, context {s['ctx']} ({s['ctx_per_seq']} per slot), batch {s['batch']} / ubatch {s['ubatch']}; "
+         f"machine: {res['machine']['model_name']}, {res['machine']['nproc']} CPUs; run took {s['wall_s']} s.", "",
+         "| row | server | tenants | in flight | requests x generated | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | peak RSS (MiB) |",
+         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    order = s["rows"].split()
+    for k in order:
+        if k in rows:
+            L.append(row_line(rows[k]))
+    L += ["", "Phases (from the chunk timeline of each run; one wave of requests when all are in flight at once): "
+          "prefill phase = until every request has its first token; decode phase = after it.", "",
+          "| row | prefill phase (s) | decode phase (s) | decode-phase output tok/s | longest silence in the decode phase (ms) |",
+          "| --- | ---: | ---: | ---: | ---: |"]
+    for k in order:
+        ph = res["rows"].get(k, {}).get("phases")
+        if ph:
+            L.append(f"| {k} | {ph['prefill_phase_s']:.1f} | {ph['decode_phase_s']:.1f} | "
+                     f"{fmt(ph['decode_phase_chunks_per_s'])} | {fmt(ph['decode_phase_max_silence_ms'], '.0f')} |")
+    L.append("")
+    for key, t in res["targets"].items():
+        if t is None:
+            continue
+        ok1 = "met" if t["iapt_over_base"] >= 0.95 else "**missed**"
+        ok2 = "met" if t["share_of_gain"] >= 0.90 else "**missed**"
+        what = "second sample (the -rep rows)" if key == "gen_second_sample" else f"{t['generated_tokens']} generated tokens"
+        L.append(f"- {what}: IAPT with {n} tenants / bare base, {s['parallel']} in flight = "
+                 f"{t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['base_p']:.2f} = **{t['iapt_over_base']:.3f}x** "
+                 f"(target >= 0.95: {ok1}); bare-base batching gain ({s['parallel']} / 1 in flight) = "
+                 f"{t['tokens_per_s']['base_p']:.2f} / {t['tokens_per_s']['base_1']:.2f} = {t['base_batching_gain']:.2f}x; "
+                 f"IAPT / LoRA with {n} tenants = {t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['lora']:.2f} = "
+                 f"{t['iapt_over_lora']:.2f}x = **{100 * t['share_of_gain']:.0f}%** of the gain (target >= 90%: {ok2}; "
+                 f"as excess over 1x: {100 * t['share_of_gain_excess']:.0f}%).")
+    L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident (f32) | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
+          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in res["memory"]["shapes"].items():
+        L.append(f"| {name}, IAPT r {m['iapt_r']} | {m['iapt_params']:,} | {mib(m['iapt_resident_f32_bytes'])} | "
+                 f"{m['lora_qkvo_params']:,} | {mib(m['lora_qkvo_resident_f16_bytes'])} | {m['lora_qv_params']:,} |")
+    d = res["memory"]["measured_rss_delta_per_adapter_kib"]
+    L.append("")
+    L.append(f"Measured (peak RSS with {n} adapters - peak RSS of the same server without, / {n}): IAPT "
+             f"{fmt(d['iapt'] and d['iapt'] / 1024, '.1f')} MiB, LoRA {fmt(d['lora'] and d['lora'] / 1024, '.1f')} MiB per adapter.")
+    L.append("")
+    L.append(f"Versions: llama-server: {res['versions']['llama_server']}; iapt: {res['versions']['iapt_llama_cpp']}.")
+    (a.out / "table.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

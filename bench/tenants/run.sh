@@ -1,0 +1,342 @@
+#!/usr/bin/env bash
+# bench/tenants (issue 14): one backbone, many tenants. llama-server (llama.cpp's own server, built
+# by scripts/vendor-llama) with one LoRA adapter per tenant (per-request `lora`) and on the bare base
+# model, against `iapt serve` with one IAPT adapter per tenant (`model` = adapter), all measured by the
+# same load generator (bench/tenants/loadgen.py), plus `iapt batch` offline. Writes the table
+# (table.md) and the raw figures (results.json, rows/*.json, logs/) to OUT.
+#
+#   bash bench/tenants/run.sh            the full run (~30 min on a 2-vCPU machine once built), from
+#                                        a fresh clone: vendor build, release build, bench model,
+#                                        16 LoRA + 16 IAPT adapters, every row; OUT = bench/tenants/results
+#   bash bench/tenants/run.sh --smoke    CI: the tiny fixture model and the committed adapters
+#                                        (bench/tenants/fixtures: no torch needed), 2 tenants, 4
+#                                        requests per row, every row kind; OUT = $WORK/smoke
+#
+# Settings (environment; full-run defaults, smoke defaults in brackets):
+#   REQUESTS 16 [4]    requests per measured run        GEN 128 [8]     generated tokens per request
+#   REQUESTS_SERIAL 8 [2]  requests per run of the "1 in flight" rows (each request runs alone, so
+#                      fewer give the same figure; they are the slowest rows)
+#   GEN_SHORT 32 [4]   the short-generation rows        PROMPT 128 [16] prompt tokens (BOS included)
+#   WARMUP 2 [1]       warm-up requests before each run WARMUP_GEN 8 [2] their generated tokens
+#   PARALLEL 16 [2]    server slots = requests in flight (the "1 in flight" rows use 1)
+#   N_ADAPTERS 16 [2]  adapters resident in each adapter server (tenants 1, 4 and N_ADAPTERS use the first ones)
+#   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
+#                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
+#   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
+#   ROWS "..."         row ids to run (default: all but the diagnostic base-p-kvu; see `rows` below)
+#   WORK target/tenants   built model, adapters, Python venv for PEFT
+#   BENCH_MODEL        an existing Q4_K_M bench model to use instead of making one
+#   IAPT_BIN           an existing iapt binary (default: built here: release + target-cpu=native;
+#                      smoke: the debug build)
+#   IAPT_VENDOR_DIR    the vendored llama.cpp build (scripts/vendor-llama)
+#   OUT                where the results go
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+HERE=bench/tenants
+
+smoke=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) smoke=1 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+T_START=$(date +%s)
+PEFT_VERSION=0.21.2
+
+WORK=${WORK:-target/tenants}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+if [ "$smoke" = 1 ]; then
+  REQUESTS=${REQUESTS:-4} REQUESTS_SERIAL=${REQUESTS_SERIAL:-2} GEN=${GEN:-8} GEN_SHORT=${GEN_SHORT:-4} PROMPT=${PROMPT:-16} WARMUP=${WARMUP:-1}
+  WARMUP_GEN=${WARMUP_GEN:-2} PARALLEL=${PARALLEL:-2} N_ADAPTERS=${N_ADAPTERS:-2} CTX_PER_SEQ=${CTX_PER_SEQ:-256}
+  OUT=${OUT:-$WORK/smoke} VOCAB=tiny
+else
+  REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
+  PROMPT=${PROMPT:-128} WARMUP=${WARMUP:-2}
+  WARMUP_GEN=${WARMUP_GEN:-8} PARALLEL=${PARALLEL:-16} N_ADAPTERS=${N_ADAPTERS:-16} CTX_PER_SEQ=${CTX_PER_SEQ:-512}
+  OUT=${OUT:-$HERE/results} VOCAB=bench
+fi
+THREADS=${THREADS:-2} BATCH=${BATCH:-512} UBATCH=${UBATCH:-512}
+CTX=$((PARALLEL * CTX_PER_SEQ))
+[ $((PROMPT + GEN + 4)) -le "$CTX_PER_SEQ" ] || die "PROMPT + GEN + 4 soft tokens must fit CTX_PER_SEQ ($CTX_PER_SEQ)"
+TENANT_SET="1 4 $N_ADAPTERS"
+if [ "$N_ADAPTERS" -lt 4 ]; then TENANT_SET="1 $N_ADAPTERS"; fi
+
+# The rows: id | server kind | tenants | mix | in flight | generated tokens
+rows() {
+  echo "base-p | llama-base | 0 | uniform | $PARALLEL | $GEN"
+  echo "base-1 | llama-base | 0 | uniform | 1 | $GEN"
+  for t in $TENANT_SET; do echo "lora-t$t | llama-lora | $t | uniform | $PARALLEL | $GEN"; done
+  for t in $TENANT_SET; do echo "iapt-t$t | iapt | $t | uniform | $PARALLEL | $GEN"; done
+  echo "lora-skew | llama-lora | $N_ADAPTERS | skewed | $PARALLEL | $GEN"
+  echo "iapt-skew | iapt | $N_ADAPTERS | skewed | $PARALLEL | $GEN"
+  echo "iapt-base-p | iapt-base | 0 | uniform | $PARALLEL | $GEN"
+  echo "base-p-short | llama-base | 0 | uniform | $PARALLEL | $GEN_SHORT"
+  echo "base-1-short | llama-base | 0 | uniform | 1 | $GEN_SHORT"
+  echo "lora-short | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
+  echo "iapt-short | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
+  echo "batch | iapt-batch | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  # A second sample of the rows the two targets are computed from, last (the order effect and the
+  # run-to-run spread show in the pair).
+  echo "base-p-rep | llama-base | 0 | uniform | $PARALLEL | $GEN"
+  echo "base-1-rep | llama-base | 0 | uniform | 1 | $GEN"
+  echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
+  # Diagnostic, only when named in ROWS: llama-server's bare base with a unified KV cache (-kvu),
+  # the cache `iapt serve` always uses.
+  echo "base-p-kvu | llama-base-kvu | 0 | uniform | $PARALLEL | $GEN"
+}
+ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
+ROWS=${ROWS:-${ALL_ROWS/base-p-kvu /}}
+for r in $ROWS; do case " $ALL_ROWS " in *" $r "*) ;; *) die "unknown row $r (rows: $ALL_ROWS)" ;; esac; done
+
+# --- tools: the client venv, the vendored llama.cpp, the iapt binary ---------------------------
+bash scripts/setup >&2
+PY=$ROOT/.venv/bin/python
+log "vendored llama.cpp (scripts/vendor-llama)"
+VENDOR=$(bash scripts/vendor-llama | tail -n 1)
+# shellcheck source=/dev/null
+. "$VENDOR/env.sh"
+LLAMA_SERVER=$VENDOR_LLAMA_BIN/llama-server
+[ -x "$LLAMA_SERVER" ] || die "no llama-server in $VENDOR_LLAMA_BIN"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ -z "${IAPT_BIN:-}" ]; then
+  if [ "$smoke" = 1 ]; then
+    log "cargo build -p iapt (debug)"
+    cargo build --quiet -p iapt
+    IAPT_BIN=$TARGET/debug/iapt
+  else
+    log "cargo build --release -p iapt with -C target-cpu=native"
+    RUSTFLAGS="-C target-cpu=native" cargo build --quiet --release -p iapt
+    IAPT_BIN=$TARGET/release/iapt
+  fi
+fi
+[ -x "$IAPT_BIN" ] || die "no iapt binary at $IAPT_BIN"
+
+# --- the base model and the adapters -----------------------------------------------------------
+if [ "$smoke" = 1 ]; then
+  MODEL=$ROOT/converters/python/fixtures/models/llama-tiny-f32.gguf
+  ADAPTERS=$ROOT/$HERE/fixtures
+else
+  if [ -n "${BENCH_MODEL:-}" ]; then
+    MODEL=$BENCH_MODEL
+  else
+    MODEL=$WORK/model/bench-q4_k_m.gguf
+    if [ ! -f "$MODEL" ]; then
+      log "bench model: converters/python/make_bench_model.py, then iapt quantize q4_k_m"
+      python3 converters/python/make_bench_model.py "$WORK/model" >&2
+      "$IAPT_BIN" quantize "$WORK/model/bench-f16.gguf" -o "$MODEL" --type q4_k_m --threads "$THREADS" >&2
+      rm -f "$WORK/model/bench-f16.gguf"
+    fi
+  fi
+  ADAPTERS=$WORK/adapters
+  want="{\"iapt\": $N_ADAPTERS, \"lora\": $N_ADAPTERS}"
+  if [ "$(cat "$ADAPTERS/.made" 2>/dev/null)" != "$want" ]; then
+    log "adapters: $N_ADAPTERS IAPT + $N_ADAPTERS LoRA (PEFT $PEFT_VERSION in $WORK/peft-venv, llama.cpp's converter)"
+    if [ ! -x "$WORK/peft-venv/bin/python" ] || ! "$WORK/peft-venv/bin/python" -c "import peft, sys; sys.exit(peft.__version__ != '$PEFT_VERSION')" 2>/dev/null; then
+      python3 -m venv --system-site-packages "$WORK/peft-venv"
+      "$WORK/peft-venv/bin/pip" install --quiet --disable-pip-version-check "peft==$PEFT_VERSION" >&2
+    fi
+    rm -rf "$ADAPTERS"
+    "$WORK/peft-venv/bin/python" "$HERE/make_adapters.py" "$ADAPTERS" --shape bench --iapt "$N_ADAPTERS" \
+      --lora "$N_ADAPTERS" --convert "$VENDOR_LLAMA_SRC/convert_lora_to_gguf.py" >&2
+    echo "$want" >"$ADAPTERS/.made"
+  fi
+fi
+for i in $(seq 0 $((N_ADAPTERS - 1))); do
+  n=$(printf %02d "$i")
+  [ -f "$ADAPTERS/lora-$n.gguf" ] && [ -f "$ADAPTERS/iapt-$n.safetensors" ] || die "adapter $n missing in $ADAPTERS"
+done
+
+# --- servers -----------------------------------------------------------------------------------
+rm -rf "$OUT/rows" "$OUT/logs"
+mkdir -p "$OUT/rows" "$OUT/logs"
+SERVER_PID="" CHILD_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+# On exit or a signal: the load generator (or `iapt batch`) and the server. Children run in the
+# background and are waited for, so that a signal interrupts the wait at once.
+stop_all() {
+  if [ -n "$CHILD_PID" ]; then kill -TERM "$CHILD_PID" 2>/dev/null || true; wait "$CHILD_PID" 2>/dev/null || true; fi
+  CHILD_PID=""
+  stop_server
+}
+trap stop_all EXIT
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+# run_child CMD...: runs CMD in the background and waits for it; returns its status.
+run_child() {
+  "$@" &
+  CHILD_PID=$!
+  local rc=0
+  wait "$CHILD_PID" || rc=$?
+  CHILD_PID=""
+  return "$rc"
+}
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# wait_ready URL LOG: until GET URL is 200; fails if the server exits or takes over 600 s.
+wait_ready() {
+  local url=$1 logf=$2 t0=$SECONDS
+  until python3 -c "import sys, urllib.request as u; sys.exit(u.urlopen('$url', timeout=5).status != 200)" 2>/dev/null; do
+    kill -0 "$SERVER_PID" 2>/dev/null || { tail -20 "$logf" >&2; die "the server exited before it was ready ($logf)"; }
+    [ $((SECONDS - t0)) -lt 600 ] || { tail -20 "$logf" >&2; die "the server was not ready in 600 s ($logf)"; }
+    sleep 0.5
+  done
+}
+
+# start_server KIND LABEL: llama-base | llama-lora | iapt | iapt-base; sets SERVER_PID, BASE_URL.
+start_server() {
+  local kind=$1 label=$2 logf="$OUT/logs/$2.server.log" port args=() i n
+  case "$kind" in
+    llama-base | llama-lora | llama-base-kvu)
+      port=$(free_port)
+      args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -c "$CTX"
+        -b "$BATCH" -ub "$UBATCH" --alias base --metrics --cache-ram 0 --no-webui)
+      if [ "$kind" = llama-base-kvu ]; then args+=(-kvu); fi
+      if [ "$kind" = llama-lora ]; then
+        for i in $(seq 0 $((N_ADAPTERS - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
+        args+=(--lora-init-without-apply)
+      fi
+      echo "$LLAMA_SERVER ${args[*]}" >"$logf"
+      "$LLAMA_SERVER" "${args[@]}" >>"$logf" 2>&1 &
+      SERVER_PID=$!
+      BASE_URL=http://127.0.0.1:$port
+      ;;
+    iapt | iapt-base)
+      args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$PARALLEL" --ctx-size "$CTX"
+        --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
+      if [ "$kind" = iapt ]; then
+        for i in $(seq 0 $((N_ADAPTERS - 1))); do
+          n=$(printf %02d "$i")
+          args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
+        done
+      fi
+      echo "$IAPT_BIN ${args[*]}" >"$logf"
+      : >"$logf.stdout" # empty before the server starts, so the ready line below is this server's
+      "$IAPT_BIN" "${args[@]}" >>"$logf.stdout" 2>>"$logf" &
+      SERVER_PID=$!
+      local t0=$SECONDS
+      until grep -q "listening on http://[0-9.]*:[0-9]" "$logf.stdout" 2>/dev/null; do
+        kill -0 "$SERVER_PID" 2>/dev/null || { tail -20 "$logf" >&2; die "iapt serve exited before it was ready ($logf)"; }
+        [ $((SECONDS - t0)) -lt 600 ] || die "iapt serve printed no ready line in 600 s ($logf)"
+        sleep 0.2
+      done
+      BASE_URL=http://$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$logf.stdout" | sed 's|listening on http://||')
+      ;;
+  esac
+  wait_ready "$BASE_URL/health" "$logf"
+}
+
+# run_row ID KIND TENANTS MIX INFLIGHT GEN
+run_row() {
+  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS nreq=$REQUESTS
+  if [ "$inflight" = 1 ]; then nreq=$REQUESTS_SERIAL; fi
+  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $nreq x ($PROMPT prompt + $gen generated)"
+  if [ "$kind" = iapt-batch ]; then
+    run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
+    return
+  fi
+  start_server "$kind" "$id"
+  local startup=$((SECONDS - t0)) metrics=()
+  [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
+  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "${kind%-kvu}" --model base --tenants "$tenants" --mix "$mix" \
+    --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
+    --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
+    --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
+  stop_server
+  python3 - "$OUT/rows/$id.json" "$startup" "$((SECONDS - t0))" <<'PY'
+import json, sys
+p = sys.argv[1]
+d = json.load(open(p))
+d["server_startup_s"], d["row_wall_s"] = int(sys.argv[2]), int(sys.argv[3])
+json.dump(d, open(p, "w"), indent=1)
+PY
+}
+
+# Runs `iapt batch` (the arguments after "--"), checks its results, writes the row's JSON (peak RSS:
+# the child's ru_maxrss).
+BATCH_RUNNER=$(cat <<'PY'
+import json, resource, signal, subprocess, sys, time
+out, label, n_req, prompt, gen, tenants, mix, par = sys.argv[1:9]
+cmd = sys.argv[10:]
+t0 = time.perf_counter()
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+signal.signal(signal.SIGTERM, lambda *_: (p.terminate(), sys.exit(143)))
+_, err = p.communicate()
+wall = time.perf_counter() - t0
+if p.returncode != 0:
+    sys.exit(f"iapt batch exited {p.returncode}:\n{err[-3000:]}")
+stats = json.loads(err.strip().splitlines()[-1])
+lines = [json.loads(l) for l in open(cmd[cmd.index("--out") + 1])]
+if len(lines) != int(n_req):
+    sys.exit(f"iapt batch wrote {len(lines)} results for {n_req} requests")
+bad = [l for l in lines if not 1 <= l["n_tokens"] <= int(gen) or (l["n_tokens"] < int(gen) and not l["stopped_at_eog"])]
+if bad:
+    sys.exit(f"iapt batch: wrong token counts: {bad[:3]}")
+json.dump({"label": label, "server": "iapt-batch", "tenants": int(tenants), "mix": mix, "concurrency": int(par),
+           "prompt_tokens": int(prompt), "max_tokens": int(gen), "stats": stats,
+           "output_tokens": sum(l["n_tokens"] for l in lines), "stopped_at_eog": sum(l["stopped_at_eog"] for l in lines),
+           "process_wall_s": wall, "peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss},
+          open(out, "w"), indent=1)
+print(f"batch {label}: {json.dumps(stats)}", file=sys.stderr)
+PY
+)
+
+# run_batch ID TENANTS MIX PARALLEL GEN: `iapt batch` offline on the same kind of prompts.
+run_batch() {
+  local id=$1 tenants=$2 mix=$3 par=$4 gen=$5 t0=$SECONDS args=() i n
+  "$PY" "$HERE/loadgen.py" --emit-jsonl "$OUT/logs/$id.requests.jsonl" --base-url unused --server iapt \
+    --tenants "$tenants" --mix "$mix" --requests "$REQUESTS" --prompt-tokens "$PROMPT" --words "$VOCAB" --label "$id" \
+    --out /dev/null >&2
+  for i in $(seq 0 $((N_ADAPTERS - 1))); do
+    n=$(printf %02d "$i")
+    args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
+  done
+  run_child python3 -c "$BATCH_RUNNER" "$OUT/rows/$id.json" "$id" "$REQUESTS" "$PROMPT" "$gen" "$tenants" "$mix" "$par" -- "$IAPT_BIN" batch \
+    --model "$MODEL" "${args[@]}" --requests "$OUT/logs/$id.requests.jsonl" --out "$OUT/logs/$id.out.jsonl" \
+    --parallel "$par" --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --n-predict "$gen" --threads "$THREADS" \
+    --ctx-size "$CTX" --temp 0 --json || die "row $id (iapt batch) failed"
+  python3 - "$OUT/rows/$id.json" "$((SECONDS - t0))" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["row_wall_s"] = int(sys.argv[2])
+json.dump(d, open(sys.argv[1], "w"), indent=1)
+PY
+}
+
+log "model $MODEL; adapters $ADAPTERS; out $OUT; rows: $ROWS"
+while IFS='|' read -r id kind tenants mix inflight gen; do
+  id=$(echo "$id" | tr -d ' ')
+  case " $ROWS " in *" $id "*) ;; *) continue ;; esac
+  # shellcheck disable=SC2086
+  run_row "$id" $kind $tenants $mix $inflight $gen </dev/null
+done < <(rows)
+
+# --- the table ---------------------------------------------------------------------------------
+SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:])))' \
+  smoke="$smoke" requests="$REQUESTS" requests_serial="$REQUESTS_SERIAL" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
+  warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
+  ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
+  llama_server="$LLAMA_SERVER" vendor_version="$VENDOR_LLAMA_VERSION" vendor_src="$VENDOR_LLAMA_SRC" rows="$ROWS" \
+  wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")
+strict=()
+# The tiny F32 fixture gives both llama.cpp versions the same greedy tokens (as the parity tests
+# find); a quantized model may differ in a last bit between versions, so the full run only reports it.
+if [ "$smoke" = 1 ]; then strict=(--strict-base-agreement); fi
+python3 "$HERE/report.py" "$OUT" --settings "$SETTINGS" --expect-rows "$ROWS" "${strict[@]}" >&2
+log "done in $(($(date +%s) - T_START)) s: $OUT/table.md, $OUT/results.json"
