@@ -21,8 +21,7 @@ use iapt_engine::Unloaded;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::error::ApiError;
-use crate::routes::body_bytes;
+use crate::error::{body_bytes, ApiError};
 use crate::state::{blocking, AppState};
 
 #[derive(Debug, Deserialize)]

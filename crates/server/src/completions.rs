@@ -10,10 +10,9 @@ use axum::extract::State;
 use axum::response::Response;
 
 use crate::api::{self, Prompt};
-use crate::error::ApiError;
+use crate::error::{body_bytes, ApiError};
 use crate::generate::{self, Fields, Input, Job};
 use crate::respond::{respond, Shape};
-use crate::routes::body_bytes;
 use crate::state::AppState;
 
 /// OpenAI's default `max_tokens` for completions.

@@ -7,6 +7,8 @@
 //! one (`model_not_found`, `context_length_exceeded`, `invalid_api_key`). Bad input is always a 4xx;
 //! a 5xx means the server or the engine failed, never the request.
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use iapt_engine::EngineError;
@@ -143,6 +145,16 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The body, or 413 past the cap (400 for another read failure).
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::status(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is too large: {}", e.body_text()))
+        }
+        s => ApiError::status(s, format!("cannot read the request body: {}", e.body_text())),
+    })
 }
 
 #[cfg(test)]

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -37,16 +35,6 @@ pub(crate) fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
-}
-
-/// The body, or 413 past the cap (400 for another read failure).
-pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::status(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is too large: {}", e.body_text()))
-        }
-        s => ApiError::status(s, format!("cannot read the request body: {}", e.body_text())),
-    })
 }
 
 /// The SHA-256 of a key (compared in constant time, so neither content nor length leaks).
