@@ -362,13 +362,11 @@ impl Generator {
     /// Pools `rows` using up to `self.threads` threads and returns the merged partial state.
     fn pool_parallel(&self, layer: &Layer, rows: &[f32]) -> Result<Partial, GeneratorError> {
         let d = self.d;
-        let n = rows.len() / d;
-        let t = self.threads.min(n / MIN_ROWS_PER_THREAD).max(1);
         let err = |row| GeneratorError::NonFiniteInput { row };
-        if t == 1 {
+        let per = self.rows_per_part(rows.len() / d);
+        if per * d >= rows.len() {
             return self.pool(layer, rows).map_err(err);
         }
-        let per = n.div_ceil(t);
         let results = on_threads(rows.chunks(per * d), |i, part| self.pool(layer, part).map_err(|row| i * per + row));
         let mut merged = Partial::new(self.m, self.width());
         for r in results {
@@ -410,6 +408,12 @@ impl Generator {
 }
 
 impl Generator {
+    /// Rows per thread when `n` rows are split: all of them (one part, no thread) unless each of
+    /// up to `self.threads` parts gets at least [`MIN_ROWS_PER_THREAD`].
+    fn rows_per_part(&self, n: usize) -> usize {
+        n.div_ceil(self.threads.min(n / MIN_ROWS_PER_THREAD).max(1)).max(1)
+    }
+
     /// [`kernels::dot_rows`] with scale 1 (`out` is m x n, n = `rows.len() / c`), the rows split
     /// among up to `self.threads` threads: the tail's two products (pooled W_down^T and u W_up^T)
     /// each read a whole weight matrix, which the threads share. Each thread writes its own
@@ -417,12 +421,11 @@ impl Generator {
     /// thread count.
     fn par_dot_rows(&self, vecs: &[f32], rows: &[f32], c: usize, out: &mut [f32]) {
         let (m, n) = (self.m, rows.len() / c);
-        let t = self.threads.min(n / MIN_ROWS_PER_THREAD).max(1);
-        if t == 1 {
+        let per = self.rows_per_part(n);
+        if per >= n {
             kernels::dot_rows(vecs, m, rows, c, 1.0, out);
             return;
         }
-        let per = n.div_ceil(t);
         let parts = on_threads(rows.chunks(per * c), |_, part| {
             let mut o = vec![0.0f32; m * (part.len() / c)];
             kernels::dot_rows(vecs, m, part, c, 1.0, &mut o);
