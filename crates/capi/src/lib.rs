@@ -22,16 +22,14 @@
 //! iapt_hook_finish(h, err, sizeof err);  /* 0, or what went wrong inside the decode */
 //! ```
 //!
-//! **Linking: one ggml per process.** The hook reads and writes graph tensors with the ggml the
-//! application's tensors belong to, so libiapt must not bring its own: it does not link
-//! llama-cpp-sys-2. It is linked against the vendored llama.cpp's shared libraries
-//! (`scripts/vendor-llama`; `build.rs` fails with that hint when they are missing), which records
-//! NEEDED entries for `libllama.so.0` and `libggml-base.so.0` and RUNPATH `$ORIGIN`. In a host that
-//! already loaded a llama.cpp under those sonames (a C program linked with `-lllama`,
-//! llama-cpp-python with `LLAMA_CPP_LIB_PATH`), the dynamic linker reuses the loaded libraries; a
-//! host alone gets the ones installed beside libiapt. Leaving the symbols undefined instead would
-//! turn a host without them into a "symbol lookup error" at the first call rather than at load.
-//! Only API stable across llama.cpp releases is used (module `ffi`).
+//! **Linking: one llama.cpp, one ggml per process.** The hook reads and writes graph tensors with
+//! the ggml the application's tensors belong to, so libiapt must not bring its own: it is linked
+//! against the shared libraries of the toolkit's one llama.cpp (llama-cpp-sys-2's, the same the
+//! `iapt` binary loads), which records NEEDED entries for `libllama.so.0` and the `libggml*.so.0`
+//! libraries and RUNPATH `$ORIGIN`. In a host that already loaded a llama.cpp under those sonames
+//! (a C program linked with `-lllama`, llama-cpp-python with `LLAMA_CPP_LIB_PATH`), the dynamic
+//! linker reuses the loaded libraries; a host alone gets the ones installed beside libiapt. The
+//! structs it declares by hand are checked against that llama.cpp at compile time (`ffi::layout`).
 //!
 //! **Errors.** Every function returns `IAPT_OK` (0) or a negative `IAPT_ERR_*` code, or NULL for
 //! constructors, and writes a NUL-terminated message into `err` when it is not NULL (truncated to
@@ -364,7 +362,7 @@ pub extern "C" fn iapt_hook_finish(hook: *mut IaptHook, err: *mut c_char, err_si
         }
         match result {
             Ok(()) => Ok(IAPT_OK),
-            Err(errors) => fail(IAPT_ERR_DECODE, errors.join("; ")),
+            Err(errors) => fail(IAPT_ERR_DECODE, errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
         }
     })
 }

@@ -284,6 +284,13 @@ impl iapt_hook::LayerRows for Node {
         self.prefix().ne
     }
 
+    fn is_host(&self) -> bool {
+        let buffer = self.prefix().buffer;
+        // SAFETY: a non-null `buffer` is the live backend buffer the scheduler allocated the node
+        // in; `ggml_backend_buffer_is_host` only queries it.
+        !buffer.is_null() && unsafe { ffi::ggml_backend_buffer_is_host(buffer) }
+    }
+
     fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), NodeError> {
         let offset = self.check_rows(row0, out.len())?;
         // SAFETY: data phase of cb_eval: the node is computed and nothing runs on it until we return;

@@ -7,6 +7,7 @@
 //! - 2: usage error (options, output paths) or an unreadable input file;
 //! - 130 / 143: interrupted by SIGINT / SIGTERM (temporary files removed, see [`interrupt`]); `serve` stops gracefully and exits 0 instead.
 
+mod args;
 mod cmd;
 mod fail;
 mod files;

@@ -281,7 +281,11 @@ fn class5_misleading_messages_are_fixed() {
     // 10 prompt tokens + 4 soft tokens in a context of 12: the message says 14 are needed.
     let o = run(&["--prompt-tokens", "1,2,3,4,5,6,7,8,9,10", "--ctx-size", "12"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("10 tokens plus 4 soft tokens needs 14"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("10 tokens plus 4 soft tokens needs 14 positions (15 with the first generated token)"),
+        "{}",
+        text(&o.stderr)
+    );
     // --n-predict 0 prefills nothing: no absurd prefill speed.
     let o = run(&["--prompt-tokens", "1,2", "--n-predict", "0"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));

@@ -12,8 +12,8 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
 use crate::registry::{AdapterInfo, Registry, Resident, Unloaded};
-use crate::request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
-use iapt_hook::{Prefill, Segment, StreamHook};
+use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
+use iapt_hook::{Claim, HookError, HookTimes, Prefill, Segment, StreamHook};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -38,8 +38,8 @@ pub struct EngineConfig {
     /// Threads of each CPU generator call.
     pub generator_threads: usize,
     /// Run the adapters' generators on this GPU runtime (adapters with more soft tokens than the
-    /// kernels take stay on the CPU); `None`: on the CPU. The engine feeds and finishes them through
-    /// host copies of the rows.
+    /// kernels take stay on the CPU); `None`: on the CPU. Nodes in the runtime's device memory
+    /// are read and written in place; others go through host copies.
     pub gpu: Option<Arc<GpuRuntime>>,
 }
 
@@ -129,6 +129,14 @@ struct Seq {
     max_tokens: usize,
     stop_at_eog: bool,
     logprobs: Option<usize>,
+    /// Keep each token's logits row ([`Request::logits`]).
+    keep_logits: bool,
+    /// The adapter's name, for errors that concern it.
+    adapter: Option<String>,
+    /// Wall time of the steps that held this sequence's prefill rows, and of those that held
+    /// its decode tokens.
+    prefill_time: Duration,
+    decode_time: Duration,
     /// Admission order (prefill chunks are scheduled oldest first).
     admitted: u64,
 }
@@ -228,6 +236,22 @@ impl<'m> Engine<'m> {
         &self.stats
     }
 
+    /// Where the injection hook's time went in the last step that held prefill rows of a sequence
+    /// with an adapter (zeros before any).
+    pub fn hook_times(&self) -> HookTimes {
+        self.hook.as_ref().map(|h| h.times()).unwrap_or_default()
+    }
+
+    /// Row copies of nodes outside host memory in that step (with layers on RPC workers: round trips).
+    pub fn hook_remote_copies(&self) -> usize {
+        self.hook.as_ref().map_or(0, |h| h.remote_copies())
+    }
+
+    /// The graph nodes the hook claimed in that step, in order (for tests and diagnostics).
+    pub fn hook_claims(&self) -> Vec<Claim> {
+        self.hook.as_ref().map(|h| h.claims()).unwrap_or_default()
+    }
+
     /// Requests running (in a slot).
     pub fn running(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()
@@ -282,7 +306,7 @@ impl<'m> Engine<'m> {
         }
         // As llama-server does: the penalties see the prompt.
         for &t in &req.prompt {
-            chain.accept(t);
+            chain.accept(t)?;
         }
         let id = SeqId(self.next_id);
         self.next_id += 1;
@@ -340,6 +364,10 @@ impl<'m> Engine<'m> {
                 max_tokens: p.req.max_tokens,
                 stop_at_eog: p.req.stop_at_eog,
                 logprobs: p.req.logprobs,
+                keep_logits: p.req.logits,
+                adapter: p.req.adapter.clone(),
+                prefill_time: Duration::ZERO,
+                decode_time: Duration::ZERO,
                 admitted: self.admitted,
                 prompt: p.req.prompt,
             });
@@ -379,10 +407,19 @@ impl<'m> Engine<'m> {
             events.extend(self.fail_all(&plan, &e.to_string()));
             return events;
         }
+        let dt = t0.elapsed();
+        for p in &plan {
+            if let Some(s) = self.slots[p.slot].as_mut() {
+                if s.next.is_some() {
+                    s.decode_time += dt;
+                } else {
+                    s.prefill_time += dt;
+                }
+            }
+        }
         for p in &plan {
             events.extend(self.advance(p));
         }
-        let dt = t0.elapsed();
         self.stats.steps += 1;
         self.stats.step_time += dt;
         self.stats.prefill_rows += prefill_rows as u64;
@@ -392,6 +429,32 @@ impl<'m> Engine<'m> {
             self.stats.decode_only_time += dt;
         }
         events
+    }
+
+    /// Runs one request to its end on an idle engine: submits it, steps until it is done, calls
+    /// `on_token` with each token as soon as it is sampled, and returns every token and how it
+    /// ended (a single request is a batch of one: `iapt run`, `eval`, `demo`). Fails with
+    /// [`EngineError::Busy`] when other requests are queued or running, and with the request's
+    /// own error when it is refused or fails.
+    pub fn complete(&mut self, req: Request, on_token: &mut dyn FnMut(&TokenOut)) -> Result<Completion, EngineError> {
+        if !self.is_idle() {
+            return Err(EngineError::Busy { running: self.running(), queued: self.queued() });
+        }
+        let id = self.submit(req)?;
+        let mut tokens = Vec::new();
+        loop {
+            for ev in self.step() {
+                debug_assert_eq!(ev.id, id, "an idle engine runs only this request");
+                match ev.kind {
+                    EventKind::Token(t) => {
+                        on_token(&t);
+                        tokens.push(t);
+                    }
+                    EventKind::Done(finished) => return Ok(Completion { tokens, finished }),
+                    EventKind::Failed(e) => return Err(e),
+                }
+            }
+        }
     }
 
     /// Steps until nothing is running or queued, passing every event to `on_event`.
@@ -452,8 +515,10 @@ impl<'m> Engine<'m> {
         (segs, slots)
     }
 
-    /// Disarms the hook and gives the lent pooling states back to their sequences; when the hook
-    /// reports an error, those sequences fail (their prefill cannot be trusted).
+    /// Disarms the hook and gives the lent pooling states back to their sequences. An error of
+    /// one segment (its adapter overflowed, its generator failed) fails that sequence alone; an
+    /// error of the whole decode fails every sequence that had a segment in it (their prefill
+    /// cannot be trusted), never the decode tokens of the others.
     fn take_back(&mut self, seg_slots: &[usize]) -> Vec<Event> {
         let Some(h) = self.hook.clone() else { return Vec::new() };
         let (states, res) = h.finish();
@@ -462,12 +527,25 @@ impl<'m> Engine<'m> {
                 s.prefill = Some(st);
             }
         }
-        match res {
-            Ok(()) => Vec::new(),
-            Err(messages) => {
-                seg_slots.iter().flat_map(|&slot| self.fail(slot, EngineError::Injection { messages: messages.clone() })).collect()
+        let Err(errors) = res else { return Vec::new() };
+        let mut failed: Vec<(usize, EngineError)> = Vec::new();
+        let (own, whole): (Vec<HookError>, Vec<HookError>) = errors.into_iter().partition(|e| e.segment().is_some());
+        for e in own {
+            let Some(&slot) = e.segment().and_then(|i| seg_slots.get(i)) else { continue };
+            if failed.iter().all(|(s, _)| *s != slot) {
+                let adapter = self.slots[slot].as_ref().and_then(|s| s.adapter.clone()).unwrap_or_default();
+                failed.push((slot, EngineError::AdapterFailed { adapter, reason: adapter_reason(&e) }));
             }
         }
+        if !whole.is_empty() {
+            let detail = whole.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            for &slot in seg_slots {
+                if failed.iter().all(|(s, _)| *s != slot) {
+                    failed.push((slot, EngineError::Injection { detail: detail.clone() }));
+                }
+            }
+        }
+        failed.into_iter().flat_map(|(slot, e)| self.fail(slot, e)).collect()
     }
 
     /// After a successful decode: moves the slot's positions on and samples where it has logits.
@@ -491,7 +569,11 @@ impl<'m> Engine<'m> {
         let Some(logits) = self.ctx.logits(row) else {
             return self.fail(slot, EngineError::DecodeFailed { detail: format!("no logits for batch row {row}") });
         };
-        let Some(token) = s.chain.sample(logits) else { return self.fail(slot, EngineError::NothingSampled) };
+        let token = match s.chain.sample(logits) {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.fail(slot, EngineError::NothingSampled),
+            Err(e) => return self.fail(slot, EngineError::Llama(e)),
+        };
         if s.stop_at_eog && self.model.is_eog(token) {
             // Bytes held back as a possible start of a stop string are output after all.
             let tail = s.stop.flush();
@@ -504,12 +586,13 @@ impl<'m> Engine<'m> {
             }
             None => (None, Vec::new()),
         };
+        let kept = s.keep_logits.then(|| logits.to_vec());
         s.generated += 1;
         self.stats.generated += 1;
         match s.stop.push(&self.model.token_bytes(token)) {
             Pushed::Stop(text, index) => self.finish(slot, FinishReason::Stop { index }, text),
             Pushed::Release(text) => {
-                let mut events = vec![Event { id, kind: EventKind::Token(TokenOut { token, text, logprob, top_logprobs }) }];
+                let mut events = vec![Event { id, kind: EventKind::Token(TokenOut { token, text, logprob, top_logprobs, logits: kept }) }];
                 if s.generated >= s.max_tokens {
                     let tail = s.stop.flush();
                     events.extend(self.finish(slot, FinishReason::Length, tail));
@@ -523,7 +606,15 @@ impl<'m> Engine<'m> {
 
     fn finish(&mut self, slot: usize, reason: FinishReason, text: Vec<u8>) -> Vec<Event> {
         let Some(s) = self.free(slot) else { return Vec::new() };
-        let done = Finished { reason, text, n_prompt: s.prompt.len(), n_soft: s.n_soft, n_generated: s.generated };
+        let done = Finished {
+            reason,
+            text,
+            n_prompt: s.prompt.len(),
+            n_soft: s.n_soft,
+            n_generated: s.generated,
+            prefill_time: s.prefill_time,
+            decode_time: s.decode_time,
+        };
         vec![Event { id: s.id, kind: EventKind::Done(done) }]
     }
 
@@ -538,5 +629,17 @@ impl<'m> Engine<'m> {
     fn fail_all(&mut self, plan: &[Planned], detail: &str) -> Vec<Event> {
         let slots: Vec<usize> = if plan.is_empty() { (0..self.slots.len()).collect() } else { plan.iter().map(|p| p.slot).collect() };
         slots.into_iter().flat_map(|slot| self.fail(slot, EngineError::DecodeFailed { detail: detail.to_owned() })).collect()
+    }
+}
+
+/// What a segment's own hook error says about its adapter, for the request's error (no internals).
+fn adapter_reason(e: &HookError) -> String {
+    match e {
+        HookError::NonFinite { .. } => {
+            "its soft tokens overflow (NaN, infinite or beyond 1e15) on this prompt: the adapter's weights are out of range".to_owned()
+        }
+        HookError::Generator { source, .. } => format!("its generator failed: {source}"),
+        HookError::Gpu { source, .. } => format!("its GPU generator failed: {source}"),
+        other => other.to_string(),
     }
 }

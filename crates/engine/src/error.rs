@@ -100,11 +100,21 @@ pub enum EngineError {
     /// The sampler chain selected no token (every candidate was filtered out).
     #[error("the sampler chain selected no token")]
     NothingSampled,
-    /// Injecting the adapter during this sequence's prefill failed; the sequence was dropped.
-    #[error("IAPT injection failed: {}", messages.join("; "))]
+    /// The request's adapter failed on its prompt (its soft tokens overflowed, its generator
+    /// failed); the sequence was dropped and its KV cells cleared. Other requests are unaffected.
+    #[error("adapter {adapter:?} failed on this prompt: {reason}")]
+    AdapterFailed {
+        /// The adapter's name.
+        adapter: String,
+        /// What went wrong, without internals.
+        reason: String,
+    },
+    /// Injecting the adapters failed for the whole decode (llama.cpp's graph did not look as the
+    /// hook expects); the sequences in prefill in it were dropped.
+    #[error("IAPT injection failed: {detail}")]
     Injection {
-        /// The hook's messages.
-        messages: Vec<String>,
+        /// The hook's errors.
+        detail: String,
     },
     /// The decode holding this sequence failed; the sequence was dropped (its cells freed).
     #[error("decode failed: {detail}")]
@@ -121,6 +131,14 @@ pub enum EngineError {
     /// The GPU generator failed (uploading an adapter, allocating a sequence's device state).
     #[error("IAPT GPU generator: {0}")]
     Gpu(#[from] iapt_generator_cuda::GpuError),
+    /// [`crate::Engine::complete`] needs an idle engine.
+    #[error("the engine is busy ({running} running, {queued} queued): run one request at a time with complete()")]
+    Busy {
+        /// Requests running.
+        running: usize,
+        /// Requests queued.
+        queued: usize,
+    },
     /// The engine thread has stopped ([`crate::EngineHandle`]).
     #[error("the engine thread has stopped")]
     Stopped,

@@ -23,10 +23,16 @@
 //!   request holds its adapter, so unloading one in use is deferred, never a use-after-free.
 //! - **Errors.** Every bad input is an [`EngineError`] variant, refused by [`Engine::submit`].
 //!
-//! Not built: a prompt cache (KV reuse across requests). Every request is prefilled from scratch,
-//! so nothing can leak from one adapter's request into another's. The generators run on the CPU,
-//! or on a GPU runtime ([`EngineConfig::gpu`]) through host copies of the rows (the in-place device
-//! path of `iapt_llama`'s own hook is not used here yet).
+//! - **Failures stay with their request.** An adapter whose soft tokens overflow on a prompt
+//!   fails that request alone ([`EngineError::AdapterFailed`]): the hook checks every soft token
+//!   before it enters llama.cpp's graph, so nothing it would have written reaches the KV cache
+//!   other sequences attend over.
+//!
+//! The engine is the toolkit's one runtime: `iapt run | bench | eval | demo | batch | serve` all
+//! drive it (a single request is a batch of one). The generators run on the CPU, or on a GPU
+//! runtime ([`EngineConfig::gpu`]), which reads and writes llama.cpp's device tensors in place when
+//! the layers are offloaded to it. Not built: a prompt cache (KV reuse across requests); every
+//! request is prefilled from scratch, so nothing can leak from one adapter's request into another's.
 //!
 //! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
 //! each request's [`Event`]s out over its own [`EventStream`], cancelled when that stream is dropped.
@@ -60,4 +66,4 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
 pub use registry::{AdapterInfo, Unloaded};
-pub use request::{Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
+pub use request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -1,5 +1,7 @@
 //! What goes into the engine (a [`Request`]) and what comes out of it ([`Event`]s).
 
+use std::time::Duration;
+
 use iapt_llama::{SamplerSettings, Token};
 
 use crate::error::EngineError;
@@ -27,6 +29,9 @@ pub struct Request {
     /// With `Some(n)`, each token comes with its log-probability and the n most likely tokens'
     /// (log-softmax of the raw logits row, before any sampler stage); n <= [`MAX_LOGPROBS`].
     pub logprobs: Option<usize>,
+    /// Each token comes with the whole logits row it was drawn from ([`TokenOut::logits`]):
+    /// for `iapt run --dump-logits` and parity tests.
+    pub logits: bool,
 }
 
 impl Request {
@@ -40,6 +45,7 @@ impl Request {
             stop: Vec::new(),
             stop_at_eog: true,
             logprobs: None,
+            logits: false,
         }
     }
 
@@ -93,6 +99,8 @@ pub struct TokenOut {
     pub logprob: Option<f32>,
     /// The most likely tokens and their log-probabilities (when asked for).
     pub top_logprobs: Vec<(Token, f32)>,
+    /// The raw logits row the token was drawn from (when asked for, [`Request::logits`]).
+    pub logits: Option<Vec<f32>>,
 }
 
 /// How a request ended.
@@ -108,6 +116,20 @@ pub struct Finished {
     pub n_soft: usize,
     /// Tokens generated (end-of-generation tokens excluded, stop-string tokens included).
     pub n_generated: usize,
+    /// Wall time of the steps that held this request's prefill rows (shared with whatever else
+    /// those steps decoded).
+    pub prefill_time: Duration,
+    /// Wall time of the steps that held its decode tokens.
+    pub decode_time: Duration,
+}
+
+/// One request run to its end ([`crate::Engine::complete`]).
+#[derive(Debug)]
+pub struct Completion {
+    /// Every token, in order.
+    pub tokens: Vec<TokenOut>,
+    /// How it ended.
+    pub finished: Finished,
 }
 
 /// Why a request ended.

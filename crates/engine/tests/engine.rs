@@ -16,7 +16,8 @@
 //! - `cancellation_*`: cancelling queued, prefilling and decoding sequences frees their cells at
 //!   once; more sequences than the cache holds run one after another.
 //! - `unload_*`: unloading an adapter in use is deferred; its requests finish as alone.
-//! - `logprobs_*`: log-probabilities equal the log-softmax of `iapt_llama::Session`'s logits.
+//! - `logprobs_*`: log-probabilities equal the log-softmax (computed here, in f64) of the logits
+//!   row each token was drawn from (`Request::logits`), and the greedy token is the most likely.
 //! - `gpu_emulated_*`: the adapters on the GPU generator (its kernels on the CPU emulator): the
 //!   fixture adapter alone gives the reference tokens, and continuous batching equals alone.
 //! - `stop_strings_*`, `bad_input_*`, `handle_*`: stop rules, every refused input, the threaded
@@ -33,7 +34,7 @@ use iapt_engine::{
 use iapt_format::{Activation, Adapter};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
 use iapt_generator_cuda::GpuRuntime;
-use iapt_llama::{ContextParams, GenerateOptions, KvType, Model, SamplerSettings, Sampling, Session, Token};
+use iapt_llama::{KvType, Model, SamplerSettings, Token};
 
 fn fixtures() -> PathBuf {
     let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
@@ -105,6 +106,11 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// How the request ended, without its timings: reason, last text, token counts.
+    fn ending(&self) -> Option<(FinishReason, Vec<u8>, usize, usize, usize)> {
+        self.done.as_ref().map(|d| (d.reason, d.text.clone(), d.n_prompt, d.n_soft, d.n_generated))
+    }
+
     /// Every event of one request's stream, in order, until it ends; a failure fails the test.
     fn collect(events: impl IntoIterator<Item = iapt_engine::Event>) -> Outcome {
         let mut got = Outcome::default();
@@ -227,7 +233,7 @@ fn continuous_batching(arch: &str) {
         assert!(got.error.is_none(), "request {i}: {:?}", got.error);
         let want = alone(&m, &ads, r);
         assert_eq!(got.ids(), want.ids(), "{arch} request {i} ({:?}, {} prompt tokens): batched vs alone", r.adapter, r.prompt.len());
-        assert_eq!(got.done, want.done, "{arch} request {i}");
+        assert_eq!(got.ending(), want.ending(), "{arch} request {i}");
     }
     assert_eq!(e.cells_in_use(), 0, "every cell freed");
 }
@@ -366,28 +372,28 @@ fn unload_while_in_use_is_deferred_and_safe() {
 }
 
 #[test]
-fn logprobs_are_the_log_softmax_of_the_session_logits() {
+fn logprobs_are_the_log_softmax_of_the_logits_row() {
     let m = model("llama");
     let ads = adapters("llama", &m);
     let c = case("llama-short-iapt");
     let mut req = greedy(&c.instruction, Some("a0"), 6);
     req.logprobs = Some(5);
+    req.logits = true;
     let mut e = engine(&m, &ads, exact(2, 4, 4));
     let id = e.submit(req).unwrap();
     let got = run_all(&mut e).remove(&id).unwrap();
-    let params =
-        ContextParams { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32, n_seq_max: 1 };
-    let mut s = Session::new(&m, Some(&ads[0].1), &params, 1).unwrap();
-    let opts = GenerateOptions { n_predict: 6, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
-    let g = s.generate(&c.instruction, &opts, &mut |_| {}).unwrap();
-    assert_eq!(got.ids(), g.tokens);
-    for (t, logits) in got.tokens.iter().zip(&g.logits) {
+    assert_eq!(got.tokens.len(), 6);
+    for t in &got.tokens {
+        let logits = t.logits.as_ref().expect("kept");
+        assert_eq!(logits.len(), m.n_vocab());
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
         let want = logits[t.token as usize] as f64 - lse;
         assert!((t.logprob.unwrap() as f64 - want).abs() < 1e-4, "{:?} vs {want}", t.logprob);
         assert_eq!(t.top_logprobs.len(), 5);
         assert_eq!(t.top_logprobs[0].0, t.token, "greedy picks the most likely token");
+        let argmax = logits.iter().enumerate().fold(0, |b, (i, &v)| if v > logits[b] { i } else { b });
+        assert_eq!(t.token as usize, argmax);
         assert!(t.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
     }
 }
@@ -602,4 +608,53 @@ impl EventSink for ChannelSink {
     fn is_alive(&self) -> bool {
         self.alive.as_ref().is_none_or(|a| a.load(std::sync::atomic::Ordering::SeqCst))
     }
+}
+
+/// `a` with its up-projection weights multiplied by 1e30: structurally valid, finite, and its soft
+/// tokens overflow on any prompt.
+fn overflowing(a: &Adapter) -> Adapter {
+    let tensors = a
+        .tensors()
+        .iter()
+        .map(|t| {
+            if t.name().role != iapt_format::Role::UpWeight {
+                return t.clone();
+            }
+            let v: Vec<f32> = t.to_f32().unwrap().iter().map(|x| x * 1e30).collect();
+            iapt_format::Tensor::from_f32(t.name(), t.dtype(), t.shape().to_vec(), &v).unwrap()
+        })
+        .collect();
+    Adapter::from_parts(a.config().clone(), Default::default(), tensors).unwrap()
+}
+
+/// A decode where one sequence's generator runs on the GPU (the emulator, reading and writing
+/// llama.cpp's node in place) and another's overflows on the same node leaves no GPU work queued
+/// on llama.cpp's memory, fails the overflowing request alone (naming its adapter), and the other
+/// gives its alone result, on the CPU generators and on the emulated GPU.
+#[test]
+fn gpu_work_is_waited_for_when_another_sequence_fails() {
+    for gpu in [false, true] {
+        one_adapter_fails_alone(gpu);
+    }
+}
+
+fn one_adapter_fails_alone(gpu: bool) {
+    let m = model("llama");
+    let good = Adapter::open(fixtures().join("llama-tiny.iapt.safetensors")).unwrap();
+    let bad = overflowing(&good);
+    let rt = GpuRuntime::emulated();
+    let mut e = Engine::new(&m, EngineConfig { gpu: gpu.then(|| rt.clone()), ..exact(2, 64, 64) }).unwrap();
+    e.load_adapter("good", &good).unwrap();
+    e.load_adapter("bad", &bad).unwrap();
+    let c = case("llama-short-iapt");
+    let g = e.submit(greedy(&c.instruction, Some("good"), 8)).unwrap();
+    let b = e.submit(greedy(&c.instruction, Some("bad"), 8)).unwrap();
+    let out = run_all(&mut e);
+    assert!(!rt.has_unsynchronized_work(), "queued GPU reads of llama.cpp's node outlived the callback");
+    let err = out[&b].error.as_deref().expect("the bad adapter fails");
+    assert!(err.contains("adapter \"bad\"") && err.contains("overflow"), "{err}");
+    assert!(out[&g].error.is_none(), "gpu {gpu}: {:?}", out[&g].error);
+    let want = alone(&m, &[("good".to_owned(), good.clone())], &greedy(&c.instruction, Some("good"), 8));
+    assert_eq!(out[&g].ids(), want.ids());
+    assert_eq!(e.cells_in_use(), 0);
 }

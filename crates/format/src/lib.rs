@@ -26,7 +26,9 @@ mod meta;
 mod names;
 pub mod raw;
 mod report;
+pub mod rng;
 pub mod temp;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod validate;
 

@@ -3,8 +3,9 @@
 //! and a large device-to-device copy as the bandwidth ceiling. Times are CUDA event times (host
 //! times on the emulator, which also runs it, at a tiny shape, so that CI covers it).
 
+use iapt_format::rng::Rng;
 use iapt_format::{Activation, DType, RationalConfig, RationalVariant};
-use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+use iapt_generator::synthetic::{random_adapter, AdapterSpec};
 
 use crate::device::GpuRuntime;
 use crate::error::GpuError;

@@ -12,7 +12,7 @@
 //!   views [`DevRows`] / [`DevRowsMut`] through which a caller's device tensors (llama.cpp's, in
 //!   `iapt-llama`'s hook) are read and written in place;
 //! - [`gpu_generator_bench`]: the generator's micro-benchmark (`iapt bench-gpu`);
-//! - [`testing`]: the CUDA device for a test, or a skip that `IAPT_REQUIRE_CUDA=1` turns into a
+//! - `testing` (cargo feature `testing`): the CUDA device for a test, or a skip that `IAPT_REQUIRE_CUDA=1` turns into a
 //!   failure.
 //!
 //! A build with neither feature compiles no CUDA code and no `cudarc`: every constructor of
@@ -38,6 +38,7 @@ mod bench;
 #[allow(unsafe_code)] // The one module with `unsafe` (driver, emulator, raw device addresses); every block states its invariant.
 mod device;
 mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};

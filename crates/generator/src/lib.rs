@@ -15,11 +15,13 @@
 //!   softmax (running max, running sum of weights, running weighted sum of rows) makes any
 //!   chunking give the one-shot result.
 //! - [`reference`](mod@reference) is an independent f64 implementation in plain loops, for tests.
-//! - [`testing`] has random adapters and seeds for tests of this and other crates.
+//! - [`synthetic`] has random valid adapters for benchmarks and tests; `testing` (cargo feature
+//!   `testing`) seeds and helpers for tests of this and other crates.
 //!
 //! ```
 //! use iapt_format::Activation;
-//! use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
+//! use iapt_format::rng::Rng;
+//! use iapt_generator::synthetic::{random_adapter, AdapterSpec};
 //! use iapt_generator::Generator;
 //!
 //! let adapter = random_adapter(&AdapterSpec::small(2, 16, 4, 8, Activation::Gelu), &mut Rng::new(7)).unwrap();
@@ -46,6 +48,8 @@ mod generator;
 mod kernels;
 mod matmul;
 pub mod reference;
+pub mod synthetic;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use error::GeneratorError;

@@ -210,3 +210,18 @@ pub fn activation(act: &Activation, num: &[f64], den: &[f64], r: usize, channel:
         }
     }
 }
+
+/// The relative error the tests and `iapt generate --check` report: max |got - want| / max |want| (the max-norm relative
+/// error of the whole output). 0 when both are zero.
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|g| !g.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = got.iter().zip(want).map(|(&g, &w)| (f64::from(g) - w).abs()).fold(0.0, f64::max);
+    let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale
+    }
+}

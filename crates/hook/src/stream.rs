@@ -1,50 +1,58 @@
-//! The multi-sequence injection hook: streaming prefill across decodes.
+//! The injection hook: several sequences per decode, each with its own adapter, prompts prefilled
+//! in chunks over any number of decodes.
 //!
-//! A decode (of the engine, or of a C application through libiapt) holds, in batch order, one token for each decoding sequence and one chunk
-//! of each sequence in prefill. The hook only touches the rows of chunks of sequences with an
-//! adapter ([`Segment`]); every other row passes through. A sequence's pooling state
-//! ([`Prefill`]: one CPU generator [`LayerState`] per layer, or one GPU generator state, and the
-//! soft tokens once known) lives in
-//! the sequence between decodes and is lent to the hook for each decode, so a prompt prefilled in
-//! chunks over several decodes is pooled exactly as in one. At each layer the instruction rows of a
-//! chunk are fed to the layer's state; the soft-slot rows (after the instruction) are written with
-//! P_l, computed once all instruction rows of that layer have been fed, in the decode that holds them.
+//! A decode (of the engine, or of a C application through libiapt) holds, in batch order, one
+//! token for each decoding sequence and one chunk of each sequence in prefill. The hook only
+//! touches the rows of chunks of sequences with an adapter ([`Segment`]); every other row passes
+//! through. A sequence's pooling state ([`Prefill`]: the CPU generator's streaming state per layer,
+//! or one GPU generator state, and the soft tokens once known) lives in the sequence between
+//! decodes and is lent to the hook for each decode, so a prompt prefilled in chunks over several
+//! decodes is pooled exactly as in one. At each layer the instruction rows of a chunk are fed to
+//! the layer's state; the soft-slot rows (after the instruction) are written with P_l, computed
+//! once all instruction rows of that layer have been fed, in the decode that holds them.
 //!
-//! As in `iapt_llama`'s own hook, the callback follows llama.cpp's ubatches: with a unified KV cache
-//! a batch is split into contiguous ubatches of `n_ubatch` rows in batch order, each running layers
-//! 0..L (a caller that does not know `n_ubatch` arms with 0: the first ubatch's row count is then
-//! taken as `n_ubatch`, and every later ubatch must agree with it); a layer-0 node with another row
-//! count than planned is an error, and after one error the
-//! hook stops touching the graph. Errors are reported by [`StreamHook::finish`]. GPU states are fed
-//! and finished through host copies; work a feed queued on the runtime is synchronised before the
-//! callback returns.
+//! **Where the generator reads and writes.** On the CPU, rows of a node in host memory are read in
+//! place ([`LayerRows::host_rows`]), others are copied out and back through the backend. On a GPU
+//! runtime, when the node lives in the runtime's device memory (llama.cpp's CUDA backend with the
+//! layers offloaded), the kernels read the instruction rows and write the soft rows in place in
+//! llama.cpp's tensor ([`LayerRows::device_rows`]), with no host round trip of
+//! hidden states; a node elsewhere (the token embeddings, computed on the CPU) goes through the
+//! host. Before the callback returns, the runtime is synchronised, so llama.cpp's next node sees the
+//! soft rows and no queued read outlives the node's data.
+//!
+//! **Ubatches.** The callback does not see llama.cpp's ubatches, so the hook follows them: with a
+//! unified KV cache llama.cpp splits a batch into contiguous ubatches of `n_ubatch` rows in batch
+//! order, each running layers 0..L (a caller that does not know `n_ubatch` arms with 0: the first
+//! ubatch's row count is then taken as `n_ubatch`, and every later ubatch must agree with it). A
+//! layer-0 node with another row count is an error, and after such an error of the whole decode
+//! the hook stops touching the graph.
+//!
+//! **Failures stay with their sequence.** An error that belongs to one segment (its generator
+//! failed, its soft tokens are not finite or out of range) stops the hook touching that segment's
+//! rows only; the others go on, and [`HookError::segment`] tells the caller which sequence to fail.
+//! Soft tokens are checked before they are written ([`SOFT_TOKEN_LIMIT`]), so no value that is not
+//! finite, or that would overflow the next layer's norm, ever enters llama.cpp's graph or its KV
+//! cache, where another sequence's attention could read it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use iapt_generator::{Generator, LayerState};
 use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime, GpuSeqState};
 
 use crate::arch::ArchSpec;
+use crate::device::{self, LayerRows};
+use crate::error::{HookError, NodeFailure};
 
-/// A graph node in the data phase of llama.cpp's `cb_eval`, as the hook sees it: its name, its
-/// extents, and copies of its rows in and out. Implemented by `iapt_llama::NodeData` and by
-/// libiapt's raw ggml tensors.
-pub trait LayerRows {
-    /// Why a row copy failed.
-    type Error: std::fmt::Display;
-    /// The node's name (e.g. `l_out-3`).
-    fn name(&self) -> &str;
-    /// ggml's `ne`: `[n_embd, n_tokens, 1, 1]` for the residual stream.
-    fn ne(&self) -> [i64; 4];
-    /// Copies rows `row0 .. row0 + out.len() / ne[0]` into `out` (row-major, `ne[0]` per row).
-    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), Self::Error>;
-    /// Overwrites rows `row0 .. row0 + values.len() / ne[0]` with `values`.
-    fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), Self::Error>;
-}
+/// The largest magnitude a soft-token value may have. P_l replaces the residual stream of its rows
+/// and the layer's first step is an RMS norm, whose sum of squares must stay finite in f32
+/// (3.4e38): at this limit it does for every width up to 2^20 (2^20 x 1e30 ~ 1e36). A generator
+/// that produces more (weights scaled far beyond training, an overflow) fails its own sequence.
+pub const SOFT_TOKEN_LIMIT: f32 = 1.0e15;
 
 /// Where one sequence's pooling runs: the CPU generator's streaming states (one per layer), or a
-/// device state of the GPU generator (fed and finished through host copies).
+/// device state of the GPU generator.
 enum Pooling {
     Cpu { gen: Arc<Generator>, states: Vec<LayerState> },
     Gpu { rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, state: Box<GpuSeqState> },
@@ -54,55 +62,53 @@ enum Pooling {
 pub struct Prefill {
     pooling: Pooling,
     /// Instruction rows of the whole prompt.
-    pub n_instr: usize,
+    n_instr: usize,
     /// Soft tokens (m).
     m: usize,
-    /// P_l (m x n_embd) once computed.
+    /// P_l (m x n_embd) once computed on the host.
     soft: Vec<Option<Vec<f32>>>,
+    /// Layers whose m soft rows were written in place in device memory.
+    in_place: Vec<bool>,
 }
 
 impl Prefill {
-    /// A prefill on the CPU generator.
+    /// A prefill on the CPU generator for a prompt of `n_instr` instruction tokens.
     pub fn cpu(gen: Arc<Generator>, n_instr: usize) -> Prefill {
         let (l, m) = (gen.n_layer(), gen.n_soft_tokens());
         let states = (0..l).map(|i| gen.begin(i)).collect();
-        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l] }
+        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] }
     }
 
     /// A prefill on the GPU generator (allocates the device state).
     pub fn gpu(rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, n_instr: usize) -> Result<Prefill, GpuError> {
         let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
         let state = Box::new(rt.new_state(&adapter)?);
-        Ok(Prefill { pooling: Pooling::Gpu { rt, adapter, state }, n_instr, m, soft: vec![None; l] })
+        Ok(Prefill { pooling: Pooling::Gpu { rt, adapter, state }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] })
     }
 
-    fn feed(&mut self, layer: usize, rows: &[f32]) -> Result<(), String> {
-        match &mut self.pooling {
-            Pooling::Cpu { gen, states } => states[layer].feed(gen, rows).map_err(|e| e.to_string()),
-            Pooling::Gpu { rt, adapter, state } => rt.feed_host(adapter, state, layer, rows).map_err(|e| e.to_string()),
-        }
+    /// Instruction rows of the prompt.
+    pub fn n_instr(&self) -> usize {
+        self.n_instr
+    }
+
+    /// Soft tokens (m).
+    pub fn n_soft_tokens(&self) -> usize {
+        self.m
+    }
+
+    /// Rows of the whole prompt: instruction plus soft slots.
+    pub fn total(&self) -> usize {
+        self.n_instr + self.m
+    }
+
+    fn n_layer(&self) -> usize {
+        self.soft.len()
     }
 
     fn rows_seen(&self, layer: usize) -> usize {
         match &self.pooling {
             Pooling::Cpu { states, .. } => states[layer].rows_seen(),
             Pooling::Gpu { state, .. } => state.rows_seen(layer),
-        }
-    }
-
-    /// P_l into `out`; waits for the device's queued work.
-    fn finish(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
-        match &mut self.pooling {
-            Pooling::Cpu { gen, states } => states[layer].finish(gen, out).map_err(|e| e.to_string()),
-            Pooling::Gpu { rt, adapter, state } => rt.finish_host(adapter, state, layer, out).map_err(|e| e.to_string()),
-        }
-    }
-
-    /// The GPU runtime with work queued by `feed`, if any.
-    fn runtime(&self) -> Option<&Arc<GpuRuntime>> {
-        match &self.pooling {
-            Pooling::Cpu { .. } => None,
-            Pooling::Gpu { rt, .. } => Some(rt),
         }
     }
 }
@@ -119,44 +125,98 @@ pub struct Segment {
     pub prefill: Prefill,
 }
 
+/// One claimed node, for tests and diagnostics ([`StreamHook::claims`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Ubatch index within the decode.
+    pub ubatch: usize,
+    /// Layer whose input the node holds.
+    pub layer: usize,
+    /// The node's name.
+    pub node: String,
+    /// The node's row count (`ne[1]`).
+    pub rows: usize,
+    /// Whether the node lives where the decode's GPU runtime computes (device memory; host memory
+    /// for the emulator), so that GPU segments read and write its rows in place there.
+    pub on_device: bool,
+}
+
+/// Where the hook's time went during the last armed decode: copying instruction rows out of
+/// nodes not viewable in place, running the generators, writing the soft rows; `total` is the
+/// whole time inside the callback's data phase, so [`HookTimes::rest`] is ubatch tracking, claims,
+/// and the GPU paths' launches and synchronisation outside these three.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HookTimes {
+    /// All time in the data phase of claimed nodes.
+    pub total: Duration,
+    /// Copying instruction rows out of the nodes.
+    pub read: Duration,
+    /// The generators' feeding and finishing.
+    pub generate: Duration,
+    /// Writing the soft rows into the nodes.
+    pub write: Duration,
+}
+
+impl HookTimes {
+    /// `total` minus the three parts.
+    pub fn rest(&self) -> Duration {
+        self.total.saturating_sub(self.read + self.generate + self.write)
+    }
+}
+
 struct Armed {
     segs: Vec<Segment>,
     /// Rows handled per segment and layer (instruction rows fed plus soft rows written).
     done: Vec<Vec<usize>>,
+    /// Segments that failed in this decode (their rows are no longer touched).
+    seg_failed: Vec<bool>,
     batch_len: usize,
     n_ubatch: usize,
     /// Current ubatch: index, first row, length.
     ubatch: Option<(usize, usize, usize)>,
     next_layer: usize,
+    /// The whole decode failed: the hook stops touching the graph.
     failed: bool,
 }
 
 struct Inner {
     armed: Option<Armed>,
-    errors: Vec<String>,
+    errors: Vec<HookError>,
+    claims: Vec<Claim>,
+    times: HookTimes,
+    remote_copies: usize,
     buf: Vec<f32>,
 }
 
-/// The hook installed in the engine's context (see the module documentation).
+/// The hook installed in a llama.cpp context (see the module documentation).
 pub struct StreamHook {
     arch: ArchSpec,
     n_layer: usize,
     n_embd: usize,
-    /// Armed and not failed: what `wants` reads first, so a disarmed hook costs one atomic load per node.
+    /// Armed and not failed: what `wants` reads first, so a disarmed hook costs one atomic load per
+    /// node (every decode step without a prefill chunk).
     live: AtomicBool,
     inner: Mutex<Inner>,
+}
+
+/// The batch rows `start..end` of the ubatch a node belongs to.
+#[derive(Debug, Clone, Copy)]
+struct Ubatch {
+    start: usize,
+    end: usize,
 }
 
 impl StreamHook {
     /// A disarmed hook for a model of architecture `arch` with `n_layer` layers of width `n_embd`.
     pub fn new(arch: ArchSpec, n_layer: usize, n_embd: usize) -> StreamHook {
-        StreamHook {
-            arch,
-            n_layer,
-            n_embd,
-            live: AtomicBool::new(false),
-            inner: Mutex::new(Inner { armed: None, errors: Vec::new(), buf: Vec::new() }),
-        }
+        let inner =
+            Inner { armed: None, errors: Vec::new(), claims: Vec::new(), times: HookTimes::default(), remote_copies: 0, buf: Vec::new() };
+        StreamHook { arch, n_layer, n_embd, live: AtomicBool::new(false), inner: Mutex::new(inner) }
+    }
+
+    /// The architecture's node table.
+    pub fn arch(&self) -> &ArchSpec {
+        &self.arch
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -165,129 +225,89 @@ impl StreamHook {
     }
 
     /// Arms the hook for the next decode of `batch_len` rows split into ubatches of `n_ubatch`
-    /// (0: not known, learned from the first ubatch).
+    /// (0: not known, learned from the first ubatch). The segments must lie in the batch in
+    /// order; a segment whose prefill was made for another model shape fails alone.
     pub fn arm(&self, segs: Vec<Segment>, batch_len: usize, n_ubatch: usize) {
         let done = segs.iter().map(|_| vec![0; self.n_layer]).collect();
+        let seg_failed = vec![false; segs.len()];
         let mut inner = self.lock();
         inner.errors.clear();
-        inner.armed = Some(Armed { segs, done, batch_len, n_ubatch, ubatch: None, next_layer: 0, failed: false });
+        inner.claims.clear();
+        inner.times = HookTimes::default();
+        inner.remote_copies = 0;
+        let mut a = Armed { segs, done, seg_failed, batch_len, n_ubatch, ubatch: None, next_layer: 0, failed: false };
+        for (i, s) in a.segs.iter().enumerate() {
+            if s.first + s.len > s.prefill.total() {
+                let e = HookError::PastPrompt { seg: i, first: s.first, end: s.first + s.len, total: s.prefill.total() };
+                inner.errors.push(e);
+                a.seg_failed[i] = true;
+            } else if s.prefill.n_layer() != self.n_layer {
+                let e = HookError::RowsMissing { seg: i, layer: s.prefill.n_layer().min(self.n_layer), handled: 0, len: s.len };
+                inner.errors.push(e);
+                a.seg_failed[i] = true;
+            }
+        }
+        inner.armed = Some(a);
         self.live.store(true, Ordering::SeqCst);
     }
 
-    /// Disarms the hook and gives the lent states back, in the order armed, with `Ok` only if every
-    /// ubatch and layer was seen and every row of every segment was handled at every layer.
-    pub fn finish(&self) -> (Vec<Prefill>, Result<(), Vec<String>>) {
+    /// Disarms the hook and gives the lent states back, in the order armed, with every error of the
+    /// decode: `Ok` only if every ubatch and layer was seen and every row of every segment was
+    /// handled at every layer. An error with a [`HookError::segment`] concerns that segment alone.
+    pub fn finish(&self) -> (Vec<Prefill>, Result<(), Vec<HookError>>) {
         let mut inner = self.lock();
         self.live.store(false, Ordering::SeqCst);
         let mut errors = std::mem::take(&mut inner.errors);
         let Some(a) = inner.armed.take() else {
-            return (Vec::new(), Err(vec!["the hook was not armed".to_owned()]));
+            return (Vec::new(), Err(vec![HookError::NotArmed]));
         };
         if !a.failed {
-            match a.ubatch {
-                None => errors.push(format!("node {:?} (layer 0 input) never appeared in the graph", self.arch.layer0_node)),
-                Some((_, start, len)) if start + len != a.batch_len || a.next_layer != self.n_layer => errors.push(format!(
-                    "the decode ended after {} of {} rows, at layer {} of {}",
-                    start + len,
-                    a.batch_len,
-                    a.next_layer,
-                    self.n_layer
-                )),
-                Some(_) => {}
-            }
-            for (seg, done) in a.segs.iter().zip(&a.done) {
-                if let Some(l) = done.iter().position(|&d| d != seg.len) {
-                    errors.push(format!("chunk at batch row {}, layer {l}: {} of {} rows handled", seg.row0, done[l], seg.len));
-                }
-            }
+            errors.extend(self.coverage_errors(&a));
         }
         let states = a.segs.into_iter().map(|s| s.prefill).collect();
         (states, if errors.is_empty() { Ok(()) } else { Err(errors) })
     }
 
-    /// Tracks ubatches and layers; returns the current ubatch's first row and length.
-    fn follow(&self, a: &mut Armed, rows: usize, layer: usize) -> Result<(usize, usize), String> {
-        if layer == 0 {
-            let (idx, start) = match a.ubatch {
-                None => (0, 0),
-                Some((i, s, len)) if a.next_layer == self.n_layer => (i + 1, s + len),
-                Some((i, ..)) => return Err(format!("ubatch {i}: layer {} input never appeared", a.next_layer)),
-            };
-            let left = a.batch_len.saturating_sub(start);
-            if a.n_ubatch == 0 && idx == 0 && rows > 0 {
-                // Not told: llama.cpp's first ubatch has n_ubatch rows, or the whole batch.
-                a.n_ubatch = rows;
+    /// What a decode that raised no error of its own still missed: ubatches, layers, rows.
+    fn coverage_errors(&self, a: &Armed) -> Vec<HookError> {
+        let mut errors = Vec::new();
+        match a.ubatch {
+            None => errors.push(HookError::Layer0Missing { node: self.arch.layer0_node.to_owned() }),
+            Some((idx, start, len)) => {
+                if start + len != a.batch_len {
+                    errors.push(HookError::UbatchesIncomplete { covered: start + len, batch_len: a.batch_len });
+                }
+                if a.next_layer != self.n_layer {
+                    let layer = a.next_layer;
+                    errors.push(HookError::LayerMissing { ubatch: idx, node: self.arch.layer_input_node(layer), layer });
+                }
             }
-            let want = a.n_ubatch.min(left);
-            if rows != want || want == 0 {
-                return Err(format!("ubatch {idx} has {rows} rows, the plan expects {want}: llama.cpp split the batch differently"));
-            }
-            a.ubatch = Some((idx, start, rows));
-            a.next_layer = 0;
         }
-        let Some((idx, start, len)) = a.ubatch else { return Err(format!("layer {layer} input before layer 0 input")) };
-        if layer != a.next_layer {
-            return Err(format!("ubatch {idx}: layer {layer} input when layer {} was expected", a.next_layer));
-        }
-        a.next_layer = layer + 1;
-        Ok((start, len))
-    }
-
-    /// Handles one claimed node (the residual stream entering `layer`).
-    fn handle<N: LayerRows>(&self, inner: &mut Inner, node: &mut N, layer: usize) -> Result<(), String> {
-        let d = self.n_embd;
-        let Inner { armed, buf, .. } = inner;
-        let Some(a) = armed.as_mut() else { return Ok(()) };
-        if a.failed {
-            return Ok(());
-        }
-        let ne = node.ne();
-        let (start, len) = self.follow(a, ne[1].max(0) as usize, layer)?;
-        if ne[0] as usize != d || ne[2] != 1 || ne[3] != 1 {
-            return Err(format!("node {} has shape {ne:?}, expected [{d}, {len}, 1, 1]", node.name()));
-        }
-        let end = start + len;
-        let mut queued: Option<Arc<GpuRuntime>> = None;
-        for (seg, done) in a.segs.iter_mut().zip(a.done.iter_mut()) {
-            let (r0, r1) = (start.max(seg.row0), end.min(seg.row0 + seg.len));
-            if r0 >= r1 {
+        for (seg, (s, done)) in a.segs.iter().zip(&a.done).enumerate() {
+            if a.seg_failed[seg] {
                 continue;
             }
-            let p = &mut seg.prefill;
-            let n = p.n_instr;
-            // Sequence positions of this ubatch's rows of the chunk; instruction part, soft part.
-            let (q0, q1) = (seg.first + r0 - seg.row0, seg.first + r1 - seg.row0);
-            let at = |e: &dyn std::fmt::Display| format!("chunk at batch row {}, layer {layer}: {e}", seg.row0);
-            if q0 < n {
-                let k = (q1.min(n) - q0) * d;
-                buf.resize(k, 0.0);
-                node.read_rows(r0 - start, &mut buf[..k]).map_err(|e| e.to_string())?;
-                p.feed(layer, &buf[..k]).map_err(|e| at(&e))?;
-                queued = queued.or_else(|| p.runtime().cloned());
+            if let Some(layer) = done.iter().position(|&d| d != s.len) {
+                errors.push(HookError::RowsMissing { seg, layer, handled: done[layer], len: s.len });
             }
-            let (s0, s1) = (q0.max(n), q1);
-            if s0 < s1 {
-                if p.soft[layer].is_none() {
-                    if p.rows_seen(layer) != n {
-                        return Err(at(&format!("{} of {n} instruction rows seen before the soft slots", p.rows_seen(layer))));
-                    }
-                    let mut out = vec![0.0f32; p.m * d];
-                    p.finish(layer, &mut out).map_err(|e| at(&e))?;
-                    p.soft[layer] = Some(out);
-                }
-                let soft = p.soft[layer].as_ref().expect("computed above");
-                if s1 > n + p.m {
-                    return Err(at(&"the chunk runs past the soft slots"));
-                }
-                node.write_rows(r0 - start + (s0 - q0), &soft[(s0 - n) * d..(s1 - n) * d]).map_err(|e| e.to_string())?;
-            }
-            done[layer] += r1 - r0;
         }
-        if let Some(rt) = queued {
-            // Work queued by a GPU feed ends before the callback returns.
-            rt.synchronize().map_err(|e| format!("layer {layer}: {e}"))?;
-        }
-        Ok(())
+        errors
+    }
+
+    /// Where the time went in the last armed decode.
+    pub fn times(&self) -> HookTimes {
+        self.lock().times
+    }
+
+    /// Row copies (reads and writes) of nodes outside host memory in the last armed decode: with
+    /// the model's layers on an RPC worker, one network round trip each.
+    pub fn remote_copies(&self) -> usize {
+        self.lock().remote_copies
+    }
+
+    /// The nodes claimed during the last armed decode, in order.
+    pub fn claims(&self) -> Vec<Claim> {
+        self.lock().claims.clone()
     }
 
     /// Ask phase: whether the node named `name` is a layer input this hook handles (only while armed
@@ -297,12 +317,14 @@ impl StreamHook {
     }
 
     /// Data phase: feeds the node's instruction rows and writes its soft rows. Errors are recorded
-    /// for [`StreamHook::finish`] (a callback cannot fail a decode) and stop the hook touching the
-    /// graph until the next [`StreamHook::arm`].
+    /// for [`StreamHook::finish`] (a callback cannot fail a decode).
     pub fn on_data<N: LayerRows>(&self, node: &mut N) {
         let Some(layer) = self.arch.layer_of(node.name(), self.n_layer) else { return };
+        let t0 = Instant::now();
         let mut inner = self.lock();
-        if let Err(e) = self.handle(&mut inner, node, layer) {
+        let res = self.handle(&mut inner, node, layer);
+        inner.times.total += t0.elapsed();
+        if let Err(e) = res {
             inner.errors.push(e);
             if let Some(a) = inner.armed.as_mut() {
                 // Stop touching the graph; `finish` reports the error and the caller drops the chunks' sequences.
@@ -310,5 +332,288 @@ impl StreamHook {
                 self.live.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    /// Tracks ubatches and layers: layer 0's node starts the next ubatch, whose row count must be
+    /// the expected one, and layers come in order. Returns the ubatch's index and rows.
+    fn follow(&self, a: &mut Armed, rows: usize, layer: usize) -> Result<(usize, Ubatch), HookError> {
+        if layer == 0 {
+            let (idx, start) = match a.ubatch {
+                None => (0, 0),
+                Some((i, s, len)) if a.next_layer == self.n_layer => (i + 1, s + len),
+                Some((i, ..)) => {
+                    let next = a.next_layer;
+                    return Err(HookError::LayerMissing { ubatch: i, node: self.arch.layer_input_node(next), layer: next });
+                }
+            };
+            if start >= a.batch_len {
+                return Err(HookError::BeyondBatch { batch_len: a.batch_len });
+            }
+            if a.n_ubatch == 0 && idx == 0 && rows > 0 {
+                // Not told: llama.cpp's first ubatch has n_ubatch rows, or the whole batch.
+                a.n_ubatch = rows;
+            }
+            let want = a.n_ubatch.min(a.batch_len - start);
+            if rows != want {
+                return Err(HookError::UbatchRows { ubatch: idx, rows, want, batch_len: a.batch_len, n_ubatch: a.n_ubatch });
+            }
+            a.ubatch = Some((idx, start, rows));
+            a.next_layer = 0;
+        }
+        let Some((idx, start, len)) = a.ubatch else { return Err(HookError::LayerOrder { ubatch: None, layer, expected: 0 }) };
+        if layer != a.next_layer {
+            return Err(HookError::LayerOrder { ubatch: Some(idx), layer, expected: a.next_layer });
+        }
+        a.next_layer = layer + 1;
+        Ok((idx, Ubatch { start, end: start + len }))
+    }
+
+    /// Handles one claimed node (the residual stream entering `layer`): every live segment with
+    /// rows in this ubatch feeds its instruction rows and writes its soft rows. A segment's own
+    /// failure is recorded and fails that segment alone; the `Err` is a failure of the decode. GPU
+    /// work that reads the node is waited for before this returns, on every path ([`SyncOnExit`]).
+    fn handle<N: LayerRows>(&self, inner: &mut Inner, node: &mut N, layer: usize) -> Result<(), HookError> {
+        let Inner { armed, errors, claims, times, remote_copies, buf } = inner;
+        let Some(a) = armed.as_mut() else { return Ok(()) };
+        if a.failed {
+            return Ok(());
+        }
+        let ne = node.ne();
+        let rows = ne[1].max(0) as usize;
+        let (idx, ub) = self.follow(a, rows, layer)?;
+        if ne[0] as usize != self.n_embd || ne[2] != 1 || ne[3] != 1 {
+            return Err(HookError::NodeShape { node: node.name().to_owned(), ne, n_embd: self.n_embd, rows });
+        }
+        let mut ctx = Ctx { layer, ub, d: self.n_embd, buf, times, remote_copies, sync: SyncOnExit(None) };
+        let mut fatal = None;
+        for (seg, s) in a.segs.iter_mut().enumerate() {
+            if a.seg_failed[seg] {
+                continue;
+            }
+            let (r0, r1) = (ub.start.max(s.row0), ub.end.min(s.row0 + s.len));
+            if r0 >= r1 {
+                continue;
+            }
+            match ctx.segment(node, s, seg, r0, r1) {
+                Ok(()) => a.done[seg][layer] += r1 - r0,
+                Err(SegFail::Seg(e)) => {
+                    errors.push(e);
+                    a.seg_failed[seg] = true;
+                }
+                Err(SegFail::Decode(e)) => {
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        // Where the node lives, seen from the first GPU runtime of the decode (if any).
+        let gpu = a.segs.iter().find_map(|s| match &s.prefill.pooling {
+            Pooling::Gpu { rt, .. } => Some(rt),
+            Pooling::Cpu { .. } => None,
+        });
+        let on_device = gpu.is_some_and(|rt| device::in_runtime_memory(&*node, rt));
+        let synced = ctx.sync.done();
+        claims.push(Claim { ubatch: idx, layer, node: node.name().to_owned(), rows, on_device });
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        synced.map_err(|source| HookError::Gpu { seg: None, layer, source })
+    }
+}
+
+/// A segment's failure: its own, or one that fails the whole decode (a node that cannot be read).
+enum SegFail {
+    Seg(HookError),
+    Decode(HookError),
+}
+
+/// Waits for a GPU runtime's work that reads llama.cpp's node before the callback returns, on every
+/// exit: [`SyncOnExit::done`] on the normal path (reporting a failure), `Drop` on an early return or
+/// a panic (the decode has failed then, so a failure there adds nothing). llama.cpp runs the
+/// node's consumers as soon as the callback returns, and may then overwrite the rows being read.
+struct SyncOnExit(Option<Arc<GpuRuntime>>);
+
+impl SyncOnExit {
+    fn done(mut self) -> Result<(), GpuError> {
+        match self.0.take() {
+            Some(rt) => rt.synchronize(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SyncOnExit {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            let _ = rt.synchronize();
+        }
+    }
+}
+
+/// What one claimed node's handling shares across its segments.
+struct Ctx<'a> {
+    layer: usize,
+    ub: Ubatch,
+    d: usize,
+    buf: &'a mut Vec<f32>,
+    times: &'a mut HookTimes,
+    remote_copies: &'a mut usize,
+    /// The runtime with work queued on this node, if any.
+    sync: SyncOnExit,
+}
+
+fn node_err<E: std::error::Error + Send + Sync + 'static>(layer: usize) -> impl Fn(E) -> SegFail {
+    move |e| SegFail::Decode(HookError::Node { layer, source: Box::new(e) as NodeFailure })
+}
+
+/// Whether every value is finite and within [`SOFT_TOKEN_LIMIT`].
+fn bounded(values: &[f32]) -> bool {
+    values.iter().all(|v| v.abs() <= SOFT_TOKEN_LIMIT)
+}
+
+/// `k` rows of the node from its row `row0` on: viewed in place in host memory, else copied into
+/// `buf` (then `true`).
+fn read<'n, N: LayerRows>(node: &'n N, buf: &'n mut Vec<f32>, row0: usize, k: usize, d: usize) -> Result<(&'n [f32], bool), N::Error> {
+    if let Some(view) = node.host_rows(row0, k) {
+        return Ok((view?, false));
+    }
+    buf.resize(k * d, 0.0);
+    node.read_rows(row0, &mut buf[..])?;
+    Ok((&buf[..], true))
+}
+
+impl Ctx<'_> {
+    /// Counts a copy of the node's rows (a round trip when the node is not in host memory).
+    fn copied<N: LayerRows>(&mut self, node: &N, t0: Instant, read: bool) {
+        if !node.is_host() {
+            *self.remote_copies += 1;
+        }
+        if read {
+            self.times.read += t0.elapsed();
+        } else {
+            self.times.write += t0.elapsed();
+        }
+    }
+
+    /// Batch rows `r0..r1` of segment `s` (number `seg`) on the node: the instruction part is fed,
+    /// the soft part written.
+    fn segment<N: LayerRows>(&mut self, node: &mut N, s: &mut Segment, seg: usize, r0: usize, r1: usize) -> Result<(), SegFail> {
+        let layer = self.layer;
+        let n = s.prefill.n_instr;
+        // Sequence positions of these rows; instruction part q0..min(q1, n), soft part max(q0, n)..q1.
+        let (q0, q1) = (s.first + r0 - s.row0, s.first + r1 - s.row0);
+        if q0 < n {
+            let i1 = r0 + (q1.min(n) - q0);
+            self.feed(node, &mut s.prefill, seg, r0 - self.ub.start, i1 - r0)?;
+        }
+        let (s0, s1) = (q0.max(n), q1);
+        if s0 < s1 {
+            let seen = s.prefill.rows_seen(layer);
+            if seen != n {
+                return Err(SegFail::Seg(HookError::RowsSeen { seg, layer, seen, expected: n }));
+            }
+            // Node row of soft slot s0.
+            let row0 = r0 + (s0 - q0) - self.ub.start;
+            self.soft(node, &mut s.prefill, seg, row0, s0 - n, s1 - s0)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds instruction rows `row0..row0 + k` of the node to the segment's state for this layer.
+    fn feed<N: LayerRows>(&mut self, node: &mut N, p: &mut Prefill, seg: usize, row0: usize, k: usize) -> Result<(), SegFail> {
+        let (layer, d) = (self.layer, self.d);
+        match &mut p.pooling {
+            Pooling::Cpu { gen, states } => {
+                let t0 = Instant::now();
+                let (rows, copied) = read(&*node, &mut *self.buf, row0, k, d).map_err(node_err(layer))?;
+                let t1 = Instant::now();
+                let r = states[layer].feed(gen, rows);
+                self.times.generate += t1.elapsed();
+                if copied {
+                    self.copied(&*node, t0, true);
+                }
+                r.map_err(|source| SegFail::Seg(HookError::Generator { seg, layer, source }))
+            }
+            Pooling::Gpu { rt, adapter, state } => {
+                let gpu_err = |source| SegFail::Seg(HookError::Gpu { seg: Some(seg), layer, source });
+                // Whatever happens next may queue work that reads the node.
+                self.sync.0 = Some(rt.clone());
+                match device::feed_in_place(node, rt, adapter, state, layer, row0, k) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(device::Failure::Node(e)) => return Err(node_err(layer)(e)),
+                    Err(device::Failure::Gpu(e)) => return Err(gpu_err(e)),
+                }
+                let t0 = Instant::now();
+                let (rows, copied) = read(&*node, &mut *self.buf, row0, k, d).map_err(node_err(layer))?;
+                let r = rt.feed_host(adapter, state, layer, rows);
+                if copied {
+                    self.copied(&*node, t0, true);
+                }
+                r.map_err(gpu_err)
+            }
+        }
+    }
+
+    /// Writes soft slots `k0..k0 + k` of the segment to node rows `row0..row0 + k` for this layer:
+    /// in place on the device when all m fall in this ubatch and the node lives there, else from
+    /// P_l computed on the host (once per layer).
+    fn soft<N: LayerRows>(&mut self, node: &mut N, p: &mut Prefill, seg: usize, row0: usize, k0: usize, k: usize) -> Result<(), SegFail> {
+        let (layer, d, m) = (self.layer, self.d, p.m);
+        if p.soft[layer].is_none() && !p.in_place[layer] {
+            let t0 = Instant::now();
+            if let Pooling::Gpu { rt, adapter, state } = &mut p.pooling {
+                if k0 == 0 && k == m {
+                    self.sync.0 = Some(rt.clone());
+                    match device::finish_in_place(node, rt, adapter, state, layer, row0, m) {
+                        Ok(true) => {
+                            self.times.generate += t0.elapsed();
+                            p.in_place[layer] = true;
+                            return self.check_in_place(node, seg, row0, m);
+                        }
+                        Ok(false) => {}
+                        Err(device::Failure::Node(e)) => return Err(node_err(layer)(e)),
+                        Err(device::Failure::Gpu(e)) => return Err(SegFail::Seg(HookError::Gpu { seg: Some(seg), layer, source: e })),
+                    }
+                }
+            }
+            let mut out = vec![0.0f32; m * d];
+            let r = match &mut p.pooling {
+                Pooling::Cpu { gen, states } => {
+                    states[layer].finish(gen, &mut out).map_err(|source| SegFail::Seg(HookError::Generator { seg, layer, source }))
+                }
+                Pooling::Gpu { rt, adapter, state } => rt
+                    .finish_host(adapter, state, layer, &mut out)
+                    .map_err(|source| SegFail::Seg(HookError::Gpu { seg: Some(seg), layer, source })),
+            };
+            self.times.generate += t0.elapsed();
+            r?;
+            if !bounded(&out) {
+                return Err(SegFail::Seg(HookError::NonFinite { seg, layer }));
+            }
+            p.soft[layer] = Some(out);
+        }
+        let Some(soft) = p.soft[layer].as_ref() else {
+            // All m were written in place when the first of them came; a second write is a bug.
+            return Err(SegFail::Seg(HookError::RowsMissing { seg, layer, handled: 0, len: k }));
+        };
+        let t0 = Instant::now();
+        node.write_rows(row0, &soft[k0 * d..(k0 + k) * d]).map_err(node_err(layer))?;
+        self.copied(&*node, t0, false);
+        Ok(())
+    }
+
+    /// Checks the m soft rows the GPU wrote in place at `row0` (a copy of m rows, before any
+    /// consumer runs); out-of-range values are replaced by zeros, so they never reach the graph.
+    fn check_in_place<N: LayerRows>(&mut self, node: &mut N, seg: usize, row0: usize, m: usize) -> Result<(), SegFail> {
+        let layer = self.layer;
+        self.buf.resize(m * self.d, 0.0);
+        node.read_rows(row0, &mut self.buf[..]).map_err(node_err(layer))?;
+        if bounded(&self.buf[..]) {
+            return Ok(());
+        }
+        self.buf.iter_mut().for_each(|v| *v = 0.0);
+        node.write_rows(row0, &self.buf[..]).map_err(node_err(layer))?;
+        Err(SegFail::Seg(HookError::NonFinite { seg, layer }))
     }
 }

@@ -40,6 +40,21 @@ pub enum LlamaError {
         /// Why.
         detail: String,
     },
+    /// The text holds a character the model's vocabulary cannot encode (a vocabulary without byte
+    /// fallback): llama.cpp's tokenizer threw, and the shim caught it.
+    #[error("{}: the model's vocabulary cannot encode it (it has no byte fallback); remove or replace that character, or send token ids", match (character, byte_offset) { (Some(c), Some(i)) => format!("the text holds the character {c:?} (U+{:04X}) at byte {i}", u32::from(*c)), _ => "the text holds a character".to_owned() })]
+    Unencodable {
+        /// The first character found that the vocabulary cannot encode alone, if found.
+        character: Option<char>,
+        /// Its byte offset in the text.
+        byte_offset: Option<usize>,
+    },
+    /// llama.cpp's sampler chain failed (it threw; the shim caught it).
+    #[error("the sampler chain failed: {detail}")]
+    Sampler {
+        /// What llama.cpp said.
+        detail: String,
+    },
     /// The chat template cannot be applied.
     #[error("cannot apply the chat template: {detail}")]
     ChatTemplate {
@@ -144,22 +159,12 @@ pub enum LlamaError {
         /// Why.
         why: String,
     },
-    /// The injection hook reported errors during a decode (the results were discarded).
-    #[error("IAPT injection failed: {}", join(errors))]
-    Hook {
-        /// Every error the hook recorded, in order.
-        errors: Vec<HookError>,
-    },
     /// The CPU generator failed.
     #[error("IAPT generator: {0}")]
     Generator(#[from] iapt_generator::GeneratorError),
     /// The GPU generator failed (see [`iapt_generator_cuda::GpuError`]).
     #[error("IAPT GPU generator: {0}")]
     Gpu(#[from] iapt_generator_cuda::GpuError),
-}
-
-fn join(errors: &[HookError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// A graph node's rows cannot be accessed as asked ([`crate::NodeData`]).
@@ -209,168 +214,5 @@ pub enum NodeError {
         n: usize,
         /// Rows the node has.
         rows: usize,
-    },
-}
-
-/// What the injection hook found wrong during one decode ([`crate::IaptHook`]); several may be
-/// reported together in [`LlamaError::Hook`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HookError {
-    /// `finish` was called without `arm`.
-    #[error("the hook was not armed")]
-    NotArmed,
-    /// A planned sequence names an adapter the hook does not hold.
-    #[error("sequence {seq}: no adapter {adapter} (the hook holds {n_adapters})")]
-    NoSuchAdapter {
-        /// The sequence's index in the plan.
-        seq: usize,
-        /// The adapter index asked for.
-        adapter: usize,
-        /// Adapters the hook holds.
-        n_adapters: usize,
-    },
-    /// A planned sequence is not where the layout requires (sequences follow each other without
-    /// gaps, each with a non-empty instruction).
-    #[error(
-        "sequence {seq}: starts at row {row0} with {n_instr} instruction rows; expected a non-empty instruction at row {expected_row0}"
-    )]
-    PlanLayout {
-        /// The sequence's index in the plan.
-        seq: usize,
-        /// Its first row.
-        row0: usize,
-        /// Its instruction rows.
-        n_instr: usize,
-        /// Where it should start.
-        expected_row0: usize,
-    },
-    /// The planned sequences need more rows than the batch has (or `n_ubatch` is 0).
-    #[error("the sequences need {needed} rows; the batch has {batch_len} (n_ubatch {n_ubatch})")]
-    PlanTooLong {
-        /// Rows the sequences need.
-        needed: usize,
-        /// Rows in the batch.
-        batch_len: usize,
-        /// The planned ubatch size.
-        n_ubatch: usize,
-    },
-    /// Layer 0's input node never appeared: this llama.cpp names its nodes differently.
-    #[error("node {node:?} (layer 0 input) never appeared in the graph: this llama.cpp names its nodes differently")]
-    Layer0Missing {
-        /// The node name looked for.
-        node: String,
-    },
-    /// A layer's input node did not appear in a ubatch.
-    #[error("ubatch {ubatch}: node {node:?} (layer {layer} input) never appeared")]
-    LayerMissing {
-        /// The ubatch.
-        ubatch: usize,
-        /// The node name looked for.
-        node: String,
-        /// The layer.
-        layer: usize,
-    },
-    /// The ubatches seen do not cover the batch.
-    #[error("saw ubatches covering {covered} of {batch_len} batch rows")]
-    UbatchesIncomplete {
-        /// Rows covered.
-        covered: usize,
-        /// Rows in the batch.
-        batch_len: usize,
-    },
-    /// A ubatch started beyond the planned batch.
-    #[error("a ubatch beyond the planned batch of {batch_len} rows")]
-    BeyondBatch {
-        /// Rows in the batch.
-        batch_len: usize,
-    },
-    /// llama.cpp split the batch into ubatches other than planned.
-    #[error("ubatch {ubatch} has {rows} rows but the plan expects {want} (batch {batch_len}, n_ubatch {n_ubatch}): llama.cpp split the batch differently")]
-    UbatchRows {
-        /// The ubatch.
-        ubatch: usize,
-        /// Its rows.
-        rows: usize,
-        /// Rows planned.
-        want: usize,
-        /// Rows in the batch.
-        batch_len: usize,
-        /// The planned ubatch size.
-        n_ubatch: usize,
-    },
-    /// Layer inputs came out of order.
-    #[error("layer {layer} input seen when layer {expected} was expected{}", ubatch.map(|u| format!(" (ubatch {u})")).unwrap_or_default())]
-    LayerOrder {
-        /// The ubatch (None before the first).
-        ubatch: Option<usize>,
-        /// The layer seen.
-        layer: usize,
-        /// The layer expected.
-        expected: usize,
-    },
-    /// A layer input node has an unexpected shape.
-    #[error("node {node} has shape {ne:?}, expected [{n_embd}, {rows}, 1, 1]")]
-    NodeShape {
-        /// The node's name.
-        node: String,
-        /// Its extents.
-        ne: [i64; 4],
-        /// Expected width.
-        n_embd: usize,
-        /// Expected rows (the ubatch's).
-        rows: usize,
-    },
-    /// Reading or writing a node's rows failed.
-    #[error("layer {layer}: {source}")]
-    Node {
-        /// The layer.
-        layer: usize,
-        /// What failed.
-        source: NodeError,
-    },
-    /// A sequence's generator saw another number of instruction rows than planned.
-    #[error("sequence {seq}, layer {layer}: {seen} instruction rows seen, expected {expected}")]
-    RowsSeen {
-        /// The sequence.
-        seq: usize,
-        /// The layer.
-        layer: usize,
-        /// Rows seen.
-        seen: usize,
-        /// Rows planned.
-        expected: usize,
-    },
-    /// Not every soft row of a sequence was written at a layer.
-    #[error("sequence {seq}, layer {layer}: {written} of {m} soft rows written")]
-    SoftRowsMissing {
-        /// The sequence.
-        seq: usize,
-        /// The layer.
-        layer: usize,
-        /// Rows written.
-        written: usize,
-        /// Soft tokens.
-        m: usize,
-    },
-    /// The CPU generator failed for a sequence.
-    #[error("sequence {seq}, layer {layer}: {source}")]
-    Generator {
-        /// The sequence.
-        seq: usize,
-        /// The layer.
-        layer: usize,
-        /// The generator's error.
-        source: iapt_generator::GeneratorError,
-    },
-    /// The GPU generator failed (for a sequence, or synchronising a layer).
-    #[error("{}layer {layer}: {source}", seq.map(|s| format!("sequence {s}, ")).unwrap_or_default())]
-    Gpu {
-        /// The sequence, if the failure belongs to one.
-        seq: Option<usize>,
-        /// The layer.
-        layer: usize,
-        /// The GPU generator's error.
-        source: iapt_generator_cuda::GpuError,
     },
 }

@@ -37,12 +37,22 @@ use crate::error::{LlamaError, NodeError};
 mod memory;
 mod rpc;
 mod sampler;
+mod shim;
 
 pub use rpc::{add_rpc_workers, install_abort_exit, rpc_worker_serve, RpcEndpoint};
 pub use sampler::SamplerChain;
 
 /// A token id of the model's vocabulary.
 pub type Token = i32;
+
+/// How many characters of a text that fails to tokenize are tried one by one to name the culprit.
+const MAX_UNENCODABLE_SCAN: usize = 4096;
+
+/// Why a tokenizer call failed: llama.cpp threw, or another reason.
+enum TokenizeFailure {
+    Thrown,
+    Other(String),
+}
 
 // ---------------------------------------------------------------------------------------------
 // Backend initialisation and logging
@@ -235,7 +245,8 @@ pub fn gguf_probe(path: &Path) -> Result<GgufSummary, LlamaError> {
     let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
     // SAFETY: `cpath` is a NUL-terminated string alive across the call; with `ctx == NULL` and
     // `no_alloc == true` the parser creates no ggml context and reads only the header.
-    let raw = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
+    let raw = unsafe { shim::gguf_init_from_file(cpath.as_ptr(), params) }
+        .map_err(|e| LlamaError::GgufRejected { path: path.to_owned(), detail: e.to_string() })?;
     let ctx = GgufCtx(NonNull::new(raw).ok_or_else(|| LlamaError::GgufRejected { path: path.to_owned(), detail: take_log_errors() })?);
     let p = ctx.0.as_ptr();
     // SAFETY (for every call in this block): `p` is a valid gguf_context owned by `ctx` for the whole
@@ -440,7 +451,8 @@ impl Model {
         params.n_gpu_layers = n_gpu_layers;
         // SAFETY: `cpath` is NUL-terminated and alive across the call; `params` is a fully
         // initialised struct from llama.cpp's own defaults with no callbacks or pointers set by us.
-        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let raw = unsafe { shim::model_load_from_file(cpath.as_ptr(), params) }
+            .map_err(|e| LlamaError::ModelLoad { path: path.to_owned(), detail: e.to_string() })?;
         let ptr = NonNull::new(raw).ok_or_else(|| LlamaError::ModelLoad { path: path.to_owned(), detail: take_log_errors() })?;
         // SAFETY: `ptr` is a valid model; the vocab pointer it returns lives as long as the model.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
@@ -516,19 +528,29 @@ impl Model {
     }
 
     /// Tokenizes `text`; `add_special` adds BOS/EOS as the model says, `parse_special` turns
-    /// special-token text (e.g. from a chat template) into those tokens.
+    /// special-token text (e.g. from a chat template) into those tokens. A character the
+    /// vocabulary cannot encode (one without byte fallback) is [`LlamaError::Unencodable`], naming
+    /// the character, never an abort inside llama.cpp.
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<Token>, LlamaError> {
-        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize { detail: "text too long".to_owned() })?;
+        self.tokenize_raw(text, add_special, parse_special).map_err(|e| match e {
+            TokenizeFailure::Thrown => self.unencodable(text, parse_special),
+            TokenizeFailure::Other(detail) => LlamaError::Tokenize { detail },
+        })
+    }
+
+    fn tokenize_raw(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<Token>, TokenizeFailure> {
+        if i32::try_from(text.len()).is_err() {
+            return Err(TokenizeFailure::Other("text longer than 2 GiB".to_owned()));
+        }
         let mut out: Vec<Token> = vec![0; text.len() + 8];
         for _ in 0..2 {
             let cap = i32::try_from(out.len()).unwrap_or(i32::MAX);
-            // SAFETY: the vocab is valid; `text` points to `len` readable bytes (no NUL needed, the
-            // length is passed); `out` is writable for `cap` tokens, the capacity passed.
-            let n = unsafe {
-                sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, out.as_mut_ptr(), cap, add_special, parse_special)
-            };
+            // SAFETY: the vocab is valid for the model's lifetime; `text` is a slice whose length
+            // is passed (no NUL needed); `out` is writable for `cap <= out.len()` tokens.
+            let n = unsafe { shim::tokenize(self.vocab.as_ptr(), text.as_bytes(), out.as_mut_ptr(), cap, add_special, parse_special) }
+                .map_err(|_| TokenizeFailure::Thrown)?;
             if n == i32::MIN {
-                return Err(LlamaError::Tokenize { detail: "too many tokens".to_owned() });
+                return Err(TokenizeFailure::Other("too many tokens".to_owned()));
             }
             if n >= 0 {
                 out.truncate(n as usize);
@@ -536,20 +558,31 @@ impl Model {
             }
             out.resize((-n) as usize, 0);
         }
-        Err(LlamaError::Tokenize { detail: "token count changed between calls".to_owned() })
+        Err(TokenizeFailure::Other("token count changed between calls".to_owned()))
+    }
+
+    /// After the tokenizer threw on `text`: the first character it cannot encode alone (looked for
+    /// among the first [`MAX_UNENCODABLE_SCAN`] characters), for the error message.
+    fn unencodable(&self, text: &str, parse_special: bool) -> LlamaError {
+        let mut buf = [0u8; 4];
+        let found = text.char_indices().take(MAX_UNENCODABLE_SCAN).find(|&(_, c)| {
+            let one: &str = c.encode_utf8(&mut buf);
+            matches!(self.tokenize_raw(one, false, parse_special), Err(TokenizeFailure::Thrown))
+        });
+        LlamaError::Unencodable { character: found.map(|(_, c)| c), byte_offset: found.map(|(i, _)| i) }
     }
 
     /// The bytes of one token's text (special tokens rendered as their text).
     pub fn token_bytes(&self, token: Token) -> Vec<u8> {
         let mut buf = vec![0u8; 64];
         for _ in 0..2 {
-            let cap = i32::try_from(buf.len()).unwrap_or(i32::MAX);
             let n = if token < 0 || token as usize >= self.n_vocab() {
                 0
             } else {
                 // SAFETY: the vocab is valid; the token is in range (checked above); `buf` is writable
-                // for `cap` bytes, the length passed.
-                unsafe { sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), cap, 0, false) }
+                // for its length, which the shim passes.
+                // A piece llama.cpp cannot render (it threw) has no text.
+                unsafe { shim::token_to_piece(self.vocab.as_ptr(), token, &mut buf) }.unwrap_or_default()
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -597,12 +630,11 @@ impl Model {
         let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
         let mut buf = vec![0u8; total * 2 + 256];
         for _ in 0..2 {
-            let cap = i32::try_from(buf.len()).unwrap_or(i32::MAX);
             // SAFETY: `ctmpl` and every role and content string in `owned` are NUL-terminated and
             // alive across the call; `msgs` holds `msgs.len()` messages pointing into them; `buf` is
-            // writable for `cap` bytes, the length passed.
-            let n =
-                unsafe { sys::llama_chat_apply_template(ctmpl.as_ptr(), msgs.as_ptr(), msgs.len(), true, buf.as_mut_ptr().cast(), cap) };
+            // writable for its length, which the shim passes.
+            let n = unsafe { shim::chat_apply_template(ctmpl.as_ptr(), msgs.as_ptr(), msgs.len(), &mut buf) }
+                .map_err(|e| bad(&e.to_string()))?;
             if n < 0 {
                 return Err(bad("llama.cpp does not support this model's chat template"));
             }
@@ -810,14 +842,19 @@ impl NodeData<'_> {
     /// the node lives: device memory for a CUDA runtime (`emulated == false`), host memory for the
     /// emulator. `Ok(None)` when the node lives elsewhere (then use [`NodeData::read_rows`]). The
     /// runtime still checks the pointer against its device (ordinal, allocation extent).
-    pub fn gpu_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRows<'_>>, NodeError> {
+    ///
+    /// # Safety
+    /// The view is only valid while the node's data phase lasts: the caller must make sure that no
+    /// work queued with it on a GPU runtime is still running when the callback returns (synchronise
+    /// the runtime first), since llama.cpp then runs the node's consumers and may reuse its memory.
+    pub unsafe fn gpu_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRows<'_>>, NodeError> {
         let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
         // SAFETY: `gpu_ptr` checked f32 data with contiguous rows and that rows row0..row0+n lie
         // within the tensor's data, which sits in one ggml backend buffer of the kind the runtime
         // computes on. In the data phase the node is computed and nothing runs on it until this
         // callback returns; the buffer stays allocated for the whole graph; the borrow of `self`
-        // (the callback's duration) bounds the view, and the hook synchronises the runtime before
-        // returning from the callback, so no queued read outlives the view.
+        // (the callback's duration) bounds the view, and the caller promised to synchronise the
+        // runtime before the callback returns, so no queued read outlives the view.
         Ok(Some(unsafe { DevRows::from_raw(ptr, n, d) }))
     }
 
@@ -826,24 +863,29 @@ impl NodeData<'_> {
     ///
     /// ```compile_fail,E0499
     /// fn two_views(node: &mut iapt_llama::NodeData<'_>) {
-    ///     let a = node.gpu_rows_mut(true, 0, 1);
-    ///     let b = node.gpu_rows_mut(true, 1, 1); // error[E0499]: a second mutable borrow
+    ///     // SAFETY: not run (this example does not compile).
+    ///     let a = unsafe { node.gpu_rows_mut(true, 0, 1) };
+    ///     let b = unsafe { node.gpu_rows_mut(true, 1, 1) }; // error[E0499]: a second mutable borrow
     ///     drop((a, b));
     /// }
     /// ```
     /// ```no_run
     /// fn one_view(node: &mut iapt_llama::NodeData<'_>) {
-    ///     let a = node.gpu_rows_mut(true, 0, 1);
+    ///     // SAFETY: nothing is queued with the views (they are dropped at once).
+    ///     let a = unsafe { node.gpu_rows_mut(true, 0, 1) };
     ///     drop(a);
-    ///     let b = node.gpu_rows_mut(true, 1, 1); // the first view ended: fine
+    ///     let b = unsafe { node.gpu_rows_mut(true, 1, 1) }; // the first view ended: fine
     ///     drop(b);
     /// }
     /// ```
-    pub fn gpu_rows_mut(&mut self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRowsMut<'_>>, NodeError> {
+    ///
+    /// # Safety
+    /// As [`NodeData::gpu_rows`]: no work queued with the view may run after the callback returns.
+    pub unsafe fn gpu_rows_mut(&mut self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRowsMut<'_>>, NodeError> {
         let Some((ptr, d)) = self.gpu_ptr(emulated, row0, n)? else { return Ok(None) };
         // SAFETY: as in `gpu_rows`; additionally no consumer of the node has started (data phase),
-        // so writing the rows races with nothing, `&mut self` makes this the only view of the node
-        // while it lives, and `finish_device` synchronises before returning.
+        // so writing the rows races with nothing, and `&mut self` makes this the only view of the
+        // node while it lives.
         Ok(Some(unsafe { DevRowsMut::from_raw(ptr, n, d) }))
     }
 
@@ -870,11 +912,25 @@ impl iapt_hook::LayerRows for NodeData<'_> {
     fn ne(&self) -> [i64; 4] {
         NodeInfo::ne(self)
     }
+    fn is_host(&self) -> bool {
+        NodeInfo::is_host(self)
+    }
     fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<(), NodeError> {
         NodeData::read_rows(self, row0, out)
     }
     fn write_rows(&mut self, row0: usize, values: &[f32]) -> Result<(), NodeError> {
         NodeData::write_rows(self, row0, values)
+    }
+    fn host_rows(&self, row0: usize, n: usize) -> Option<Result<&[f32], NodeError>> {
+        self.rows_in_host_memory().then(|| NodeData::host_rows(self, row0, n))
+    }
+    unsafe fn device_rows(&self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRows<'_>>, NodeError> {
+        // SAFETY: the trait's contract is `gpu_rows`'s.
+        unsafe { self.gpu_rows(emulated, row0, n) }
+    }
+    unsafe fn device_rows_mut(&mut self, emulated: bool, row0: usize, n: usize) -> Result<Option<DevRowsMut<'_>>, NodeError> {
+        // SAFETY: the trait's contract is `gpu_rows_mut`'s.
+        unsafe { self.gpu_rows_mut(emulated, row0, n) }
     }
 }
 
@@ -1029,7 +1085,10 @@ impl<'m> Context<'m> {
         // SAFETY: the model pointer is valid and outlives the context ('m); `cp` comes from llama.cpp's
         // defaults with plain values changed; `cb_eval_user_data` is a leaked Box that the
         // `Context` made below frees only after `llama_free` (see `Drop`), or that is freed here.
-        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), cp) };
+        let raw = unsafe { shim::init_from_model(model.ptr.as_ptr(), cp) }.unwrap_or_else(|e| {
+            LOG.lock().map(|mut st| st.recent.push_back(e.to_string())).ok();
+            std::ptr::null_mut()
+        });
         let Some(ptr) = NonNull::new(raw) else {
             if let Some(s) = slot {
                 // SAFETY: llama.cpp made no context, so nothing holds the pointer; it came from
@@ -1075,13 +1134,14 @@ impl<'m> Context<'m> {
         // SAFETY: the context is valid and used by one thread at a time (`&mut self`); `batch.raw`
         // points to arrays allocated by `llama_batch_init` for `capacity >= n_tokens` entries, each
         // with one sequence id, all filled in by `Batch::push`; the callback slot (if any) is alive.
-        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        let rc = unsafe { shim::decode(self.ptr.as_ptr(), batch.raw) };
         if let Some(s) = self.slot {
             // SAFETY: the slot is alive until `Drop` (see the field) and only shared-borrowed.
             if unsafe { s.as_ref() }.panicked.swap(false, Ordering::SeqCst) {
                 return Err(LlamaError::CallbackPanicked);
             }
         }
+        let rc = rc.map_err(|e| LlamaError::Decode { code: -3, detail: e.to_string() })?;
         if rc != 0 {
             let why = match rc {
                 1 => "no KV cache slot for the batch (context full)".to_owned(),
@@ -1124,7 +1184,9 @@ impl<'m> Context<'m> {
         unsafe {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
             if !mem.is_null() {
-                sys::llama_memory_clear(mem, true);
+                // Clearing frees cells; it throws only on allocation failure, and then the cache
+                // keeps its cells: nothing to report beyond the next decode's failure.
+                let _ = shim::memory_clear(mem, true);
             }
         }
     }
@@ -1245,7 +1307,8 @@ pub fn quantize(src: &Path, dst: &Path, quant: Quant, n_threads: i32) -> Result<
     clear_log_errors();
     // SAFETY: both paths are NUL-terminated and alive across the call; `p` is llama.cpp's default
     // params with plain fields changed and no pointers set by us.
-    let rc = unsafe { sys::llama_model_quantize(csrc.as_ptr(), cdst.as_ptr(), &p) };
+    let rc = unsafe { shim::model_quantize(csrc.as_ptr(), cdst.as_ptr(), &p) }
+        .map_err(|e| LlamaError::Quantize { path: src.to_owned(), detail: e.to_string() })?;
     if rc != 0 {
         return Err(LlamaError::Quantize { path: src.to_owned(), detail: take_log_errors() });
     }

@@ -1,30 +1,27 @@
-//! Runs IAPT adapters inside llama.cpp.
+//! The safe wrapper over llama.cpp: everything of the toolkit that touches llama.cpp.
 //!
-//! At every layer the adapter's generator pools the instruction's hidden states into m soft tokens
-//! that replace the residual-stream rows of m placeholder positions. This crate does that inside
-//! llama.cpp's own forward pass through `llama_context_params.cb_eval`: the hook claims the node that
-//! carries the residual stream entering each layer, reads the instruction rows, runs the generator
-//! (on the CPU, `iapt-generator`, or on a GPU, `iapt-generator-cuda`) and overwrites the soft-token
-//! rows before any consumer of that node runs.
+//! llama.cpp comes from `llama-cpp-sys-2` (pinned), built once per build profile as shared
+//! libraries (`libllama.so`, `libggml*.so`): the one llama.cpp that the `iapt` binary, libiapt,
+//! the C example, llama-cpp-python and the llama-server baseline all load (see the README). Every
+//! llama.cpp call that can throw a C++ exception goes through a C++ shim (`ffi/shim.cpp`) that
+//! turns it into an error, so no input can abort the process from inside llama.cpp.
 //!
-//! Its one job is what touches llama.cpp. Modules: `ffi` (the only `unsafe`: a small safe wrapper
-//! over `llama-cpp-sys-2`, including the narrow bridge that lends a graph node's device memory to
-//! the GPU generator, [`NodeData::gpu_rows`]; `ffi::sampler`, llama.cpp's sampler chain applied to
-//! a sequence's own logits row, [`SamplerChain`]; `ffi::memory`, per-sequence KV control), `arch`
-//! (re-exported from `iapt-hook`: the node names per architecture), `hook` (the injection plan and callback), `session` (prefill
-//! and generation, several sequences per decode, each with its own resident adapter), `sample`
-//! (greedy and temperature sampling), `sampling` (the sampler chain's settings and their rules).
-//! The demo's exact-match evaluation and the throughput benchmark are tools of the `iapt` CLI; the
-//! GPU generator, its kernels and its micro-benchmark are `iapt-generator-cuda`.
+//! Modules: `ffi` (the only `unsafe`): process-wide backend initialisation and logging, the GGUF
+//! probe (llama.cpp's own parser), [`Model`] (loading, metadata, tokenizer, chat template),
+//! [`Context`] (decode, logits, per-sequence KV memory) with an optional [`EvalCallback`] wired to
+//! `cb_eval` ([`NodeData`] implements [`iapt_hook::LayerRows`], so the one injection hook,
+//! `iapt_hook::StreamHook`, runs inside it), [`Batch`], [`SamplerChain`] (llama.cpp's sampler chain
+//! on a sequence's own logits row), backends and devices, RPC workers, and quantization;
+//! `sampling` ([`SamplerSettings`], the chain's settings and their rules). The runtime that
+//! drives all this (batching, prefill, sampling, adapters) is `iapt-engine`.
 //!
 //! Devices: by default llama.cpp is built for the CPU alone and no CUDA code is compiled. The `cuda`
 //! cargo feature builds llama.cpp with its CUDA backend (needs a CUDA toolkit) and the CUDA
 //! generator; `gpu-generator` adds the CUDA generator alone (loaded at run time, no toolkit needed),
-//! for a binary linked to llama.cpp as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`) that uses
-//! whatever backends the `libggml` it finds at run time was built with (`scripts/gpu/` builds one
-//! with CUDA on a GPU machine). [`devices`] lists the backend devices, [`supports_gpu_offload`] says
-//! whether layers can go to a GPU, and [`ModelParams::n_gpu_layers`] chooses how many do
-//! ([`Model::load`] puts every layer on the GPU when there is one).
+//! for a binary whose `libggml` was built with CUDA elsewhere (`scripts/gpu/`). [`devices`] lists
+//! the backend devices, [`supports_gpu_offload`] says whether layers can go to a GPU, and
+//! [`ModelParams::n_gpu_layers`] chooses how many do ([`Model::load`] puts every layer on the GPU
+//! when there is one).
 //!
 //! ```no_run
 //! use iapt_llama::gguf_probe;
@@ -38,24 +35,17 @@
 mod error;
 #[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
 mod ffi;
-mod hook;
-mod sample;
 mod sampling;
-mod session;
 
-pub use error::{HookError, LlamaError, NodeError};
+pub use error::{LlamaError, NodeError};
 pub use ffi::SamplerChain;
 pub use ffi::{
     add_rpc_workers, devices, gguf_probe, init, install_abort_exit, quantize, rpc_worker_serve, set_verbose, supports_gpu_offload, Batch,
     Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams,
     NodeData, NodeInfo, Quant, RpcEndpoint, Token,
 };
-pub use hook::{Claim, HookAdapter, HookTimes, IaptHook, Plan, SeqPlan};
-/// The GPU generator's types that appear in this crate's API ([`SessionOptions::gpu`],
-/// [`HookAdapter::Gpu`]), re-exported so that callers need no second import.
+/// The GPU generator's runtime, re-exported for callers that choose where the generators run.
 pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};
 /// The architecture table lives in `iapt-hook` (shared with libiapt); re-exported unchanged.
 pub use iapt_hook::{arch_spec, supported_archs, ArchSpec, ARCHS};
-pub use sample::{argmax, Sampler, Sampling};
 pub use sampling::{InvalidSampling, SamplerSettings};
-pub use session::{check_compat, GenerateOptions, Generation, Request, Session, SessionOptions};

@@ -1,8 +1,6 @@
-//! The FFI contracts the safe wrapper and the hook claim, each checked where it can break:
-//! - `gpu_work_is_waited_for_on_an_error_path`: a decode where one sequence's generator runs on the
-//!   GPU (reading llama.cpp's node in place) and another's fails leaves no GPU work queued on
-//!   llama.cpp's memory (the guard that synchronises on every exit of the callback is unit-tested in
-//!   `hook`, where an early return after a queued read can be provoked directly);
+//! The FFI contracts the safe wrapper claims, each checked where it can break (the hook's own,
+//! such as GPU work waited for on every exit of the callback, are tested in `iapt-hook` and, through
+//! llama.cpp, in `iapt-engine`'s tests):
 //! - `logits_only_for_rows_that_asked`: `Context::logits` refuses batch rows that did not ask
 //!   for logits, and rows beyond the batch;
 //! - `callback_state_survives_moves_and_is_freed_once`: the callback state handed to llama.cpp
@@ -12,19 +10,14 @@
 //!   its first turn; a model without a template and a NUL in a message are errors, not aborts.
 //!
 //! The f32-rows check over all four strides is a unit test of `ffi`; "one writable view of a node
-//! at a time" is a `compile_fail` doctest on `NodeData::gpu_rows_mut`.
+//! at a time" is a `compile_fail` doctest on `NodeData::gpu_rows_mut`; "no C++ exception crosses
+//! the boundary" is `text_path.rs`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use iapt_format::{Activation, Adapter};
-use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
-use iapt_generator::Generator;
-use iapt_llama::{
-    arch_spec, Batch, Context, ContextParams, EvalCallback, GpuRuntime, HookAdapter, HookError, IaptHook, KvType, LlamaError, Model,
-    NodeData, NodeInfo, Plan, SeqPlan,
-};
+use iapt_llama::{Batch, Context, ContextParams, EvalCallback, KvType, LlamaError, Model, NodeData, NodeInfo};
 
 fn fixtures() -> PathBuf {
     let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
@@ -37,41 +30,6 @@ fn params(n_seq_max: u32) -> ContextParams {
 
 fn model() -> Model {
     Model::load(&fixtures().join("llama-tiny-f32.gguf")).expect("fixture model")
-}
-
-#[test]
-fn gpu_work_is_waited_for_on_an_error_path() {
-    let model = model();
-    let (n_layer, d) = (model.n_layer(), model.n_embd());
-    let good = Adapter::open(fixtures().join("llama-tiny.iapt.safetensors")).expect("fixture adapter");
-    // A CPU adapter whose attention scores overflow f32 on any hidden state: its feed fails.
-    let mut spec = AdapterSpec::small(n_layer as u32, d as u32, 4, 8, Activation::Gelu);
-    spec.pool_scale = f32::MAX;
-    let bad = random_adapter(&spec, &mut Rng::new(7)).expect("random adapter");
-    let rt = GpuRuntime::emulated();
-    let adapters = vec![
-        HookAdapter::Gpu(Arc::new(rt.upload(&good).expect("upload"))),
-        HookAdapter::Cpu(Arc::new(Generator::from_adapter(&bad).expect("generator"))),
-    ];
-    let hook = Arc::new(IaptHook::with_adapters(*arch_spec("llama").unwrap(), n_layer, d, adapters, Some(rt.clone())).expect("hook"));
-    let mut ctx = Context::new(&model, &params(2), Some(hook.clone() as Arc<dyn EvalCallback>)).expect("context");
-    // Sequence 0 (GPU adapter: its rows are read in place, queued) comes first in the batch, so
-    // its work is queued before sequence 1 (CPU adapter) fails on the same node.
-    let n = 6usize;
-    let mut batch = Batch::new(64);
-    for seq in 0..2 {
-        for i in 0..n + 4 {
-            batch.push_seq(1 + i as i32, i as i32, seq, i + 1 == n + 4).unwrap();
-        }
-    }
-    let seqs = vec![SeqPlan { adapter: Some(0), row0: 0, n_instr: n }, SeqPlan { adapter: Some(1), row0: n + 4, n_instr: n }];
-    hook.arm(Plan { seqs, batch_len: 2 * (n + 4), n_ubatch: 256 }).unwrap();
-    ctx.decode(&batch).unwrap();
-    let e = hook.finish().expect_err("the CPU adapter's scores overflow");
-    let LlamaError::Hook { errors } = &e else { panic!("{e}") };
-    assert!(matches!(errors[0], HookError::Generator { seq: 1, layer: 0, .. }), "{e}");
-    assert!(hook.claims().iter().any(|c| c.on_device), "the GPU sequence must have read the node in place");
-    assert!(!rt.has_unsynchronized_work(), "queued GPU reads of llama.cpp's node outlived the callback");
 }
 
 #[test]

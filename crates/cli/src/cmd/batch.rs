@@ -1,31 +1,37 @@
 //! `iapt batch --model M --adapter [NAME=]A ... --requests R.jsonl [--out OUT.jsonl]`: multi-tenant
 //! serving in one process, on the engine (`iapt-engine`). Every adapter is loaded once and stays
 //! resident; the requests, JSON lines of `{"prompt": "..."}` or `{"prompt_tokens": [..]}` with an
-//! optional `"adapter": NAME` (absent or null: the base model alone) and an optional `"id"`, are
-//! all validated and queued first, then enter as slots free up (continuous batching): at most
+//! optional `"adapter": NAME` (absent or null: the base model alone), an optional `"id"` and
+//! optional per-request `"max_tokens"`, `"temperature"`, `"top_k"`, `"top_p"`, `"min_p"`,
+//! `"seed"` (the options' values otherwise), enter as slots free up (continuous batching): at most
 //! `--parallel` run at once, each step decodes every running sequence's next token and prefill
 //! chunks of new ones, up to `--batch-tokens` tokens. `--ctx-size` is the KV cache the running
 //! sequences share: each has `ctx-size / parallel` tokens for its prompt, soft tokens and response.
 //!
+//! One bad request never sinks the file: a line that is not a request, names an unknown adapter,
+//! can never fit its sequence's context, has a bad sampler value, or fails while running gets its
+//! own output line `{"id", "adapter", "error": {"line", "message"}}` naming its line and the
+//! rule; every other request is answered.
+//!
 //! Output: one JSON line per request, in input order: `{"id", "adapter", "text", "n_tokens",
-//! "stopped_at_eog"}`, to stdout or to `--out` (written to a temporary file and renamed into place).
-//! Statistics go to stderr, as one JSON object with `--json` (aggregate and decode-only tokens/s).
-//! Exit 0 on success, 1 on a malformed or refused request or an incompatible adapter, 2 on a missing
-//! or unreadable file, a bad option or an unusable `--out` (`crate::files`).
+//! "stopped_at_eog"}` or the error line, to stdout or to `--out` (written to a temporary file and
+//! renamed into place). Statistics go to stderr, as one JSON object with `--json` (aggregate and
+//! decode-only tokens/s). Exit 0 when every request was answered, 1 when some failed (their lines
+//! say why; the others are answered) or an adapter cannot be used, 2 on a missing or unreadable
+//! file, a bad option or an unusable `--out` (`crate::files`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use iapt_engine::{Engine, EngineConfig, EventKind, FinishReason, Request, SeqId};
-use iapt_llama::{SamplerSettings, Token};
+use iapt_engine::{Engine, EngineError, EventKind, FinishReason, Request, SeqId};
+use iapt_llama::{Model, SamplerSettings, Token};
 use serde::Deserialize;
 
-use super::run::{open_adapter, prompt_tokens, CtxArgs};
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
-use crate::fail::Fail;
+use crate::args::{open_adapter, prompt_tokens, AdapterArgs, EngineArgs, EngineShape, RuntimeArgs, SamplingArgs};
 use crate::files;
 
 /// Arguments of `iapt batch`.
@@ -34,99 +40,102 @@ pub struct Args {
     /// The base model (GGUF; F32, F16 or quantized).
     #[arg(long, value_name = "BASE.gguf")]
     pub model: PathBuf,
-    /// A resident adapter, `NAME=PATH` or `PATH` (named by its file stem); repeat for several.
-    #[arg(long, value_name = "[NAME=]ADAPTER")]
-    pub adapter: Vec<String>,
     /// The requests: JSON lines with "prompt" or "prompt_tokens", optional "adapter" and "id".
     #[arg(long, value_name = "REQUESTS.jsonl")]
     pub requests: PathBuf,
     /// Write the results here instead of stdout.
     #[arg(long, value_name = "OUT.jsonl")]
     pub out: Option<PathBuf>,
-    /// Sequences running at once (at most the number of requests).
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub parallel: usize,
-    /// Tokens decoded per step at most (decode tokens first, then prefill chunks).
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub batch_tokens: usize,
     /// Wrap every "prompt" in the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    /// Tokens to generate at most per request.
+    /// Tokens to generate at most per request (a request's "max_tokens" overrides it).
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub n_predict: usize,
-    /// Sampling temperature (llama.cpp's sampler chain); 0 is greedy.
-    #[arg(long, default_value_t = 0.0, value_name = "T")]
-    pub temp: f32,
-    /// Sampling seed (0 ..= 4294967295).
-    #[arg(long, default_value_t = 42, value_name = "S")]
-    pub seed: u32,
     /// Print the statistics as one JSON object on stderr.
     #[arg(long)]
     pub json: bool,
-    /// Context settings (`--ctx-size` is shared by the running sequences).
+    /// Adapters.
     #[command(flatten)]
-    pub ctx: CtxArgs,
+    pub adapters: AdapterArgs,
+    /// Engine.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Sampling (a request's own fields override these).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Model and context (`--ctx-size` is shared by the running sequences).
+    #[command(flatten)]
+    pub ctx: RuntimeArgs,
 }
 
 /// One request line.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RequestLine {
-    #[serde(default)]
-    id: Option<serde_json::Value>,
+    /// Read loosely for the output line (any JSON value); declared so that it is allowed.
+    #[serde(default, rename = "id")]
+    _id: Option<serde_json::Value>,
     #[serde(default)]
     adapter: Option<String>,
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
     prompt_tokens: Option<Vec<Token>>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u32>,
 }
 
-/// `NAME=PATH` or `PATH` (named by its stem); an empty NAME is a usage error.
-pub(crate) fn parse_adapter_arg(arg: &str) -> Result<(String, PathBuf), Fail> {
-    match arg.split_once('=') {
-        Some(("", _)) => Err(Fail::usage(format!("--adapter {arg}: the name before '=' is empty; give NAME=PATH, or PATH alone"))),
-        Some((name, path)) if !name.contains('/') => Ok((name.to_owned(), PathBuf::from(path))),
-        _ => {
-            let path = PathBuf::from(arg);
-            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_owned());
-            Ok((name, path))
-        }
-    }
+/// A request line as read: its line number, its id and adapter (for the output), and the parsed
+/// request or why it is not one.
+struct Line {
+    number: usize,
+    id: serde_json::Value,
+    adapter: Option<String>,
+    parsed: Result<RequestLine, String>,
 }
 
-fn read_requests(path: &Path) -> Result<Vec<(usize, RequestLine)>, (u8, String)> {
-    let text = std::fs::read_to_string(path).map_err(|e| (EXIT_USAGE, format!("{}: cannot read the requests: {e}", path.display())))?;
+/// Reads the request file: one [`Line`] per non-blank line, good or bad.
+fn read_requests(path: &Path) -> Result<Vec<Line>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the requests: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let r: RequestLine = serde_json::from_str(line).map_err(|e| {
-            (EXIT_FAILURE, format!("{}:{}: not a request: {e}; expected {{\"prompt\": TEXT}} or {{\"prompt_tokens\": [IDS]}} with optional \"adapter\" and \"id\"", path.display(), i + 1))
-        })?;
-        if r.prompt.is_some() == r.prompt_tokens.is_some() {
-            return Err((EXIT_FAILURE, format!("{}:{}: give exactly one of \"prompt\" and \"prompt_tokens\"", path.display(), i + 1)));
-        }
-        out.push((i + 1, r));
-    }
-    if out.is_empty() {
-        return Err((EXIT_FAILURE, format!("{}: no requests", path.display())));
+        let number = i + 1;
+        let parsed = serde_json::from_str::<RequestLine>(line)
+            .map_err(|e| format!("not a request: {e}; expected {{\"prompt\": TEXT}} or {{\"prompt_tokens\": [IDS]}} with optional \"adapter\", \"id\", \"max_tokens\", \"temperature\", \"top_k\", \"top_p\", \"min_p\", \"seed\""))
+            .and_then(|r| match r.prompt.is_some() == r.prompt_tokens.is_some() {
+                true => Err("give exactly one of \"prompt\" and \"prompt_tokens\"".to_owned()),
+                false => Ok(r),
+            });
+        // Whatever the line holds, its id and adapter name its output line when they can be read.
+        let loose: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let id = loose.get("id").filter(|v| !v.is_null()).cloned().unwrap_or(serde_json::json!(number));
+        let adapter = loose.get("adapter").and_then(|v| v.as_str()).map(str::to_owned);
+        out.push(Line { number, id, adapter, parsed });
     }
     Ok(out)
 }
 
 /// Reads the adapter arguments into `(name, path)` pairs and checks every input file and `--out`
-/// (`crate::files`); a name given twice is a usage error.
+/// (`crate::files`).
 fn adapter_args(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let named: Vec<(String, PathBuf)> = args.adapter.iter().map(|a| parse_adapter_arg(a)).collect::<Result<_, _>>()?;
+    let named = args.adapters.named()?;
     let mut inputs = vec![files::input("the base model", &args.model)?, files::input("the requests", &args.requests)?];
-    for (i, (name, path)) in named.iter().enumerate() {
+    for (_, path) in &named {
         inputs.push(files::input("the adapter", path)?);
-        if named[..i].iter().any(|(n, _)| n == name) {
-            return Err(Fail::usage(format!("adapter name {name:?} given twice; name them NAME=PATH")).into());
-        }
     }
     if let Some(out) = &args.out {
         files::output("--out", out, &["jsonl"], &inputs)?;
@@ -134,120 +143,122 @@ fn adapter_args(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
     Ok(named)
 }
 
-/// The engine settings from the options, for `n_requests` requests.
-fn engine_config(args: &Args, n_requests: usize) -> anyhow::Result<EngineConfig> {
-    let params = args.ctx.params()?;
-    let session = args.ctx.session_options()?;
-    let parallel = args.parallel.min(n_requests).max(1);
-    Ok(EngineConfig {
-        parallel,
-        seq_ctx: params.n_ctx as usize / parallel,
-        batch_tokens: args.batch_tokens.max(parallel),
-        n_ubatch: params.n_ubatch as usize,
-        queue_capacity: n_requests,
-        n_threads: params.n_threads,
-        kv_type: params.kv_type,
-        flash_attn: params.flash_attn,
-        generator_threads: session.generator_threads,
-        gpu: session.gpu,
-    })
+/// The engine request of a parsed line, or why it cannot be one (an error line).
+fn request(r: &RequestLine, model: &Model, base: &SamplerSettings, args: &Args) -> Result<Request, String> {
+    let prompt = match (&r.prompt, &r.prompt_tokens) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => prompt_tokens(model, text, args.chat).map_err(|e| e.to_string())?,
+        (None, None) => unreachable!("checked when reading"),
+    };
+    let sampling = SamplerSettings {
+        temperature: r.temperature.unwrap_or(base.temperature),
+        top_k: r.top_k.unwrap_or(base.top_k),
+        top_p: r.top_p.unwrap_or(base.top_p),
+        min_p: r.min_p.unwrap_or(base.min_p),
+        seed: r.seed.unwrap_or(base.seed),
+        ..base.clone()
+    };
+    Ok(Request { adapter: r.adapter.clone(), sampling, ..Request::new(prompt, r.max_tokens.unwrap_or(args.n_predict)) })
+}
+
+/// What became of one request.
+#[derive(Default)]
+struct Outcome {
+    text: Vec<u8>,
+    n_tokens: usize,
+    eog: bool,
+    error: Option<String>,
 }
 
 /// Runs `iapt batch`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
-    if !args.temp.is_finite() || args.temp < 0.0 {
-        return Err(Fail::usage("--temp must be a finite number >= 0").into());
-    }
-    if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 {
-        eprintln!("error: --parallel must be between 1 and 256 (llama.cpp's sequence limit), --batch-tokens at least 1");
-        return Ok(exit(EXIT_USAGE));
-    }
-    args.ctx.check()?;
+    let sampling = args.sampling.settings()?;
     let adapters = adapter_args(args)?;
-    let requests = match read_requests(&args.requests) {
-        Ok(r) => r,
-        Err((code, msg)) => {
-            eprintln!("error: {msg}");
-            return Ok(exit(code));
-        }
-    };
-    let names: HashMap<&str, ()> = adapters.iter().map(|(n, _)| (n.as_str(), ())).collect();
-    for (line, r) in &requests {
-        if let Some(name) = r.adapter.as_deref().filter(|n| !names.contains_key(n)) {
-            let mut known: Vec<&&str> = names.keys().collect();
-            known.sort();
-            eprintln!("error: {}:{line}: unknown adapter {name:?} (loaded: {known:?}); add --adapter {name}=PATH", args.requests.display());
+    let lines = match read_requests(&args.requests) {
+        Ok(l) if l.is_empty() => {
+            eprintln!("error: {}: no requests", args.requests.display());
             return Ok(exit(EXIT_FAILURE));
         }
-    }
+        Ok(l) => l,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return Ok(exit(EXIT_USAGE));
+        }
+    };
+    let shape = EngineShape::from_args(&args.engine, lines.len())?;
+    let shape = EngineShape { parallel: shape.parallel.min(lines.len()), ..shape };
+    let config = args.ctx.engine_config(shape)?;
+    // Every adapter is checked against the base model's header (spec codes) before llama.cpp loads it.
+    let opened: Vec<_> =
+        adapters.iter().map(|(name, path)| open_adapter(path, &args.model).map(|a| (name, path, a))).collect::<Result<_, _>>()?;
     let model = args.ctx.load_model(&args.model)?;
-    let mut engine = Engine::new(&model, engine_config(args, requests.len())?)?;
-    for (name, path) in &adapters {
-        // `open_adapter` checks the file and the base model with the spec's codes, as `iapt run` does.
-        let adapter = open_adapter(path, &args.model)?;
-        engine.load_adapter(name, &adapter).with_context(|| format!("adapter {name} ({})", path.display()))?;
+    let mut engine = Engine::new(&model, config)?;
+    for (name, path, adapter) in &opened {
+        engine.load_adapter(name, adapter).with_context(|| format!("adapter {name} ({})", path.display()))?;
     }
-    let sampling = SamplerSettings { temperature: args.temp, seed: args.seed, ..SamplerSettings::default() };
-    let mut ids: Vec<SeqId> = Vec::with_capacity(requests.len());
-    for (line, r) in &requests {
-        let prompt = match (&r.prompt, &r.prompt_tokens) {
-            (_, Some(ids)) => ids.clone(),
-            (Some(text), None) => prompt_tokens(&model, text, args.chat)?,
-            (None, None) => unreachable!("checked when reading"),
-        };
-        let req = Request { adapter: r.adapter.clone(), sampling: sampling.clone(), ..Request::new(prompt, args.n_predict) };
-        match engine.submit(req) {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                eprintln!("error: {}:{line}: {e}", args.requests.display());
-                return Ok(exit(EXIT_FAILURE));
+    let mut outcomes: Vec<Outcome> = lines.iter().map(|_| Outcome::default()).collect();
+    let mut ids: HashMap<SeqId, usize> = HashMap::new();
+    for (i, line) in lines.iter().enumerate() {
+        let submitted = line.parsed.as_ref().map_err(Clone::clone).and_then(|r| request(r, &model, &sampling, args)).and_then(|req| {
+            engine.submit(req).map_err(|e| match e {
+                EngineError::UnknownAdapter { name, .. } => format!("unknown adapter {name:?}; load it with --adapter {name}=PATH"),
+                e => e.to_string(),
+            })
+        });
+        match submitted {
+            Ok(id) => {
+                ids.insert(id, i);
             }
+            Err(msg) => outcomes[i].error = Some(msg),
         }
     }
     let t0 = std::time::Instant::now();
-    let mut results: BTreeMap<SeqId, (Vec<u8>, usize, bool)> = BTreeMap::new();
-    let mut failure = None;
     engine.run_until_idle(&mut |ev| {
-        let r = results.entry(ev.id).or_default();
+        let Some(&i) = ids.get(&ev.id) else { return };
+        let o = &mut outcomes[i];
         match ev.kind {
             EventKind::Token(t) => {
-                r.0.extend(t.text);
-                r.1 += 1;
+                o.text.extend(t.text);
+                o.n_tokens += 1;
             }
             EventKind::Done(d) => {
-                r.0.extend(d.text);
-                r.2 = d.reason == FinishReason::Eog;
+                o.text.extend(d.text);
+                o.eog = d.reason == FinishReason::Eog;
             }
-            EventKind::Failed(e) => failure = failure.take().or(Some((ev.id, e))),
+            EventKind::Failed(e) => o.error = Some(e.to_string()),
         }
     });
     let wall = t0.elapsed();
-    if let Some((id, e)) = failure {
-        let line = ids.iter().position(|&i| i == id).map_or(0, |i| requests[i].0);
-        anyhow::bail!("request on line {line} of {}: {e}", args.requests.display());
+    let mut failed = 0;
+    let mut body = String::new();
+    for (line, o) in lines.iter().zip(&outcomes) {
+        let row = match &o.error {
+            Some(message) => {
+                failed += 1;
+                eprintln!("error: {}:{}: {message}", args.requests.display(), line.number);
+                serde_json::json!({ "id": line.id, "adapter": line.adapter, "error": { "line": line.number, "message": message } })
+            }
+            None => serde_json::json!({
+                "id": line.id,
+                "adapter": line.adapter,
+                "text": String::from_utf8_lossy(&o.text),
+                "n_tokens": o.n_tokens,
+                "stopped_at_eog": o.eog,
+            }),
+        };
+        body.push_str(&row.to_string());
+        body.push('\n');
     }
-    let lines: Vec<String> = requests
-        .iter()
-        .zip(&ids)
-        .map(|((line, r), id)| {
-            let (text, n_tokens, eog) = results.remove(id).unwrap_or_default();
-            serde_json::json!({
-                "id": r.id.clone().unwrap_or(serde_json::json!(line)),
-                "adapter": r.adapter,
-                "text": String::from_utf8_lossy(&text),
-                "n_tokens": n_tokens,
-                "stopped_at_eog": eog,
-            })
-            .to_string()
-        })
-        .collect();
-    let body = lines.join("\n") + "\n";
     match &args.out {
         Some(p) => iapt_format::write_atomically(p, |w| w.write_all(body.as_bytes()))?,
         None => std::io::stdout().lock().write_all(body.as_bytes()).context("writing to stdout")?,
     }
-    report(args, &engine, requests.len(), adapters.len(), wall);
+    report(args, &engine, lines.len(), adapters.len(), wall);
+    if failed > 0 {
+        eprintln!("error: {failed} of {} requests failed (their output lines carry \"error\"); the others were answered", lines.len());
+        return Ok(exit(EXIT_FAILURE));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use crate::tools::bench::{bench, BenchConfig, PairRatios, Throughput};
 
-use super::run::{open_adapter, CtxArgs};
+use crate::args::{open_adapter, EngineShape, RuntimeArgs};
 use crate::fail::Fail;
 use crate::files;
 
@@ -33,9 +33,9 @@ pub struct Args {
     /// Also write the results as one JSON object (settings, devices, best and median runs).
     #[arg(long, value_name = "OUT.json")]
     pub json: Option<PathBuf>,
-    /// Context settings.
+    /// Model and context.
     #[command(flatten)]
-    pub ctx: CtxArgs,
+    pub ctx: RuntimeArgs,
 }
 
 /// Runs `iapt bench`.
@@ -49,21 +49,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(out) = &args.json {
         files::output("--json", out, &["json"], &inputs)?;
     }
-    let mut params = args.ctx.params()?;
-    if (params.n_ctx as usize) < args.prompt_len + args.gen {
-        params.n_ctx = (args.prompt_len + args.gen) as u32;
-    }
+    let mut ctx = args.ctx.clone();
+    ctx.ctx_size = ctx.ctx_size.max(u32::try_from(args.prompt_len + args.gen).unwrap_or(u32::MAX));
     let adapter = open_adapter(&args.adapter, &args.model)?;
     let model = args.ctx.load_model(&args.model)?;
     let threads = args.ctx.threads();
-    let cfg = BenchConfig {
-        prompt_len: args.prompt_len,
-        gen: args.gen,
-        reps: args.reps,
-        ctx: params,
-        generator_threads: threads,
-        gpu: args.ctx.session_options()?.gpu,
-    };
+    let cfg = BenchConfig { prompt_len: args.prompt_len, gen: args.gen, reps: args.reps, engine: ctx.engine_config(EngineShape::SINGLE)? };
     eprintln!(
         "model {} ({} parameters, {} layers, n_embd {}), adapter m = {}, r = {}; {} threads, prompt {} tokens, {} decode steps",
         args.model.display(),

@@ -9,12 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::tools::eval::{answer, exact_match, example_prompt};
-use iapt_llama::Session;
+use crate::tools::eval::{answer, exact_match, example_prompt, Answerer};
+use iapt_engine::Engine;
 
 use super::eval::{load_examples, load_prompt_format, DEFAULT_MAX_NEW_TOKENS};
-use super::run::{open_adapter, CtxArgs};
 use super::{exit, EXIT_USAGE};
+use crate::args::{open_adapter, EngineShape, RuntimeArgs};
 
 /// The assets folder relative to the repository root.
 pub const ASSETS_REL: &str = "converters/python/demo/assets";
@@ -38,9 +38,9 @@ pub struct Args {
     /// The prompts (JSON lines), relative to the assets folder unless absolute.
     #[arg(long, value_name = "PROMPTS.jsonl", default_value = "demo_prompts.jsonl")]
     pub prompts: PathBuf,
-    /// Context settings.
+    /// Model and context.
     #[command(flatten)]
-    pub ctx: CtxArgs,
+    pub ctx: RuntimeArgs,
 }
 
 /// The assets folder: the one given, else `./converters/python/demo/assets`, else the one in the
@@ -90,12 +90,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(exit(e.code));
         }
     };
-    let params = args.ctx.params()?;
     let adapter = open_adapter(&adapter_path, &model_path)?;
     let model = args.ctx.load_model(&model_path)?;
-    let threads = args.ctx.threads();
-    let mut base = Session::new(&model, None, &params, threads)?;
-    let mut tuned = Session::with_adapters(&model, &[&adapter], &params, &args.ctx.session_options()?)?;
+    let mut engine = Engine::new(&model, args.ctx.engine_config(EngineShape::SINGLE)?)?;
+    let m = engine.load_adapter("adapter", &adapter)?.n_soft_tokens;
 
     crate::outln!("IAPT demo: {} + adapter {}", model_path.display(), adapter_path.display())?;
     crate::outln!(
@@ -107,8 +105,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let (mut n_base, mut n_tuned) = (0, 0);
     for (i, ex) in examples.iter().enumerate() {
         let prompt = example_prompt(&model, &fmt, i, ex)?;
-        let a = answer(&mut base, &model, &fmt, &prompt)?;
-        let b = answer(&mut tuned, &model, &fmt, &prompt)?;
+        let a = answer(&mut Answerer { engine: &mut engine, adapter: None }, &model, &fmt, &prompt)?;
+        let b = answer(&mut Answerer { engine: &mut engine, adapter: Some(("adapter".to_owned(), m)) }, &model, &fmt, &prompt)?;
         let (ok_a, ok_b) = (exact_match(&a.text, &ex.response), exact_match(&b.text, &ex.response));
         n_base += usize::from(ok_a);
         n_tuned += usize::from(ok_b);

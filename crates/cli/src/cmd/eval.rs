@@ -13,12 +13,13 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::tools::eval::{evaluate, Example, PromptFormat, Score};
+use crate::tools::eval::{evaluate, Answerer, Example, PromptFormat, Score};
 use anyhow::{bail, Context as _};
-use iapt_llama::{Session, Token};
+use iapt_engine::Engine;
+use iapt_llama::Token;
 
-use super::run::{open_adapter, CtxArgs};
 use super::{exit, EXIT_USAGE};
+use crate::args::{open_adapter, EngineShape, RuntimeArgs};
 use crate::files;
 
 /// Default answer length cap (the demo's `max 24 new tokens`).
@@ -58,9 +59,9 @@ pub struct Args {
     /// Print every wrong answer to stderr.
     #[arg(long)]
     pub show_errors: bool,
-    /// Context settings.
+    /// Model and context.
     #[command(flatten)]
-    pub ctx: CtxArgs,
+    pub ctx: RuntimeArgs,
 }
 
 /// An input problem: the exit code and the message.
@@ -173,10 +174,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
         examples.truncate(n);
     }
-    let params = args.ctx.params()?;
     let adapter = open_adapter(&args.adapter, &args.model)?;
     let model = args.ctx.load_model(&args.model)?;
-    let threads = args.ctx.threads();
+    let mut engine = Engine::new(&model, args.ctx.engine_config(EngineShape::SINGLE)?)?;
+    let m = engine.load_adapter("adapter", &adapter)?.n_soft_tokens;
     let show_errors = args.show_errors;
     let show = |label: &'static str| {
         move |i: usize, ex: &Example, a: &crate::tools::eval::Answer, ok: bool| {
@@ -188,18 +189,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let (mut with_texts, mut base_texts) = (Vec::new(), Vec::new());
     let t0 = std::time::Instant::now();
     let with = {
-        let mut s = Session::with_adapters(&model, &[&adapter], &params, &args.ctx.session_options()?)?;
         let report = show("adapter");
-        evaluate(&mut s, &model, &fmt, &examples, &mut |i, ex, a, ok| {
+        let mut who = Answerer { engine: &mut engine, adapter: Some(("adapter".to_owned(), m)) };
+        evaluate(&mut who, &model, &fmt, &examples, &mut |i, ex, a, ok| {
             report(i, ex, a, ok);
             with_texts.push(a.text.clone());
         })
         .context("evaluating with the adapter")?
     };
     let without = if args.no_adapter_too {
-        let mut s = Session::new(&model, None, &params, threads)?;
         let report = show("base");
-        let score = evaluate(&mut s, &model, &fmt, &examples, &mut |i, ex, a, ok| {
+        let mut who = Answerer { engine: &mut engine, adapter: None };
+        let score = evaluate(&mut who, &model, &fmt, &examples, &mut |i, ex, a, ok| {
             report(i, ex, a, ok);
             base_texts.push(a.text.clone());
         })

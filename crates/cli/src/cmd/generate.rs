@@ -159,7 +159,7 @@ fn generate(args: &Args) -> Result<ExitCode, Bad> {
                 dst.iter_mut().zip(&want).for_each(|(o, &w)| *o = w as f32);
             } else {
                 gen.generate(l, rows, dst).map_err(bad_rows)?;
-                let err = iapt_generator::testing::rel_err(dst, &want);
+                let err = iapt_generator::reference::rel_err(dst, &want);
                 eprintln!("layer {l}: max |f32 - f64| / max |f64| = {err:.3e}");
             }
         } else {

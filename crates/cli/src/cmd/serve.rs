@@ -12,12 +12,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use iapt_engine::{EngineConfig, EngineSpec};
+use iapt_engine::EngineSpec;
 use iapt_server::{ServerConfig, DEFAULT_BODY_LIMIT, DEFAULT_GRACE};
 
-use super::batch::parse_adapter_arg;
-use super::run::CtxArgs;
 use super::{exit, EXIT_USAGE};
+use crate::args::{AdapterArgs, EngineArgs, EngineShape, RuntimeArgs};
 
 /// Arguments of `iapt serve`.
 #[derive(clap::Args, Debug)]
@@ -25,9 +24,6 @@ pub struct Args {
     /// The base model (GGUF; F32, F16 or quantized).
     #[arg(long, value_name = "BASE.gguf")]
     pub model: PathBuf,
-    /// An adapter loaded at start, `NAME=PATH` or `PATH` (named by its file stem); repeat for several.
-    #[arg(long, value_name = "[NAME=]ADAPTER")]
-    pub adapter: Vec<String>,
     /// Allow POST /v1/adapters and DELETE /v1/adapters/NAME, for files inside this directory only.
     #[arg(long, value_name = "DIR")]
     pub adapter_dir: Option<PathBuf>,
@@ -37,12 +33,6 @@ pub struct Args {
     /// Port to bind (0: any free port, printed in the ready line).
     #[arg(long, default_value_t = 8080, value_name = "PORT")]
     pub port: u16,
-    /// Sequences running at once; each has ctx-size / parallel tokens of context.
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub parallel: usize,
-    /// Tokens decoded per step at most (decode tokens first, then prefill chunks).
-    #[arg(long, default_value_t = 512, value_name = "N")]
-    pub batch_tokens: usize,
     /// Requests that may wait for a slot; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub queue: usize,
@@ -58,9 +48,15 @@ pub struct Args {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = DEFAULT_GRACE.as_secs(), value_name = "S")]
     pub grace: u64,
-    /// Context settings (`--ctx-size` is shared by the running sequences).
+    /// Adapters loaded at start.
     #[command(flatten)]
-    pub ctx: CtxArgs,
+    pub adapters: AdapterArgs,
+    /// Engine.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Model and context (`--ctx-size` is shared by the running sequences).
+    #[command(flatten)]
+    pub ctx: RuntimeArgs,
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -86,40 +82,18 @@ fn usage_error(msg: &str) -> ExitCode {
 
 /// The server settings from the options, or a usage error.
 fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerConfig, String> {
-    if args.parallel == 0 || args.parallel > 256 || args.batch_tokens == 0 || args.queue == 0 {
-        return Err("--parallel must be 1..=256, --batch-tokens and --queue at least 1".to_owned());
-    }
+    let shape = EngineShape::from_args(&args.engine, args.queue).map_err(|f| f.message)?;
     if !args.model.is_file() {
         return Err(format!("{}: no such model file", args.model.display()));
     }
-    let mut adapters: Vec<(String, PathBuf)> = Vec::new();
-    for a in &args.adapter {
-        let (name, path) = parse_adapter_arg(a).map_err(|f| f.message)?;
-        if !path.is_file() {
-            return Err(format!("{}: no such adapter file", path.display()));
-        }
-        if adapters.iter().any(|(n, _)| *n == name) {
-            return Err(format!("adapter name {name:?} given twice; name them NAME=PATH"));
-        }
-        adapters.push((name, path));
+    let adapters = args.adapters.named().map_err(|f| f.message)?;
+    if let Some((_, path)) = adapters.iter().find(|(_, p)| !p.is_file()) {
+        return Err(format!("{}: no such adapter file", path.display()));
     }
     if let Some(d) = args.adapter_dir.as_ref().filter(|d| !d.is_dir()) {
         return Err(format!("--adapter-dir {}: no such directory", d.display()));
     }
-    let params = args.ctx.params().map_err(|e| e.to_string())?;
-    let session = args.ctx.session_options().map_err(|e| format!("{e:#}"))?;
-    let engine = EngineConfig {
-        parallel: args.parallel,
-        seq_ctx: params.n_ctx as usize / args.parallel,
-        batch_tokens: args.batch_tokens.max(args.parallel),
-        n_ubatch: params.n_ubatch as usize,
-        queue_capacity: args.queue,
-        n_threads: params.n_threads,
-        kv_type: params.kv_type,
-        flash_attn: params.flash_attn,
-        generator_threads: session.generator_threads,
-        gpu: session.gpu,
-    };
+    let engine = args.ctx.engine_config(shape).map_err(|e| format!("{e:#}"))?;
     let stem = args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".to_owned());
     let spec = EngineSpec { model: args.model.clone(), model_params, config: engine, adapters };
     Ok(ServerConfig {

@@ -1,16 +1,17 @@
 //! Side-by-side throughput of the base model and the model with an IAPT adapter, in one process
-//! with the same context settings: prefill tokens/s (one decode of `prompt_len` tokens; with the
-//! adapter that is `prompt_len - m` instruction tokens plus m soft tokens) and decode tokens/s
-//! (`gen - 1` single-token greedy steps after the prefill, hook disarmed; the two variants step in
-//! turn, token by token). Runs repeat `reps` times after a warm-up.
+//! with the same engine settings (two engines on one model, one slot each): prefill tokens/s (the
+//! first step, one decode of `prompt_len` tokens; with the adapter that is `prompt_len - m`
+//! instruction tokens plus m soft tokens) and decode tokens/s (the `gen - 1` single-token greedy
+//! steps after the prefill, hook disarmed; the two engines step in turn, token by token). Runs
+//! repeat `reps` times after a warm-up.
 //! Each variant is reported by its best run (interference from other processes only ever slows a
 //! run down, so the best run is the least disturbed estimate on a shared machine) and by its median.
 
 use std::time::{Duration, Instant};
 
+use iapt_engine::{Engine, EngineConfig, EngineError, EventKind, Request};
 use iapt_format::Adapter;
-
-use iapt_llama::{argmax, ContextParams, GpuRuntime, LlamaError, Model, Session, SessionOptions, Token};
+use iapt_llama::{Model, Token};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -21,12 +22,8 @@ pub struct BenchConfig {
     pub gen: usize,
     /// Measured repetitions per variant.
     pub reps: usize,
-    /// Context settings shared by both variants.
-    pub ctx: ContextParams,
-    /// Generator threads.
-    pub generator_threads: usize,
-    /// Run the generator on this GPU runtime (`None`: on the CPU).
-    pub gpu: Option<std::sync::Arc<GpuRuntime>>,
+    /// The engine settings both variants run with (one slot; the whole prompt in one step).
+    pub engine: EngineConfig,
 }
 
 /// Throughput of one variant.
@@ -110,10 +107,20 @@ fn rate(tokens: usize, t: Duration) -> f64 {
     tokens as f64 / t.as_secs_f64().max(1e-9)
 }
 
+/// Steps `engine` once and says whether its request produced a token (or finished).
+fn step(engine: &mut Engine<'_>) -> Result<(), EngineError> {
+    for ev in engine.step() {
+        if let EventKind::Failed(e) = ev.kind {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Runs the benchmark. The prompt is a fixed pseudo-random token sequence starting with BOS-like
 /// id 1; generation is greedy and ignores end-of-generation tokens so both variants decode the
 /// same number of steps.
-pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, LlamaError> {
+pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, EngineError> {
     let n_vocab = model.n_vocab().max(2) as u64;
     let mut state = 0x1234_5678_9abc_def0u64;
     let prompt: Vec<Token> = (0..cfg.prompt_len)
@@ -127,26 +134,26 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
             (1 + state % (n_vocab - 1)) as Token
         })
         .collect();
-    let mut base = Session::new(model, None, &cfg.ctx, 1)?;
-    let opts = SessionOptions { generator_threads: cfg.generator_threads, gpu: cfg.gpu.clone() };
-    let mut iapt = Session::with_adapters(model, &[adapter], &cfg.ctx, &opts)?;
-    let m = iapt.n_soft_tokens();
+    let mut base = Engine::new(model, cfg.engine.clone())?;
+    let mut iapt = Engine::new(model, cfg.engine.clone())?;
+    let m = iapt.load_adapter("adapter", adapter)?.n_soft_tokens;
     if cfg.prompt_len <= m {
-        return Err(LlamaError::EmptyPrompt);
+        return Err(EngineError::EmptyPrompt);
     }
-    let instr = &prompt[..cfg.prompt_len - m];
+    let request = |tokens: &[Token]| Request { stop_at_eog: false, ..Request::new(tokens.to_vec(), cfg.gen) };
     let (mut bp, mut bd, mut ip, mut id) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut hook, mut bsecs, mut remote) = (Vec::new(), Vec::new(), 0);
     let mut split: [Vec<f64>; 4] = Default::default();
     for rep in 0..=cfg.reps {
-        // Prefill: base then IAPT.
+        base.submit(request(&prompt))?;
+        iapt.submit(request(&prompt[..cfg.prompt_len - m]).with_adapter("adapter"))?;
+        // Prefill (the first step of each): base then IAPT.
         let t = Instant::now();
-        let mut lb = base.prefill(&prompt)?;
+        step(&mut base)?;
         let b_pre = t.elapsed();
         let t = Instant::now();
-        let mut li = iapt.prefill(instr)?;
+        step(&mut iapt)?;
         let i_pre = t.elapsed();
-        let i_hook = iapt.hook_busy_time();
         let times = iapt.hook_times();
         remote = iapt.hook_remote_copies();
         // Decode: the two variants step in turn, token by token, so that interference from other
@@ -154,12 +161,13 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         let (mut b_dec, mut i_dec) = (Duration::ZERO, Duration::ZERO);
         for _ in 1..cfg.gen {
             let t = Instant::now();
-            lb = base.step(argmax(&lb))?;
+            step(&mut base)?;
             b_dec += t.elapsed();
             let t = Instant::now();
-            li = iapt.step(argmax(&li))?;
+            step(&mut iapt)?;
             i_dec += t.elapsed();
         }
+        debug_assert!(base.is_idle() && iapt.is_idle());
         let steps = cfg.gen - 1;
         let line = format!(
             "rep {rep}{}: base prefill {:.1} tok/s decode {:.2} tok/s | iapt prefill {:.1} tok/s decode {:.2} tok/s (hook {:.1} ms)",
@@ -168,7 +176,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
             rate(steps, b_dec),
             rate(cfg.prompt_len, i_pre),
             rate(steps, i_dec),
-            i_hook.as_secs_f64() * 1e3
+            times.total.as_secs_f64() * 1e3
         );
         progress(&line);
         if rep == 0 {
@@ -178,7 +186,7 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         bd.push(rate(steps, b_dec));
         ip.push(rate(cfg.prompt_len, i_pre));
         id.push(rate(steps, i_dec));
-        hook.push(i_hook.as_secs_f64());
+        hook.push(times.total.as_secs_f64());
         bsecs.push(b_pre.as_secs_f64());
         for (v, d) in split.iter_mut().zip([times.read, times.generate, times.write, times.rest()]) {
             v.push(d.as_secs_f64());

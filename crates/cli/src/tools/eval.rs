@@ -3,7 +3,7 @@
 //!
 //! - prompt: `[BOS] + tokens(instruction) + [slot] * m` (the model's SentencePiece tokenizer, BOS as
 //!   the model says; the m slot ids are the soft-token positions);
-//! - with an adapter the session appends its own m soft tokens after the instruction, so the slot
+//! - with an adapter the engine appends its own m soft tokens after the instruction, so the slot
 //!   ids are dropped and the rows at those positions are replaced at every layer; without one the
 //!   slot ids are fed as ordinary tokens (the base was trained with them as a separator);
 //! - greedy decoding; stop at an end-of-generation token or a token whose text contains a newline
@@ -13,7 +13,8 @@
 //!
 //! Reading the examples (JSON lines) is the caller's job: [`Example`] is the parsed row.
 
-use iapt_llama::{argmax, LlamaError, Model, Session, Token};
+use iapt_engine::{Engine, EngineError, FinishReason, Request};
+use iapt_llama::{LlamaError, Model, Token};
 
 /// How a prompt is built and an answer decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +85,12 @@ impl Score {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EvalError {
-    /// llama.cpp or the adapter failed.
+    /// llama.cpp failed (tokenizing).
     #[error(transparent)]
     Llama(#[from] LlamaError),
+    /// The engine refused or failed a request.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     /// The model's tokenizer does not give the prompt ids the data set carries.
     #[error(
         "example {index} ({instruction:?}): the model's tokenizer gives prompt ids {got:?} but the data says {expected:?}; \
@@ -130,40 +134,38 @@ pub fn example_prompt(model: &Model, fmt: &PromptFormat, index: usize, ex: &Exam
     }
 }
 
-/// Decodes the greedy answer to a full prompt (slots included, as [`build_prompt`] makes it).
-pub fn answer(session: &mut Session<'_>, model: &Model, fmt: &PromptFormat, prompt: &[Token]) -> Result<Answer, EvalError> {
-    let m = session.n_soft_tokens();
-    let feed = if m == 0 {
-        prompt
-    } else {
-        if m != fmt.n_slots {
-            return Err(EvalError::SlotCount { adapter: m, format: fmt.n_slots });
-        }
-        // The session adds its own m soft tokens after the instruction.
-        &prompt[..prompt.len().saturating_sub(m)]
+/// Who answers: the engine and, for the adapter's runs, the name it is loaded under and its m.
+pub struct Answerer<'e, 'm> {
+    /// The engine (one slot, idle between answers).
+    pub engine: &'e mut Engine<'m>,
+    /// The adapter's name in the engine and its soft tokens, or `None` for the base alone.
+    pub adapter: Option<(String, usize)>,
+}
+
+/// Decodes the greedy answer to a full prompt (slots included, as [`build_prompt`] makes it): the
+/// engine's greedy sampler chain, stopping at an end-of-generation token, at a token whose text
+/// holds a newline (the stop string `"\n"`; the tokens before it are the answer) or after
+/// `max_new_tokens`.
+pub fn answer(who: &mut Answerer<'_, '_>, model: &Model, fmt: &PromptFormat, prompt: &[Token]) -> Result<Answer, EvalError> {
+    let feed = match &who.adapter {
+        None => prompt,
+        Some((_, m)) if *m != fmt.n_slots => return Err(EvalError::SlotCount { adapter: *m, format: fmt.n_slots }),
+        // The engine adds its own m soft tokens after the instruction.
+        Some((_, m)) => &prompt[..prompt.len().saturating_sub(*m)],
     };
-    let mut logits = session.prefill(feed)?;
-    let mut tokens = Vec::new();
-    let mut bytes = Vec::new();
-    let stop = loop {
-        if tokens.len() == fmt.max_new_tokens {
-            break Stop::Length;
-        }
-        let tok = argmax(&logits);
-        if model.is_eog(tok) {
-            break Stop::EndOfGeneration;
-        }
-        let piece = model.token_bytes(tok);
-        if piece.contains(&b'\n') {
-            break Stop::Newline;
-        }
-        tokens.push(tok);
-        bytes.extend_from_slice(&piece);
-        if tokens.len() == fmt.max_new_tokens {
-            break Stop::Length;
-        }
-        logits = session.step(tok)?;
+    let mut req = Request::new(feed.to_vec(), fmt.max_new_tokens.max(1));
+    req.adapter = who.adapter.as_ref().map(|(name, _)| name.clone());
+    req.stop = vec!["\n".to_owned()];
+    let done = who.engine.complete(req, &mut |_| {})?;
+    let mut tokens: Vec<Token> = done.tokens.iter().map(|t| t.token).collect();
+    tokens.truncate(fmt.max_new_tokens);
+    let stop = match done.finished.reason {
+        _ if fmt.max_new_tokens == 0 => Stop::Length,
+        FinishReason::Eog => Stop::EndOfGeneration,
+        FinishReason::Stop { .. } => Stop::Newline,
+        FinishReason::Length => Stop::Length,
     };
+    let bytes: Vec<u8> = tokens.iter().flat_map(|&t| model.token_bytes(t)).collect();
     let text = String::from_utf8_lossy(&bytes).trim().to_owned();
     Ok(Answer { tokens, text, stop })
 }
@@ -176,7 +178,7 @@ pub fn exact_match(answer: &str, expected: &str) -> bool {
 /// Answers every example and counts exact matches; `on_each(index, example, answer, correct)` is
 /// called after each one (for progress or a transcript).
 pub fn evaluate(
-    session: &mut Session<'_>,
+    who: &mut Answerer<'_, '_>,
     model: &Model,
     fmt: &PromptFormat,
     examples: &[Example],
@@ -185,7 +187,7 @@ pub fn evaluate(
     let mut score = Score::default();
     for (i, ex) in examples.iter().enumerate() {
         let prompt = example_prompt(model, fmt, i, ex)?;
-        let a = answer(session, model, fmt, &prompt)?;
+        let a = answer(who, model, fmt, &prompt)?;
         let ok = exact_match(&a.text, &ex.response);
         score.n += 1;
         score.correct += usize::from(ok);

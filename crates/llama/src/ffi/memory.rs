@@ -8,7 +8,8 @@ use super::Context;
 impl Context<'_> {
     /// Removes every KV cell of sequence `seq` (`llama_memory_seq_rm` over all positions): the
     /// cells are free for any sequence at once. Removing a whole sequence never fails in
-    /// llama.cpp; `false` only when `seq` is negative or the context has no memory.
+    /// llama.cpp; `false` only when `seq` is negative, the context has no memory, or llama.cpp
+    /// threw (an allocation failure, caught by the shim).
     pub fn seq_rm(&mut self, seq: i32) -> bool {
         if seq < 0 {
             return false;
@@ -17,7 +18,7 @@ impl Context<'_> {
         // lives as long as the context; p0 = p1 = -1 is "every position", which never fails.
         unsafe {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
-            !mem.is_null() && sys::llama_memory_seq_rm(mem, seq, -1, -1)
+            !mem.is_null() && super::shim::memory_seq_rm(mem, seq, -1, -1).unwrap_or(false)
         }
     }
 

@@ -11,7 +11,8 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use super::Token;
+use super::{shim, Token};
+use crate::error::LlamaError;
 use crate::sampling::{InvalidSampling, SamplerSettings};
 
 /// A llama.cpp sampler chain for one sequence (see the module documentation).
@@ -87,19 +88,21 @@ impl SamplerChain {
 
     /// Tells the chain about a token of the sequence without drawing (the prompt, for the
     /// penalties). Ids outside the vocabulary are ignored.
-    pub fn accept(&mut self, token: Token) {
+    pub fn accept(&mut self, token: Token) -> Result<(), LlamaError> {
         if token >= 0 && (token as usize) < self.n_vocab {
             // SAFETY: the chain is valid and used by one thread (`&mut self`); the id is in range,
             // which the penalties stage needs to index its counts.
-            unsafe { sys::llama_sampler_accept(self.ptr.as_ptr(), token) }
+            unsafe { shim::sampler_accept(self.ptr.as_ptr(), token) }.map_err(|e| LlamaError::Sampler { detail: e.to_string() })?;
         }
+        Ok(())
     }
 
-    /// Draws the next token from `logits` (one row of n_vocab values) and accepts it. `None` when
-    /// the row has the wrong length or the chain selected nothing (every candidate filtered out).
-    pub fn sample(&mut self, logits: &[f32]) -> Option<Token> {
+    /// Draws the next token from `logits` (one row of n_vocab values) and accepts it. `Ok(None)`
+    /// when the row has the wrong length or the chain selected nothing (every candidate filtered
+    /// out); `Err` when llama.cpp's sampler failed.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<Option<Token>, LlamaError> {
         if logits.len() != self.n_vocab {
-            return None;
+            return Ok(None);
         }
         self.data.clear();
         self.data.extend(logits.iter().enumerate().map(|(i, &logit)| sys::llama_token_data { id: i as Token, logit, p: 0.0 }));
@@ -107,13 +110,13 @@ impl SamplerChain {
         // SAFETY: the chain is valid; `arr.data` points to `arr.size` initialised entries owned by
         // `self.data`, which is neither moved nor resized during the call. Stages may sort the
         // entries in place or shrink `size`; they never grow the array beyond `size`.
-        unsafe { sys::llama_sampler_apply(self.ptr.as_ptr(), &mut arr) };
-        let sel = usize::try_from(arr.selected).ok().filter(|&s| s < arr.size)?;
+        unsafe { shim::sampler_apply(self.ptr.as_ptr(), &mut arr) }.map_err(|e| LlamaError::Sampler { detail: e.to_string() })?;
+        let Some(sel) = usize::try_from(arr.selected).ok().filter(|&s| s < arr.size) else { return Ok(None) };
         // SAFETY: `arr.data` still points into `self.data` (or to an array a stage owns that lives
         // as long as the chain) with at least `arr.size` entries, and `sel < arr.size`.
         let token = unsafe { (*arr.data.add(sel)).id };
-        self.accept(token);
-        Some(token)
+        self.accept(token)?;
+        Ok(Some(token))
     }
 }
 

@@ -7,10 +7,9 @@
 
 use std::path::PathBuf;
 
+use iapt_engine::{Engine, EngineConfig, Request};
 use iapt_format::Adapter;
-use iapt_llama::{
-    devices, supports_gpu_offload, ContextParams, DeviceKind, GenerateOptions, KvType, Model, ModelParams, Sampling, Session,
-};
+use iapt_llama::{devices, supports_gpu_offload, DeviceKind, KvType, Model, ModelParams};
 
 /// As in parity.rs: the run-time `CARGO_MANIFEST_DIR` when set, else the compile-time one.
 fn manifest_dir() -> PathBuf {
@@ -45,19 +44,26 @@ fn model_params_map_to_llama_cpp_values() {
 }
 
 fn greedy(model: &Model, adapter: Option<&Adapter>) -> (Vec<i32>, Vec<Vec<f32>>) {
-    let params = ContextParams {
-        n_ctx: 128,
-        n_batch: 128,
+    let cfg = EngineConfig {
+        parallel: 1,
+        seq_ctx: 128,
+        batch_tokens: 128,
         n_ubatch: 128,
         n_threads: 1,
         flash_attn: Some(false),
         kv_type: KvType::F32,
-        ..ContextParams::default()
+        ..EngineConfig::default()
     };
-    let mut s = Session::new(model, adapter, &params, 1).expect("session");
-    let opts = GenerateOptions { n_predict: 6, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
-    let g = s.generate(&[1, 309, 201, 71, 203, 17, 42], &opts, &mut |_| {}).expect("generate");
-    (g.tokens, g.logits)
+    let mut e = Engine::new(model, cfg).expect("engine");
+    let mut req = Request::new(vec![1, 309, 201, 71, 203, 17, 42], 6);
+    if let Some(a) = adapter {
+        e.load_adapter("a", a).expect("adapter");
+        req = req.with_adapter("a");
+    }
+    req.stop_at_eog = false;
+    req.logits = true;
+    let done = e.complete(req, &mut |_| {}).expect("generate");
+    done.tokens.into_iter().map(|t| (t.token, t.logits.unwrap())).unzip()
 }
 
 /// Every placement (none, some, all, more than the model has) loads and gives the same greedy

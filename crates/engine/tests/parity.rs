@@ -1,5 +1,5 @@
-//! Parity of the llama.cpp hook with the independent reference: Hugging Face transformers in
-//! float64 with the PyTorch twin's injection (converters/python/make_model_fixtures.py, fixtures in
+//! Parity of the engine (the toolkit's one runtime: llama.cpp with the injection hook) with the
+//! independent reference: Hugging Face transformers in float64 with the PyTorch twin's injection (converters/python/make_model_fixtures.py, fixtures in
 //! converters/python/fixtures/models). One tiny model per entry of the architecture table
 //! (`iapt_llama::ARCHS`): llama (GQA), qwen2 (q/k/v biases), qwen3 (q/k RMSNorm), gemma2 (scaled
 //! embeddings, post-norm blocks, attention and final soft-capping), gemma3 (scaled embeddings,
@@ -34,18 +34,17 @@
 //!   the reference (fixture cases) or their own one-sequence run (the second adapter) at every
 //!   greedy step, with identical tokens.
 //! - `errors_*`: wrong base model, over-long and empty prompts, bad token ids, unloadable models.
-//! - `hook_reports_*`: a plan whose ubatches differ from llama.cpp's split fails the call after the
-//!   decode (the hook checks `ne[1]` and stops touching the graph).
+//! - `hook_reports_*`: a hook armed for other ubatches than llama.cpp's split fails the decode
+//!   (the hook checks `ne[1]` and stops touching the graph).
 //! - `a_panicking_callback_*`: a panic in the callback is caught at the FFI boundary and fails the decode.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use iapt_engine::{Engine, EngineConfig, EngineError, Request};
 use iapt_format::{Adapter, Container};
-use iapt_llama::{
-    Batch, Context, ContextParams, EvalCallback, GenerateOptions, GpuRuntime, KvType, LlamaError, Model, NodeData, NodeInfo, Quant,
-    Request, Sampling, Session, SessionOptions,
-};
+use iapt_hook::{Claim, Prefill, Segment, StreamHook};
+use iapt_llama::{Batch, Context, ContextParams, EvalCallback, GpuRuntime, KvType, LlamaError, Model, NodeData, NodeInfo, Quant, Token};
 
 const STEPS: usize = 16;
 
@@ -121,20 +120,60 @@ fn case(name: &str) -> Case {
     }
 }
 
-fn exact_params(n_ubatch: u32) -> ContextParams {
+/// The context settings of a run: ubatch size, KV type, flash attention.
+#[derive(Debug, Clone, Copy)]
+struct Params {
+    n_ubatch: usize,
+    kv: KvType,
+    flash: Option<bool>,
+}
+
+/// Exact mode: F32 KV cache, flash attention off.
+fn exact_params(n_ubatch: u32) -> Params {
+    Params { n_ubatch: n_ubatch as usize, kv: KvType::F32, flash: Some(false) }
+}
+
+/// llama.cpp's defaults: F16 KV cache, automatic flash attention.
+fn default_params() -> Params {
+    Params { n_ubatch: 512, kv: KvType::F16, flash: None }
+}
+
+/// The same as a plain llama.cpp context's parameters (256 cells, one thread).
+fn context_params(p: Params) -> ContextParams {
     ContextParams {
         n_ctx: 256,
         n_batch: 256,
-        n_ubatch,
+        n_ubatch: p.n_ubatch as u32,
         n_threads: 1,
-        flash_attn: Some(false),
-        kv_type: KvType::F32,
+        flash_attn: p.flash,
+        kv_type: p.kv,
         ..ContextParams::default()
     }
 }
 
-fn default_params() -> ContextParams {
-    ContextParams { n_ctx: 256, n_threads: 1, ..ContextParams::default() }
+/// An engine with `parallel` slots of 256 tokens, the whole batch in one step, one thread.
+fn engine_config(gpu: &Option<Arc<GpuRuntime>>, p: Params, parallel: usize) -> EngineConfig {
+    EngineConfig {
+        parallel,
+        seq_ctx: 256,
+        batch_tokens: 256 * parallel,
+        n_ubatch: p.n_ubatch,
+        queue_capacity: 16,
+        n_threads: 1,
+        kv_type: p.kv,
+        flash_attn: p.flash,
+        generator_threads: 1,
+        gpu: gpu.clone(),
+    }
+}
+
+/// A greedy request of STEPS tokens that keeps every step's logits and ignores end-of-generation.
+fn greedy(instruction: &[Token], adapter: Option<&str>) -> Request {
+    let mut r = Request::new(instruction.to_vec(), STEPS);
+    r.adapter = adapter.map(str::to_owned);
+    r.stop_at_eog = false;
+    r.logits = true;
+    r
 }
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
@@ -144,7 +183,7 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     num / den
 }
 
-fn run(model: &Model, adapter: Option<&Adapter>, params: &ContextParams, instruction: &[i32]) -> (Vec<i32>, Vec<Vec<f32>>) {
+fn run(model: &Model, adapter: Option<&Adapter>, params: &Params, instruction: &[i32]) -> (Vec<i32>, Vec<Vec<f32>>) {
     run_on(&None, model, adapter, params, instruction)
 }
 
@@ -198,7 +237,7 @@ macro_rules! on_every_device {
 
 /// Checks where the hook found the nodes: with the emulator every node is in its (host) memory;
 /// on CUDA it prints how many were in device memory (all but layer 0's with full offload).
-fn report_claims(gpu: &Option<Arc<GpuRuntime>>, label: &str, claims: &[iapt_llama::Claim]) {
+fn report_claims(gpu: &Option<Arc<GpuRuntime>>, label: &str, claims: &[Claim]) {
     let Some(rt) = gpu else { return };
     let on = claims.iter().filter(|c| c.on_device).count();
     if rt.is_emulated() {
@@ -208,23 +247,20 @@ fn report_claims(gpu: &Option<Arc<GpuRuntime>>, label: &str, claims: &[iapt_llam
     }
 }
 
-fn session<'m>(gpu: &Option<Arc<GpuRuntime>>, model: &'m Model, adapters: &[&Adapter], params: &ContextParams) -> Session<'m> {
-    Session::with_adapters(model, adapters, params, &SessionOptions { generator_threads: 1, gpu: gpu.clone() }).expect("session")
-}
-
 fn run_on(
     gpu: &Option<Arc<GpuRuntime>>,
     model: &Model,
     adapter: Option<&Adapter>,
-    params: &ContextParams,
+    params: &Params,
     instruction: &[i32],
 ) -> (Vec<i32>, Vec<Vec<f32>>) {
-    let adapters: Vec<&Adapter> = adapter.into_iter().collect();
-    let mut s = session(gpu, model, &adapters, params);
-    let opts = GenerateOptions { n_predict: STEPS, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true };
-    let g = s.generate(instruction, &opts, &mut |_| {}).expect("generate");
-    report_claims(gpu, "run", &s.claims());
-    (g.tokens, g.logits)
+    let mut e = Engine::new(model, engine_config(gpu, *params, 1)).expect("engine");
+    if let Some(a) = adapter {
+        e.load_adapter("a", a).expect("adapter");
+    }
+    let done = e.complete(greedy(instruction, adapter.map(|_| "a")), &mut |_| {}).expect("complete");
+    report_claims(gpu, "run", &e.hook_claims());
+    done.tokens.into_iter().map(|t| (t.token, t.logits.expect("kept"))).unzip()
 }
 
 /// Asserts identical tokens and per-step rel err <= tol against the exact-mode reference; returns
@@ -307,7 +343,7 @@ fn graph_nodes_of_every_architecture() {
         let model = Model::load(&c.model).unwrap();
         let expected = expected_nodes(arch);
         let probe = Arc::new(Probe { read: vec!["embd", "inp_scaled"], nodes: Default::default(), data: Default::default() });
-        let mut ctx = Context::new(&model, &exact_params(512), Some(probe.clone() as Arc<dyn EvalCallback>)).unwrap();
+        let mut ctx = Context::new(&model, &context_params(exact_params(512)), Some(probe.clone() as Arc<dyn EvalCallback>)).unwrap();
         let mut batch = Batch::new(64);
         for (i, &t) in c.instruction.iter().enumerate() {
             batch.push(t, i as i32, i + 1 == c.instruction.len()).unwrap();
@@ -360,16 +396,19 @@ fn arch_table(arch: &str) {
     let expected = expected_nodes(arch);
     assert_eq!(model.n_layer(), expected.len());
     for n_ubatch in [512u32, 8] {
-        let mut s = Session::new(&model, Some(&adapter), &exact_params(n_ubatch), 1).unwrap();
-        s.prefill(&c.instruction).unwrap();
-        let claims = s.claims();
+        let mut e = Engine::new(&model, engine_config(&None, exact_params(n_ubatch), 1)).unwrap();
+        e.load_adapter("a", &adapter).unwrap();
+        e.submit(greedy(&c.instruction, Some("a"))).unwrap();
+        // The first step is the whole prefill.
+        e.step();
+        let claims = e.hook_claims();
         let total = c.instruction.len() + 4;
         let n_ub = total.div_ceil(n_ubatch as usize);
         assert_eq!(claims.len(), n_ub * expected.len(), "{arch} n_ubatch {n_ubatch}: {claims:?}");
         for (i, cl) in claims.iter().enumerate() {
             let (ub, layer) = (i / expected.len(), i % expected.len());
             assert_eq!((cl.ubatch, cl.layer, cl.node.as_str()), (ub, layer, expected[layer]), "{arch} n_ubatch {n_ubatch}");
-            assert_eq!(cl.rows, (n_ubatch as usize).min(total - ub * n_ubatch as usize));
+            assert_eq!(cl.rows, (n_ubatch as usize).min(256).min(total - ub * n_ubatch as usize));
         }
     }
 }
@@ -429,10 +468,6 @@ fn second_adapter(model: &Model) -> Adapter {
     random_adapter(&spec, &mut Rng::new(0x05EC_017D)).expect("valid adapter")
 }
 
-fn greedy() -> GenerateOptions {
-    GenerateOptions { n_predict: STEPS, sampling: Sampling::Greedy, stop_at_eog: false, keep_logits: true }
-}
-
 fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
     let long = case("llama-long-iapt");
     let short = case("llama-short-iapt");
@@ -441,37 +476,49 @@ fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
     let fixture = fixture.unwrap();
     let second = second_adapter(&model);
     // Alone: the second adapter on the long instruction, one sequence per decode.
-    let (alone_tokens, alone_logits) = {
-        let mut s = session(gpu, &model, &[&second], &exact_params(512));
-        let g = s.generate(&long.instruction, &greedy(), &mut |_| {}).unwrap();
-        (g.tokens, g.logits)
-    };
-    let params = ContextParams { n_seq_max: 4, ..exact_params(n_ubatch) };
-    let mut s = session(gpu, &model, &[&fixture, &second], &params);
+    let (alone_tokens, alone_logits) = run_on(gpu, &model, Some(&second), &exact_params(512), &long.instruction);
+    // Four sequences in 4 slots: their prefills share one decode, then they decode together.
+    let mut e = Engine::new(&model, engine_config(gpu, exact_params(n_ubatch), 4)).unwrap();
+    e.load_adapter("fixture", &fixture).unwrap();
+    e.load_adapter("second", &second).unwrap();
     let requests = [
-        Request { adapter: Some(0), instruction: &long.instruction },
-        Request { adapter: None, instruction: &base.instruction },
-        Request { adapter: Some(1), instruction: &long.instruction },
-        Request { adapter: Some(0), instruction: &short.instruction },
+        greedy(&long.instruction, Some("fixture")),
+        greedy(&base.instruction, None),
+        greedy(&long.instruction, Some("second")),
+        greedy(&short.instruction, Some("fixture")),
     ];
-    let mut order = Vec::new();
-    let out = s.generate_batch(&requests, &greedy(), &mut |seq, _| order.push(seq)).unwrap();
-    report_claims(gpu, "multi_sequence", &s.claims());
+    let ids: Vec<_> = requests.into_iter().map(|r| e.submit(r).unwrap()).collect();
+    let mut out: Vec<(Vec<i32>, Vec<Vec<f32>>)> = vec![Default::default(); 4];
+    let mut soft = vec![0; 4];
+    let mut first_step = true;
+    while !e.is_idle() {
+        for ev in e.step() {
+            let i = ids.iter().position(|&id| id == ev.id).unwrap();
+            match ev.kind {
+                iapt_engine::EventKind::Token(t) => {
+                    out[i].0.push(t.token);
+                    out[i].1.push(t.logits.unwrap());
+                }
+                iapt_engine::EventKind::Done(d) => soft[i] = d.n_soft,
+                iapt_engine::EventKind::Failed(err) => panic!("request {i}: {err}"),
+            }
+        }
+        if first_step {
+            report_claims(gpu, "multi_sequence", &e.hook_claims());
+            assert!(out.iter().all(|o| o.0.len() == 1), "every prefill in the first step");
+            first_step = false;
+        }
+    }
     let label = |what: &str| format!("n_ubatch {n_ubatch}, {what}");
-    assert_matches(&label("fixture adapter, long"), &long, &out[0].tokens, &out[0].logits, 1e-4);
-    assert_matches(&label("no adapter"), &base, &out[1].tokens, &out[1].logits, 1e-4);
-    assert_matches(&label("fixture adapter, short"), &short, &out[3].tokens, &out[3].logits, 1e-4);
-    assert_eq!(out[2].tokens, alone_tokens, "{}", label("second adapter: tokens differ from its one-sequence run"));
-    for (step, (a, b)) in out[2].logits.iter().zip(&alone_logits).enumerate() {
+    assert_matches(&label("fixture adapter, long"), &long, &out[0].0, &out[0].1, 1e-4);
+    assert_matches(&label("no adapter"), &base, &out[1].0, &out[1].1, 1e-4);
+    assert_matches(&label("fixture adapter, short"), &short, &out[3].0, &out[3].1, 1e-4);
+    assert_eq!(out[2].0, alone_tokens, "{}", label("second adapter: tokens differ from its one-sequence run"));
+    for (step, (a, b)) in out[2].1.iter().zip(&alone_logits).enumerate() {
         let e = rel_err(a, &b.iter().map(|&x| f64::from(x)).collect::<Vec<_>>());
         assert!(e <= 1e-4, "{}: step {step}: rel err {e:e}", label("second adapter vs alone"));
     }
-    assert_eq!(out[0].prefill_tokens, long.instruction.len() + 4);
-    assert_eq!(out[1].prefill_tokens, base.instruction.len());
-    assert_eq!(out[2].prefill_tokens, long.instruction.len() + 2);
-    // Tokens are reported per step for all live sequences, in sequence order.
-    assert_eq!(&order[..4], &[0, 1, 2, 3]);
-    assert_eq!(order.len(), 4 * STEPS);
+    assert_eq!(soft, vec![4, 0, 2, 4]);
 }
 
 on_every_device!(multi_sequence_one_ubatch, |gpu| multi_sequence(gpu, 512));
@@ -485,25 +532,18 @@ fn multi_sequence_errors_are_clear() {
     let c = case("llama-short-iapt");
     let (model, fixture) = load(&c);
     let fixture = fixture.unwrap();
-    let params = ContextParams { n_seq_max: 2, ..exact_params(512) };
-    let mut s = Session::with_adapters(&model, &[&fixture], &params, &SessionOptions::default()).unwrap();
-    let r = |adapter| Request { adapter, instruction: &c.instruction };
-    let e = s.prefill_batch(&[r(Some(1))]).unwrap_err();
-    assert!(matches!(e, LlamaError::NoSuchAdapter { index: 1, n_adapters: 1 }), "{e}");
-    let e = s.prefill_batch(&[r(Some(0)), r(None), r(Some(0))]).unwrap_err();
-    assert!(matches!(e, LlamaError::TooManySequences { n_seqs: 3, n_seq_max: 2 }), "{e}");
-    let e = s.prefill_batch(&[r(Some(0)), Request { adapter: None, instruction: &[] }]).unwrap_err();
-    assert!(matches!(e, LlamaError::EmptyPrompt), "{e}");
-    // Stepping a sequence twice in one decode, or one that is not live, is refused.
-    s.prefill_batch(&[r(Some(0)), r(None)]).unwrap();
-    assert!(s.step_batch(&[(0, 1), (0, 2)]).is_err());
-    assert!(s.step_batch(&[(2, 1)]).is_err());
-    // An adapter for another model shape is refused when the session is built.
+    let mut e = Engine::new(&model, engine_config(&None, exact_params(512), 2)).unwrap();
+    e.load_adapter("fixture", &fixture).unwrap();
+    let err = e.submit(greedy(&c.instruction, Some("other"))).unwrap_err();
+    assert!(matches!(err, EngineError::UnknownAdapter { .. }), "{err}");
+    let err = e.submit(greedy(&[], Some("fixture"))).unwrap_err();
+    assert!(matches!(err, EngineError::EmptyPrompt), "{err}");
+    // An adapter for another model shape is refused when it is loaded.
     use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
     let wrong =
         random_adapter(&AdapterSpec::small(model.n_layer() as u32, 8, 2, 4, iapt_format::Activation::Relu), &mut Rng::new(1)).unwrap();
-    let e = Session::with_adapters(&model, &[&fixture, &wrong], &params, &SessionOptions::default()).err().unwrap();
-    assert!(matches!(e, LlamaError::Incompatible { .. }), "{e}");
+    let err = e.load_adapter("wrong", &wrong).unwrap_err();
+    assert!(matches!(err, EngineError::AdapterRejected { .. }), "{err}");
 }
 
 /// A callback that claims nothing (as the hook does when disarmed).
@@ -526,7 +566,7 @@ fn no_adapter(arch: &str) {
 
     // Plain llama.cpp (no callback) vs a context with an idle callback: bit-identical.
     let plain = |cb: Option<Arc<dyn EvalCallback>>| {
-        let mut ctx = Context::new(&model, &exact_params(512), cb).unwrap();
+        let mut ctx = Context::new(&model, &context_params(exact_params(512)), cb).unwrap();
         let mut batch = Batch::new(64);
         let mut out = Vec::new();
         for (i, &t) in c.instruction.iter().enumerate() {
@@ -545,7 +585,7 @@ fn no_adapter(arch: &str) {
     let a = plain(None);
     let b = plain(Some(Arc::new(Idle)));
     assert_eq!(a, b, "{arch}: an idle callback changed the results");
-    assert_eq!(a[..], logits[..5], "{arch}: Session without adapter differs from plain llama.cpp");
+    assert_eq!(a[..], logits[..5], "{arch}: the engine without adapter differs from plain llama.cpp");
 }
 
 #[test]
@@ -594,53 +634,57 @@ fn errors_are_clear() {
     let llama_adapter = llama_adapter.unwrap();
 
     // Wrong base model: rejected before any decode.
-    let e = Session::new(&qwen_model, Some(&llama_adapter), &exact_params(512), 1).err().expect("wrong base model");
-    assert!(matches!(e, LlamaError::Incompatible { .. }), "{e}");
-    assert!(e.to_string().contains("wrong base model"), "{e}");
+    let mut e = Engine::new(&qwen_model, engine_config(&None, exact_params(512), 1)).unwrap();
+    let err = e.load_adapter("a", &llama_adapter).unwrap_err();
+    assert!(matches!(err, EngineError::AdapterRejected { .. }), "{err}");
+    assert!(err.to_string().contains("wrong base model"), "{err}");
 
-    // Over-long prompt.
-    let mut small = exact_params(512);
-    small.n_ctx = 16;
-    let mut s = Session::new(&llama_model, Some(&llama_adapter), &small, 1).unwrap();
-    let e = s.prefill(&[1; 13]).unwrap_err();
-    assert!(matches!(e, LlamaError::PromptTooLong { n_tokens: 13, n_soft: 4, n_ctx: 16 }), "{e}");
-    // 12 + 4 = 16 fits exactly.
-    s.prefill(&[1; 12]).unwrap();
+    // Over-long prompt: prompt + 4 soft tokens + 1 generated token must fit 16 cells.
+    let cfg = EngineConfig { seq_ctx: 16, batch_tokens: 16, ..engine_config(&None, exact_params(512), 1) };
+    let mut e = Engine::new(&llama_model, cfg).unwrap();
+    e.load_adapter("a", &llama_adapter).unwrap();
+    let one = |p: &[Token]| Request { max_tokens: 1, ..greedy(p, Some("a")) };
+    let err = e.submit(one(&[1; 12])).unwrap_err();
+    assert!(matches!(err, EngineError::TooLong { n_prompt: 12, n_soft: 4, max_tokens: 1, seq_ctx: 16 }), "{err}");
+    // 11 + 4 + 1 = 16 fits exactly.
+    e.complete(one(&[1; 11]), &mut |_| {}).unwrap();
 
-    let e = s.prefill(&[]).unwrap_err();
-    assert!(matches!(e, LlamaError::EmptyPrompt), "{e}");
-    let e = s.prefill(&[1, 99_999]).unwrap_err();
-    assert!(matches!(e, LlamaError::BadToken { token: 99_999, .. }), "{e}");
+    let err = e.submit(one(&[])).unwrap_err();
+    assert!(matches!(err, EngineError::EmptyPrompt), "{err}");
+    let err = e.submit(one(&[1, 99_999])).unwrap_err();
+    assert!(matches!(err, EngineError::TokenOutOfVocab { token: 99_999, .. }), "{err}");
 
     // A missing or non-GGUF model file.
-    let e = Model::load(Path::new("/nonexistent/model.gguf")).err().unwrap();
-    assert!(matches!(e, LlamaError::ModelLoad { .. }), "{e}");
-    let e = Model::load(llama.adapter.as_ref().unwrap()).err().unwrap();
-    assert!(matches!(e, LlamaError::ModelLoad { .. }), "{e}");
+    let err = Model::load(Path::new("/nonexistent/model.gguf")).err().unwrap();
+    assert!(matches!(err, LlamaError::ModelLoad { .. }), "{err}");
+    let err = Model::load(llama.adapter.as_ref().unwrap()).err().unwrap();
+    assert!(matches!(err, LlamaError::ModelLoad { .. }), "{err}");
 }
 
 #[test]
 fn hook_reports_a_plan_that_does_not_match_the_ubatches() {
     let c = case("llama-long-iapt");
     let (model, adapter) = load(&c);
-    let generator = iapt_generator::Generator::from_adapter(&adapter.unwrap()).unwrap();
-    let hook = Arc::new(iapt_llama::IaptHook::new(*iapt_llama::arch_spec("llama").unwrap(), generator));
-    let mut ctx = Context::new(&model, &exact_params(512), Some(hook.clone() as Arc<dyn EvalCallback>)).unwrap();
+    let generator = Arc::new(iapt_generator::Generator::from_adapter(&adapter.unwrap()).unwrap());
+    let hook = Arc::new(StreamHook::new(*iapt_llama::arch_spec("llama").unwrap(), model.n_layer(), model.n_embd()));
+    let mut ctx = Context::new(&model, &context_params(exact_params(512)), Some(hook.clone() as Arc<dyn EvalCallback>)).unwrap();
     let mut batch = Batch::new(64);
-    let total = c.instruction.len() + 4;
+    let n = c.instruction.len();
+    let total = n + 4;
     for i in 0..total {
-        batch.push(c.instruction[i.min(c.instruction.len() - 1)], i as i32, i + 1 == total).unwrap();
+        batch.push(c.instruction[i.min(n - 1)], i as i32, i + 1 == total).unwrap();
     }
-    // The context runs one ubatch of 34 rows; a plan of ubatches of 8 must be refused.
-    hook.arm(iapt_llama::Plan::single(c.instruction.len(), total, 8)).unwrap();
+    let seg = |g: &Arc<iapt_generator::Generator>| vec![Segment { row0: 0, first: 0, len: total, prefill: Prefill::cpu(g.clone(), n) }];
+    // The context runs one ubatch of all the rows; a hook armed for ubatches of 8 must refuse it.
+    hook.arm(seg(&generator), total, 8);
     ctx.decode(&batch).unwrap();
-    let e = hook.finish().expect_err("mismatched plan");
-    assert!(e.to_string().contains("split the batch differently"), "{e}");
-    // A matching plan on the same context works.
+    let errors = hook.finish().1.expect_err("mismatched ubatches");
+    assert!(errors[0].to_string().contains("split the batch differently"), "{errors:?}");
+    // Armed right, on the same context, it works.
     ctx.clear_kv();
-    hook.arm(iapt_llama::Plan::single(c.instruction.len(), total, 512)).unwrap();
+    hook.arm(seg(&generator), total, ctx.n_ubatch());
     ctx.decode(&batch).unwrap();
-    hook.finish().unwrap();
+    hook.finish().1.unwrap();
 }
 
 /// A callback that panics when asked about the first node.
@@ -657,7 +701,7 @@ impl EvalCallback for Panics {
 fn a_panicking_callback_fails_the_decode_without_crossing_ffi() {
     let c = case("llama-short-base");
     let model = Model::load(&c.model).unwrap();
-    let mut ctx = Context::new(&model, &exact_params(512), Some(Arc::new(Panics))).unwrap();
+    let mut ctx = Context::new(&model, &context_params(exact_params(512)), Some(Arc::new(Panics))).unwrap();
     let mut batch = Batch::new(8);
     batch.push(1, 0, true).unwrap();
     let e = ctx.decode(&batch).unwrap_err();
