@@ -71,12 +71,11 @@ def versions(settings: dict) -> dict:
     src = next(iter(sorted(home.glob(f"registry/src/*/llama-cpp-sys-2-{sys_ver}/llama.cpp"))), None)
     bundled = (f"llama.cpp {cmake_version(src / 'CMakeLists.txt', 'LLAMA')}, ggml {cmake_version(src / 'ggml/CMakeLists.txt', 'GGML')}"
                if src else "llama.cpp ?")
-    vendor_src = Path(settings.get("vendor_src", ""))
     server_ver = sh([settings["llama_server"], "--version"]) if settings.get("llama_server") else "?"
     server_ver = " ".join(l for l in server_ver.splitlines() if l.startswith("version"))
-    v = {"llama_server": f"{settings.get('vendor_version', '?')}: `llama-server --version`: {server_ver}; "
-                        f"ggml {cmake_version(vendor_src / 'ggml/CMakeLists.txt', 'GGML')}",
-         "iapt_llama_cpp": f"llama-cpp-sys-2 {sys_ver} ({bundled}; linked statically into iapt)",
+    v = {"llama_cpp": f"one llama.cpp: {settings.get('llama_version', '?')}; libraries {settings.get('llama_lib', '?')}",
+         "llama_server": f"`llama-server --version`: {server_ver}; loads the libraries above (scripts/llama-cpp checks with ldd)",
+         "iapt_llama_cpp": f"llama-cpp-sys-2 {sys_ver} ({bundled}; shared libraries, the same files llama-server loads)",
          "iapt": sh([settings["iapt_bin"], "--version"]) if settings.get("iapt_bin") else "?",
          "rustc": sh(["rustc", "--version"]), "python": platform.python_version()}
     adapters = Path(settings.get("adapters", "")) / "adapters.json"

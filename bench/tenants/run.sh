@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # bench/tenants (issue 14): one backbone, many tenants. llama-server (llama.cpp's own server, built
-# by scripts/vendor-llama) with one LoRA adapter per tenant (per-request `lora`) and on the bare base
+# by scripts/llama-cpp from the same llama.cpp as `iapt` and linked to the same libllama/libggml
+# files) with one LoRA adapter per tenant (per-request `lora`) and on the bare base
 # model, against `iapt serve` with one IAPT adapter per tenant (`model` = adapter), all measured by the
 # same load generator (bench/tenants/loadgen.py), plus `iapt batch` offline. Writes the table
 # (table.md) and the raw figures (results.json, rows/*.json, logs/) to OUT.
 #
 #   bash bench/tenants/run.sh            the full run (~30 min on a 2-vCPU machine once built), from
-#                                        a fresh clone: vendor build, release build, bench model,
+#                                        a fresh clone: release build, llama-server, bench model,
 #                                        16 LoRA + 16 IAPT adapters, every row; OUT = bench/tenants/results
 #   bash bench/tenants/run.sh --smoke    CI: the tiny fixture model and the committed adapters
 #                                        (bench/tenants/fixtures: no torch needed), 2 tenants, 4
@@ -27,8 +28,7 @@
 #   WORK target/tenants   built model, adapters, Python venv for PEFT
 #   BENCH_MODEL        an existing Q4_K_M bench model to use instead of making one
 #   IAPT_BIN           an existing iapt binary (default: built here: release + target-cpu=native;
-#                      smoke: the debug build)
-#   IAPT_VENDOR_DIR    the vendored llama.cpp build (scripts/vendor-llama)
+#                      smoke: the debug build); llama-server is built for the same profile and flags
 #   OUT                where the results go
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -96,28 +96,28 @@ ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
 ROWS=${ROWS:-${ALL_ROWS/base-p-kvu /}}
 for r in $ROWS; do case " $ALL_ROWS " in *" $r "*) ;; *) die "unknown row $r (rows: $ALL_ROWS)" ;; esac; done
 
-# --- tools: the client venv, the vendored llama.cpp, the iapt binary ---------------------------
+# --- tools: the client venv, the iapt binary, llama-server of the same llama.cpp ---------------
 bash scripts/setup >&2
 PY=$ROOT/.venv/bin/python
-log "vendored llama.cpp (scripts/vendor-llama)"
-VENDOR=$(bash scripts/vendor-llama | tail -n 1)
-# shellcheck source=/dev/null
-. "$VENDOR/env.sh"
-LLAMA_SERVER=$VENDOR_LLAMA_BIN/llama-server
-[ -x "$LLAMA_SERVER" ] || die "no llama-server in $VENDOR_LLAMA_BIN"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ -z "${IAPT_BIN:-}" ]; then
-  if [ "$smoke" = 1 ]; then
-    log "cargo build -p iapt (debug)"
-    cargo build --quiet -p iapt
-    IAPT_BIN=$TARGET/debug/iapt
-  else
-    log "cargo build --release -p iapt with -C target-cpu=native"
-    RUSTFLAGS="-C target-cpu=native" cargo build --quiet --release -p iapt
-    IAPT_BIN=$TARGET/release/iapt
-  fi
+if [ "$smoke" = 1 ]; then
+  log "cargo build -p iapt (debug); llama-server against its llama.cpp (scripts/llama-cpp --server)"
+  cargo build --quiet -p iapt
+  LLAMA=$(bash scripts/llama-cpp --server | tail -n 1)
+  IAPT_BIN=${IAPT_BIN:-$TARGET/debug/iapt}
+else
+  log "cargo build --release -p iapt with -C target-cpu=native; llama-server against its llama.cpp"
+  export RUSTFLAGS="-C target-cpu=native"
+  cargo build --quiet --release -p iapt
+  LLAMA=$(bash scripts/llama-cpp --release --server | tail -n 1)
+  unset RUSTFLAGS
+  IAPT_BIN=${IAPT_BIN:-$TARGET/release/iapt}
 fi
+# shellcheck source=/dev/null
+. "$LLAMA/env.sh"
+[ -x "$LLAMA_SERVER" ] || die "no llama-server at $LLAMA_SERVER"
 [ -x "$IAPT_BIN" ] || die "no iapt binary at $IAPT_BIN"
+log "one llama.cpp: $LLAMA_VERSION; libraries $LLAMA_LIB"
 
 # --- the base model and the adapters -----------------------------------------------------------
 if [ "$smoke" = 1 ]; then
@@ -145,7 +145,7 @@ else
     fi
     rm -rf "$ADAPTERS"
     "$WORK/peft-venv/bin/python" "$HERE/make_adapters.py" "$ADAPTERS" --shape bench --iapt "$N_ADAPTERS" \
-      --lora "$N_ADAPTERS" --convert "$VENDOR_LLAMA_SRC/convert_lora_to_gguf.py" >&2
+      --lora "$N_ADAPTERS" --convert "$LLAMA_PY_SRC/convert_lora_to_gguf.py" >&2
     echo "$want" >"$ADAPTERS/.made"
   fi
 fi
@@ -332,11 +332,12 @@ SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) f
   smoke="$smoke" requests="$REQUESTS" requests_serial="$REQUESTS_SERIAL" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
   warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
-  llama_server="$LLAMA_SERVER" vendor_version="$VENDOR_LLAMA_VERSION" vendor_src="$VENDOR_LLAMA_SRC" rows="$ROWS" \
+  llama_server="$LLAMA_SERVER" llama_version="$LLAMA_VERSION" llama_src="$LLAMA_SRC" llama_lib="$LLAMA_LIB" rows="$ROWS" \
   wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")
 strict=()
-# The tiny F32 fixture gives both llama.cpp versions the same greedy tokens (as the parity tests
-# find); a quantized model may differ in a last bit between versions, so the full run only reports it.
+# Both servers run the same libllama, so on the tiny F32 fixture their greedy tokens must agree; a
+# quantized model's batched runs may still differ in a last bit (other batch shapes), so the full
+# run only reports it.
 if [ "$smoke" = 1 ]; then strict=(--strict-base-agreement); fi
 python3 "$HERE/report.py" "$OUT" --settings "$SETTINGS" --expect-rows "$ROWS" "${strict[@]}" >&2
 log "done in $(($(date +%s) - T_START)) s: $OUT/table.md, $OUT/results.json"

@@ -1,17 +1,21 @@
-/* iapt_run: greedy generation with IAPT adapters in plain C, on llama.cpp's C API and libiapt.
+/* iapt_run: generation with IAPT adapters in plain C, on llama.cpp's C API and libiapt.
  *
  *   cc iapt_run.c -o iapt_run $(pkg-config --cflags --libs iapt)
  *   iapt_run -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-a ADAPTER2 -p IDS2] \
- *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1] [-b N_CHUNK]
+ *            [-n N_PREDICT] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d LOGITS_PREFIX] [-x 1] [-b N_CHUNK] \
+ *            [-T TEMP -K TOP_K -P TOP_P -M MIN_P -S SEED]
  *
  * Each -a/-p pair is one sequence (at most 8), all prefilled together: the instruction ids,
  * then m placeholder tokens (id 0) whose rows the hook overwrites with the adapter's soft tokens.
- * `-a none` runs a sequence without adapter. Generation is greedy with F32 KV cache and flash
- * attention off (the settings of `iapt run --temp 0 --kv-type f32 --flash-attn off`) and stops at
- * an end-of-generation token. Prints "seq S: id id ..." per sequence; with -d, writes the logits of
- * every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps, n_vocab]). `-x 1` skips the
- * optional iapt_hook_set_context (the hook then learns n_ubatch from the first ubatch); `-b N`
- * prefills in decodes of at most N rows (chunked prefill).
+ * `-a none` runs a sequence without adapter. F32 KV cache and flash attention off (the settings of
+ * `iapt run --kv-type f32 --flash-attn off`). Generation is greedy, or with -T > 0 llama.cpp's
+ * sampler chain top-k, top-p, min-p, temperature, seeded draw (each stage only when it filters:
+ * the chain of `iapt run --temp T --top-k K --top-p P --min-p M --seed S`), one chain per sequence
+ * that has seen its prompt; it stops at an end-of-generation token. Prints "seq S: id id ..." and
+ * "text S: ..." (the pieces of the tokens before an end-of-generation token) per sequence; with
+ * -d, writes the logits of every step of sequence S to LOGITS_PREFIX-S.npy (float32 [steps,
+ * n_vocab]). `-x 1` skips the optional iapt_hook_set_context (the hook then learns n_ubatch from
+ * the first ubatch); `-b N` prefills in decodes of at most N rows (chunked prefill).
  * Exit: 0 success, 1 a failure (message on stderr), 2 bad usage. */
 #include <errno.h>
 #include <stdio.h>
@@ -29,10 +33,30 @@ struct seq {
     int n_prompt, m, done, n_out, batch_row;
     llama_token *out;
     FILE *dump;
+    struct llama_sampler *chain; /* NULL: greedy */
 };
 
+/* The sampler settings of -T/-K/-P/-M/-S. */
+struct sampling {
+    float temp, top_p, min_p;
+    int top_k;
+    uint32_t seed;
+};
+
+/* A chain with the stages that filter (as the engine builds it), having seen the prompt. */
+static struct llama_sampler *new_chain(const struct sampling *sp, const llama_token *prompt, int n_prompt) {
+    struct llama_sampler *c = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (sp->top_k > 0) llama_sampler_chain_add(c, llama_sampler_init_top_k(sp->top_k));
+    if (sp->top_p < 1.0f) llama_sampler_chain_add(c, llama_sampler_init_top_p(sp->top_p, 1));
+    if (sp->min_p > 0.0f) llama_sampler_chain_add(c, llama_sampler_init_min_p(sp->min_p, 1));
+    llama_sampler_chain_add(c, llama_sampler_init_temp(sp->temp));
+    llama_sampler_chain_add(c, llama_sampler_init_dist(sp->seed));
+    for (int i = 0; i < n_prompt; i++) llama_sampler_accept(c, prompt[i]);
+    return c;
+}
+
 static int usage(const char *msg) {
-    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1] [-b N_CHUNK]\n", msg);
+    fprintf(stderr, "iapt_run: %s\nusage: iapt_run -m MODEL (-a ADAPTER|none -p IDS)... [-n N] [-c N_CTX] [-u N_UBATCH] [-t THREADS] [-d PREFIX] [-x 1] [-b N_CHUNK] [-T TEMP -K TOP_K -P TOP_P -M MIN_P -S SEED]\n", msg);
     return 2;
 }
 
@@ -71,10 +95,13 @@ static void quiet(enum ggml_log_level level, const char *text, void *ud) {
     if (level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
 }
 
-/* Greedy choice from a sequence's logits; 1 when the sequence is done. */
-static int take(struct seq *q, const float *logits, const struct llama_vocab *vocab, int n_vocab, int n_predict) {
+/* The next token of a sequence from batch row `row`: greedy, or drawn by its chain; 1 when the
+ * sequence is done. */
+static int take(struct seq *q, struct llama_context *ctx, int row, const struct llama_vocab *vocab, int n_vocab, int n_predict) {
+    const float *logits = llama_get_logits_ith(ctx, row);
     int best = 0;
-    for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
+    if (q->chain) best = llama_sampler_sample(q->chain, ctx, row);
+    else for (int v = 1; v < n_vocab; v++) if (logits[v] > logits[best]) best = v;
     if (q->dump) fwrite(logits, sizeof(float), (size_t)n_vocab, q->dump);
     q->out[q->n_out++] = best;
     q->done = llama_vocab_is_eog(vocab, best) || q->n_out == n_predict;
@@ -99,6 +126,7 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *dump_prefix = NULL;
     struct seq seqs[MAX_SEQS];
     int n_seqs = 0, n_adapters = 0, n_predict = 16, n_ctx = 256, n_ubatch = 512, threads = 1, no_set_context = 0, n_chunk = 0;
+    struct sampling sp = { 0.0f, 1.0f, 0.0f, 0, 0 };
     memset(seqs, 0, sizeof seqs);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -119,6 +147,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-d")) dump_prefix = v;
         else if (!strcmp(a, "-x")) no_set_context = atoi(v);
         else if (!strcmp(a, "-b")) n_chunk = atoi(v);
+        else if (!strcmp(a, "-T")) sp.temp = strtof(v, NULL);
+        else if (!strcmp(a, "-K")) sp.top_k = atoi(v);
+        else if (!strcmp(a, "-P")) sp.top_p = strtof(v, NULL);
+        else if (!strcmp(a, "-M")) sp.min_p = strtof(v, NULL);
+        else if (!strcmp(a, "-S")) sp.seed = (uint32_t)strtoul(v, NULL, 10);
         else return usage("unknown option");
     }
     if (!model_path || n_seqs == 0 || n_seqs != n_adapters || n_predict < 1 || n_ctx < 1 || n_ubatch < 1 || threads < 1)
@@ -166,6 +199,7 @@ int main(int argc, char **argv) {
         }
         total += q->n_prompt + q->m;
         q->out = malloc(sizeof(llama_token) * (size_t)n_predict);
+        if (sp.temp > 0.0f) q->chain = new_chain(&sp, q->prompt, q->n_prompt);
         if (dump_prefix) {
             char path[4096];
             snprintf(path, sizeof path, "%s-%d.npy", dump_prefix, s);
@@ -207,7 +241,7 @@ int main(int argc, char **argv) {
         for (int s = 0; s < n_seqs; s++) {
             struct seq *q = &seqs[s];
             if (q->batch_row >= k && q->batch_row < k + batch.n_tokens)
-                active -= take(q, llama_get_logits_ith(ctx, q->batch_row - k), vocab, n_vocab, n_predict);
+                active -= take(q, ctx, q->batch_row - k, vocab, n_vocab, n_predict);
         }
     }
     /* Generation: one token per active sequence per decode. */
@@ -226,14 +260,21 @@ int main(int argc, char **argv) {
         }
         if ((failed = decode(hook, ctx, batch, err, sizeof err))) break;
         for (int s = 0; s < n_seqs; s++)
-            if (!seqs[s].done) active -= take(&seqs[s], llama_get_logits_ith(ctx, seqs[s].batch_row), vocab, n_vocab, n_predict);
+            if (!seqs[s].done) active -= take(&seqs[s], ctx, seqs[s].batch_row, vocab, n_vocab, n_predict);
     }
     llama_batch_free(all);
     for (int s = 0; s < n_seqs; s++) {
         struct seq *q = &seqs[s];
         printf("seq %d:", s);
         for (int i = 0; i < q->n_out; i++) printf(" %d", q->out[i]);
+        printf("\ntext %d: ", s);
+        for (int i = 0; i < q->n_out && !llama_vocab_is_eog(vocab, q->out[i]); i++) {
+            char piece[256];
+            int n = llama_token_to_piece(vocab, q->out[i], piece, sizeof piece, 0, false);
+            if (n > 0) fwrite(piece, 1, (size_t)n, stdout);
+        }
         printf("\n");
+        if (q->chain) llama_sampler_free(q->chain);
         if (q->dump) {
             fseek(q->dump, 0, SEEK_SET);
             npy_header(q->dump, q->n_out, n_vocab);

@@ -4,7 +4,7 @@
 #
 # The kit (an ignored folder, /gpu-kit/ at the repository root, carried to the GPU machine):
 #   gpu-kit/bin/iapt              the CLI, linked to libllama.so.0 / libggml*.so.0 (no rpath)
-#   gpu-kit/tests/<name>          the test executables of iapt-llama and iapt-generator-cuda (unit
+#   gpu-kit/tests/<name>          the test executables of iapt-llama, iapt-engine and iapt-generator-cuda (unit
 #                                 tests: iapt_llama, iapt_generator_cuda)
 #   gpu-kit/llama.cpp.tar.gz      the llama.cpp source bundled in llama-cpp-sys-2 (trimmed)
 #   gpu-kit/wheels/gguf-*.whl     gguf-py, for converters/python/make_bench_model.py

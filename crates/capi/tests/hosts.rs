@@ -7,7 +7,19 @@
 //!   prefilled in decodes of 5 rows (chunked prefill);
 //! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
 //! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
-//!   `iapt run`'s.
+//!   `iapt run`'s;
+//! - `python_structs_*`: every ctypes struct llama-cpp-python declares has the C `sizeof` of the
+//!   one llama.cpp's headers (installed in the prefix) — the proof that llama-cpp-python can load
+//!   the toolkit's libllama — except `llama_opt_params`, which llama-cpp-python 0.3.36 declares
+//!   without its `optimizer_type` field (40 bytes against C's 48, and against its own vendored
+//!   llama.h too, whose struct is the same): a llama-cpp-python bug in the training API
+//!   (`llama_opt_init`), which its `Llama` class never calls. The test fails if any other struct
+//!   differs, or if that one stops differing;
+//! - `one_request_same_text_everywhere`: one sampled request (the demo model and adapter on the
+//!   start of a held-out prompt, "write the list", where the adapter is unsure: temperature 1.5,
+//!   top-k 40, top-p 0.95, min-p 0.05, seed 1234) gives the same text through
+//!   `iapt run`, `iapt batch`, `iapt serve` (the OpenAI completions route) and libiapt in the C
+//!   example (llama.cpp's sampler chain built there by hand): one runtime, one llama.cpp.
 //!
 //! They need the prefix and are run by `scripts/test-libiapt` (part of `scripts/test`), which sets
 //! IAPT_TEST_PREFIX (the prefix), IAPT_TEST_IAPT (the `iapt` binary) and IAPT_TEST_PYTHON (the
@@ -265,4 +277,188 @@ fn python_host_llama_tokens_equal_iapt_run() {
 #[ignore = "needs an installed libiapt and llama-cpp-python: run by scripts/test-libiapt"]
 fn python_host_qwen2_tokens_equal_iapt_run() {
     python_host("qwen2");
+}
+
+#[test]
+#[ignore = "needs an installed libiapt and llama-cpp-python: run by scripts/test-libiapt"]
+fn python_structs_have_the_c_sizes_of_the_one_llama_cpp() {
+    let prefix = var("IAPT_TEST_PREFIX");
+    let o = run(Command::new(var("IAPT_TEST_PYTHON"))
+        .args([
+            "-c",
+            "import ctypes, llama_cpp.llama_cpp as m\n\
+             for n, v in sorted(vars(m).items()):\n\
+             \x20   if isinstance(v, type) and issubclass(v, (ctypes.Structure, ctypes.Union)) and v.__module__ == m.__name__:\n\
+             \x20       print(n, ctypes.sizeof(v))",
+        ])
+        .env("LLAMA_CPP_LIB_PATH", prefix.join("lib")));
+    let py: Vec<(String, usize)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let (n, s) = l.split_once(' ').unwrap();
+            (n.to_owned(), s.parse().unwrap())
+        })
+        .collect();
+    let header = std::fs::read_to_string(prefix.join("include/llama.h")).unwrap();
+    let (in_c, not_in_c): (Vec<_>, Vec<_>) = py.iter().partition(|(n, _)| header.contains(&format!("struct {n} {{")));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("sizes.c");
+    let mut c = String::from("#include <stdio.h>\n#include \"llama.h\"\nint main(void) {\n");
+    for (n, _) in &in_c {
+        c.push_str(&format!("    printf(\"{n} %zu\\n\", sizeof(struct {n}));\n"));
+    }
+    c.push_str("    return 0;\n}\n");
+    std::fs::write(&src, c).unwrap();
+    let exe = dir.path().join("sizes");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    run(Command::new(cc).arg("-I").arg(prefix.join("include")).arg(&src).arg("-o").arg(&exe));
+    let c_sizes = String::from_utf8(run(&mut Command::new(&exe)).stdout).unwrap();
+    // llama-cpp-python's own bug (see the module documentation): its declaration lacks a field.
+    const KNOWN: [(&str, usize, usize); 1] = [("llama_opt_params", 40, 48)];
+    let mut compared = 0;
+    for (line, (n, size)) in c_sizes.lines().zip(&in_c) {
+        match KNOWN.iter().find(|(k, ..)| k == n) {
+            Some((_, py, c)) => assert_eq!((line, *size), (format!("{n} {c}").as_str(), *py), "the known difference changed"),
+            None => assert_eq!(line, format!("{n} {size}"), "C sizeof vs llama-cpp-python's ctypes struct"),
+        }
+        compared += 1;
+    }
+    eprintln!("{compared} structs equal in size; not C structs of llama.h: {not_in_c:?}");
+    assert_eq!(compared, in_c.len());
+    assert!(compared >= 20, "llama-cpp-python declares {} structs, {compared} compared", py.len());
+}
+
+/// A server process, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// POSTs `body` to `path` on `addr` (HTTP/1.1, one request per connection); the response body.
+fn post(addr: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    body.to_owned()
+}
+
+#[test]
+#[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
+fn one_request_same_text_everywhere() {
+    let assets = repo().join("converters/python/demo/assets");
+    let (model, adapter) = (assets.join("base-q4_k_m.gguf"), assets.join("adapter.iapt.gguf"));
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(assets.join("held_out.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let mut prompt: Vec<i64> = first["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    // "write the list": BOS and three words, where the adapter is unsure (its outputs vary by seed).
+    prompt.truncate(4);
+    let ctx = ["--kv-type", "f32", "--flash-attn", "off", "--threads", "1", "--ctx-size", "256"];
+    let sampling = ["--temp", "1.5", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05", "--seed", "1234"];
+    let iapt = var("IAPT_TEST_IAPT");
+    let dir = tempfile::tempdir().unwrap();
+
+    // iapt run.
+    let o = run(Command::new(&iapt)
+        .args(["run", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--prompt-tokens", &ids(&prompt), "--n-predict", "24"])
+        .args(sampling)
+        .args(ctx));
+    let text_run = String::from_utf8(o.stdout).unwrap().strip_suffix('\n').unwrap().to_owned();
+
+    // iapt batch (one slot: the same KV layout).
+    let requests = dir.path().join("r.jsonl");
+    std::fs::write(&requests, serde_json::json!({"adapter": "demo", "prompt_tokens": prompt}).to_string() + "\n").unwrap();
+    let o = run(Command::new(&iapt)
+        .args(["batch", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(format!("demo={}", adapter.display()))
+        .arg("--requests")
+        .arg(&requests)
+        .args(["--parallel", "1", "--n-predict", "24"])
+        .args(sampling)
+        .args(ctx));
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text_batch = line["text"].as_str().unwrap().to_owned();
+
+    // iapt serve, the OpenAI completions route.
+    let mut child = Command::new(&iapt)
+        .args(["serve", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(format!("demo={}", adapter.display()))
+        .args(["--port", "0", "--parallel", "1"])
+        .args(ctx)
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready).unwrap();
+    let addr = ready.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{ready}")).to_owned();
+    let body = serde_json::json!({
+        "model": "demo", "prompt": prompt, "max_tokens": 24,
+        "temperature": 1.5, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234
+    });
+    let resp: serde_json::Value = serde_json::from_str(&post(&addr, "/v1/completions", &body.to_string())).unwrap();
+    drop(server);
+    let text_serve = resp["choices"][0]["text"].as_str().unwrap().to_owned();
+
+    // libiapt in C, llama.cpp's sampler chain built by the example.
+    let exe = dir.path().join("iapt_run");
+    build_c(&repo().join("examples/c/iapt_run.c"), &exe);
+    let o = run(Command::new(&exe).arg("-m").arg(&model).arg("-a").arg(&adapter).args([
+        "-p",
+        &ids(&prompt),
+        "-n",
+        "24",
+        "-c",
+        "256",
+        "-T",
+        "1.5",
+        "-K",
+        "40",
+        "-P",
+        "0.95",
+        "-M",
+        "0.05",
+        "-S",
+        "1234",
+    ]));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let text_c = out.lines().find_map(|l| l.strip_prefix("text 0: ")).unwrap_or_else(|| panic!("{out}")).to_owned();
+
+    eprintln!("run: {text_run:?}\nbatch: {text_batch:?}\nserve: {text_serve:?}\nlibiapt: {text_c:?}");
+    assert!(!text_run.trim().is_empty());
+    assert_eq!(text_batch, text_run, "iapt batch vs iapt run");
+    assert_eq!(text_serve, text_run, "iapt serve vs iapt run");
+    assert_eq!(text_c, text_run, "libiapt (C) vs iapt run");
+    // Sampling is on: greedy decoding gives another text (else the test would not test sampling).
+    let o = run(Command::new(&iapt)
+        .args(["run", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--prompt-tokens", &ids(&prompt), "--n-predict", "24", "--temp", "0"])
+        .args(ctx));
+    assert_ne!(String::from_utf8(o.stdout).unwrap().strip_suffix('\n').unwrap(), text_run, "the sampled text differs from greedy");
 }

@@ -1,6 +1,9 @@
-//! The CUDA device for a test: [`cuda_for_test`] opens device 0, or explains why the test is
-//! skipped. On a machine that must have a GPU (the GPU machine's scripts set `IAPT_REQUIRE_CUDA=1`),
-//! a missing device fails the test instead, so a GPU run cannot pass by skipping.
+//! The CUDA device for a test. A CUDA variant of a test is compiled with
+//! `#[cfg_attr(not(feature = "cuda"), ignore = ...)]`: in a build without CUDA (CI) the harness
+//! reports it as ignored, with the reason; in a build with CUDA (the GPU machine's) it runs, and a
+//! missing device fails it ([`cuda_for_test`]): no CUDA test passes after doing nothing. Tests that
+//! check what happens without a device (availability reports, NVRTC) fail instead of reporting it
+//! when `IAPT_REQUIRE_CUDA=1` ([`cuda_required`]), which the GPU machine's scripts set.
 
 use std::sync::Arc;
 
@@ -14,38 +17,22 @@ pub fn cuda_required() -> bool {
     std::env::var(REQUIRE_CUDA_VAR).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
 
-/// What a test does when device 0 cannot be opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Missing {
-    /// Skip, printing this line (`skipped: ...`) to stderr.
-    Skip(String),
-    /// Fail with this message: `IAPT_REQUIRE_CUDA=1` and no device.
-    Fail(String),
+/// Why the CUDA variants of tests are ignored in a build without the `cuda` feature (the reason
+/// `#[cfg_attr(not(feature = "cuda"), ignore = ...)]` gives, repeated for callers that print it).
+pub const IGNORED_WITHOUT_CUDA: &str = "built without the `cuda` feature: the CUDA variant runs on a GPU machine (scripts/gpu/)";
+
+/// The message of a CUDA test that cannot open device 0: in a build with the `cuda` feature the
+/// device is required (such a build is for a GPU machine), so the test fails instead of passing
+/// after doing nothing.
+pub fn missing_device(test: &str, err: &GpuError) -> String {
+    format!("{test}: CUDA device 0 is missing or unusable in a build with the `cuda` feature: {err}")
 }
 
-/// Decides what a test named `test` does about `err` (why device 0 could not be opened), given
-/// whether a device is required.
-pub fn on_missing(test: &str, err: &GpuError, required: bool) -> Missing {
-    if required {
-        Missing::Fail(format!("{test}: {REQUIRE_CUDA_VAR}=1 but CUDA device 0 is missing or unusable: {err}"))
-    } else {
-        Missing::Skip(format!("{test}: skipped on CUDA: {err} (set {REQUIRE_CUDA_VAR}=1 to make this a failure)"))
-    }
-}
-
-/// CUDA device 0 for test `test`, or `None` after printing why the test is skipped. Panics (fails
-/// the test) instead when `IAPT_REQUIRE_CUDA=1`.
-pub fn cuda_for_test(test: &str) -> Option<Arc<GpuRuntime>> {
-    match GpuRuntime::cuda(0) {
-        Ok(rt) => Some(rt),
-        Err(e) => match on_missing(test, &e, cuda_required()) {
-            Missing::Skip(line) => {
-                eprintln!("{line}");
-                None
-            }
-            Missing::Fail(msg) => panic!("{msg}"),
-        },
-    }
+/// CUDA device 0 for test `test`. Call it only from tests compiled with the `cuda` feature (the
+/// others are ignored with [`IGNORED_WITHOUT_CUDA`]); it fails the test when there is no usable
+/// device.
+pub fn cuda_for_test(test: &str) -> Arc<GpuRuntime> {
+    GpuRuntime::cuda(0).unwrap_or_else(|e| panic!("{}", missing_device(test, &e)))
 }
 
 #[cfg(test)]
@@ -53,14 +40,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_required_device_that_is_missing_fails_and_names_the_device() {
+    fn a_missing_device_message_names_the_device_and_the_reason() {
         let err = GpuError::CudaUnavailable { reason: "libcuda cannot be loaded".to_owned() };
-        match on_missing("t", &err, true) {
-            Missing::Fail(msg) => {
-                assert!(msg.contains("CUDA device 0") && msg.contains("IAPT_REQUIRE_CUDA=1") && msg.contains("libcuda"), "{msg}")
-            }
-            other => panic!("expected a failure, got {other:?}"),
-        }
-        assert!(matches!(on_missing("t", &err, false), Missing::Skip(l) if l.contains("skipped")));
+        let msg = missing_device("t", &err);
+        assert!(msg.contains("CUDA device 0") && msg.contains("`cuda` feature") && msg.contains("libcuda"), "{msg}");
     }
 }

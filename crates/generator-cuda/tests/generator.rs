@@ -320,11 +320,10 @@ fn bench_runs(rt: &GpuRuntime) {
 // The two backends
 // ---------------------------------------------------------------------------------------------
 
-/// CUDA device 0 (opened once per test binary), or `None` after printing why it is skipped; with
-/// `IAPT_REQUIRE_CUDA=1` a missing device fails every CUDA test instead (the panic leaves the cell
-/// empty, so each test fails on its own).
-fn cuda() -> Option<Arc<GpuRuntime>> {
-    static RT: OnceLock<Option<Arc<GpuRuntime>>> = OnceLock::new();
+/// CUDA device 0 (opened once per test binary); a missing device fails every CUDA test (they run
+/// only in builds with the `cuda` feature; the panic leaves the cell empty, so each fails on its own).
+fn cuda() -> Arc<GpuRuntime> {
+    static RT: OnceLock<Arc<GpuRuntime>> = OnceLock::new();
     RT.get_or_init(|| cuda_for_test("CUDA tests")).clone()
 }
 
@@ -341,10 +340,9 @@ macro_rules! on_every_backend {
         mod cuda {
             $(
                 #[test]
+                #[cfg_attr(not(feature = "cuda"), ignore = "built without the `cuda` feature: the CUDA variant runs on a GPU machine (scripts/gpu/)")]
                 fn $name() {
-                    if let Some(rt) = super::cuda() {
-                        super::$name(&rt);
-                    }
+                    super::$name(&super::cuda());
                 }
             )*
         }
@@ -369,10 +367,9 @@ fn emulated_foreign_runtime_is_refused() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "built without the `cuda` feature: the CUDA variant runs on a GPU machine (scripts/gpu/)")]
 fn cuda_foreign_runtime_is_refused() {
-    if let Some(rt) = cuda() {
-        foreign_runtime_is_refused(&rt, &GpuRuntime::emulated());
-    }
+    foreign_runtime_is_refused(&cuda(), &GpuRuntime::emulated());
 }
 
 /// The real block size (256 threads, as on a device) once, through every kernel and barrier, with
@@ -430,8 +427,9 @@ fn kernels_compile_with_nvrtc() {
 /// limit, fed in uneven chunks, repeated: every run must match the f64 reference. The emulator runs
 /// one block at a time and cannot show these races, so it has no variant of this test.
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "built without the `cuda` feature: the CUDA variant runs on a GPU machine (scripts/gpu/)")]
 fn cuda_cross_block_atomics_stress() {
-    let Some(rt) = cuda() else { return };
+    let rt = cuda();
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     let (d, r, m, n) = (1536usize, 64u32, 8u32, 4099usize);

@@ -142,7 +142,7 @@ int main(int argc, char **argv) {
     expect("prepare twice", iapt_hook_prepare(hook, &whole, err, sizeof err), IAPT_ERR_STATE, "twice");
     expect("set_adapter between prepare and finish", iapt_hook_set_adapter(hook, 1, NULL, 1, err, sizeof err), IAPT_ERR_STATE, "between");
     int rc = llama_decode(ctx, part);
-    expect("finish after decoding another batch", rc == 0 ? iapt_hook_finish(hook, err, sizeof err) : -100, IAPT_ERR_DECODE, "plan expects");
+    expect("finish after decoding another batch", rc == 0 ? iapt_hook_finish(hook, err, sizeof err) : -100, IAPT_ERR_DECODE, "split the batch differently");
     /* After the failure the sequence restarts at 0: the right batch now works. */
     llama_memory_clear(llama_get_memory(ctx), true);
     err[0] = '\0';
