@@ -171,6 +171,10 @@ pub extern "C" fn iapt_adapter_load(path: *const c_char, err: *mut c_char, err_s
     guard(err, || {
         let path = raw::path(path)?;
         let adapter = Adapter::open(&path).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
+        // W003: weights beyond +-65504 overflow the generator in f32 on ordinary hidden states.
+        if let Some(f) = adapter.warnings().iter().find(|f| f.code == iapt_format::Code::LargeWeight) {
+            return fail(IAPT_ERR_ADAPTER, format!("{}: refused: {f}", path.display()));
+        }
         let gen = Generator::from_adapter(&adapter).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
         let a = IaptAdapter { gen: Arc::new(gen), config: adapter.config().clone() };
         out = Arc::into_raw(Arc::new(a)).cast_mut();

@@ -4,7 +4,11 @@
 //!   an adapter and without (F32 model, F32 KV cache, flash attention off);
 //! - a worker killed mid-run ends the client with exit code 1 and a message naming the RPC worker,
 //!   within a bounded time (no hang, no abort);
-//! - an unreachable worker and a malformed `--rpc` are clear errors.
+//! - an unreachable worker and a malformed `--rpc` are clear errors;
+//! - `iapt serve` over workers (issue 27, finding 8): a hung worker (stopped with SIGSTOP: it never
+//!   answers, and ggml's RPC client has no timeout) shows on `/health` (503) once a step runs past
+//!   `--step-timeout`, and the server exits 1 for its supervisor; a dead worker ends it with exit 1
+//!   and a message naming the RPC worker.
 //!
 //! Every worker is killed when its guard drops, on success and on failure alike.
 
@@ -196,6 +200,96 @@ fn a_worker_killed_mid_run_ends_the_client_with_exit_1() {
     assert_eq!(status.code(), Some(1), "exit status {status:?}: {err}");
     assert!(err.contains("RPC"), "the message must name the RPC worker: {err}");
     drop(w2);
+}
+
+/// Waits (bounded) for `child` to exit; its status.
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `iapt serve --port 0` over the workers `rpc`; the child and its address.
+fn serve_over(rpc: &str, extra: &[&str]) -> (Child, String) {
+    let mut child = iapt()
+        .args(["serve", "--port", "0", "--model", fixtures().join("llama-tiny-f32.gguf").to_str().unwrap(), "--threads", "1"])
+        .args(["--ctx-size", "512", "--rpc", rpc])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start iapt serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).to_owned();
+    (child, addr)
+}
+
+/// A one-shot HTTP request on `addr`; the status (0 when the connection failed).
+fn http(addr: &str, request: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut c) = TcpStream::connect(addr) else { return 0 };
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if c.write_all(request.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn serve_reports_a_hung_worker_and_exits_1() {
+    let w = Worker::start();
+    let (mut server, addr) = serve_over(&w.endpoint(), &["--step-timeout", "2"]);
+    let health = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    assert_eq!(http(&addr, &health), 200);
+    // The worker stops answering; a request's first step then never ends.
+    assert!(Command::new("kill").args(["-STOP", &w.child.id().to_string()]).status().unwrap().success());
+    let a = addr.clone();
+    let req = std::thread::spawn(move || {
+        let body = r#"{"model": "llama-tiny-f32", "prompt": [1, 2, 3], "max_tokens": 4}"#;
+        http(&a, &format!("POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()))
+    });
+    let t0 = Instant::now();
+    let mut saw_503 = false;
+    while t0.elapsed() < Duration::from_secs(10) && server.try_wait().unwrap().is_none() {
+        saw_503 |= http(&addr, &health) == 503;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = wait_exit(&mut server, Duration::from_secs(30));
+    let _ = Command::new("kill").args(["-CONT", &w.child.id().to_string()]).status();
+    let mut err = String::new();
+    std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("step-timeout") && err.contains("RPC worker"), "{err}");
+    assert!(saw_503, "/health reported the hung engine (503) before the exit");
+    let _ = req.join();
+    drop(w);
+}
+
+#[test]
+fn serve_exits_1_naming_a_dead_worker() {
+    let mut w = Worker::start();
+    let (mut server, addr) = serve_over(&w.endpoint(), &[]);
+    let _ = w.child.kill();
+    let _ = w.child.wait();
+    let body = r#"{"model": "llama-tiny-f32", "prompt": [1, 2, 3], "max_tokens": 4}"#;
+    let _ = http(&addr, &format!("POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
+    let status = wait_exit(&mut server, Duration::from_secs(60));
+    let mut err = String::new();
+    std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("RPC"), "the message names the RPC worker: {err}");
 }
 
 #[test]

@@ -17,6 +17,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_json::json;
 use support::*;
@@ -30,14 +31,21 @@ fn tiny_adapter() -> PathBuf {
 }
 
 fn tiny_server(extra: &[&str]) -> Server {
-    let (m, a) = (tiny_model(), format!("tiny={}", tiny_adapter().display()));
-    let mut args = vec!["--model", m.to_str().unwrap(), "--adapter", &a];
-    if !extra.contains(&"--ctx-size") {
-        args.extend(["--ctx-size", "1024"]);
-    }
-    args.extend(EXACT);
-    args.extend(extra);
+    let args = tiny_args(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start(&args)
+}
+
+/// The arguments of [`tiny_server`].
+fn tiny_args(extra: &[&str]) -> Vec<String> {
+    let (m, a) = (tiny_model(), format!("tiny={}", tiny_adapter().display()));
+    let mut args = vec!["--model".to_owned(), m.display().to_string(), "--adapter".to_owned(), a];
+    if !extra.contains(&"--ctx-size") {
+        args.extend(["--ctx-size".to_owned(), "1024".to_owned()]);
+    }
+    args.extend(EXACT.iter().map(|s| (*s).to_owned()));
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
 }
 
 fn ids_text(ids: &[i64]) -> String {
@@ -348,25 +356,78 @@ fn adapters_load_and_unload_at_run_time_inside_the_directory_only() {
     assert_eq!(agent().delete(&plain.url("/v1/adapters/tiny")).call().unwrap().status().as_u16(), 403);
 }
 
+/// A GET or POST with `key` as the bearer token; the status.
+fn status_with(s: &Server, method: &str, path: &str, key: &str) -> u16 {
+    let auth = format!("Bearer {key}");
+    let r = match method {
+        "GET" => agent().get(&s.url(path)).header("authorization", &auth).call(),
+        "DELETE" => agent().delete(&s.url(path)).header("authorization", &auth).call(),
+        _ => agent()
+            .post(&s.url(path))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .send(json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "name": "a", "path": "missing.gguf"}).to_string()),
+    };
+    r.unwrap().status().as_u16()
+}
+
+/// Issue 27, finding 5: the API key guards the inference routes; the admin routes (adapters,
+/// metrics) need the admin key, and an inference key gets 403 there; with an API key and no admin
+/// key they are off; keys come from files and the environment; an empty key is refused at start.
 #[test]
-fn api_key_guards_everything_but_health() {
+fn api_and_admin_keys_guard_their_routes() {
     let s = tiny_server(&["--api-key", "k3y"]);
     assert_eq!(s.get("/health").status, 200);
-    for path in ["/v1/models", "/metrics"] {
-        let e = s.get(path).assert_error(401, None);
-        assert_eq!(e["code"], "invalid_api_key");
-        let r = agent().get(&s.url(path)).header("authorization", "Bearer k3").call().unwrap();
-        assert_eq!(r.status().as_u16(), 401);
-        let r = agent().get(&s.url(path)).header("authorization", "Bearer k3y").call().unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-    }
+    let e = s.get("/v1/models").assert_error(401, None);
+    assert_eq!(e["code"], "invalid_api_key");
+    assert_eq!(status_with(&s, "GET", "/v1/models", "k3"), 401);
+    assert_eq!(status_with(&s, "GET", "/v1/models", "k3y"), 200);
+    assert_eq!(status_with(&s, "POST", "/v1/completions", "k3y"), 200);
     s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x"})).assert_error(401, None);
-    let r = agent()
-        .post(&s.url("/v1/completions"))
-        .header("authorization", "Bearer k3y")
-        .send(json!({"model": "tiny", "prompt": "x", "max_tokens": 2}).to_string())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    // No admin key: the admin routes are off, whatever the key.
+    for (m, path) in [("GET", "/metrics"), ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/a")] {
+        assert_eq!(status_with(&s, m, path, "k3y"), 403, "{m} {path}");
+    }
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (api_file, admin_file) = (dir.path().join("api.key"), dir.path().join("admin.key"));
+    std::fs::write(&api_file, "user-key\n").unwrap();
+    std::fs::write(&admin_file, "admin-key\n").unwrap();
+    let adapters = dir.path().join("adapters");
+    std::fs::create_dir(&adapters).unwrap();
+    let s = tiny_server(&[
+        "--api-key-file",
+        api_file.to_str().unwrap(),
+        "--admin-key-file",
+        admin_file.to_str().unwrap(),
+        "--adapter-dir",
+        adapters.to_str().unwrap(),
+    ]);
+    assert_eq!(status_with(&s, "POST", "/v1/completions", "user-key"), 200);
+    assert_eq!(status_with(&s, "POST", "/v1/completions", "admin-key"), 200, "the admin key runs inference too");
+    for (m, path) in [("GET", "/metrics"), ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/a")] {
+        assert_eq!(status_with(&s, m, path, "user-key"), 403, "{m} {path}: an inference key cannot manage adapters");
+        assert_eq!(status_with(&s, m, path, "nope"), 401, "{m} {path}");
+    }
+    assert_eq!(status_with(&s, "GET", "/metrics", "admin-key"), 200);
+    assert_eq!(status_with(&s, "POST", "/v1/adapters", "admin-key"), 403, "a path outside the directory, with the right key");
+    drop(s);
+
+    // The environment, and an empty key refused (it would turn authentication off).
+    let env_args = tiny_args(&[]);
+    let env_args: Vec<&str> = env_args.iter().map(String::as_str).collect();
+    let env_server = Server::start_with_env(&env_args, &[("IAPT_API_KEY", "env-key")]);
+    assert_eq!(status_with(&env_server, "GET", "/v1/models", "env-key"), 200);
+    assert_eq!(status_with(&env_server, "GET", "/v1/models", "k3y"), 401);
+    drop(env_server);
+    let model = fixtures().join("llama-tiny-f32.gguf");
+    std::fs::write(&api_file, "\n").unwrap();
+    for args in [vec!["--api-key", ""], vec!["--api-key-file", api_file.to_str().unwrap()]] {
+        let o = Command::new(iapt_bin()).arg("serve").arg("--model").arg(&model).args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("the key is empty"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 #[test]

@@ -36,8 +36,8 @@ pub use convert::{convert, convert_to_file, Conversion, ConvertError, DTypeChoic
 pub use index::{is_index_path, read_index, Index, IndexError, MAX_INDEX_BYTES};
 pub use infer::{infer_config, ActivationSpec, ConfigFile, InferError, MAX_CONFIG_BYTES};
 pub use pickle::{
-    read_state_dict, PickleError, StateDict, StorageRef, TensorRef, TorchDType, MAX_DEPTH, MAX_DIMS, MAX_GLOBAL_NAME, MAX_MEMO, MAX_STACK,
-    MAX_WORK,
+    read_state_dict, PickleError, StateDict, StorageRef, TensorRef, TorchDType, MAX_DEPTH, MAX_DIMS, MAX_ENTRIES, MAX_GLOBAL_NAME,
+    MAX_MEMO, MAX_STACK, MAX_WORK,
 };
 pub use profile::{Mapped, Profile, ProfileError, BUILTIN as BUILTIN_PROFILES, MAX_PROFILE_BYTES};
 pub use safetensors_in::{read_header as read_safetensors_header, SafetensorsError, StEntry, MAX_HEADER_BYTES};

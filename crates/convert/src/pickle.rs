@@ -22,8 +22,10 @@
 //!
 //! Limits: every length read from the input is checked against the bytes left before anything is
 //! allocated, containers nest at most [`MAX_DEPTH`] deep, the stack and memo are capped
-//! ([`MAX_STACK`], [`MAX_MEMO`]), and copy-on-write container copies are charged to a work budget
-//! ([`MAX_WORK`]) so that no input makes the reader use more than linear memory and bounded time.
+//! ([`MAX_STACK`], [`MAX_MEMO`]), copy-on-write container copies are charged to a work budget
+//! ([`MAX_WORK`]), and flattening the result visits at most [`MAX_ENTRIES`] entries (shared
+//! memoized dicts would otherwise fan out exponentially), so that no input makes the reader use
+//! more than linear memory and bounded time.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -36,6 +38,10 @@ pub const MAX_STACK: usize = 1 << 20;
 pub const MAX_MEMO: usize = 1 << 20;
 /// Work budget: opcodes executed plus container elements copied.
 pub const MAX_WORK: u64 = 1 << 24;
+/// Entries the flattened state_dict may have (tensors and skipped values, nested dicts counted by
+/// their entries): memoized dicts can be shared, so a few kB of pickle can describe 2^40 entries
+/// (a dict holding the same dict twice, forty deep); a real state_dict has thousands.
+pub const MAX_ENTRIES: u64 = 1 << 20;
 /// Longest module or attribute name in a `GLOBAL` opcode.
 pub const MAX_GLOBAL_NAME: usize = 256;
 /// Most dimensions a tensor may have.
@@ -846,12 +852,25 @@ pub fn read_state_dict(pickle: &[u8]) -> Result<StateDict, PickleError> {
     let Value::Dict(map) = top else { return Err(PickleError::NotAStateDict { found: top.kind() }) };
     let mut out = StateDict::default();
     let mut seen = std::collections::HashSet::new();
-    flatten(&map, "", &mut out, &mut seen)?;
+    let mut visited = 0;
+    flatten(&map, "", &mut out, &mut seen, &mut visited)?;
     Ok(out)
 }
 
-fn flatten(map: &Map, prefix: &str, out: &mut StateDict, seen: &mut std::collections::HashSet<String>) -> Result<(), PickleError> {
+/// Adds the entries of `map` (keys prefixed) to `out`; every entry visited counts against
+/// [`MAX_ENTRIES`], so shared dicts cannot make the walk exponential.
+fn flatten(
+    map: &Map,
+    prefix: &str,
+    out: &mut StateDict,
+    seen: &mut std::collections::HashSet<String>,
+    visited: &mut u64,
+) -> Result<(), PickleError> {
     for (k, v) in &map.items {
+        *visited += 1;
+        if *visited > MAX_ENTRIES {
+            return Err(PickleError::Limit { what: "entries of the flattened state_dict", limit: MAX_ENTRIES });
+        }
         let key = match k {
             Value::Str(s) => format!("{prefix}{s}"),
             Value::Int(i) => format!("{prefix}{i}"),
@@ -864,7 +883,7 @@ fn flatten(map: &Map, prefix: &str, out: &mut StateDict, seen: &mut std::collect
                 }
                 out.tensors.push((key, (**t).clone()));
             }
-            Value::Dict(inner) => flatten(inner, &format!("{key}."), out, seen)?,
+            Value::Dict(inner) => flatten(inner, &format!("{key}."), out, seen, visited)?,
             _ => out.skipped.push(key),
         }
     }

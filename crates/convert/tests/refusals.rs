@@ -4,7 +4,7 @@
 use std::io::{Cursor, Read, Write};
 use std::path::Path;
 
-use iapt_convert::{read_state_dict, PickleError, TorchZip, TorchZipError, MAX_DEPTH};
+use iapt_convert::{read_state_dict, PickleError, TorchZip, TorchZipError, MAX_DEPTH, MAX_ENTRIES};
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../converters/python/fixtures").join(name)).unwrap()
@@ -87,6 +87,38 @@ fn copy_on_write_amplification_hits_the_work_budget() {
     p.extend(std::iter::repeat_n(&b"q\x00K\x01a"[..], 17_000).flatten());
     p.push(b'.');
     assert!(matches!(read_state_dict(&p), Err(PickleError::Limit { .. })), "{:?}", read_state_dict(&p).err());
+}
+
+/// Issue 27, finding 4: a few hundred bytes of pickle whose memoized dicts share each other
+/// describe 2^40 entries (dict k holds dict k-1 twice, 40 deep); flattening them is bounded, and
+/// refused fast and small.
+#[test]
+fn shared_dicts_cannot_fan_out() {
+    let key = |s: &str| [b"X".as_slice(), &(s.len() as u32).to_le_bytes(), s.as_bytes()].concat();
+    let mut p = b"\x80\x02}(".to_vec();
+    p.extend(key("x"));
+    p.extend(b"Nuq\x000"); // d0 = {"x": None}, memo 0, popped
+    for i in 1u8..=40 {
+        p.extend(b"}(");
+        p.extend(key("a"));
+        p.extend([b'h', i - 1]);
+        p.extend(key("b"));
+        p.extend([b'h', i - 1]);
+        p.extend([b'u', b'q', i]); // d_i = {"a": d_{i-1}, "b": d_{i-1}}, memo i
+        if i < 40 {
+            p.push(b'0'); // popped: only the last dict stays on the stack
+        }
+    }
+    p.push(b'.');
+    assert!(p.len() < 1024, "{} bytes", p.len());
+    let t0 = std::time::Instant::now();
+    let r = read_state_dict(&p);
+    assert!(
+        matches!(r, Err(PickleError::Limit { what: "entries of the flattened state_dict", limit }) if limit == MAX_ENTRIES),
+        "{:?}",
+        r.err()
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1), "{:?}", t0.elapsed());
 }
 
 #[test]

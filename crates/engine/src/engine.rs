@@ -11,7 +11,7 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
-use crate::registry::{AdapterInfo, Registry, Resident, Unloaded};
+use crate::registry::{AdapterInfo, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
 use iapt_hook::{Claim, HookError, HookTimes, Prefill, Segment, StreamHook};
 
@@ -163,6 +163,8 @@ pub struct Engine<'m> {
     next_id: u64,
     admitted: u64,
     stats: EngineStats,
+    /// Steps that decoded something (or tried to), for the failpoints (`crate::fault`).
+    step_no: u64,
 }
 
 impl<'m> Engine<'m> {
@@ -185,13 +187,14 @@ impl<'m> Engine<'m> {
             model,
             ctx,
             hook,
-            registry: Registry::new(model, cfg.generator_threads, cfg.gpu.clone()),
+            registry: Registry::new(Arc::new(Prep::new(model, cfg.generator_threads, cfg.gpu.clone()))),
             batch: Batch::new(cfg.batch_tokens),
             slots: (0..cfg.parallel).map(|_| None).collect(),
             queue: VecDeque::new(),
             next_id: 0,
             admitted: 0,
             stats: EngineStats::default(),
+            step_no: 0,
             cfg,
         })
     }
@@ -208,11 +211,17 @@ impl<'m> Engine<'m> {
 
     /// Makes `adapter` resident as `name`, after checking it against the base model.
     pub fn load_adapter(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
-        if self.hook.is_none() {
-            let detail = format!("the IAPT hook does not support architecture {:?} ({})", self.model.arch(), iapt_llama::supported_archs());
-            return Err(EngineError::AdapterRejected { name: name.to_owned(), detail });
-        }
         self.registry.load(name, adapter)
+    }
+
+    /// What preparing an adapter off the engine's thread takes ([`crate::EngineHandle`]).
+    pub(crate) fn adapter_prep(&self) -> Arc<Prep> {
+        self.registry.prep()
+    }
+
+    /// Makes an adapter prepared elsewhere resident as `name`.
+    pub(crate) fn insert_adapter(&mut self, name: &str, resident: Resident) -> Result<AdapterInfo, EngineError> {
+        self.registry.insert(name, resident)
     }
 
     /// Opens an adapter file (either container; validated against the spec) and loads it as `name`.
@@ -399,12 +408,19 @@ impl<'m> Engine<'m> {
         if let (Some(h), true) = (&self.hook, armed) {
             h.arm(segs, self.batch.len(), self.ctx.n_ubatch());
         }
-        let res = self.ctx.decode(&self.batch);
+        self.step_no += 1;
+        if crate::fault::hit("panic", self.step_no) {
+            panic!("failpoint panic@{}", self.step_no);
+        }
+        let res = match crate::fault::hit("decode", self.step_no) {
+            true => Err(iapt_llama::LlamaError::Decode { code: -1, detail: format!("failpoint decode@{}", self.step_no) }),
+            false => self.ctx.decode(&self.batch),
+        };
         if armed {
             events.extend(self.take_back(&seg_slots));
         }
         if let Err(e) = res {
-            events.extend(self.fail_all(&plan, &e.to_string()));
+            events.extend(self.recover(&plan, &e.to_string()));
             return events;
         }
         let dt = t0.elapsed();
@@ -623,6 +639,25 @@ impl<'m> Engine<'m> {
             Some(s) => vec![Event { id: s.id, kind: EventKind::Failed(error) }],
             None => Vec::new(),
         }
+    }
+
+    /// After a failed decode: the sequences that had prefill rows in it fail (the new input is what
+    /// a decode of running sequences did not have before); the ones that only decoded a token are
+    /// kept, their cells at and after the failed position removed, and retried in the next step.
+    /// A decode of decode tokens alone that fails fails them all (nothing new to blame).
+    fn recover(&mut self, plan: &[Planned], detail: &str) -> Vec<Event> {
+        let prefilling = |s: &Seq| s.next.is_none();
+        let blamed: Vec<usize> = plan.iter().filter(|p| self.slots[p.slot].as_ref().is_some_and(prefilling)).map(|p| p.slot).collect();
+        if blamed.is_empty() {
+            return self.fail_all(plan, detail);
+        }
+        for p in plan.iter().filter(|p| !blamed.contains(&p.slot)) {
+            if let Some(s) = self.slots[p.slot].as_ref() {
+                let done = s.done as i32;
+                self.ctx.seq_rm_from(p.slot as i32, done);
+            }
+        }
+        blamed.into_iter().flat_map(|slot| self.fail(slot, EngineError::DecodeFailed { detail: detail.to_owned() })).collect()
     }
 
     /// Fails every sequence of `plan` (all running ones when empty) after a failed decode.

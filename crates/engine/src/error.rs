@@ -139,6 +139,12 @@ pub enum EngineError {
         /// Requests queued.
         queued: usize,
     },
+    /// The engine thread panicked (a bug) while this request was in flight; the engine stopped.
+    #[error("{detail}; the server must be restarted")]
+    Panicked {
+        /// What the panic said.
+        detail: String,
+    },
     /// The engine thread has stopped ([`crate::EngineHandle`]).
     #[error("the engine thread has stopped")]
     Stopped,

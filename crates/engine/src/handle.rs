@@ -5,27 +5,40 @@
 //! request's [`Event`]s to that request's own [`EventStream`]. When a request's stream is dropped
 //! (a client went away), the request is cancelled before the next step, queued, prefilling or
 //! decoding, and its KV cells are freed at once; so does [`EngineHandle::cancel`]. Dropping the
-//! handle stops the thread (running requests are dropped).
+//! handle stops the thread (running requests are dropped) and waits for it, unless its step hangs.
 //!
 //! Async callers (an HTTP server) give each request their own [`EventSink`] instead
 //! ([`EngineHandle::submit_to`]): the engine thread hands it each event, which must not block (e.g.
 //! a send on an unbounded async channel), and asks it before every step whether anyone still
 //! listens. [`EngineHandle::with_model`] runs a closure with the model on the engine thread
 //! (tokenizing, chat templates), since the model is not shared across threads.
+//!
+//! A panic on the engine thread (a bug) is caught: every request in flight fails with
+//! [`EngineError::Panicked`], the thread ends, and [`EngineHandle::failure`] says why from then on,
+//! so a server reports it (`/health` 503) and exits for its supervisor to restart it; the engine's
+//! state after a panic is not trusted, so it is not resumed.
+//!
+//! The thread also says when its current step started ([`EngineHandle::step_running_for`]), so
+//! a caller can tell a step that never ends (a hung RPC worker: ggml's RPC client has no timeout)
+//! from a busy engine.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use std::time::Instant;
 
 use iapt_llama::{Model, ModelParams};
 
 use crate::engine::{Engine, EngineConfig, EngineStats};
 use crate::error::EngineError;
-use crate::registry::{AdapterInfo, Unloaded};
+use crate::registry::{AdapterInfo, Prep, Resident, Unloaded};
 use crate::request::{Event, EventKind, Request, SeqId};
+use iapt_format::Adapter;
 
 /// What the engine thread starts with.
 #[derive(Debug, Clone)]
@@ -137,7 +150,7 @@ enum Command {
     Submit(Box<Request>, Sink, Reply<SeqId>),
     WithModel(ModelJob),
     Cancel(SeqId),
-    Load(String, PathBuf, Reply<AdapterInfo>),
+    Insert(String, Box<Resident>, Reply<AdapterInfo>),
     Unload(String, Reply<Unloaded>),
     List(Sender<Vec<AdapterInfo>>),
     Status(Sender<Status>),
@@ -148,6 +161,37 @@ enum Command {
 pub struct EngineHandle {
     tx: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+    /// Why the engine thread stopped on its own (a panic), once it has.
+    failure: Arc<Mutex<Option<String>>>,
+    /// What preparing an adapter takes: done on the caller's thread, never the engine's.
+    prep: Arc<Prep>,
+    /// When the engine thread's current step started (see [`StepClock`]).
+    clock: Arc<StepClock>,
+}
+
+/// When the engine thread's current step started: milliseconds after `origin`, plus one (0: no
+/// step running).
+struct StepClock {
+    origin: Instant,
+    started: AtomicU64,
+}
+
+impl StepClock {
+    fn start(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.started.store(ms, Ordering::Release);
+    }
+
+    fn stop(&self) {
+        self.started.store(0, Ordering::Release);
+    }
+
+    fn running_for(&self) -> Option<Duration> {
+        match self.started.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(self.origin.elapsed().saturating_sub(Duration::from_millis(ms - 1))),
+        }
+    }
 }
 
 impl EngineHandle {
@@ -156,12 +200,16 @@ impl EngineHandle {
     pub fn spawn(spec: EngineSpec) -> Result<EngineHandle, EngineError> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let failure = Arc::new(Mutex::new(None));
+        let fail_slot = failure.clone();
+        let clock = Arc::new(StepClock { origin: Instant::now(), started: AtomicU64::new(0) });
+        let thread_clock = clock.clone();
         let thread = std::thread::Builder::new()
             .name("iapt-engine".to_owned())
-            .spawn(move || run(spec, rx, ready_tx))
+            .spawn(move || run(spec, rx, ready_tx, fail_slot, thread_clock))
             .map_err(|e| EngineError::Config { detail: format!("cannot start the engine thread: {e}") })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(EngineHandle { tx: Some(tx), thread: Some(thread) }),
+            Ok(Ok(prep)) => Ok(EngineHandle { tx: Some(tx), thread: Some(thread), failure, prep, clock }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -171,6 +219,18 @@ impl EngineHandle {
                 Err(EngineError::Stopped)
             }
         }
+    }
+
+    /// Why the engine thread stopped on its own (it panicked), or `None` while it runs. Once set,
+    /// every call fails with [`EngineError::Stopped`].
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How long the engine thread has been in its current step (`None` between steps). A step
+    /// takes what one decode takes; one that never ends is a hung backend (an RPC worker).
+    pub fn step_running_for(&self) -> Option<Duration> {
+        self.clock.running_for()
     }
 
     fn send(&self, c: Command) -> Result<(), EngineError> {
@@ -213,9 +273,18 @@ impl EngineHandle {
         self.send(Command::Cancel(id))
     }
 
-    /// Loads an adapter file as `name`.
+    /// Opens an adapter file and loads it as `name` (see [`EngineHandle::load_adapter_parsed`]).
     pub fn load_adapter(&self, name: &str, path: PathBuf) -> Result<AdapterInfo, EngineError> {
-        self.ask(|reply| Command::Load(name.to_owned(), path, reply))
+        let adapter = Adapter::open(&path).map_err(|e| EngineError::AdapterFile { path: path.clone(), detail: e.to_string() })?;
+        self.load_adapter_parsed(name, &adapter)
+    }
+
+    /// Loads a parsed adapter as `name`: checked against the base model and its generator built on
+    /// the calling thread (never the engine's: a large adapter never stalls decoding), then made
+    /// resident between two steps.
+    pub fn load_adapter_parsed(&self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
+        let resident = self.prep.prepare(name, adapter)?;
+        self.ask(|reply| Command::Insert(name.to_owned(), Box::new(resident), reply))
     }
 
     /// Unloads `name` (deferred while in use).
@@ -239,16 +308,36 @@ impl EngineHandle {
 }
 
 impl Drop for EngineHandle {
+    /// Closes the command channel; the thread ends at its next step boundary. It is waited for
+    /// unless a step is running that has been running for a while (a hung backend would make the
+    /// wait endless; the thread then ends with the process).
     fn drop(&mut self) {
         self.tx.take();
+        let hung = self.clock.running_for().is_some_and(|t| t > Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if !hung {
+                let _ = t.join();
+            }
         }
     }
 }
 
+/// The text of a panic's payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// The engine thread's body.
-fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineError>>) {
+fn run(
+    spec: EngineSpec,
+    rx: Receiver<Command>,
+    ready: Sender<Result<Arc<Prep>, EngineError>>,
+    failure: Arc<Mutex<Option<String>>>,
+    clock: Arc<StepClock>,
+) {
     let model = match Model::load_with(&spec.model, &spec.model_params) {
         Ok(m) => m,
         Err(e) => {
@@ -269,7 +358,7 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
             return;
         }
     }
-    if ready.send(Ok(())).is_err() {
+    if ready.send(Ok(engine.adapter_prep())).is_err() {
         return;
     }
     let mut sinks: HashMap<SeqId, Sink> = HashMap::new();
@@ -296,7 +385,22 @@ fn run(spec: EngineSpec, rx: Receiver<Command>, ready: Sender<Result<(), EngineE
             }
             alive
         });
-        for ev in engine.step() {
+        clock.start();
+        let stepped = catch_unwind(AssertUnwindSafe(|| engine.step()));
+        clock.stop();
+        let events = match stepped {
+            Ok(events) => events,
+            Err(p) => {
+                // A bug: fail every request in flight, say why, and stop (the state is not trusted).
+                let why = format!("the engine panicked: {}", panic_text(p.as_ref()));
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                for (id, mut sink) in sinks.drain() {
+                    sink.send(Event { id, kind: EventKind::Failed(EngineError::Panicked { detail: why.clone() }) });
+                }
+                return;
+            }
+        };
+        for ev in events {
             let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
             let delivered = sinks.get_mut(&id).is_some_and(|sink| sink.send(ev));
             if !delivered && !last {
@@ -328,8 +432,8 @@ fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command
             engine.cancel(id);
             sinks.remove(&id);
         }
-        Command::Load(name, path, reply) => {
-            let _ = reply.send(engine.load_adapter_file(&name, &path));
+        Command::Insert(name, resident, reply) => {
+            let _ = reply.send(engine.insert_adapter(&name, *resident));
         }
         Command::Unload(name, reply) => {
             let _ = reply.send(engine.unload_adapter(&name));

@@ -57,6 +57,7 @@
 
 mod engine;
 mod error;
+mod fault;
 mod handle;
 mod output;
 mod registry;

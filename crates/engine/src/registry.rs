@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use iapt_format::{Adapter, BaseModelInfo};
+use iapt_format::{Adapter, BaseModelInfo, Code};
 use iapt_generator::Generator;
 use iapt_generator_cuda::{GpuAdapter, GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use iapt_llama::Model;
@@ -84,42 +84,92 @@ pub enum Unloaded {
     },
 }
 
-pub(crate) struct Registry {
+/// What it takes to make an adapter resident, without the registry: the base model's shape and
+/// where generators run. Shared with [`crate::EngineHandle`], which prepares adapters on the
+/// caller's thread so that parsing and converting weights never stall the engine's decode loop.
+pub(crate) struct Prep {
     base: BaseModelInfo,
     generator_threads: usize,
     gpu: Option<Arc<GpuRuntime>>,
-    adapters: BTreeMap<String, Resident>,
+    /// Whether the injection hook supports the base model's architecture.
+    supported: bool,
 }
 
 const MAX_NAME: usize = 128;
 
-impl Registry {
-    pub fn new(model: &Model, generator_threads: usize, gpu: Option<Arc<GpuRuntime>>) -> Registry {
+/// Whether `name` is a valid adapter name (1 to [`MAX_NAME`] characters of `A-Za-z0-9._-`).
+fn check_name(name: &str) -> Result<(), EngineError> {
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid_char) {
+        return Err(EngineError::BadAdapterName { name: name.to_owned() });
+    }
+    Ok(())
+}
+
+impl Prep {
+    pub fn new(model: &Model, generator_threads: usize, gpu: Option<Arc<GpuRuntime>>) -> Prep {
         let base = BaseModelInfo { arch: model.arch(), n_layer: model.n_layer() as u32, n_embd: model.n_embd() as u32 };
-        Registry { base, generator_threads: generator_threads.max(1), gpu, adapters: BTreeMap::new() }
+        let supported = iapt_llama::arch_spec(&base.arch).is_some();
+        Prep { base, generator_threads: generator_threads.max(1), gpu, supported }
     }
 
-    /// Checks `adapter` against the base model, builds its generator (on the GPU runtime when there
-    /// is one and the kernels take its m, else on the CPU) and makes it resident as `name`.
-    pub fn load(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
-        let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(valid_char) {
-            return Err(EngineError::BadAdapterName { name: name.to_owned() });
+    /// Checks the name and `adapter` against the base model and builds its generator (on the GPU
+    /// runtime when there is one and the kernels take its m, else on the CPU).
+    pub fn prepare(&self, name: &str, adapter: &Adapter) -> Result<Resident, EngineError> {
+        check_name(name)?;
+        if !self.supported {
+            let detail = format!("the IAPT hook does not support architecture {:?} ({})", self.base.arch, iapt_llama::supported_archs());
+            return Err(EngineError::AdapterRejected { name: name.to_owned(), detail });
         }
-        if self.adapters.contains_key(name) {
-            return Err(EngineError::AdapterExists { name: name.to_owned() });
+        // W003: weights beyond +-65504 overflow the generator in f32; refused here, where a tenant's
+        // adapter would otherwise fail every request it serves.
+        if let Some(f) = adapter.warnings().iter().find(|f| f.code == Code::LargeWeight) {
+            return Err(EngineError::AdapterRejected { name: name.to_owned(), detail: f.to_string() });
         }
         let findings = self.base.check(adapter.config());
         if !findings.is_empty() {
             let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
             return Err(EngineError::AdapterRejected { name: name.to_owned(), detail });
         }
-        let resident = match &self.gpu {
+        Ok(match &self.gpu {
             Some(rt) if adapter.config().n_soft_tokens as usize <= GPU_MAX_SOFT_TOKENS => {
                 Resident::Gpu(rt.clone(), Arc::new(rt.upload(adapter)?))
             }
             _ => Resident::Cpu(Arc::new(Generator::from_adapter(adapter)?.with_threads(self.generator_threads)?)),
-        };
+        })
+    }
+}
+
+pub(crate) struct Registry {
+    prep: Arc<Prep>,
+    adapters: BTreeMap<String, Resident>,
+}
+
+impl Registry {
+    pub fn new(prep: Arc<Prep>) -> Registry {
+        Registry { prep, adapters: BTreeMap::new() }
+    }
+
+    /// What preparing an adapter takes (for [`crate::EngineHandle`]).
+    pub fn prep(&self) -> Arc<Prep> {
+        self.prep.clone()
+    }
+
+    /// Prepares `adapter` (see [`Prep::prepare`]) and makes it resident as `name`.
+    pub fn load(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
+        if self.adapters.contains_key(name) {
+            return Err(EngineError::AdapterExists { name: name.to_owned() });
+        }
+        let resident = self.prep.prepare(name, adapter)?;
+        self.insert(name, resident)
+    }
+
+    /// Makes a prepared adapter resident as `name`.
+    pub fn insert(&mut self, name: &str, resident: Resident) -> Result<AdapterInfo, EngineError> {
+        check_name(name)?;
+        if self.adapters.contains_key(name) {
+            return Err(EngineError::AdapterExists { name: name.to_owned() });
+        }
         self.adapters.insert(name.to_owned(), resident);
         Ok(self.info(name).expect("just inserted"))
     }

@@ -610,21 +610,50 @@ impl EventSink for ChannelSink {
     }
 }
 
-/// `a` with its up-projection weights multiplied by 1e30: structurally valid, finite, and its soft
-/// tokens overflow on any prompt.
-fn overflowing(a: &Adapter) -> Adapter {
+/// `a` with the weights of `role` multiplied by `k`.
+fn scaled(a: &Adapter, role: iapt_format::Role, k: f32) -> Adapter {
     let tensors = a
         .tensors()
         .iter()
         .map(|t| {
-            if t.name().role != iapt_format::Role::UpWeight {
+            if t.name().role != role {
                 return t.clone();
             }
-            let v: Vec<f32> = t.to_f32().unwrap().iter().map(|x| x * 1e30).collect();
+            let v: Vec<f32> = t.to_f32().unwrap().iter().map(|x| x * k).collect();
             iapt_format::Tensor::from_f32(t.name(), t.dtype(), t.shape().to_vec(), &v).unwrap()
         })
         .collect();
     Adapter::from_parts(a.config().clone(), Default::default(), tensors).unwrap()
+}
+
+/// An adapter whose weights are all within +-65504 (no W003, so it loads) but whose soft tokens
+/// overflow on any prompt: a rational activation with an 8th-degree numerator (variant A, no
+/// denominator) after a down-projection scaled by 1e4, so x^8 passes 1e15 by far.
+fn overflowing(model: &Model, arch: &str) -> Adapter {
+    let act = Activation::Rational(iapt_format::RationalConfig {
+        variant: iapt_format::RationalVariant::A,
+        numerator_degree: 8,
+        denominator_degree: 0,
+        groups: 1,
+    });
+    let a = random_adapter(&AdapterSpec::small(model.n_layer() as u32, model.n_embd() as u32, 4, 8, act), &mut Rng::new(99)).unwrap();
+    let mut cfg = a.config().clone();
+    cfg.base_model_arch = arch.to_owned();
+    let a = Adapter::from_parts(cfg, Default::default(), a.tensors().to_vec()).unwrap();
+    let a = scaled(&a, iapt_format::Role::DownWeight, 1e4);
+    assert!(a.warnings().is_empty() && a.tensors().iter().all(|t| t.to_f32().unwrap().iter().all(|v| v.abs() <= 65504.0)));
+    a
+}
+
+/// Weights beyond +-65504 (W003) are refused when the adapter is loaded, naming the rule.
+#[test]
+fn weights_beyond_f16_range_are_refused_at_load() {
+    let m = model("llama");
+    let good = Adapter::open(fixtures().join("llama-tiny.iapt.safetensors")).unwrap();
+    let bad = scaled(&good, iapt_format::Role::UpWeight, 1e30);
+    let mut e = Engine::new(&m, exact(1, 64, 64)).unwrap();
+    let err = e.load_adapter("bad", &bad).unwrap_err();
+    assert!(matches!(err, EngineError::AdapterRejected { .. }) && err.to_string().contains("W003"), "{err}");
 }
 
 /// A decode where one sequence's generator runs on the GPU (the emulator, reading and writing
@@ -641,7 +670,7 @@ fn gpu_work_is_waited_for_when_another_sequence_fails() {
 fn one_adapter_fails_alone(gpu: bool) {
     let m = model("llama");
     let good = Adapter::open(fixtures().join("llama-tiny.iapt.safetensors")).unwrap();
-    let bad = overflowing(&good);
+    let bad = overflowing(&m, "llama");
     let rt = GpuRuntime::emulated();
     let mut e = Engine::new(&m, EngineConfig { gpu: gpu.then(|| rt.clone()), ..exact(2, 64, 64) }).unwrap();
     e.load_adapter("good", &good).unwrap();

@@ -15,7 +15,7 @@ use crate::error::FormatError;
 use crate::meta::{MetaValue, META_TYPES_KEY};
 use crate::names::{Role, Scope, TensorName};
 use crate::report::{Code, Finding, Report};
-use crate::validate::{self, first_non_finite, BaseModelInfo};
+use crate::validate::{self, first_large, first_non_finite, BaseModelInfo};
 
 /// Where a tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -182,12 +182,8 @@ impl Adapter {
         for t in &tensors {
             match t.bytes() {
                 Ok(b) => {
-                    if let Some(bad) = first_non_finite(t.dtype, &b) {
-                        report.push(Finding::about(
-                            Code::NonFinite,
-                            t.name.to_string(),
-                            format!("element {bad} is NaN or infinite; adapters must hold finite values"),
-                        ));
+                    if let Some(f) = value_findings(t.dtype, &b, &t.name.to_string()) {
+                        report.push(f);
                     }
                 }
                 Err(e) => report.push(Finding::about(Code::Unreadable, t.name.to_string(), format!("cannot read tensor data: {e}"))),
@@ -445,12 +441,8 @@ fn build(
         let tensor = Tensor { name: *name, dtype, shape: t.shape.clone(), data: data(t) };
         match tensor.bytes() {
             Ok(b) => {
-                if let Some(bad) = first_non_finite(dtype, &b) {
-                    report.push(Finding::about(
-                        Code::NonFinite,
-                        t.name.clone(),
-                        format!("element {bad} is NaN or infinite; adapters must hold finite values"),
-                    ));
+                if let Some(f) = value_findings(dtype, &b, &t.name) {
+                    report.push(f);
                 }
             }
             Err(e) => report.push(Finding::about(Code::Unreadable, t.name.clone(), format!("cannot read tensor data: {e}"))),
@@ -470,4 +462,21 @@ fn build(
     let mut extras = checked.extras;
     extras.sort_by(|a, b| a.0.cmp(&b.0));
     Some(Adapter { config, extras, tensors, warnings: report.warnings().cloned().collect(), source: None })
+}
+
+/// What a tensor's values break: E207 for a NaN or an infinity, else W003 for a magnitude beyond
+/// [`crate::MAX_WEIGHT_ABS`].
+fn value_findings(dtype: DType, data: &[u8], name: &str) -> Option<Finding> {
+    if let Some(bad) = first_non_finite(dtype, data) {
+        return Some(Finding::about(Code::NonFinite, name, format!("element {bad} is NaN or infinite; adapters must hold finite values")));
+    }
+    first_large(dtype, data).map(|(i, v)| {
+        Finding::about(
+            Code::LargeWeight,
+            name,
+            format!(
+                "element {i} is {v:e}, beyond +-65504 (the largest F16 value): no trained adapter needs it and the generator overflows f32 with it; runtimes refuse this adapter"
+            ),
+        )
+    })
 }

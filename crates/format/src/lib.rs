@@ -45,4 +45,4 @@ pub use error::{BaseModelError, FormatError};
 pub use meta::{MetaType, MetaValue, META_TYPES_KEY};
 pub use names::{Role, Scope, TensorName};
 pub use report::{Code, Finding, Report, Severity};
-pub use validate::BaseModelInfo;
+pub use validate::{BaseModelInfo, MAX_WEIGHT_ABS};

@@ -69,6 +69,10 @@ pub enum Code {
     NewerMinor,
     /// W002: an optional metadata key this reader does not know (kept as-is).
     UnknownOptionalKey,
+    /// W003: a tensor element's magnitude exceeds 65504 (the largest F16 value): no trained adapter
+    /// needs it, and the generator overflows f32 with it on ordinary hidden states. The file is
+    /// valid; runtimes (the engine, libiapt) refuse such an adapter at load.
+    LargeWeight,
 }
 
 impl Code {
@@ -105,6 +109,7 @@ impl Code {
             BaseModelUnreadable => "E304",
             NewerMinor => "W001",
             UnknownOptionalKey => "W002",
+            LargeWeight => "W003",
         }
     }
 
@@ -141,6 +146,7 @@ impl Code {
             BaseModelUnreadable => "base-model-unreadable",
             NewerMinor => "newer-minor",
             UnknownOptionalKey => "unknown-optional-key",
+            LargeWeight => "large-weight",
         }
     }
 
@@ -154,7 +160,7 @@ impl Code {
     }
 
     /// Every code, in code order (used by docs and tests).
-    pub const ALL: [Code; 29] = {
+    pub const ALL: [Code; 30] = {
         use Code::*;
         [
             Unreadable,
@@ -186,6 +192,7 @@ impl Code {
             BaseModelUnreadable,
             NewerMinor,
             UnknownOptionalKey,
+            LargeWeight,
         ]
     };
 }

@@ -138,6 +138,24 @@ fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, us
 }
 
 /// Index of the first NaN or infinite element, if any.
+/// The largest weight magnitude that is not a W003 finding: the largest finite F16 value.
+pub const MAX_WEIGHT_ABS: f32 = 65504.0;
+
+/// The first element (index and value) whose magnitude exceeds [`MAX_WEIGHT_ABS`] (W003); only
+/// for data with no non-finite element. F16 cannot hold such a value.
+pub(crate) fn first_large(dt: DType, data: &[u8]) -> Option<(usize, f32)> {
+    let large = |v: f32| v.abs() > MAX_WEIGHT_ABS;
+    match dt {
+        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).enumerate().find(|&(_, v)| large(v)),
+        DType::F16 => None,
+        DType::BF16 => data
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .enumerate()
+            .find(|&(_, v)| large(v)),
+    }
+}
+
 pub(crate) fn first_non_finite(dt: DType, data: &[u8]) -> Option<usize> {
     match dt {
         DType::F32 => data.chunks_exact(4).position(|c| {

@@ -151,6 +151,10 @@ fn cases() -> Vec<Case> {
         let x = t.iter_mut().find(|x| x.name == "iapt.blk.1.pool.query").unwrap();
         x.data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     }));
+    out.extend(both_tensors(&a, "W003-large-weight", Code::LargeWeight, |t| {
+        let x = t.iter_mut().find(|x| x.name == "iapt.blk.1.up.weight").unwrap();
+        x.data[4..8].copy_from_slice(&1.0e30f32.to_le_bytes());
+    }));
     out.extend(both_meta(&a, "W001-newer-minor", Code::NewerMinor, |m| set(m, keys::SPEC_VERSION, MetaValue::Str("1.7".into()))));
     out.extend(both_meta(&a, "W002-unknown-optional-key", Code::UnknownOptionalKey, |m| {
         set(m, "acme.training_run", MetaValue::Str("run-42".into()))

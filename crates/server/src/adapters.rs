@@ -2,14 +2,22 @@
 //! unloads one. Both are off unless the server was started with an adapter directory: as vLLM says
 //! of its own switch, loading files on a client's word is risky in production.
 //!
-//! [`confine`] keeps a client inside that directory: the path (relative to the directory, or
-//! absolute) is resolved with symlinks and `..` followed, and must name a regular file under the
-//! directory's own resolved path. A path that does not exist and one outside get the same answer,
-//! so a client cannot probe for files elsewhere. A bad adapter is refused with the spec's codes and
-//! changes nothing; unloading one in use takes its name away at once and frees it when its last
-//! request ends (the engine's deferred unload).
+//! [`open_confined`] keeps a client inside that directory: the path (relative to the directory, or
+//! absolute under it) is opened component by component relative to the directory's handle,
+//! following no symbolic link and no `..`, without blocking (a FIFO cannot hang the server), and
+//! must be a regular file; there is no window between a check and the open. A path that does not
+//! exist and one outside get the same answer, so a client cannot probe for files elsewhere. The file
+//! is read and validated on the blocking pool and its generator built there too, never on the
+//! engine's thread, so a slow disk or a large adapter never stalls decoding. A bad adapter is
+//! refused with the spec's codes and changes nothing; error messages name the request's own path,
+//! never the server's. Loads and unloads are serialized, so a `DELETE` racing a `POST` of the same
+//! name leaves the engine and the server's list in step. Unloading one in use takes its name away at
+//! once and frees it when its last request ends (the engine's deferred unload); its metric series
+//! go with it.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Component, Path};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -18,11 +26,15 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use iapt_engine::Unloaded;
+use rustix::fs::{FileType, Mode, OFlags};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::{body_bytes, ApiError};
 use crate::state::{blocking, AppState};
+
+/// The largest adapter file a server reads (a LLaMA-2-7B-shape adapter in F32 is ~340 MB).
+pub const MAX_ADAPTER_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, Deserialize)]
 struct LoadBody {
@@ -30,19 +42,50 @@ struct LoadBody {
     path: Option<String>,
 }
 
-/// The file `given` names inside `dir` (already canonical), or 403.
-pub(crate) fn confine(dir: &Path, given: &str) -> Result<PathBuf, ApiError> {
+/// Opens the regular file `given` names inside `dir` (see the module documentation), or 403.
+pub(crate) fn open_confined(dir: &Path, given: &str) -> Result<std::fs::File, ApiError> {
     let refused = || {
         ApiError::status(StatusCode::FORBIDDEN, format!("path {given:?} is not an adapter file inside the adapter directory"))
             .with_param("path")
     };
     let p = Path::new(given);
-    let joined = if p.is_absolute() { p.to_owned() } else { dir.join(p) };
-    let real = joined.canonicalize().map_err(|_| refused())?;
-    if !real.starts_with(dir) || !real.is_file() {
+    let rel = if p.is_absolute() { p.strip_prefix(dir).map_err(|_| refused())? } else { p };
+    let mut parts: Vec<&OsStr> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => parts.push(n),
+            Component::CurDir => {}
+            _ => return Err(refused()),
+        }
+    }
+    if parts.is_empty() {
         return Err(refused());
     }
-    Ok(real)
+    let mut fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|_| refused())?;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let kind = if last { OFlags::NONBLOCK } else { OFlags::DIRECTORY };
+        fd = rustix::fs::openat(&fd, *part, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | kind, Mode::empty())
+            .map_err(|_| refused())?;
+    }
+    let st = rustix::fs::fstat(&fd).map_err(|_| refused())?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(refused());
+    }
+    Ok(std::fs::File::from(fd))
+}
+
+/// Reads and validates an adapter from an open file; errors name `given`, the request's path.
+fn parse(file: std::fs::File, given: &str) -> Result<iapt_format::Adapter, ApiError> {
+    let bad = |msg: String| ApiError::invalid("path", format!("{given:?}: {msg}"));
+    let len = file.metadata().map_err(|e| bad(format!("cannot read: {e}")))?.len();
+    if len > MAX_ADAPTER_BYTES {
+        return Err(bad(format!("{len} bytes is larger than the {MAX_ADAPTER_BYTES} bytes an adapter may have")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(MAX_ADAPTER_BYTES).read_to_end(&mut bytes).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let v = iapt_format::validate_bytes(&bytes);
+    v.adapter.ok_or_else(|| bad(format!("not a valid IAPT adapter:\n{}", v.report)))
 }
 
 fn dir(st: &AppState) -> Result<&Path, ApiError> {
@@ -76,11 +119,15 @@ async fn load_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> 
             ApiError::status(StatusCode::CONFLICT, format!("{name:?} is the base model's id; pick another name")).with_param("name")
         );
     }
-    let file = confine(&dir, &path)?;
     let ready = st.ready()?;
+    let _serial = st.admin.lock().await;
     let r = ready.clone();
     let n = name.clone();
-    let info = blocking(move || r.engine.load_adapter(&n, file)).await?.map_err(|e| ApiError::from_engine(e, "path", "logprobs"))?;
+    let info = blocking(move || -> Result<_, ApiError> {
+        let adapter = parse(open_confined(&dir, &path)?, &path)?;
+        r.engine.load_adapter_parsed(&n, &adapter).map_err(|e| ApiError::from_engine(e, "path", "logprobs"))
+    })
+    .await??;
     if let Ok(mut a) = ready.adapters.write() {
         a.insert(info.name.clone(), info.n_soft_tokens);
     }
@@ -99,6 +146,7 @@ pub(crate) async fn unload(State(st): State<Arc<AppState>>, UrlPath(name): UrlPa
 async fn unload_inner(st: &Arc<AppState>, name: String) -> Result<Response, ApiError> {
     dir(st)?;
     let ready = st.ready()?;
+    let _serial = st.admin.lock().await;
     let r = ready.clone();
     let n = name.clone();
     let done = blocking(move || r.engine.unload_adapter(&n)).await?;
@@ -110,6 +158,7 @@ async fn unload_inner(st: &Arc<AppState>, name: String) -> Result<Response, ApiE
     if let Ok(mut a) = ready.adapters.write() {
         a.remove(&name);
     }
+    st.metrics.forget(&name);
     Ok(axum::Json(json!({"id": name, "object": "model", "deleted": true, "requests_still_running": users})).into_response())
 }
 
@@ -118,22 +167,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_outside_the_directory_are_refused_after_resolving_links_and_dots() {
+    fn only_regular_files_inside_the_directory_open_and_no_link_is_followed() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("adapters");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("a.gguf"), b"x").unwrap();
         std::fs::write(root.path().join("secret.gguf"), b"x").unwrap();
         std::os::unix::fs::symlink(root.path().join("secret.gguf"), dir.join("link.gguf")).unwrap();
+        std::os::unix::fs::symlink(dir.join("a.gguf"), dir.join("inner-link.gguf")).unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/b.gguf"), b"y").unwrap();
+        std::os::unix::fs::symlink(root.path(), dir.join("up")).unwrap();
+        let fifo = dir.join("fifo.gguf");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, Mode::RUSR | Mode::WUSR, 0).unwrap();
         let dir = dir.canonicalize().unwrap();
-        assert_eq!(confine(&dir, "a.gguf").unwrap(), dir.join("a.gguf"));
-        assert_eq!(confine(&dir, "sub/../a.gguf").unwrap(), dir.join("a.gguf"));
-        assert_eq!(confine(&dir, dir.join("a.gguf").to_str().unwrap()).unwrap(), dir.join("a.gguf"));
+        let read = |f: std::fs::File| {
+            let mut s = String::new();
+            std::io::BufReader::new(f).read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(read(open_confined(&dir, "a.gguf").unwrap()), "x");
+        assert_eq!(read(open_confined(&dir, "./sub/b.gguf").unwrap()), "y");
+        assert_eq!(read(open_confined(&dir, dir.join("a.gguf").to_str().unwrap()).unwrap()), "x");
         let secret = root.path().join("secret.gguf");
-        for bad in ["../secret.gguf", "link.gguf", secret.to_str().unwrap(), "missing.gguf", "sub", "", "/etc/passwd"] {
-            let e = confine(&dir, bad).unwrap_err();
+        // A FIFO is refused at once (opened without blocking, then not a regular file).
+        let t0 = std::time::Instant::now();
+        for bad in [
+            "../secret.gguf",
+            "sub/../a.gguf",
+            "link.gguf",
+            "inner-link.gguf",
+            "up/secret.gguf",
+            secret.to_str().unwrap(),
+            "missing.gguf",
+            "sub",
+            "",
+            "/etc/passwd",
+            "fifo.gguf",
+        ] {
+            let e = open_confined(&dir, bad).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::FORBIDDEN, Some("path")), "{bad}");
+            assert!(!e.message.contains(dir.to_str().unwrap()), "{bad}: the server's own path leaked: {}", e.message);
         }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
     }
 }

@@ -47,9 +47,10 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
-    /// 404 `model_not_found` for `model`.
-    pub fn model_not_found(model: &str, known: &str) -> ApiError {
-        let msg = format!("the model {model:?} does not exist; GET /v1/models lists the base model and the adapters ({known})");
+    /// 404 `model_not_found` for `model`. The message names the request's own input only (no other
+    /// tenant's adapter).
+    pub fn model_not_found(model: &str) -> ApiError {
+        let msg = format!("the model {model:?} does not exist; GET /v1/models lists the base model and the adapters");
         ApiError { code: Some("model_not_found"), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg) }.with_param("model")
     }
 
@@ -60,6 +61,7 @@ impl ApiError {
             403 => "permission_error",
             404 => "not_found_error",
             409 => "conflict_error",
+            422 => "invalid_request_error",
             503 => "service_unavailable",
             s if s >= 500 => "server_error",
             _ => "invalid_request_error",
@@ -94,7 +96,7 @@ impl ApiError {
     pub fn from_engine(e: EngineError, prompt_field: &str, logprobs_field: &str) -> ApiError {
         let msg = e.to_string();
         match e {
-            EngineError::UnknownAdapter { name, loaded } => ApiError::model_not_found(&name, &loaded),
+            EngineError::UnknownAdapter { name, .. } => ApiError::model_not_found(&name),
             EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => ApiError::invalid(prompt_field, msg),
             EngineError::TooLong { .. } => ApiError::invalid(prompt_field, msg).with_code("context_length_exceeded"),
             EngineError::MaxTokensZero => ApiError::invalid("max_tokens", msg),
@@ -106,6 +108,12 @@ impl ApiError {
             EngineError::BadAdapterName { .. } => ApiError::invalid("name", msg),
             EngineError::AdapterExists { .. } => ApiError::status(StatusCode::CONFLICT, msg).with_param("name"),
             EngineError::AdapterFile { .. } | EngineError::AdapterRejected { .. } => ApiError::invalid("path", msg),
+            // The tenant's own adapter failed on this prompt: nothing the server did wrong, nothing
+            // the request's other fields can fix; the others are unaffected.
+            EngineError::AdapterFailed { .. } => {
+                ApiError::status(StatusCode::UNPROCESSABLE_ENTITY, msg).with_param("model").with_code("adapter_failed")
+            }
+            EngineError::Panicked { .. } => ApiError::unavailable(msg).with_code("engine_failed"),
             _ => ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, msg),
         }
     }
@@ -145,6 +153,9 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The engine stopped while serving (it panicked: a bug); the requests in flight failed.
+    #[error("the engine stopped: {0}; restart the server")]
+    EngineFailed(String),
 }
 
 /// The body, or 413 past the cap (400 for another read failure).
@@ -173,7 +184,7 @@ mod tests {
         assert_eq!((e.param.as_deref(), e.code), (Some("messages"), Some("context_length_exceeded")));
         let e = ApiError::from_engine(EngineError::TooManyLogprobs { n: 30, max: 20 }, "messages", "top_logprobs");
         assert_eq!(e.param.as_deref(), Some("top_logprobs"));
-        let body = ApiError::model_not_found("x", "none").body();
+        let body = ApiError::model_not_found("x").body();
         assert_eq!(body["error"]["code"], "model_not_found");
         assert_eq!(body["error"]["param"], "model");
     }

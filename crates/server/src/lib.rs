@@ -39,6 +39,7 @@ mod adapters;
 mod api;
 mod chat;
 mod completions;
+mod conn;
 mod error;
 mod generate;
 mod metrics;
@@ -55,8 +56,9 @@ use std::time::Duration;
 
 use iapt_engine::{EngineHandle, EngineSpec};
 
-pub use api::MAX_STOP;
+pub use api::{MAX_STOP, MAX_STOP_BYTES};
 pub use completions::DEFAULT_MAX_TOKENS;
+pub use conn::Limits;
 pub use error::{ApiError, ServerError, RETRY_AFTER_S};
 pub use metrics::Metrics;
 
@@ -67,6 +69,22 @@ pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 
 /// The default grace period after SIGINT/SIGTERM for in-flight requests to finish.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// The default cap on connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// The default time a client has to send a request's head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default time a request body may take to arrive.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default longest engine step: far beyond one decode of `--batch-tokens` rows of a large model
+/// on a slow CPU.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a server whose engine failed keeps answering (`/health` 503) before it stops.
+const FAILED_DRAIN: Duration = Duration::from_secs(1);
 
 /// The server's settings.
 #[derive(Debug, Clone)]
@@ -79,8 +97,20 @@ pub struct ServerConfig {
     pub engine: EngineSpec,
     /// The base model's id in `model` fields.
     pub model_id: String,
-    /// Require `Authorization: Bearer KEY` on every route but `/health`.
+    /// Require `Authorization: Bearer KEY` on the inference routes (the admin key works there too).
     pub api_key: Option<String>,
+    /// The key of the admin routes (adapters, metrics). With an API key and no admin key they are off.
+    pub admin_key: Option<String>,
+    /// `Host` names a server without keys answers besides the loopback names and the bound host.
+    pub allowed_hosts: Vec<String>,
+    /// Connections at once and the time a request's head may take.
+    pub limits: Limits,
+    /// The time a request body may take to arrive (408 after it).
+    pub body_timeout: Duration,
+    /// The longest one engine step (one decode) may take before the server reports the engine as
+    /// hung (`/health` 503) and stops, for a supervisor to restart it: a hung RPC worker never
+    /// answers, and ggml's RPC client has no timeout.
+    pub step_timeout: Duration,
     /// Allow run-time adapter loading, confined to this directory.
     pub adapter_dir: Option<PathBuf>,
     /// Request bodies larger than this are refused with 413.
@@ -98,6 +128,11 @@ impl ServerConfig {
             engine,
             model_id: model_id.into(),
             api_key: None,
+            admin_key: None,
+            allowed_hosts: Vec::new(),
+            limits: Limits { max_connections: DEFAULT_MAX_CONNECTIONS, header_timeout: DEFAULT_HEADER_TIMEOUT },
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            step_timeout: DEFAULT_STEP_TIMEOUT,
             adapter_dir: None,
             body_limit: DEFAULT_BODY_LIMIT,
             grace: DEFAULT_GRACE,
@@ -134,16 +169,17 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>, on_
         .await
         .map_err(|source| ServerError::Bind { addr: format!("{}:{}", config.host, config.port), source })?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(AppState::new(config.model_id.clone(), config.api_key.as_deref().map(routes::key_hash), adapter_dir));
-    let app = routes::router(state.clone(), config.body_limit);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let keys =
+        state::Keys { api: config.api_key.as_deref().map(routes::key_hash), admin: config.admin_key.as_deref().map(routes::key_hash) };
+    let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"].iter().map(|h| (*h).to_owned()).collect();
+    if !matches!(config.host.as_str(), "0.0.0.0" | "::" | "[::]") {
+        hosts.push(config.host.trim_matches(|c| c == '[' || c == ']').to_ascii_lowercase());
+    }
+    hosts.extend(config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()));
+    let state = Arc::new(AppState::new(config.model_id.clone(), keys, hosts, adapter_dir));
+    let app = routes::router(state.clone(), config.body_limit, config.body_timeout);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(conn::serve(listener, app, config.limits, stop_rx));
     let mut shutdown = std::pin::pin!(shutdown);
     let loaded = tokio::select! {
         r = load(config.engine) => r,
@@ -160,16 +196,51 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>, on_
         }
     };
     let adapters = ready.adapter_names();
+    let watched = ready.clone();
     let _ = state.ready.set(ready);
     on_ready(&ReadyInfo { addr, model_id: config.model_id, adapters });
-    shutdown.await;
+    // Until the shutdown signal, or until the engine stops on its own (a panic: its requests have
+    // failed and /health says so); then the server stops and reports it, for a supervisor to restart it.
+    let failed = tokio::select! {
+        () = &mut shutdown => None,
+        why = engine_failure(&watched, config.step_timeout) => Some(why),
+    };
+    if failed.is_some() {
+        // Keep answering for a moment: /health says 503 and why, new requests get 503, so a load
+        // balancer polling /health sees the failure before the port closes.
+        tokio::time::sleep(FAILED_DRAIN).await;
+    }
     let _ = stop_tx.send(true);
+    if let Some(why) = failed {
+        let _ = tokio::time::timeout(config.grace, server).await;
+        return Err(ServerError::EngineFailed(why));
+    }
     match tokio::time::timeout(config.grace, server).await {
         Ok(Ok(r)) => r?,
         Ok(Err(e)) => return Err(ServerError::Io(std::io::Error::other(e))),
         Err(_) => {} // Grace period over: the caller drops the runtime, which cancels what is left.
     }
     Ok(())
+}
+
+/// Resolves once the engine thread has stopped on its own, or has been in one step longer than
+/// `step_timeout`, with why (checked every 100 ms).
+async fn engine_failure(ready: &Ready, step_timeout: Duration) -> String {
+    loop {
+        if let Some(why) = ready.engine.failure() {
+            return why;
+        }
+        if let Some(t) = ready.engine.step_running_for().filter(|t| *t > step_timeout) {
+            let why = format!(
+                "one engine step has run for {:.0} s (--step-timeout {:.0} s): a backend hangs (an RPC worker that stopped answering?)",
+                t.as_secs_f64(),
+                step_timeout.as_secs_f64()
+            );
+            ready.hung.set(why.clone()).ok();
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Starts the engine thread and reads what the HTTP side needs (on the blocking pool).
@@ -179,7 +250,7 @@ async fn load(spec: EngineSpec) -> Result<Arc<Ready>, ServerError> {
         let engine = EngineHandle::spawn(spec)?;
         let vocab = engine.with_model(|m| (0..m.n_vocab()).map(|t| m.token_bytes(t as i32)).collect())?;
         let adapters = engine.adapters()?.into_iter().map(|a| (a.name, a.n_soft_tokens)).collect::<BTreeMap<_, _>>();
-        Ok(Ready { engine, vocab, seq_ctx, adapters: RwLock::new(adapters) })
+        Ok(Ready { engine, vocab, seq_ctx, adapters: RwLock::new(adapters), hung: std::sync::OnceLock::new() })
     })
     .await;
     match joined {

@@ -67,6 +67,19 @@ impl Metrics {
         m
     }
 
+    /// Drops every series of `model` (an unloaded adapter), so the label set stays bounded by the
+    /// adapters resident now.
+    pub(crate) fn forget(&self, model: &str) {
+        let _ = self.in_flight.remove_label_values(&[model]);
+        let _ = self.prompt_tokens.remove_label_values(&[model]);
+        let _ = self.completion_tokens.remove_label_values(&[model]);
+        let _ = self.ttft.remove_label_values(&[model]);
+        let _ = self.itl.remove_label_values(&[model]);
+        for outcome in ["stop", "length", "cancelled", "error"] {
+            let _ = self.requests.remove_label_values(&[model, outcome]);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -24,6 +24,8 @@ pub(crate) struct Ready {
     /// The resident adapters and their soft-token counts, kept in step with the engine: only this
     /// server loads and unloads them.
     pub adapters: RwLock<BTreeMap<String, usize>>,
+    /// Set when the engine's step ran past the step timeout (the server then stops).
+    pub hung: OnceLock<String>,
 }
 
 impl Ready {
@@ -37,10 +39,21 @@ impl Ready {
         adapter.and_then(|a| self.adapters.read().ok()?.get(a).copied()).unwrap_or(0)
     }
 
+    /// Why the engine can take no more work (it panicked, or one step ran past the step timeout).
+    pub fn failure(&self) -> Option<String> {
+        self.engine.failure().or_else(|| self.hung.get().cloned())
+    }
+
     /// A token's text (lossy UTF-8).
     pub fn piece(&self, token: i32) -> String {
         usize::try_from(token).ok().and_then(|t| self.vocab.get(t)).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
     }
+}
+
+/// The hashes of the keys a server requires.
+pub(crate) struct Keys {
+    pub api: Option<[u8; 32]>,
+    pub admin: Option<[u8; 32]>,
 }
 
 /// The state behind every route.
@@ -49,6 +62,12 @@ pub(crate) struct AppState {
     pub model_id: String,
     /// SHA-256 of the API key, when one is required.
     pub api_key_hash: Option<[u8; 32]>,
+    /// SHA-256 of the admin key, when one is set.
+    pub admin_key_hash: Option<[u8; 32]>,
+    /// The `Host` names a server without keys answers (lowercase, no port).
+    pub allowed_hosts: Vec<String>,
+    /// Serializes adapter loads and unloads, so the engine and `Ready::adapters` change together.
+    pub admin: tokio::sync::Mutex<()>,
     /// The canonical adapter directory, when run-time loading is on.
     pub adapter_dir: Option<PathBuf>,
     pub metrics: Metrics,
@@ -59,11 +78,14 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    pub fn new(model_id: String, api_key_hash: Option<[u8; 32]>, adapter_dir: Option<PathBuf>) -> AppState {
+    pub fn new(model_id: String, keys: Keys, allowed_hosts: Vec<String>, adapter_dir: Option<PathBuf>) -> AppState {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         AppState {
             model_id,
-            api_key_hash,
+            api_key_hash: keys.api,
+            admin_key_hash: keys.admin,
+            allowed_hosts,
+            admin: tokio::sync::Mutex::new(()),
             adapter_dir,
             metrics: Metrics::new(),
             ready: OnceLock::new(),
@@ -74,7 +96,11 @@ impl AppState {
 
     /// The engine, or 503 while the model loads.
     pub fn ready(&self) -> Result<Arc<Ready>, ApiError> {
-        self.ready.get().cloned().ok_or_else(|| ApiError::unavailable("the model is loading; retry shortly"))
+        let ready = self.ready.get().cloned().ok_or_else(|| ApiError::unavailable("the model is loading; retry shortly"))?;
+        match ready.failure() {
+            Some(why) => Err(ApiError::unavailable(format!("the engine has stopped and the server is exiting: {why}"))),
+            None => Ok(ready),
+        }
     }
 
     /// The adapter `model` selects: `None` for the base id, the adapter's name for a resident
@@ -86,9 +112,7 @@ impl AppState {
         if ready.adapters.read().is_ok_and(|a| a.contains_key(model)) {
             return Ok(Some(model.to_owned()));
         }
-        let mut known = vec![self.model_id.clone()];
-        known.extend(ready.adapter_names());
-        Err(ApiError::model_not_found(model, &known.join(", ")))
+        Err(ApiError::model_not_found(model))
     }
 
     /// A fresh response id number.

@@ -47,11 +47,17 @@ pub struct Server {
 impl Server {
     /// Starts `iapt serve --port 0 ARGS` and waits (bounded) for its ready line.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// As [`Server::start`], with environment variables set for the server.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(iapt_bin())
             .arg("serve")
             .args(["--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr.reopen().unwrap())
             .stdin(Stdio::null())
@@ -80,6 +86,23 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The exit status: at once if the process has exited on its own, else after SIGTERM.
+    pub fn stop_or_wait(mut self) -> ExitStatus {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            self.child.take();
+            return st;
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child.take();
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop()
     }
 
     /// SIGTERM, then waits (bounded) for the exit.

@@ -22,6 +22,20 @@ impl Context<'_> {
         }
     }
 
+    /// Removes the KV cells of sequence `seq` at positions `p0` and after (what a failed decode may
+    /// have written there), keeping the ones before. `false` when `seq` or `p0` is negative, the
+    /// context has no memory, or llama.cpp refused (a memory that cannot remove a partial range).
+    pub fn seq_rm_from(&mut self, seq: i32, p0: i32) -> bool {
+        if seq < 0 || p0 < 0 {
+            return false;
+        }
+        // SAFETY: as in `seq_rm`; p1 = -1 is "to the end".
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            !mem.is_null() && super::shim::memory_seq_rm(mem, seq, p0, -1).unwrap_or(false)
+        }
+    }
+
     /// The largest position sequence `seq` holds in the KV cache, or `None` when it holds none.
     pub fn seq_pos_max(&self, seq: i32) -> Option<i32> {
         if seq < 0 {
