@@ -92,7 +92,8 @@ def fmt(x, spec=".2f", none="—"):
 
 def row_line(r: dict) -> str:
     kind = {"llama-base": "llama-server, base", "llama-lora": "llama-server, LoRA per request", "iapt": "`iapt serve`, IAPT",
-            "iapt-base": "`iapt serve`, base", "llama-base-kvu": "llama-server, base, `-kvu`", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
+            "iapt-base": "`iapt serve`, base", "llama-base-kvu": "llama-server, base, `-kvu`",
+            "iapt-base-kvu": "`iapt serve`, base, `--kv-unified`", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
     tenants = "—" if not r["tenants"] else f"{r['tenants']}" + (" skewed" if r["mix"] == "skewed" else "")
     if r["server"] == "iapt-batch":
         s = r["stats"]
@@ -131,17 +132,47 @@ def tps(rows: dict, label: str):
 
 
 def targets(rows: dict, n: int, suffix: str, gen: int) -> dict | None:
-    named = {"": f"t{n}", "-short": "short", "-rep": "rep"}[suffix]
-    ids = {"base_p": "base-p" + suffix, "base_1": "base-1" + suffix, "iapt": f"iapt-{named}", "lora": f"lora-{named}"}
+    named = {"": f"t{n}", "-short": "short", "-rep": "rep", "-big": "big"}[suffix]
+    base_p = "base-big" if suffix == "-big" else "base-p" + suffix
+    base_1 = "base-1" if suffix == "-big" else "base-1" + suffix
+    ids = {"base_p": base_p, "base_1": base_1, "iapt": f"iapt-{named}", "lora": f"lora-{named}"}
     v = {k: tps(rows, i) for k, i in ids.items()}
     if any(x is None for x in v.values()):
         return None
     gain = v["base_p"] / v["base_1"]
     ratio = v["iapt"] / v["lora"]
-    return {"generated_tokens": gen, "rows": ids, "tokens_per_s": v,
-            "iapt_over_base": v["iapt"] / v["base_p"], "target_iapt_over_base": 0.95,
-            "base_batching_gain": gain, "iapt_over_lora": ratio, "share_of_gain": ratio / gain,
-            "share_of_gain_excess": (ratio - 1) / (gain - 1) if gain != 1 else None, "target_share": 0.90}
+    out = {"generated_tokens": gen, "rows": ids, "tokens_per_s": v,
+           "iapt_over_base": v["iapt"] / v["base_p"], "target_iapt_over_base": 0.95,
+           "base_batching_gain": gain, "iapt_over_lora": ratio, "share_of_gain": ratio / gain,
+           "share_of_gain_excess": (ratio - 1) / (gain - 1) if gain != 1 else None, "target_share": 0.90}
+    # The engine alone, without adapters, against llama-server's bare base (target >= 0.97).
+    engine_base = {"": "iapt-base-p", "-rep": "iapt-base-p-rep"}.get(suffix)
+    if engine_base and tps(rows, engine_base) is not None:
+        out["engine_base_row"] = engine_base
+        out["engine_base_over_base"] = tps(rows, engine_base) / v["base_p"]
+        out["target_engine_base_over_base"] = 0.97
+    return out
+
+
+def engine_steps(row: dict) -> dict | None:
+    """The engine's decode-only steps of an `iapt serve` row, from its /metrics after the run: ms
+    per step, of which inside llama_decode, and the rest (the engine's own)."""
+    lines = row.get("metrics")
+    if not lines:
+        return None
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    val = {}
+    for l in text.splitlines():
+        if l.startswith("iapt_engine_"):
+            k, _, x = l.rpartition(" ")
+            val[k] = float(x)
+    steps = val.get("iapt_engine_decode_only_steps_total")
+    if not steps:
+        return None
+    ms = lambda k: 1e3 * val[k] / steps
+    return {"decode_only_steps": int(steps), "tokens_per_step": val["iapt_engine_decode_only_tokens_total"] / steps,
+            "step_ms": ms("iapt_engine_decode_only_seconds_total"), "llama_decode_ms": ms("iapt_engine_decode_only_llama_seconds_total"),
+            "engine_own_ms": ms("iapt_engine_decode_only_seconds_total") - ms("iapt_engine_decode_only_llama_seconds_total")}
 
 
 def memory(rows: dict, n: int, adapters_info: dict | None) -> dict:
@@ -207,7 +238,8 @@ def main() -> int:
     res = {"settings": settings, "machine": machine(), "versions": versions(settings),
            "targets": {"gen": targets(rows, n, "", int(settings["gen"])),
                        "gen_short": targets(rows, n, "-short", int(settings["gen_short"])),
-                       "gen_second_sample": targets(rows, n, "-rep", int(settings["gen"]))},
+                       "gen_second_sample": targets(rows, n, "-rep", int(settings["gen"])),
+                       "big": targets(rows, n, "-big", int(settings["gen"]))},
            "base_text_agrees_across_servers": base_agree,
            "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
            "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
@@ -215,6 +247,7 @@ def main() -> int:
     for k, v in res["rows"].items():
         v["phases"] = phases(res["per_request"].get(k)) if v["server"] != "iapt-batch" and v["concurrency"] > 1 else None
     for v in res["rows"].values():  # keep the Prometheus text short: totals and sums, not every bucket
+        v["engine_steps"] = engine_steps(v)
         if "metrics" in v:
             v["metrics"] = [l for l in v["metrics"].splitlines() if l and not l.startswith("#") and "_bucket{" not in l]
     (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -239,18 +272,31 @@ def main() -> int:
         if ph:
             L.append(f"| {k} | {ph['prefill_phase_s']:.1f} | {ph['decode_phase_s']:.1f} | "
                      f"{fmt(ph['decode_phase_chunks_per_s'])} | {fmt(ph['decode_phase_max_silence_ms'], '.0f')} |")
+    L += ["", "`iapt serve`'s decode-only steps (every running sequence decodes one token; from `/metrics` after the run): "
+          "ms per step, of which inside `llama_decode`, and the engine's own (batch, sampling, events).", "",
+          "| row | decode-only steps | tokens per step | ms per step | in llama_decode | engine's own |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for k in order:
+        e = res["rows"].get(k, {}).get("engine_steps")
+        if e:
+            L.append(f"| {k} | {e['decode_only_steps']} | {e['tokens_per_step']:.1f} | {e['step_ms']:.1f} | {e['llama_decode_ms']:.1f} | {e['engine_own_ms']:.2f} |")
     L.append("")
     for key, t in res["targets"].items():
         if t is None:
             continue
         ok1 = "met" if t["iapt_over_base"] >= 0.95 else "**missed**"
         ok2 = "met" if t["share_of_gain"] >= 0.90 else "**missed**"
-        what = "second sample (the -rep rows)" if key == "gen_second_sample" else f"{t['generated_tokens']} generated tokens"
-        L.append(f"- {what}: IAPT with {n} tenants / bare base, {s['parallel']} in flight = "
+        what = {"gen_second_sample": "second sample (the -rep rows)", "big": f"{s.get('tenants_big')} tenants, {s.get('parallel_big')} in flight (the -big rows)"}.get(
+            key, f"{t['generated_tokens']} generated tokens")
+        inflight = s.get("parallel_big") if key == "big" else s["parallel"]
+        tenants = s.get("tenants_big") if key == "big" else n
+        if "engine_base_over_base" in t:
+            ok0 = "met" if t["engine_base_over_base"] >= 0.97 else "**missed**"
+            L.append(f"- {what}: `iapt serve` base only / bare base, {inflight} in flight = **{t['engine_base_over_base']:.3f}x** (target >= 0.97: {ok0}).")
+        L.append(f"- {what}: IAPT with {tenants} tenants / bare base, {inflight} in flight = "
                  f"{t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['base_p']:.2f} = **{t['iapt_over_base']:.3f}x** "
-                 f"(target >= 0.95: {ok1}); bare-base batching gain ({s['parallel']} / 1 in flight) = "
+                 f"(target >= 0.95: {ok1}); bare-base batching gain ({inflight} / 1 in flight) = "
                  f"{t['tokens_per_s']['base_p']:.2f} / {t['tokens_per_s']['base_1']:.2f} = {t['base_batching_gain']:.2f}x; "
-                 f"IAPT / LoRA with {n} tenants = {t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['lora']:.2f} = "
+                 f"IAPT / LoRA with {tenants} tenants = {t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['lora']:.2f} = "
                  f"{t['iapt_over_lora']:.2f}x = **{100 * t['share_of_gain']:.0f}%** of the gain (target >= 90%: {ok2}; "
                  f"as excess over 1x: {100 * t['share_of_gain_excess']:.0f}%).")
     L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident (f32) | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",

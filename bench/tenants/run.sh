@@ -21,10 +21,12 @@
 #   WARMUP 2 [1]       warm-up requests before each run WARMUP_GEN 8 [2] their generated tokens
 #   PARALLEL 16 [2]    server slots = requests in flight (the "1 in flight" rows use 1)
 #   N_ADAPTERS 16 [2]  adapters resident in each adapter server (tenants 1, 4 and N_ADAPTERS use the first ones)
+#   TENANTS_BIG 64 [2], PARALLEL_BIG 32 [4], REQUESTS_BIG 64 [8]: the "big" rows (bare base, LoRA,
+#                      IAPT): that many tenants (and adapters resident), slots and requests in flight
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
 #                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
 #   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
-#   ROWS "..."         row ids to run (default: all but the diagnostic base-p-kvu; see `rows` below)
+#   ROWS "..."         row ids to run (default: all; see `rows` below)
 #   WORK target/tenants   built model, adapters, Python venv for PEFT
 #   BENCH_MODEL        an existing Q4_K_M bench model to use instead of making one
 #   IAPT_BIN           an existing iapt binary (default: built here: release + target-cpu=native;
@@ -55,11 +57,13 @@ WORK=$(cd "$WORK" && pwd)
 if [ "$smoke" = 1 ]; then
   REQUESTS=${REQUESTS:-4} REQUESTS_SERIAL=${REQUESTS_SERIAL:-2} GEN=${GEN:-8} GEN_SHORT=${GEN_SHORT:-4} PROMPT=${PROMPT:-16} WARMUP=${WARMUP:-1}
   WARMUP_GEN=${WARMUP_GEN:-2} PARALLEL=${PARALLEL:-2} N_ADAPTERS=${N_ADAPTERS:-2} CTX_PER_SEQ=${CTX_PER_SEQ:-256}
+  TENANTS_BIG=${TENANTS_BIG:-2} PARALLEL_BIG=${PARALLEL_BIG:-4} REQUESTS_BIG=${REQUESTS_BIG:-8}
   OUT=${OUT:-$WORK/smoke} VOCAB=tiny
 else
   REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
   PROMPT=${PROMPT:-128} WARMUP=${WARMUP:-2}
   WARMUP_GEN=${WARMUP_GEN:-8} PARALLEL=${PARALLEL:-16} N_ADAPTERS=${N_ADAPTERS:-16} CTX_PER_SEQ=${CTX_PER_SEQ:-512}
+  TENANTS_BIG=${TENANTS_BIG:-64} PARALLEL_BIG=${PARALLEL_BIG:-32} REQUESTS_BIG=${REQUESTS_BIG:-64}
   OUT=${OUT:-$HERE/results} VOCAB=bench
 fi
 THREADS=${THREADS:-2} BATCH=${BATCH:-512} UBATCH=${UBATCH:-512}
@@ -67,33 +71,41 @@ CTX=$((PARALLEL * CTX_PER_SEQ))
 [ $((PROMPT + GEN + 4)) -le "$CTX_PER_SEQ" ] || die "PROMPT + GEN + 4 soft tokens must fit CTX_PER_SEQ ($CTX_PER_SEQ)"
 TENANT_SET="1 4 $N_ADAPTERS"
 if [ "$N_ADAPTERS" -lt 4 ]; then TENANT_SET="1 $N_ADAPTERS"; fi
+N_MADE=$((N_ADAPTERS > TENANTS_BIG ? N_ADAPTERS : TENANTS_BIG)) # adapters of each kind to make
 
-# The rows: id | server kind | tenants | mix | in flight | generated tokens
+# The rows: id | server kind | tenants | mix | in flight | generated tokens | requests
 rows() {
-  echo "base-p | llama-base | 0 | uniform | $PARALLEL | $GEN"
-  echo "base-1 | llama-base | 0 | uniform | 1 | $GEN"
-  for t in $TENANT_SET; do echo "lora-t$t | llama-lora | $t | uniform | $PARALLEL | $GEN"; done
-  for t in $TENANT_SET; do echo "iapt-t$t | iapt | $t | uniform | $PARALLEL | $GEN"; done
-  echo "lora-skew | llama-lora | $N_ADAPTERS | skewed | $PARALLEL | $GEN"
-  echo "iapt-skew | iapt | $N_ADAPTERS | skewed | $PARALLEL | $GEN"
-  echo "iapt-base-p | iapt-base | 0 | uniform | $PARALLEL | $GEN"
-  echo "base-p-short | llama-base | 0 | uniform | $PARALLEL | $GEN_SHORT"
-  echo "base-1-short | llama-base | 0 | uniform | 1 | $GEN_SHORT"
-  echo "lora-short | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
-  echo "iapt-short | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT"
-  echo "batch | iapt-batch | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
-  # A second sample of the rows the two targets are computed from, last (the order effect and the
+  local r=$REQUESTS s=$REQUESTS_SERIAL
+  echo "base-p | llama-base | 0 | uniform | $PARALLEL | $GEN | $r"
+  echo "base-1 | llama-base | 0 | uniform | 1 | $GEN | $s"
+  for t in $TENANT_SET; do echo "lora-t$t | llama-lora | $t | uniform | $PARALLEL | $GEN | $r"; done
+  for t in $TENANT_SET; do echo "iapt-t$t | iapt | $t | uniform | $PARALLEL | $GEN | $r"; done
+  echo "lora-skew | llama-lora | $N_ADAPTERS | skewed | $PARALLEL | $GEN | $r"
+  echo "iapt-skew | iapt | $N_ADAPTERS | skewed | $PARALLEL | $GEN | $r"
+  echo "iapt-base-p | iapt-base | 0 | uniform | $PARALLEL | $GEN | $r"
+  # The KV layout: one unified cache for every sequence (llama-server -kvu, iapt --kv-unified)
+  # against the default one stream per sequence (base-p, iapt-base-p).
+  echo "base-p-kvu | llama-base-kvu | 0 | uniform | $PARALLEL | $GEN | $r"
+  echo "iapt-base-p-kvu | iapt-base-kvu | 0 | uniform | $PARALLEL | $GEN | $r"
+  echo "base-p-short | llama-base | 0 | uniform | $PARALLEL | $GEN_SHORT | $r"
+  echo "base-1-short | llama-base | 0 | uniform | 1 | $GEN_SHORT | $s"
+  echo "lora-short | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT | $r"
+  echo "iapt-short | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN_SHORT | $r"
+  echo "batch | iapt-batch | $N_ADAPTERS | uniform | $PARALLEL | $GEN | $r"
+  # Many tenants, more in flight: TENANTS_BIG adapters resident, PARALLEL_BIG slots.
+  echo "base-big | llama-base | 0 | uniform | $PARALLEL_BIG | $GEN | $REQUESTS_BIG"
+  echo "lora-big | llama-lora | $TENANTS_BIG | uniform | $PARALLEL_BIG | $GEN | $REQUESTS_BIG"
+  echo "iapt-big | iapt | $TENANTS_BIG | uniform | $PARALLEL_BIG | $GEN | $REQUESTS_BIG"
+  # A second sample of the rows the targets are computed from, last (the order effect and the
   # run-to-run spread show in the pair).
-  echo "base-p-rep | llama-base | 0 | uniform | $PARALLEL | $GEN"
-  echo "base-1-rep | llama-base | 0 | uniform | 1 | $GEN"
-  echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
-  echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN"
-  # Diagnostic, only when named in ROWS: llama-server's bare base with a unified KV cache (-kvu),
-  # the cache `iapt serve` always uses.
-  echo "base-p-kvu | llama-base-kvu | 0 | uniform | $PARALLEL | $GEN"
+  echo "base-p-rep | llama-base | 0 | uniform | $PARALLEL | $GEN | $r"
+  echo "base-1-rep | llama-base | 0 | uniform | 1 | $GEN | $s"
+  echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN | $r"
+  echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN | $r"
+  echo "iapt-base-p-rep | iapt-base | 0 | uniform | $PARALLEL | $GEN | $r"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
-ROWS=${ROWS:-${ALL_ROWS/base-p-kvu /}}
+ROWS=${ROWS:-$ALL_ROWS}
 for r in $ROWS; do case " $ALL_ROWS " in *" $r "*) ;; *) die "unknown row $r (rows: $ALL_ROWS)" ;; esac; done
 
 # --- tools: the client venv, the iapt binary, llama-server of the same llama.cpp ---------------
@@ -129,27 +141,33 @@ else
   else
     MODEL=$WORK/model/bench-q4_k_m.gguf
     if [ ! -f "$MODEL" ]; then
-      log "bench model: converters/python/make_bench_model.py, then iapt quantize q4_k_m"
-      python3 converters/python/make_bench_model.py "$WORK/model" >&2
+      log "bench model: converters/python/make_bench_model.py (numpy, safetensors, gguf in $WORK/model-venv), then iapt quantize q4_k_m"
+      reqs=converters/python/requirements-bench.txt
+      if ! cmp -s "$reqs" "$WORK/model-venv/requirements.txt"; then
+        python3 -m venv "$WORK/model-venv"
+        "$WORK/model-venv/bin/pip" install --quiet --disable-pip-version-check -r "$reqs" >&2
+        cp "$reqs" "$WORK/model-venv/requirements.txt"
+      fi
+      "$WORK/model-venv/bin/python" converters/python/make_bench_model.py "$WORK/model" >&2
       "$IAPT_BIN" quantize "$WORK/model/bench-f16.gguf" -o "$MODEL" --type q4_k_m --threads "$THREADS" >&2
       rm -f "$WORK/model/bench-f16.gguf"
     fi
   fi
   ADAPTERS=$WORK/adapters
-  want="{\"iapt\": $N_ADAPTERS, \"lora\": $N_ADAPTERS}"
+  want="{\"iapt\": $N_MADE, \"lora\": $N_MADE}"
   if [ "$(cat "$ADAPTERS/.made" 2>/dev/null)" != "$want" ]; then
-    log "adapters: $N_ADAPTERS IAPT + $N_ADAPTERS LoRA (PEFT $PEFT_VERSION in $WORK/peft-venv, llama.cpp's converter)"
+    log "adapters: $N_MADE IAPT + $N_MADE LoRA (PEFT $PEFT_VERSION in $WORK/peft-venv, llama.cpp's converter)"
     if [ ! -x "$WORK/peft-venv/bin/python" ] || ! "$WORK/peft-venv/bin/python" -c "import peft, sys; sys.exit(peft.__version__ != '$PEFT_VERSION')" 2>/dev/null; then
       python3 -m venv --system-site-packages "$WORK/peft-venv"
       "$WORK/peft-venv/bin/pip" install --quiet --disable-pip-version-check "peft==$PEFT_VERSION" >&2
     fi
     rm -rf "$ADAPTERS"
-    "$WORK/peft-venv/bin/python" "$HERE/make_adapters.py" "$ADAPTERS" --shape bench --iapt "$N_ADAPTERS" \
-      --lora "$N_ADAPTERS" --convert "$LLAMA_PY_SRC/convert_lora_to_gguf.py" >&2
+    "$WORK/peft-venv/bin/python" "$HERE/make_adapters.py" "$ADAPTERS" --shape bench --iapt "$N_MADE" \
+      --lora "$N_MADE" --convert "$LLAMA_PY_SRC/convert_lora_to_gguf.py" >&2
     echo "$want" >"$ADAPTERS/.made"
   fi
 fi
-for i in $(seq 0 $((N_ADAPTERS - 1))); do
+for i in $(seq 0 $((N_MADE - 1))); do
   n=$(printf %02d "$i")
   [ -f "$ADAPTERS/lora-$n.gguf" ] && [ -f "$ADAPTERS/iapt-$n.safetensors" ] || die "adapter $n missing in $ADAPTERS"
 done
@@ -199,17 +217,19 @@ wait_ready() {
   done
 }
 
-# start_server KIND LABEL: llama-base | llama-lora | iapt | iapt-base; sets SERVER_PID, BASE_URL.
+# start_server KIND LABEL SLOTS ADAPTERS: llama-base[-kvu] | llama-lora | iapt | iapt-base[-kvu] with
+# SLOTS slots (SLOTS x CTX_PER_SEQ context) and the first ADAPTERS adapters; sets SERVER_PID, BASE_URL.
 start_server() {
-  local kind=$1 label=$2 logf="$OUT/logs/$2.server.log" port args=() i n
+  local kind=$1 label=$2 slots=$3 n_adapters=$4 logf="$OUT/logs/$2.server.log" port args=() i n
+  local ctx=$((slots * CTX_PER_SEQ))
   case "$kind" in
     llama-base | llama-lora | llama-base-kvu)
       port=$(free_port)
-      args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$PARALLEL" -c "$CTX"
+      args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$slots" -c "$ctx"
         -b "$BATCH" -ub "$UBATCH" --alias base --metrics --cache-ram 0 --no-webui)
       if [ "$kind" = llama-base-kvu ]; then args+=(-kvu); fi
       if [ "$kind" = llama-lora ]; then
-        for i in $(seq 0 $((N_ADAPTERS - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
+        for i in $(seq 0 $((n_adapters - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
         args+=(--lora-init-without-apply)
       fi
       echo "$LLAMA_SERVER ${args[*]}" >"$logf"
@@ -217,11 +237,12 @@ start_server() {
       SERVER_PID=$!
       BASE_URL=http://127.0.0.1:$port
       ;;
-    iapt | iapt-base)
-      args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$PARALLEL" --ctx-size "$CTX"
+    iapt | iapt-base | iapt-base-kvu)
+      args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$slots" --ctx-size "$ctx"
         --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
+      if [ "$kind" = iapt-base-kvu ]; then args+=(--kv-unified); fi
       if [ "$kind" = iapt ]; then
-        for i in $(seq 0 $((N_ADAPTERS - 1))); do
+        for i in $(seq 0 $((n_adapters - 1))); do
           n=$(printf %02d "$i")
           args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
         done
@@ -242,16 +263,17 @@ start_server() {
   wait_ready "$BASE_URL/health" "$logf"
 }
 
-# run_row ID KIND TENANTS MIX INFLIGHT GEN
+# run_row ID KIND TENANTS MIX INFLIGHT GEN REQUESTS: the servers have PARALLEL slots (INFLIGHT where
+# more) and N_ADAPTERS adapters resident (TENANTS where more).
 run_row() {
-  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 t0=$SECONDS nreq=$REQUESTS
-  if [ "$inflight" = 1 ]; then nreq=$REQUESTS_SERIAL; fi
+  local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 nreq=$7 t0=$SECONDS
+  local slots=$((inflight > PARALLEL ? inflight : PARALLEL)) n_adapters=$((tenants > N_ADAPTERS ? tenants : N_ADAPTERS))
   log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $nreq x ($PROMPT prompt + $gen generated)"
   if [ "$kind" = iapt-batch ]; then
     run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
     return
   fi
-  start_server "$kind" "$id"
+  start_server "$kind" "$id" "$slots" "$n_adapters"
   local startup=$((SECONDS - t0)) metrics=()
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
   run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "${kind%-kvu}" --model base --tenants "$tenants" --mix "$mix" \
@@ -320,17 +342,32 @@ PY
 }
 
 log "model $MODEL; adapters $ADAPTERS; out $OUT; rows: $ROWS"
-while IFS='|' read -r id kind tenants mix inflight gen; do
+while IFS='|' read -r id kind tenants mix inflight gen nreq; do
   id=$(echo "$id" | tr -d ' ')
   case " $ROWS " in *" $id "*) ;; *) continue ;; esac
   # shellcheck disable=SC2086
-  run_row "$id" $kind $tenants $mix $inflight $gen </dev/null
+  run_row "$id" $kind $tenants $mix $inflight $gen $nreq </dev/null
 done < <(rows)
+
+# --- llama.cpp alone: its own decode throughput on the same libraries, one and PARALLEL sequences,
+# one KV stream per sequence and unified (-kvu): the ceiling of both servers' decode steps ----------
+if [ "$smoke" = 0 ]; then
+  log "llama-batched-bench (llama.cpp alone): $OUT/llama-batched-bench.txt"
+  {
+    for kvu in "" "-kvu"; do
+      echo "# $LLAMA_BATCHED_BENCH -m MODEL -c $CTX -b $BATCH -ub $UBATCH -npp $PROMPT -ntg $GEN -npl 1,$PARALLEL -t $THREADS -tb $THREADS $kvu"
+      # shellcheck disable=SC2086 # $kvu: empty or one flag
+      "$LLAMA_BATCHED_BENCH" -m "$MODEL" -c "$CTX" -b "$BATCH" -ub "$UBATCH" -npp "$PROMPT" -ntg "$GEN" -npl "1,$PARALLEL" \
+        -t "$THREADS" -tb "$THREADS" $kvu 2>&1 | grep '^|'
+    done
+  } >"$OUT/llama-batched-bench.txt"
+fi
 
 # --- the table ---------------------------------------------------------------------------------
 SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:])))' \
   smoke="$smoke" requests="$REQUESTS" requests_serial="$REQUESTS_SERIAL" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
   warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
+  tenants_big="$TENANTS_BIG" parallel_big="$PARALLEL_BIG" requests_big="$REQUESTS_BIG" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
   llama_server="$LLAMA_SERVER" llama_version="$LLAMA_VERSION" llama_src="$LLAMA_SRC" llama_lib="$LLAMA_LIB" rows="$ROWS" \
   wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")

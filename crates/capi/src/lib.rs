@@ -333,7 +333,7 @@ pub extern "C" fn iapt_hook_prepare(hook: *mut IaptHook, batch: *const llama_bat
             lent.push((p.seq, p.first + p.len));
         }
         if !segs.is_empty() {
-            h.stream.arm(segs, batch.n_tokens(), n_ubatch);
+            h.stream.arm(segs, iapt_hook::Split::Simple { batch_len: batch.n_tokens(), n_ubatch });
         }
         st.armed = Some(lent);
         Ok(IAPT_OK)

@@ -99,6 +99,10 @@ pub struct EngineArgs {
     /// Tokens decoded per step at most (decode tokens first, then prefill chunks).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub batch_tokens: usize,
+    /// One KV cache shared by all sequences (llama-server's --kv-unified). Default: one stream per
+    /// sequence, whose attention then reads only its own cells (faster with many in flight).
+    #[arg(long)]
+    pub kv_unified: bool,
 }
 
 /// llama.cpp's sampler chain (`run`, `batch`): penalties, top-k, top-p, min-p, temperature, then a
@@ -195,11 +199,13 @@ pub struct EngineShape {
     pub batch_tokens: usize,
     /// Requests that may wait.
     pub queue: usize,
+    /// One KV cache for all sequences.
+    pub kv_unified: bool,
 }
 
 impl EngineShape {
     /// One request at a time, its whole prompt in one decode (`run`, `bench`, `eval`, `demo`).
-    pub const SINGLE: EngineShape = EngineShape { parallel: 1, batch_tokens: 0, queue: 1 };
+    pub const SINGLE: EngineShape = EngineShape { parallel: 1, batch_tokens: 0, queue: 1, kv_unified: false };
 
     /// From the engine options (`batch`, `serve`), with `queue` waiting requests.
     pub fn from_args(e: &EngineArgs, queue: usize) -> Result<EngineShape, Fail> {
@@ -208,7 +214,7 @@ impl EngineShape {
                 "--parallel must be between 1 and 256 (llama.cpp's sequence limit), --batch-tokens and --queue at least 1",
             ));
         }
-        Ok(EngineShape { parallel: e.parallel, batch_tokens: e.batch_tokens.max(e.parallel), queue })
+        Ok(EngineShape { parallel: e.parallel, batch_tokens: e.batch_tokens.max(e.parallel), queue, kv_unified: e.kv_unified })
     }
 }
 
@@ -328,6 +334,7 @@ impl RuntimeArgs {
                 FlashArg::On => Some(true),
                 FlashArg::Off => Some(false),
             },
+            kv_unified: shape.kv_unified,
             generator_threads: self.threads(),
             gpu: self.generator_runtime()?,
         })

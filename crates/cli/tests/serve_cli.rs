@@ -450,6 +450,13 @@ fn metrics_count_requests_and_tokens() {
     assert_eq!(s.metric("iapt_inter_token_latency_seconds_count{model=\"tiny\"}"), (completion_tokens - 3) as f64);
     assert_eq!(s.metric("iapt_requests_total{model=\"tiny\""), 3.0);
     assert_eq!(s.metric("iapt_requests_running"), 0.0);
+    // The engine's counters: one request at a time, so one prefill step each and then one
+    // decode-only step per further token (one more where a request ended at end-of-generation).
+    let decode_tokens = s.metric("iapt_engine_decode_only_tokens_total");
+    assert!((completion_tokens - 3) as f64 <= decode_tokens && decode_tokens <= completion_tokens as f64, "{}", r.body);
+    assert_eq!(s.metric("iapt_engine_steps_total"), 3.0 + s.metric("iapt_engine_decode_only_steps_total"));
+    let (all, llama) = (s.metric("iapt_engine_decode_only_seconds_total"), s.metric("iapt_engine_decode_only_llama_seconds_total"));
+    assert!(0.0 < llama && llama <= all && all <= s.metric("iapt_engine_step_seconds_total"), "{}", r.body);
 }
 
 #[test]

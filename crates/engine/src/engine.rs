@@ -35,6 +35,10 @@ pub struct EngineConfig {
     pub kv_type: KvType,
     /// Flash attention (`None`: llama.cpp's choice).
     pub flash_attn: Option<bool>,
+    /// One KV cache shared by all sequences (`true`), or one stream of `seq_ctx` cells per
+    /// sequence (`false`, the default, as llama-server's): a decoding sequence's attention then
+    /// reads its own cells only, not every running sequence's.
+    pub kv_unified: bool,
     /// Threads of each CPU generator call.
     pub generator_threads: usize,
     /// Run the adapters' generators on this GPU runtime (adapters with more soft tokens than the
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             n_threads: 0,
             kv_type: KvType::F16,
             flash_attn: None,
+            kv_unified: false,
             generator_threads: 1,
             gpu: None,
         }
@@ -70,6 +75,12 @@ impl EngineConfig {
             return bad(format!(
                 "batch_tokens = {} must be >= parallel = {} (one decode token per running sequence)",
                 self.batch_tokens, self.parallel
+            ));
+        }
+        if !self.kv_unified && self.n_ubatch < self.parallel {
+            return bad(format!(
+                "n_ubatch = {} must be >= parallel = {} with one KV stream per sequence (a ubatch may hold a row of each), or use a unified KV cache",
+                self.n_ubatch, self.parallel
             ));
         }
         if self.seq_ctx < 2 || self.n_ubatch == 0 || self.queue_capacity == 0 {
@@ -98,6 +109,9 @@ pub struct EngineStats {
     pub decode_only_tokens: u64,
     /// See `decode_only_steps`.
     pub decode_only_time: Duration,
+    /// Of `decode_only_time`: inside llama.cpp's `llama_decode` (the graph); the rest is the
+    /// engine's own (filling the batch, sampling, stop rules, events).
+    pub decode_only_llama_time: Duration,
     /// Wall time of all steps.
     pub step_time: Duration,
 }
@@ -180,6 +194,7 @@ impl<'m> Engine<'m> {
             flash_attn: cfg.flash_attn,
             kv_type: cfg.kv_type,
             n_seq_max: cfg.parallel as u32,
+            kv_unified: cfg.kv_unified,
         };
         let callback = hook.clone().map(|h| h as Arc<dyn EvalCallback>);
         let ctx = Context::new(model, &params, callback)?;
@@ -406,16 +421,18 @@ impl<'m> Engine<'m> {
         let (segs, seg_slots) = self.lend_prefills(&plan);
         let armed = !segs.is_empty();
         if let (Some(h), true) = (&self.hook, armed) {
-            h.arm(segs, self.batch.len(), self.ctx.n_ubatch());
+            h.arm(segs, self.ctx.split(&self.batch));
         }
         self.step_no += 1;
         if crate::fault::hit("panic", self.step_no) {
             panic!("failpoint panic@{}", self.step_no);
         }
+        let t_decode = Instant::now();
         let res = match crate::fault::hit("decode", self.step_no) {
             true => Err(iapt_llama::LlamaError::Decode { code: -1, detail: format!("failpoint decode@{}", self.step_no) }),
             false => self.ctx.decode(&self.batch),
         };
+        let llama_time = t_decode.elapsed();
         if armed {
             events.extend(self.take_back(&seg_slots));
         }
@@ -436,13 +453,16 @@ impl<'m> Engine<'m> {
         for p in &plan {
             events.extend(self.advance(p));
         }
+        // The whole step, sampling and events included.
+        let step_dt = t0.elapsed();
         self.stats.steps += 1;
-        self.stats.step_time += dt;
+        self.stats.step_time += step_dt;
         self.stats.prefill_rows += prefill_rows as u64;
         if prefill_rows == 0 {
             self.stats.decode_only_steps += 1;
             self.stats.decode_only_tokens += plan.len() as u64;
-            self.stats.decode_only_time += dt;
+            self.stats.decode_only_time += step_dt;
+            self.stats.decode_only_llama_time += llama_time;
         }
         events
     }

@@ -15,7 +15,12 @@
 //!   [`EngineConfig::seq_ctx`] tokens, checked when the request is submitted (prompt plus soft tokens
 //!   plus `max_tokens`), so a request that can never fit is refused up front and admitted ones never
 //!   run out of KV cells. A finished, failed or cancelled sequence frees its cells at once
-//!   (`llama_memory_seq_rm`) and its slot is reused.
+//!   (`llama_memory_seq_rm`) and its slot is reused. By default each slot has its own KV stream
+//!   (llama.cpp's `kv_unified = false`, as llama-server): a decoding sequence's attention reads its
+//!   own cells only, which makes a decode step of 16 sequences ~15% faster than over one unified
+//!   cache ([`EngineConfig::kv_unified`]); llama.cpp then splits a batch into ubatches that hold
+//!   as many rows of each sequence, and the engine tells the hook which rows each holds
+//!   ([`iapt_llama::split`]).
 //! - **Sampling.** Every request has its own llama.cpp sampler chain ([`iapt_llama::SamplerChain`]),
 //!   applied to its own logits row; stop at end-of-generation tokens, at stop strings (matched
 //!   across token boundaries, never emitted) or at `max_tokens`; optional top-N log-probabilities.

@@ -84,6 +84,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         n_threads: 1,
         kv_type: KvType::F32,
         flash_attn: Some(false),
+        kv_unified: false,
         generator_threads: 1,
         gpu: None,
     }

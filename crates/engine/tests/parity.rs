@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use iapt_engine::{Engine, EngineConfig, EngineError, Request};
 use iapt_format::{Adapter, Container};
-use iapt_hook::{Claim, Prefill, Segment, StreamHook};
+use iapt_hook::{Claim, Prefill, Segment, Split, StreamHook};
 use iapt_llama::{Batch, Context, ContextParams, EvalCallback, GpuRuntime, KvType, LlamaError, Model, NodeData, NodeInfo, Quant, Token};
 
 const STEPS: usize = 16;
@@ -162,6 +162,7 @@ fn engine_config(gpu: &Option<Arc<GpuRuntime>>, p: Params, parallel: usize) -> E
         n_threads: 1,
         kv_type: p.kv,
         flash_attn: p.flash,
+        kv_unified: false,
         generator_threads: 1,
         gpu: gpu.clone(),
     }
@@ -469,7 +470,7 @@ fn second_adapter(model: &Model) -> Adapter {
     random_adapter(&spec, &mut Rng::new(0x05EC_017D)).expect("valid adapter")
 }
 
-fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
+fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32, kv_unified: bool) {
     let long = case("llama-long-iapt");
     let short = case("llama-short-iapt");
     let base = case("llama-short-base");
@@ -479,7 +480,7 @@ fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
     // Alone: the second adapter on the long instruction, one sequence per decode.
     let (alone_tokens, alone_logits) = run_on(gpu, &model, Some(&second), &exact_params(512), &long.instruction);
     // Four sequences in 4 slots: their prefills share one decode, then they decode together.
-    let mut e = Engine::new(&model, engine_config(gpu, exact_params(n_ubatch), 4)).unwrap();
+    let mut e = Engine::new(&model, EngineConfig { kv_unified, ..engine_config(gpu, exact_params(n_ubatch), 4) }).unwrap();
     e.load_adapter("fixture", &fixture).unwrap();
     e.load_adapter("second", &second).unwrap();
     let requests = [
@@ -510,7 +511,7 @@ fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
             first_step = false;
         }
     }
-    let label = |what: &str| format!("n_ubatch {n_ubatch}, {what}");
+    let label = |what: &str| format!("n_ubatch {n_ubatch}, kv_unified {kv_unified}, {what}");
     assert_matches(&label("fixture adapter, long"), &long, &out[0].0, &out[0].1, 1e-4);
     assert_matches(&label("no adapter"), &base, &out[1].0, &out[1].1, 1e-4);
     assert_matches(&label("fixture adapter, short"), &short, &out[3].0, &out[3].1, 1e-4);
@@ -522,10 +523,17 @@ fn multi_sequence(gpu: &Option<Arc<GpuRuntime>>, n_ubatch: u32) {
     assert_eq!(soft, vec![4, 0, 2, 4]);
 }
 
-on_every_device!(multi_sequence_one_ubatch, |gpu| multi_sequence(gpu, 512));
+// One KV stream per sequence (the engine's default: llama.cpp's equal split interleaves the
+// sequences' rows in each ubatch) and one unified stream (ubatches in batch order).
+on_every_device!(multi_sequence_one_ubatch, |gpu| {
+    multi_sequence(gpu, 512, false);
+    multi_sequence(gpu, 512, true);
+});
 on_every_device!(multi_sequence_over_ubatches_of_8_and_5, |gpu| {
-    multi_sequence(gpu, 8);
-    multi_sequence(gpu, 5);
+    for kv_unified in [false, true] {
+        multi_sequence(gpu, 8, kv_unified);
+        multi_sequence(gpu, 5, kv_unified);
+    }
 });
 
 #[test]
@@ -677,13 +685,13 @@ fn hook_reports_a_plan_that_does_not_match_the_ubatches() {
     }
     let seg = |g: &Arc<iapt_generator::Generator>| vec![Segment { row0: 0, first: 0, len: total, prefill: Prefill::cpu(g.clone(), n) }];
     // The context runs one ubatch of all the rows; a hook armed for ubatches of 8 must refuse it.
-    hook.arm(seg(&generator), total, 8);
+    hook.arm(seg(&generator), Split::Simple { batch_len: total, n_ubatch: 8 });
     ctx.decode(&batch).unwrap();
     let errors = hook.finish().1.expect_err("mismatched ubatches");
     assert!(errors[0].to_string().contains("split the batch differently"), "{errors:?}");
     // Armed right, on the same context, it works.
     ctx.clear_kv();
-    hook.arm(seg(&generator), total, ctx.n_ubatch());
+    hook.arm(seg(&generator), ctx.split(&batch));
     ctx.decode(&batch).unwrap();
     hook.finish().1.unwrap();
 }

@@ -20,12 +20,15 @@
 //! host. Before the callback returns, the runtime is synchronised, so llama.cpp's next node sees the
 //! soft rows and no queued read outlives the node's data.
 //!
-//! **Ubatches.** The callback does not see llama.cpp's ubatches, so the hook follows them: with a
-//! unified KV cache llama.cpp splits a batch into contiguous ubatches of `n_ubatch` rows in batch
-//! order, each running layers 0..L (a caller that does not know `n_ubatch` arms with 0: the first
-//! ubatch's row count is then taken as `n_ubatch`, and every later ubatch must agree with it). A
-//! layer-0 node with another row count is an error, and after such an error of the whole decode
-//! the hook stops touching the graph.
+//! **Ubatches.** The callback does not see llama.cpp's ubatches, so the caller says how llama.cpp
+//! splits the batch ([`Split`]) and the hook follows the ubatches, each running layers 0..L. With
+//! one KV stream (a unified cache) they are contiguous runs of `n_ubatch` rows in batch order (a
+//! caller that does not know `n_ubatch` arms with 0: the first ubatch's row count is then taken as
+//! `n_ubatch`, and every later ubatch must agree with it); with one stream per sequence each
+//! ubatch holds the same number of rows of several sequences, and the caller gives the batch rows
+//! of each ubatch in graph order (`iapt_llama::split`). A layer-0 node with another row count than
+//! expected is an error, and after such an error of the whole decode the hook stops touching the
+//! graph.
 //!
 //! **Failures stay with their sequence.** An error that belongs to one segment (its generator
 //! failed, its soft tokens are not finite or out of range) stops the hook touching that segment's
@@ -34,6 +37,7 @@
 //! finite, or that would overflow the next layer's norm, ever enters llama.cpp's graph or its KV
 //! cache, where another sequence's attention could read it.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -125,6 +129,39 @@ pub struct Segment {
     pub prefill: Prefill,
 }
 
+/// How llama.cpp splits a decode's batch into ubatches (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Split {
+    /// Consecutive runs of `n_ubatch` rows in batch order (one KV stream); `n_ubatch` 0: learned
+    /// from the first ubatch.
+    Simple {
+        /// Rows in the batch.
+        batch_len: usize,
+        /// Rows per ubatch (the last may have fewer).
+        n_ubatch: usize,
+    },
+    /// Each ubatch's batch rows, in the order of the graph's rows.
+    Planned(Vec<Vec<Range<usize>>>),
+}
+
+impl Split {
+    /// Rows in the batch.
+    pub fn batch_len(&self) -> usize {
+        match self {
+            Split::Simple { batch_len, .. } => *batch_len,
+            Split::Planned(u) => u.iter().flatten().map(|r| r.len()).sum(),
+        }
+    }
+
+    /// The most rows one ubatch holds (0 where not known yet).
+    fn n_ubatch(&self) -> usize {
+        match self {
+            Split::Simple { n_ubatch, .. } => *n_ubatch,
+            Split::Planned(u) => u.iter().map(|p| p.iter().map(|r| r.len()).sum()).max().unwrap_or(0),
+        }
+    }
+}
+
 /// One claimed node, for tests and diagnostics ([`StreamHook::claims`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -170,10 +207,9 @@ struct Armed {
     done: Vec<Vec<usize>>,
     /// Segments that failed in this decode (their rows are no longer touched).
     seg_failed: Vec<bool>,
-    batch_len: usize,
-    n_ubatch: usize,
-    /// Current ubatch: index, first row, length.
-    ubatch: Option<(usize, usize, usize)>,
+    split: Split,
+    /// Current ubatch: its index and its batch rows in graph order.
+    ubatch: Option<(usize, Vec<Range<usize>>)>,
     next_layer: usize,
     /// The whole decode failed: the hook stops touching the graph.
     failed: bool,
@@ -199,13 +235,6 @@ pub struct StreamHook {
     inner: Mutex<Inner>,
 }
 
-/// The batch rows `start..end` of the ubatch a node belongs to.
-#[derive(Debug, Clone, Copy)]
-struct Ubatch {
-    start: usize,
-    end: usize,
-}
-
 impl StreamHook {
     /// A disarmed hook for a model of architecture `arch` with `n_layer` layers of width `n_embd`.
     pub fn new(arch: ArchSpec, n_layer: usize, n_embd: usize) -> StreamHook {
@@ -224,10 +253,10 @@ impl StreamHook {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Arms the hook for the next decode of `batch_len` rows split into ubatches of `n_ubatch`
-    /// (0: not known, learned from the first ubatch). The segments must lie in the batch in
-    /// order; a segment whose prefill was made for another model shape fails alone.
-    pub fn arm(&self, segs: Vec<Segment>, batch_len: usize, n_ubatch: usize) {
+    /// Arms the hook for the next decode, whose batch llama.cpp splits as `split` says. The
+    /// segments must lie in the batch in order; a segment whose prefill was made for another model
+    /// shape fails alone.
+    pub fn arm(&self, segs: Vec<Segment>, split: Split) {
         let done = segs.iter().map(|_| vec![0; self.n_layer]).collect();
         let seg_failed = vec![false; segs.len()];
         let mut inner = self.lock();
@@ -235,7 +264,7 @@ impl StreamHook {
         inner.claims.clear();
         inner.times = HookTimes::default();
         inner.remote_copies = 0;
-        let mut a = Armed { segs, done, seg_failed, batch_len, n_ubatch, ubatch: None, next_layer: 0, failed: false };
+        let mut a = Armed { segs, done, seg_failed, split, ubatch: None, next_layer: 0, failed: false };
         for (i, s) in a.segs.iter().enumerate() {
             if s.first + s.len > s.prefill.total() {
                 let e = HookError::PastPrompt { seg: i, first: s.first, end: s.first + s.len, total: s.prefill.total() };
@@ -271,11 +300,16 @@ impl StreamHook {
     /// What a decode that raised no error of its own still missed: ubatches, layers, rows.
     fn coverage_errors(&self, a: &Armed) -> Vec<HookError> {
         let mut errors = Vec::new();
-        match a.ubatch {
+        match &a.ubatch {
             None => errors.push(HookError::Layer0Missing { node: self.arch.layer0_node.to_owned() }),
-            Some((idx, start, len)) => {
-                if start + len != a.batch_len {
-                    errors.push(HookError::UbatchesIncomplete { covered: start + len, batch_len: a.batch_len });
+            Some((idx, rows)) => {
+                let idx = *idx;
+                let covered = match &a.split {
+                    Split::Simple { .. } => rows.last().map_or(0, |r| r.end),
+                    Split::Planned(u) => u[..=idx].iter().flatten().map(|r| r.len()).sum(),
+                };
+                if covered != a.split.batch_len() {
+                    errors.push(HookError::UbatchesIncomplete { covered, batch_len: a.split.batch_len() });
                 }
                 if a.next_layer != self.n_layer {
                     let layer = a.next_layer;
@@ -335,37 +369,48 @@ impl StreamHook {
     }
 
     /// Tracks ubatches and layers: layer 0's node starts the next ubatch, whose row count must be
-    /// the expected one, and layers come in order. Returns the ubatch's index and rows.
-    fn follow(&self, a: &mut Armed, rows: usize, layer: usize) -> Result<(usize, Ubatch), HookError> {
+    /// the expected one, and layers come in order. Returns the ubatch's index and batch rows.
+    fn follow(&self, a: &mut Armed, rows: usize, layer: usize) -> Result<(usize, Vec<Range<usize>>), HookError> {
         if layer == 0 {
-            let (idx, start) = match a.ubatch {
-                None => (0, 0),
-                Some((i, s, len)) if a.next_layer == self.n_layer => (i + 1, s + len),
-                Some((i, ..)) => {
+            let idx = match &a.ubatch {
+                None => 0,
+                Some((i, _)) if a.next_layer == self.n_layer => i + 1,
+                Some((i, _)) => {
                     let next = a.next_layer;
-                    return Err(HookError::LayerMissing { ubatch: i, node: self.arch.layer_input_node(next), layer: next });
+                    return Err(HookError::LayerMissing { ubatch: *i, node: self.arch.layer_input_node(next), layer: next });
                 }
             };
-            if start >= a.batch_len {
-                return Err(HookError::BeyondBatch { batch_len: a.batch_len });
-            }
-            if a.n_ubatch == 0 && idx == 0 && rows > 0 {
-                // Not told: llama.cpp's first ubatch has n_ubatch rows, or the whole batch.
-                a.n_ubatch = rows;
-            }
-            let want = a.n_ubatch.min(a.batch_len - start);
+            let batch_len = a.split.batch_len();
+            let ranges = match &mut a.split {
+                Split::Simple { n_ubatch, batch_len } => {
+                    let start = a.ubatch.as_ref().and_then(|(_, r)| r.last()).map_or(0, |r| r.end);
+                    if start >= *batch_len {
+                        return Err(HookError::BeyondBatch { batch_len: *batch_len });
+                    }
+                    if *n_ubatch == 0 && idx == 0 && rows > 0 {
+                        // Not told: llama.cpp's first ubatch has n_ubatch rows, or the whole batch.
+                        *n_ubatch = rows;
+                    }
+                    std::iter::once(start..start + (*n_ubatch).min(*batch_len - start)).collect()
+                }
+                Split::Planned(u) => match u.get(idx) {
+                    Some(r) => r.clone(),
+                    None => return Err(HookError::BeyondBatch { batch_len }),
+                },
+            };
+            let want: usize = ranges.iter().map(|r| r.len()).sum();
             if rows != want {
-                return Err(HookError::UbatchRows { ubatch: idx, rows, want, batch_len: a.batch_len, n_ubatch: a.n_ubatch });
+                return Err(HookError::UbatchRows { ubatch: idx, rows, want, batch_len, n_ubatch: a.split.n_ubatch() });
             }
-            a.ubatch = Some((idx, start, rows));
+            a.ubatch = Some((idx, ranges));
             a.next_layer = 0;
         }
-        let Some((idx, start, len)) = a.ubatch else { return Err(HookError::LayerOrder { ubatch: None, layer, expected: 0 }) };
+        let Some((idx, ranges)) = &a.ubatch else { return Err(HookError::LayerOrder { ubatch: None, layer, expected: 0 }) };
         if layer != a.next_layer {
-            return Err(HookError::LayerOrder { ubatch: Some(idx), layer, expected: a.next_layer });
+            return Err(HookError::LayerOrder { ubatch: Some(*idx), layer, expected: a.next_layer });
         }
         a.next_layer = layer + 1;
-        Ok((idx, Ubatch { start, end: start + len }))
+        Ok((*idx, ranges.clone()))
     }
 
     /// Handles one claimed node (the residual stream entering `layer`): every live segment with
@@ -380,29 +425,37 @@ impl StreamHook {
         }
         let ne = node.ne();
         let rows = ne[1].max(0) as usize;
-        let (idx, ub) = self.follow(a, rows, layer)?;
+        let (idx, ranges) = self.follow(a, rows, layer)?;
         if ne[0] as usize != self.n_embd || ne[2] != 1 || ne[3] != 1 {
             return Err(HookError::NodeShape { node: node.name().to_owned(), ne, n_embd: self.n_embd, rows });
         }
-        let mut ctx = Ctx { layer, ub, d: self.n_embd, buf, times, remote_copies, sync: SyncOnExit(None) };
+        let mut ctx = Ctx { layer, d: self.n_embd, buf, times, remote_copies, sync: SyncOnExit(None) };
         let mut fatal = None;
-        for (seg, s) in a.segs.iter_mut().enumerate() {
-            if a.seg_failed[seg] {
-                continue;
-            }
-            let (r0, r1) = (ub.start.max(s.row0), ub.end.min(s.row0 + s.len));
-            if r0 >= r1 {
-                continue;
-            }
-            match ctx.segment(node, s, seg, r0, r1) {
-                Ok(()) => a.done[seg][layer] += r1 - r0,
-                Err(SegFail::Seg(e)) => {
-                    errors.push(e);
-                    a.seg_failed[seg] = true;
+        // Node row of each range's first batch row.
+        let offsets = ranges.iter().scan(0, |at, r| {
+            let o = *at;
+            *at += r.len();
+            Some(o)
+        });
+        'ranges: for (range, node_row) in ranges.iter().zip(offsets) {
+            for (seg, s) in a.segs.iter_mut().enumerate() {
+                if a.seg_failed[seg] {
+                    continue;
                 }
-                Err(SegFail::Decode(e)) => {
-                    fatal = Some(e);
-                    break;
+                let (r0, r1) = (range.start.max(s.row0), range.end.min(s.row0 + s.len));
+                if r0 >= r1 {
+                    continue;
+                }
+                match ctx.segment(node, s, seg, r0, r1, node_row + (r0 - range.start)) {
+                    Ok(()) => a.done[seg][layer] += r1 - r0,
+                    Err(SegFail::Seg(e)) => {
+                        errors.push(e);
+                        a.seg_failed[seg] = true;
+                    }
+                    Err(SegFail::Decode(e)) => {
+                        fatal = Some(e);
+                        break 'ranges;
+                    }
                 }
             }
         }
@@ -453,7 +506,6 @@ impl Drop for SyncOnExit {
 /// What one claimed node's handling shares across its segments.
 struct Ctx<'a> {
     layer: usize,
-    ub: Ubatch,
     d: usize,
     buf: &'a mut Vec<f32>,
     times: &'a mut HookTimes,
@@ -495,16 +547,23 @@ impl Ctx<'_> {
         }
     }
 
-    /// Batch rows `r0..r1` of segment `s` (number `seg`) on the node: the instruction part is fed,
-    /// the soft part written.
-    fn segment<N: LayerRows>(&mut self, node: &mut N, s: &mut Segment, seg: usize, r0: usize, r1: usize) -> Result<(), SegFail> {
+    /// Batch rows `r0..r1` of segment `s` (number `seg`), node rows from `node_r0` on: the
+    /// instruction part is fed, the soft part written.
+    fn segment<N: LayerRows>(
+        &mut self,
+        node: &mut N,
+        s: &mut Segment,
+        seg: usize,
+        r0: usize,
+        r1: usize,
+        node_r0: usize,
+    ) -> Result<(), SegFail> {
         let layer = self.layer;
         let n = s.prefill.n_instr;
         // Sequence positions of these rows; instruction part q0..min(q1, n), soft part max(q0, n)..q1.
         let (q0, q1) = (s.first + r0 - s.row0, s.first + r1 - s.row0);
         if q0 < n {
-            let i1 = r0 + (q1.min(n) - q0);
-            self.feed(node, &mut s.prefill, seg, r0 - self.ub.start, i1 - r0)?;
+            self.feed(node, &mut s.prefill, seg, node_r0, q1.min(n) - q0)?;
         }
         let (s0, s1) = (q0.max(n), q1);
         if s0 < s1 {
@@ -513,7 +572,7 @@ impl Ctx<'_> {
                 return Err(SegFail::Seg(HookError::RowsSeen { seg, layer, seen, expected: n }));
             }
             // Node row of soft slot s0.
-            let row0 = r0 + (s0 - q0) - self.ub.start;
+            let row0 = node_r0 + (s0 - q0);
             self.soft(node, &mut s.prefill, seg, row0, s0 - n, s1 - s0)?;
         }
         Ok(())

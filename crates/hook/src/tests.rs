@@ -17,6 +17,7 @@
 //! - `ubatch_mismatch_*`: a node with another row count than the ubatch plan fails the decode.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use iapt_format::{Activation, Adapter, Role, Tensor};
@@ -24,7 +25,7 @@ use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
 use iapt_generator::Generator;
 use iapt_generator_cuda::{DevRows, DevRowsMut, GpuRuntime};
 
-use crate::{arch_spec, HookError, LayerRows, Prefill, Segment, StreamHook};
+use crate::{arch_spec, HookError, LayerRows, Prefill, Segment, Split, StreamHook};
 
 const L: usize = 3;
 const D: usize = 16;
@@ -125,8 +126,16 @@ type Written = HashMap<(usize, usize, usize), Vec<f32>>;
 /// the callback (layer inputs in order, per ubatch); records the soft rows after the hook ran and
 /// checks that it left every other row alone.
 fn decode(hook: &StreamHook, rows: &[Row], n_ubatch: usize, written: &mut Written) {
+    let ubatches: Vec<Vec<Range<usize>>> =
+        (0..rows.len()).step_by(n_ubatch).map(|r| std::iter::once(r..(r + n_ubatch).min(rows.len())).collect()).collect();
+    decode_split(hook, rows, &ubatches, written);
+}
+
+/// As [`decode`], with each ubatch's batch rows given in graph order (llama.cpp's equal split).
+fn decode_split(hook: &StreamHook, rows: &[Row], ubatches: &[Vec<Range<usize>>], written: &mut Written) {
     let spec = arch_spec("llama").unwrap();
-    for ub in rows.chunks(n_ubatch) {
+    for ranges in ubatches {
+        let ub: Vec<Row> = ranges.iter().flat_map(|r| rows[r.clone()].iter().copied()).collect();
         for layer in 0..L {
             let name = spec.layer_input_node(layer);
             let data: Vec<f32> = ub.iter().flat_map(|r| if r.soft { vec![PLACEHOLDER; D] } else { hidden(r.seq, r.pos, layer) }).collect();
@@ -189,7 +198,7 @@ fn two_chunks(make: &dyn Fn(&Adapter, usize) -> Prefill, a: &Adapter, n: usize, 
     for (p0, p1) in [(0, split), (split, n + m)] {
         let rows = seq_rows(0, n, p0, p1);
         let seg = Segment { row0: 0, first: p0, len: p1 - p0, prefill: state.take().unwrap() };
-        h.arm(vec![seg], rows.len(), n_ubatch);
+        h.arm(vec![seg], Split::Simple { batch_len: rows.len(), n_ubatch });
         decode(&h, &rows, n_ubatch, &mut written);
         let (mut states, res) = h.finish();
         res.unwrap_or_else(|e| panic!("split {split} n_ubatch {n_ubatch}: {e:?}"));
@@ -227,7 +236,10 @@ fn gpu_in_place_chunk_boundaries_on_the_emulator() {
     let a = adapter(4, 12);
     let (h, n) = (hook(), 5);
     let rows = seq_rows(0, n, 0, n + 4);
-    h.arm(vec![Segment { row0: 0, first: 0, len: rows.len(), prefill: emulated_prefill(&a, n) }], rows.len(), 512);
+    h.arm(
+        vec![Segment { row0: 0, first: 0, len: rows.len(), prefill: emulated_prefill(&a, n) }],
+        Split::Simple { batch_len: rows.len(), n_ubatch: 512 },
+    );
     let mut written = Written::new();
     decode(&h, &rows, 512, &mut written);
     h.finish().1.unwrap();
@@ -252,7 +264,7 @@ fn mixed_ubatch_of_adapters_plain_sequences_and_decode_tokens() {
             segs.push(Segment { row0: rows.len(), first: 0, len: n + m, prefill: cpu_prefill(a, n) });
             rows.extend(seq_rows(seq, n, 0, n + m));
         }
-        h.arm(segs, rows.len(), n_ubatch);
+        h.arm(segs, Split::Simple { batch_len: rows.len(), n_ubatch });
         let mut written = Written::new();
         decode(&h, &rows, n_ubatch, &mut written);
         let (states, res) = h.finish();
@@ -276,7 +288,7 @@ fn cancelled_sequence_mid_prefill_leaves_the_other_alone() {
         Segment { row0: 0, first: 0, len: 4, prefill: cpu_prefill(&a, n) },
         Segment { row0: 4, first: 0, len: 4, prefill: cpu_prefill(&a, n) },
     ];
-    h.arm(segs, rows.len(), 512);
+    h.arm(segs, Split::Simple { batch_len: rows.len(), n_ubatch: 512 });
     decode(&h, &rows, 512, &mut written);
     let (mut states, res) = h.finish();
     res.unwrap();
@@ -284,7 +296,7 @@ fn cancelled_sequence_mid_prefill_leaves_the_other_alone() {
     let s1 = states.pop().unwrap();
     drop(states);
     let rows = seq_rows(1, n, 4, n + 4);
-    h.arm(vec![Segment { row0: 0, first: 4, len: rows.len(), prefill: s1 }], rows.len(), 512);
+    h.arm(vec![Segment { row0: 0, first: 4, len: rows.len(), prefill: s1 }], Split::Simple { batch_len: rows.len(), n_ubatch: 512 });
     decode(&h, &rows, 512, &mut written);
     h.finish().1.unwrap();
     assert_soft(&written, &a, 1, n, "the sequence that went on");
@@ -302,7 +314,7 @@ fn short_prompt_beside_a_long_one_in_one_chunk() {
         Segment { row0: 0, first: 0, len: long + 4, prefill: cpu_prefill(&a, long) },
         Segment { row0, first: 0, len: short + 4, prefill: cpu_prefill(&a, short) },
     ];
-    h.arm(segs, rows.len(), 16);
+    h.arm(segs, Split::Simple { batch_len: rows.len(), n_ubatch: 16 });
     let mut written = Written::new();
     decode(&h, &rows, 16, &mut written);
     h.finish().1.unwrap();
@@ -337,7 +349,7 @@ fn overflowing_adapter(make: &dyn Fn(&Adapter, usize) -> Prefill) {
         Segment { row0: 0, first: 0, len: n + 4, prefill: make(&evil, n) },
         Segment { row0: n + 4, first: 0, len: n + 4, prefill: make(&good, n) },
     ];
-    h.arm(segs, rows.len(), 512);
+    h.arm(segs, Split::Simple { batch_len: rows.len(), n_ubatch: 512 });
     let mut written = Written::new();
     decode(&h, &rows, 512, &mut written);
     let (_, res) = h.finish();
@@ -365,7 +377,7 @@ fn ubatch_mismatch_fails_the_decode() {
     let h = hook();
     let rows = seq_rows(0, 6, 0, 10);
     // Armed for ubatches of 4 rows, decoded in ubatches of 5: the first layer-0 node has 5 rows.
-    h.arm(vec![Segment { row0: 0, first: 0, len: 10, prefill: cpu_prefill(&a, 6) }], 10, 4);
+    h.arm(vec![Segment { row0: 0, first: 0, len: 10, prefill: cpu_prefill(&a, 6) }], Split::Simple { batch_len: 10, n_ubatch: 4 });
     let mut written = Written::new();
     decode(&h, &rows, 5, &mut written);
     let errors = h.finish().1.unwrap_err();
@@ -373,4 +385,34 @@ fn ubatch_mismatch_fails_the_decode() {
     assert!(errors[0].segment().is_none());
     // The hook stopped touching the graph: every soft row still holds the placeholder.
     assert!(written.values().flatten().all(|&v| v == PLACEHOLDER));
+}
+
+#[test]
+fn equal_split_ubatches_interleave_sequences_and_stay_exact() {
+    // One stream per sequence: llama.cpp's equal split with n_ubatch 4 of a decode token of
+    // sequence 0 (no adapter), a 10-row prefill of sequence 1 and a 6-row prefill of sequence 2
+    // (batch rows 0, 1..11, 11..17): each ubatch takes as many rows of each of its sequences.
+    let (a4, a2) = (adapter(4, 71), adapter(2, 72));
+    let h = hook();
+    let mut rows = vec![Row { seq: 0, pos: 9, soft: false }];
+    rows.extend(seq_rows(1, 6, 0, 10));
+    rows.extend(seq_rows(2, 4, 0, 6));
+    let ubatches = vec![vec![0..1, 1..2, 11..12], vec![2..4, 12..14], vec![4..6, 14..16], vec![6..7, 16..17], vec![7..11]];
+    let segs = vec![
+        Segment { row0: 1, first: 0, len: 10, prefill: cpu_prefill(&a4, 6) },
+        Segment { row0: 11, first: 0, len: 6, prefill: cpu_prefill(&a2, 4) },
+    ];
+    h.arm(segs, Split::Planned(ubatches.clone()));
+    let mut written = Written::new();
+    decode_split(&h, &rows, &ubatches, &mut written);
+    h.finish().1.unwrap();
+    assert_soft(&written, &a4, 1, 6, "sequence 1");
+    assert_soft(&written, &a2, 2, 4, "sequence 2");
+    // The same ubatches announced in batch order (a wrong plan) do not pass unnoticed.
+    let h = hook();
+    let segs = vec![Segment { row0: 1, first: 0, len: 10, prefill: cpu_prefill(&a4, 6) }];
+    h.arm(segs, Split::Simple { batch_len: rows.len(), n_ubatch: 4 });
+    decode_split(&h, &rows, &ubatches, &mut Written::new());
+    let errors = h.finish().1.unwrap_err();
+    assert!(matches!(errors[0], HookError::UbatchRows { ubatch: 0, rows: 3, want: 4, .. }), "{errors:?}");
 }

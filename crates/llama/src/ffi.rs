@@ -1030,13 +1030,26 @@ pub struct ContextParams {
     pub flash_attn: Option<bool>,
     /// K and V cache type.
     pub kv_type: KvType,
-    /// Sequences one decode may hold (they share one unified KV cache of `n_ctx` cells).
+    /// Sequences one decode may hold.
     pub n_seq_max: u32,
+    /// One KV cache of `n_ctx` cells shared by every sequence (`true`), or one stream of
+    /// `n_ctx / n_seq_max` cells per sequence (`false`, llama.cpp's default: a sequence's attention
+    /// reads only its own cells, and a batch is split by [`crate::split`]'s equal rule).
+    pub kv_unified: bool,
 }
 
 impl Default for ContextParams {
     fn default() -> Self {
-        ContextParams { n_ctx: 4096, n_batch: 2048, n_ubatch: 512, n_threads: 0, flash_attn: None, kv_type: KvType::F16, n_seq_max: 1 }
+        ContextParams {
+            n_ctx: 4096,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_threads: 0,
+            flash_attn: None,
+            kv_type: KvType::F16,
+            n_seq_max: 1,
+            kv_unified: false,
+        }
     }
 }
 
@@ -1049,6 +1062,8 @@ pub struct Context<'m> {
     slot: Option<NonNull<CallbackSlot>>,
     /// Rows of the last decoded batch that asked for logits (`logits` refuses the others).
     logit_rows: Vec<bool>,
+    /// One KV stream for every sequence (unified, or one sequence at most).
+    one_stream: bool,
     _model: PhantomData<&'m Model>,
 }
 
@@ -1062,9 +1077,7 @@ impl<'m> Context<'m> {
         cp.n_batch = params.n_batch;
         cp.n_ubatch = params.n_ubatch.min(params.n_batch);
         cp.n_seq_max = params.n_seq_max.max(1);
-        // One KV stream for all sequences: llama.cpp then splits a batch into ubatches in batch
-        // order (`split_simple`), which the IAPT hook follows.
-        cp.kv_unified = true;
+        cp.kv_unified = params.kv_unified;
         if params.n_threads > 0 {
             cp.n_threads = params.n_threads;
             cp.n_threads_batch = params.n_threads;
@@ -1097,13 +1110,19 @@ impl<'m> Context<'m> {
             }
             return Err(LlamaError::ContextInit { detail: take_log_errors() });
         };
-        Ok(Context { ptr, n_vocab: model.n_vocab(), slot, logit_rows: Vec::new(), _model: PhantomData })
+        let one_stream = params.kv_unified || params.n_seq_max <= 1;
+        Ok(Context { ptr, n_vocab: model.n_vocab(), slot, logit_rows: Vec::new(), one_stream, _model: PhantomData })
     }
 
     /// The context size in tokens.
     pub fn n_ctx(&self) -> usize {
         // SAFETY: the context pointer is valid for `self`'s lifetime.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
+    }
+
+    /// How `decode` will split `batch` into ubatches (for [`iapt_hook::StreamHook::arm`]).
+    pub fn split(&self, batch: &Batch) -> iapt_hook::Split {
+        crate::split::split(&batch.seqs, self.n_ubatch(), self.one_stream)
     }
 
     /// The largest batch `decode` accepts.
@@ -1209,6 +1228,8 @@ impl Drop for Context<'_> {
 pub struct Batch {
     raw: sys::llama_batch,
     capacity: usize,
+    /// Each row's sequence (also in `raw`; kept here for [`Context::split`] without `unsafe`).
+    seqs: Vec<i32>,
 }
 
 impl Batch {
@@ -1218,7 +1239,7 @@ impl Batch {
         let cap = i32::try_from(capacity.max(1)).unwrap_or(i32::MAX);
         // SAFETY: `embd = 0` allocates token arrays; `n_seq_max = 1` gives each entry one seq id slot.
         let raw = unsafe { sys::llama_batch_init(cap, 0, 1) };
-        Batch { raw, capacity: cap as usize }
+        Batch { raw, capacity: cap as usize, seqs: Vec::with_capacity(cap as usize) }
     }
 
     /// Number of tokens in the batch.
@@ -1234,6 +1255,7 @@ impl Batch {
     /// Removes every token.
     pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
+        self.seqs.clear();
     }
 
     /// For each entry, whether it asks for its output row.
@@ -1264,6 +1286,7 @@ impl Batch {
             *self.raw.logits.add(i) = i8::from(logits);
         }
         self.raw.n_tokens += 1;
+        self.seqs.push(seq);
         Ok(())
     }
 }

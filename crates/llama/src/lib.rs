@@ -12,7 +12,8 @@
 //! `cb_eval` ([`NodeData`] implements [`iapt_hook::LayerRows`], so the one injection hook,
 //! `iapt_hook::StreamHook`, runs inside it), [`Batch`], [`SamplerChain`] (llama.cpp's sampler chain
 //! on a sequence's own logits row), backends and devices, RPC workers, and quantization;
-//! `sampling` ([`SamplerSettings`], the chain's settings and their rules). The runtime that
+//! `sampling` ([`SamplerSettings`], the chain's settings and their rules); `split` (how llama.cpp
+//! cuts a batch into ubatches, which the hook must follow). The runtime that
 //! drives all this (batching, prefill, sampling, adapters) is `iapt-engine`.
 //!
 //! Devices: by default llama.cpp is built for the CPU alone and no CUDA code is compiled. The `cuda`
@@ -36,6 +37,7 @@ mod error;
 #[allow(unsafe_code)] // The one module with `unsafe`; every block states its invariant.
 mod ffi;
 mod sampling;
+mod split;
 
 pub use error::{LlamaError, NodeError};
 pub use ffi::SamplerChain;
@@ -49,3 +51,4 @@ pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};
 /// The architecture table lives in `iapt-hook` (shared with libiapt); re-exported unchanged.
 pub use iapt_hook::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use sampling::{InvalidSampling, SamplerSettings};
+pub use split::split;

@@ -7,7 +7,10 @@
 //!   stays valid when the `Context` moves, and is released exactly once when it drops;
 //! - `chat_messages_keep_every_message_in_order`: `Model::apply_chat_messages` with one user message
 //!   is `apply_chat_template`, and a conversation renders every message once, in order, longer than
-//!   its first turn; a model without a template and a NUL in a message are errors, not aborts.
+//!   its first turn; a model without a template and a NUL in a message are errors, not aborts;
+//! - `split_matches_llama_cpp`: `iapt_llama::split` (which batch rows each ubatch's graph holds,
+//!   in graph order) is what the linked llama.cpp does, with one KV stream and with one stream per
+//!   sequence, read back from the graph's token embeddings over random batches.
 //!
 //! The f32-rows check over all four strides is a unit test of `ffi`; "one writable view of a node
 //! at a time" is a `compile_fail` doctest on `NodeData::gpu_rows_mut`; "no C++ exception crosses
@@ -17,6 +20,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use iapt_generator::testing::Rng;
+use iapt_hook::Split;
 use iapt_llama::{Batch, Context, ContextParams, EvalCallback, KvType, LlamaError, Model, NodeData, NodeInfo};
 
 fn fixtures() -> PathBuf {
@@ -25,7 +30,16 @@ fn fixtures() -> PathBuf {
 }
 
 fn params(n_seq_max: u32) -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 256, n_ubatch: 256, n_threads: 1, flash_attn: Some(false), kv_type: KvType::F32, n_seq_max }
+    ContextParams {
+        n_ctx: 256,
+        n_batch: 256,
+        n_ubatch: 256,
+        n_threads: 1,
+        flash_attn: Some(false),
+        kv_type: KvType::F32,
+        n_seq_max,
+        kv_unified: true,
+    }
 }
 
 fn model() -> Model {
@@ -130,4 +144,79 @@ fn chat_messages_keep_every_message_in_order() {
     assert!(matches!(m.apply_chat_messages(&[("user", "a\0b")]), Err(LlamaError::ChatTemplate { .. })));
     let demo = Model::load(&fixtures().join("../../demo/assets/base-q4_k_m.gguf")).expect("demo model");
     assert!(matches!(demo.apply_chat_messages(&[("user", "x")]), Err(LlamaError::ChatTemplate { .. })), "the demo model has no template");
+}
+
+/// Records the rows of every `embd` node (the token embeddings: layer 0's input), one entry per
+/// ubatch.
+struct Embeddings(std::sync::Mutex<Vec<Vec<Vec<f32>>>>);
+
+impl EvalCallback for Embeddings {
+    fn wants(&self, node: &NodeInfo<'_>) -> bool {
+        node.name() == "embd"
+    }
+    fn on_data(&self, node: &mut NodeData<'_>) {
+        let [d, rows, ..] = node.ne().map(|v| v as usize);
+        let mut all = vec![0.0f32; d * rows];
+        node.read_rows(0, &mut all).unwrap();
+        self.0.lock().unwrap().push(all.chunks(d).map(<[f32]>::to_vec).collect());
+    }
+}
+
+#[test]
+fn split_matches_llama_cpp() {
+    let model = model();
+    let n_vocab = model.n_vocab() as i32;
+    // Each token's embedding row, from one decode of tokens 1..=200 in one sequence.
+    let cb = Arc::new(Embeddings(std::sync::Mutex::new(Vec::new())));
+    let mut ctx = Context::new(&model, &params(1), Some(cb.clone() as Arc<dyn EvalCallback>)).unwrap();
+    let mut batch = Batch::new(256);
+    for t in 1..=200 {
+        batch.push(t, t - 1, t == 200).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    let table: Vec<Vec<f32>> = cb.0.lock().unwrap().concat();
+    assert_eq!(table.len(), 200);
+    let mut rng = Rng::new(20261207);
+    for (unified, n_ubatch) in [(false, 256), (false, 7), (false, 12), (true, 7)] {
+        let n_seq = 6;
+        let p = ContextParams { n_ctx: 256 * n_seq, n_batch: 256, n_ubatch, n_seq_max: n_seq, kv_unified: unified, ..params(1) };
+        let cb = Arc::new(Embeddings(std::sync::Mutex::new(Vec::new())));
+        let mut ctx = Context::new(&model, &p, Some(cb.clone() as Arc<dyn EvalCallback>)).unwrap();
+        let mut len = [0i32; 6];
+        for step in 0..12 {
+            // Each sequence: absent, one decode token, or a chunk of up to 20 rows; sequences in a
+            // random order, each one's rows together (as the engine and libiapt's hosts make them).
+            let mut order: Vec<i32> = (0..n_seq as i32).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            batch.clear();
+            for &s in &order {
+                let k = [0, 1, 1 + rng.below(20)][rng.below(3)];
+                for _ in 0..k {
+                    let t = 1 + batch.len() as i32;
+                    batch.push_seq(t, len[s as usize], s, false).unwrap();
+                    len[s as usize] += 1;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let tokens: Vec<usize> = (0..batch.len()).collect();
+            let ubatches = match ctx.split(&batch) {
+                Split::Planned(u) => u,
+                Split::Simple { batch_len, n_ubatch } => {
+                    (0..batch_len).step_by(n_ubatch).map(|r| std::iter::once(r..(r + n_ubatch).min(batch_len)).collect()).collect()
+                }
+            };
+            cb.0.lock().unwrap().clear();
+            ctx.decode(&batch).unwrap();
+            let seen = cb.0.lock().unwrap().clone();
+            let want: Vec<Vec<Vec<f32>>> =
+                ubatches.iter().map(|u| u.iter().flat_map(|r| tokens[r.clone()].iter().map(|&t| table[t].clone())).collect()).collect();
+            assert!(seen == want, "unified {unified}, n_ubatch {n_ubatch}, step {step}: llama.cpp split the batch of {} rows into ubatches of {:?} rows, the plan says {:?}",
+                batch.len(), seen.iter().map(Vec::len).collect::<Vec<_>>(), ubatches);
+        }
+        assert!(len.iter().all(|&l| l < 256) && n_vocab > 200);
+    }
 }

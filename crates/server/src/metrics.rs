@@ -7,9 +7,17 @@
 //! - `iapt_prompt_tokens_total{model}`, `iapt_completion_tokens_total{model}`: tokens in and out;
 //! - `iapt_time_to_first_token_seconds{model}`, `iapt_inter_token_latency_seconds{model}`:
 //!   histograms, timed on the engine thread as tokens are produced (not as clients read them);
-//! - `iapt_http_errors_total{status}`: error answers by HTTP status.
+//! - `iapt_http_errors_total{status}`: error answers by HTTP status;
+//! - `iapt_engine_steps_total`, `iapt_engine_step_seconds_total`: the engine's steps and their
+//!   time; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
+//!   decode tokens only, and of their time what `llama_decode` took (the rest is the engine's
+//!   own: batch, sampling, events), read at scrape time. Decode throughput is
+//!   `decode_only_tokens / decode_only_seconds`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use iapt_engine::EngineStats;
+use prometheus::{
+    Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The server's metrics and their registry.
 #[derive(Clone)]
@@ -24,6 +32,18 @@ pub struct Metrics {
     pub(crate) ttft: HistogramVec,
     pub(crate) itl: HistogramVec,
     pub(crate) http_errors: IntCounterVec,
+    engine: EngineCounters,
+}
+
+/// The engine's own counters ([`EngineStats`]), brought up to date at scrape time.
+#[derive(Clone)]
+struct EngineCounters {
+    steps: IntCounter,
+    step_seconds: Counter,
+    decode_only_steps: IntCounter,
+    decode_only_tokens: IntCounter,
+    decode_only_seconds: Counter,
+    decode_only_llama_seconds: Counter,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -34,6 +54,8 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         let counter = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        let int_counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let seconds = |name: &str, help: &str| Counter::new(name, help).expect("valid metric");
         let histogram = |name: &str, help: &str| {
             HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["model"]).expect("valid metric")
         };
@@ -48,9 +70,24 @@ impl Metrics {
             ttft: histogram("iapt_time_to_first_token_seconds", "From acceptance to the first generated token."),
             itl: histogram("iapt_inter_token_latency_seconds", "Between two generated tokens of one request."),
             http_errors: counter("iapt_http_errors_total", "Error answers, per HTTP status.", &["status"]),
+            engine: EngineCounters {
+                steps: int_counter("iapt_engine_steps_total", "Engine steps that decoded something."),
+                step_seconds: seconds("iapt_engine_step_seconds_total", "Time of those steps."),
+                decode_only_steps: int_counter("iapt_engine_decode_only_steps_total", "Steps with decode tokens only (no prefill rows)."),
+                decode_only_tokens: int_counter("iapt_engine_decode_only_tokens_total", "Tokens decoded in those steps."),
+                decode_only_seconds: seconds("iapt_engine_decode_only_seconds_total", "Time of those steps."),
+                decode_only_llama_seconds: seconds("iapt_engine_decode_only_llama_seconds_total", "Of that time, inside llama_decode."),
+            },
             registry,
         };
-        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+        let e = &m.engine;
+        let all: [Box<dyn prometheus::core::Collector>; 15] = [
+            Box::new(e.steps.clone()),
+            Box::new(e.step_seconds.clone()),
+            Box::new(e.decode_only_steps.clone()),
+            Box::new(e.decode_only_tokens.clone()),
+            Box::new(e.decode_only_seconds.clone()),
+            Box::new(e.decode_only_llama_seconds.clone()),
             Box::new(m.running.clone()),
             Box::new(m.queued.clone()),
             Box::new(m.in_flight.clone()),
@@ -65,6 +102,19 @@ impl Metrics {
             m.registry.register(c).expect("unique metric names");
         }
         m
+    }
+
+    /// Brings the engine's counters up to `stats` (they only grow).
+    pub(crate) fn set_engine(&self, stats: &EngineStats) {
+        let e = &self.engine;
+        let up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        let up_s = |c: &Counter, v: std::time::Duration| c.inc_by((v.as_secs_f64() - c.get()).max(0.0));
+        up(&e.steps, stats.steps);
+        up_s(&e.step_seconds, stats.step_time);
+        up(&e.decode_only_steps, stats.decode_only_steps);
+        up(&e.decode_only_tokens, stats.decode_only_tokens);
+        up_s(&e.decode_only_seconds, stats.decode_only_time);
+        up_s(&e.decode_only_llama_seconds, stats.decode_only_llama_time);
     }
 
     /// Drops every series of `model` (an unloaded adapter), so the label set stays bounded by the

@@ -208,6 +208,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         if let Ok(Ok(s)) = blocking(move || ready.engine.status()).await {
             st.metrics.running.set(s.running as i64);
             st.metrics.queued.set(s.queued as i64);
+            st.metrics.set_engine(&s.stats);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()

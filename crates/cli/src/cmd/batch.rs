@@ -282,6 +282,7 @@ fn report(args: &Args, engine: &Engine<'_>, n_requests: usize, n_adapters: usize
             "decode_only_tokens": s.decode_only_tokens,
             "decode_only_s": decode_s,
             "decode_tokens_per_s": per_s(s.decode_only_tokens, decode_s),
+            "decode_only_llama_s": s.decode_only_llama_time.as_secs_f64(),
         });
         eprintln!("{obj}");
     } else {

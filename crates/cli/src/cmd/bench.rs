@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::tools::bench::{bench, BenchConfig, PairRatios, Throughput};
+use crate::tools::bench::{bench, bench_batch, BatchDecode, BenchConfig, PairRatios, Throughput};
 
 use crate::args::{open_adapter, EngineShape, RuntimeArgs};
 use crate::fail::Fail;
@@ -30,6 +30,10 @@ pub struct Args {
     /// the per-pair ratios (with their min and max) is reported next to the best and median runs.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub reps: usize,
+    /// Also measure decode with this many sequences decoding together (base: all without the
+    /// adapter; IAPT: all prefilled with it), e.g. `--batch 4,16`; 1 is the run above.
+    #[arg(long, value_delimiter = ',', default_value = "16", value_name = "N,...")]
+    pub batch: Vec<usize>,
     /// Also write the results as one JSON object (settings, devices, best and median runs).
     #[arg(long, value_name = "OUT.json")]
     pub json: Option<PathBuf>,
@@ -43,6 +47,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     iapt_llama::set_verbose(args.ctx.verbose);
     if args.reps == 0 || args.gen < 2 {
         return Err(Fail::usage("--reps must be at least 1 and --gen at least 2").into());
+    }
+    if let Some(b) = args.batch.iter().find(|&&b| !(1..=256).contains(&b)) {
+        return Err(Fail::usage(format!("--batch {b}: each batch must be 1..=256 sequences")).into());
     }
     args.ctx.check()?;
     let inputs = files::inputs(&[("the base model", &args.model), ("the adapter", &args.adapter)])?;
@@ -68,6 +75,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         args.gen
     );
     let r = bench(&model, &adapter, &cfg, &mut |line| eprintln!("{line}"))?;
+    let mut batches = vec![BatchDecode { batch: 1, base_tps: r.base.decode_tps, iapt_tps: r.iapt.decode_tps, pairs: r.decode_pairs }];
+    for &b in args.batch.iter().filter(|&&b| b > 1) {
+        batches.push(bench_batch(&model, &adapter, &cfg, b, &mut |line| eprintln!("{line}"))?);
+    }
     if let Some(path) = &args.json {
         let tp = |t: Throughput| serde_json::json!({ "prefill_tps": t.prefill_tps, "decode_tps": t.decode_tps });
         let pairs = |p: PairRatios| serde_json::json!({ "median": p.median, "min": p.min, "max": p.max });
@@ -98,6 +109,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             "decode_pair_ratio": pairs(r.decode_pairs),
             "hook_split_secs": { "read": r.hook_split[0], "generate": r.hook_split[1], "write": r.hook_split[2], "rest": r.hook_split[3] },
             "rpc": args.ctx.rpc,
+            "decode_at_batch": batches.iter().map(|b| serde_json::json!({
+                "batch": b.batch, "base_tps": b.base_tps, "iapt_tps": b.iapt_tps, "pair_ratio": pairs(b.pairs),
+            })).collect::<Vec<_>>(),
         });
         iapt_format::write_atomically(path, |w| serde_json::to_writer_pretty(w, &v).map_err(std::io::Error::other))?;
     }
@@ -134,6 +148,19 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         d.min,
         d.max
     )?;
+    crate::outln!("\n| decode, sequences at once | base tok/s (best) | IAPT tok/s (best) | IAPT / base (median of pairs) |")?;
+    crate::outln!("|---:|---:|---:|---:|")?;
+    for b in &batches {
+        crate::outln!(
+            "| {} | {:.2} | {:.2} | {:.3}x (min {:.3}x, max {:.3}x) |",
+            b.batch,
+            b.base_tps,
+            b.iapt_tps,
+            b.pairs.median,
+            b.pairs.min,
+            b.pairs.max
+        )?;
+    }
     if r.hook_remote_copies > 0 {
         crate::outln!(
             "hook row copies outside host memory per IAPT prefill: {} (one round trip each); the hook time then includes waiting for \

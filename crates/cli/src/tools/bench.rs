@@ -4,6 +4,8 @@
 //! instruction tokens plus m soft tokens) and decode tokens/s (the `gen - 1` single-token greedy
 //! steps after the prefill, hook disarmed; the two engines step in turn, token by token). Runs
 //! repeat `reps` times after a warm-up.
+//! [`bench_batch`] measures decode at a batch of sequences the same way (all of them prefilled,
+//! then decode-only steps of every sequence at once: what a server's decode phase is).
 //! Each variant is reported by its best run (interference from other processes only ever slows a
 //! run down, so the best run is the least disturbed estimate on a shared machine) and by its median.
 
@@ -107,6 +109,23 @@ fn rate(tokens: usize, t: Duration) -> f64 {
     tokens as f64 / t.as_secs_f64().max(1e-9)
 }
 
+/// A fixed pseudo-random prompt of `len` tokens starting with BOS-like id 1.
+fn prompt(model: &Model, len: usize) -> Vec<Token> {
+    let n_vocab = model.n_vocab().max(2) as u64;
+    let mut state = 0x1234_5678_9abc_def0u64;
+    (0..len)
+        .map(|i| {
+            if i == 0 {
+                return 1;
+            }
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (1 + state % (n_vocab - 1)) as Token
+        })
+        .collect()
+}
+
 /// Steps `engine` once and says whether its request produced a token (or finished).
 fn step(engine: &mut Engine<'_>) -> Result<(), EngineError> {
     for ev in engine.step() {
@@ -121,19 +140,7 @@ fn step(engine: &mut Engine<'_>) -> Result<(), EngineError> {
 /// id 1; generation is greedy and ignores end-of-generation tokens so both variants decode the
 /// same number of steps.
 pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, EngineError> {
-    let n_vocab = model.n_vocab().max(2) as u64;
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let prompt: Vec<Token> = (0..cfg.prompt_len)
-        .map(|i| {
-            if i == 0 {
-                return 1;
-            }
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (1 + state % (n_vocab - 1)) as Token
-        })
-        .collect();
+    let prompt = prompt(model, cfg.prompt_len);
     let mut base = Engine::new(model, cfg.engine.clone())?;
     let mut iapt = Engine::new(model, cfg.engine.clone())?;
     let m = iapt.load_adapter("adapter", adapter)?.n_soft_tokens;
@@ -203,5 +210,117 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         prefill_pairs: PairRatios::of(&ip.iter().zip(&bp).map(|(i, b)| i / b).collect::<Vec<_>>()),
         decode_pairs: PairRatios::of(&id.iter().zip(&bd).map(|(i, b)| i / b).collect::<Vec<_>>()),
         hook_split: split.map(|v| median(&v)),
+    })
+}
+
+/// Decode throughput with `batch` sequences decoding together, base and IAPT side by side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchDecode {
+    /// Sequences decoding together.
+    pub batch: usize,
+    /// Base decode tokens/s (all sequences), best run.
+    pub base_tps: f64,
+    /// IAPT decode tokens/s (every sequence prefilled with the adapter), best run.
+    pub iapt_tps: f64,
+    /// IAPT / base of each repetition's pair.
+    pub pairs: PairRatios,
+}
+
+/// Submits `batch` requests and steps until every one has its first token (prefill done);
+/// returns their ids.
+fn prefill_all(engine: &mut Engine<'_>, requests: Vec<Request>) -> Result<Vec<iapt_engine::SeqId>, EngineError> {
+    let ids = requests.into_iter().map(|r| engine.submit(r)).collect::<Result<Vec<_>, _>>()?;
+    let mut started = std::collections::HashSet::new();
+    while started.len() < ids.len() {
+        for ev in engine.step() {
+            match ev.kind {
+                EventKind::Failed(e) => return Err(e),
+                EventKind::Token(_) => {
+                    started.insert(ev.id);
+                }
+                EventKind::Done(_) => return Err(EngineError::Config { detail: "a request ended during the prefill".to_owned() }),
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Decode throughput at `batch` sequences: `batch` requests of `prompt_len` tokens on the base and
+/// `batch` with the adapter (all resident as one adapter), prefilled, then `gen - 1` decode-only
+/// steps of all `batch` sequences, the two engines stepping in turn; `reps` repetitions after a
+/// warm-up, each a pair.
+pub fn bench_batch(
+    model: &Model,
+    adapter: &Adapter,
+    cfg: &BenchConfig,
+    batch: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BatchDecode, EngineError> {
+    let engine = EngineConfig {
+        parallel: batch,
+        seq_ctx: cfg.prompt_len + cfg.gen + batch + 8,
+        // One whole prompt per step beside every decode token: the i-th sequence starts decoding at step i.
+        batch_tokens: cfg.prompt_len + batch,
+        queue_capacity: batch,
+        ..cfg.engine.clone()
+    };
+    let mut base = Engine::new(model, engine.clone())?;
+    let mut iapt = Engine::new(model, engine)?;
+    let m = iapt.load_adapter("adapter", adapter)?.n_soft_tokens;
+    if cfg.prompt_len <= m {
+        return Err(EngineError::EmptyPrompt);
+    }
+    // Distinct prompts (a rotation of one pseudo-random sequence), more tokens than are decoded.
+    let prompt = prompt(model, cfg.prompt_len);
+    let request = |i: usize, len: usize| {
+        let mut p = prompt.clone();
+        p[1..].rotate_left(i % (cfg.prompt_len - 1).max(1));
+        // Enough tokens that none ends before the measured steps (the first prefilled decodes while
+        // the others prefill).
+        Request { stop_at_eog: false, ..Request::new(p[..len].to_vec(), cfg.gen + batch + 1) }
+    };
+    let (mut bd, mut id) = (Vec::new(), Vec::new());
+    for rep in 0..=cfg.reps {
+        let b_ids = prefill_all(&mut base, (0..batch).map(|i| request(i, cfg.prompt_len)).collect())?;
+        let i_ids = prefill_all(&mut iapt, (0..batch).map(|i| request(i, cfg.prompt_len - m).with_adapter("adapter")).collect())?;
+        let (mut b_dec, mut i_dec) = (Duration::ZERO, Duration::ZERO);
+        for _ in 1..cfg.gen {
+            let t = Instant::now();
+            step(&mut base)?;
+            b_dec += t.elapsed();
+            let t = Instant::now();
+            step(&mut iapt)?;
+            i_dec += t.elapsed();
+        }
+        debug_assert!(
+            base.running() == batch && iapt.running() == batch,
+            "every sequence decoded in every measured step: {} {} of {batch}, queued {} {}",
+            base.running(),
+            iapt.running(),
+            base.queued(),
+            iapt.queued()
+        );
+        for (e, ids) in [(&mut base, b_ids), (&mut iapt, i_ids)] {
+            for id in ids {
+                e.cancel(id);
+            }
+        }
+        let tokens = batch * (cfg.gen - 1);
+        progress(&format!(
+            "batch {batch}, rep {rep}{}: base decode {:.2} tok/s | iapt decode {:.2} tok/s",
+            if rep == 0 { " (warm-up)" } else { "" },
+            rate(tokens, b_dec),
+            rate(tokens, i_dec)
+        ));
+        if rep > 0 {
+            bd.push(rate(tokens, b_dec));
+            id.push(rate(tokens, i_dec));
+        }
+    }
+    Ok(BatchDecode {
+        batch,
+        base_tps: best(&bd),
+        iapt_tps: best(&id),
+        pairs: PairRatios::of(&id.iter().zip(&bd).map(|(i, b)| i / b).collect::<Vec<_>>()),
     })
 }
