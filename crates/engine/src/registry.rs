@@ -38,7 +38,7 @@ impl Resident {
         })
     }
 
-    /// Bytes of weights (host f32 for the CPU, device memory for the GPU) and whether on the GPU.
+    /// Bytes of weights (host memory as stored for the CPU, device memory for the GPU) and whether on the GPU.
     fn memory(&self) -> (usize, bool) {
         match self {
             Resident::Cpu(g) => (g.weight_bytes(), false),
@@ -62,7 +62,8 @@ pub struct AdapterInfo {
     pub name: String,
     /// Soft tokens it adds after the instruction (m).
     pub n_soft_tokens: usize,
-    /// Bytes of its generator's weights in memory (host f32 on the CPU, device memory on the GPU;
+    /// Bytes of its generator's weights in memory (host, W_down and W_up as stored, on the CPU;
+    /// device memory on the GPU;
     /// layer-shared tensors counted once).
     pub bytes: usize,
     /// Whether its generator runs on the engine's GPU runtime.

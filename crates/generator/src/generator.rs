@@ -1,5 +1,6 @@
-//! The f32 production path: [`Generator`] (weights converted to f32 once, shared tensors held
-//! once) and [`LayerState`] (streaming online softmax, any chunking).
+//! The f32 production path: [`Generator`] (W_down and W_up held as stored and widened block by
+//! block in the products, the small tensors converted to f32 once, shared tensors held once) and
+//! [`LayerState`] (streaming online softmax, any chunking).
 //!
 //! Two evaluation orders compute the same function (design note, "The function"):
 //! - [`Strategy::DownFirst`] follows the formula: Z = H W_down^T block by block, scores Z Q^T s,
@@ -28,6 +29,7 @@ use crate::activation;
 use crate::error::GeneratorError;
 use crate::kernels;
 use crate::matmul::{matmul, MatMut, MatRef};
+use crate::weights::Weights;
 
 /// Rows processed per block when pooling raw hidden states (a 64 x 4096 f32 block is 1 MiB and
 /// stays in L2 between the score and the accumulation pass).
@@ -54,17 +56,18 @@ pub enum Strategy {
     DownFirst,
 }
 
-/// One layer's f32 weights. Tensors shared across layers are the same `Arc`.
+/// One layer's weights: the two large matrices as stored, the rest in f32. Tensors shared across
+/// layers are the same `Arc`.
 #[derive(Debug, Clone)]
 struct Layer {
-    /// W_down, r x d.
-    down: Arc<[f32]>,
+    /// W_down, r x d (f32 under [`Strategy::DownFirst`], whose GEMM reads it whole).
+    down: Weights,
     /// b_down, r.
     down_bias: Option<Arc<[f32]>>,
     /// Q, m x r.
     query: Arc<[f32]>,
     /// W_up, d x r.
-    up: Arc<[f32]>,
+    up: Weights,
     /// b_up, d.
     up_bias: Option<Arc<[f32]>>,
     /// Rational numerator [G, M+1] (empty unless rational).
@@ -75,10 +78,12 @@ struct Layer {
     k: Option<Arc<[f32]>>,
 }
 
-/// The IAPT soft-prompt generator of every layer of one adapter, in f32.
+/// The IAPT soft-prompt generator of every layer of one adapter, computing in f32.
 ///
-/// Built once from an [`Adapter`]: F16/BF16/F32 tensors are converted to f32 at that point (never
-/// per call), and a tensor stored once for all layers (`iapt.shared.*`) is held once.
+/// Built once from an [`Adapter`]: W_down and W_up are held in their stored element type (F16,
+/// BF16 or F32: resident memory is the stored size) and widened to f32 a block at a time inside
+/// the products, exactly; the small tensors are converted to f32 at load; a tensor stored once for
+/// all layers (`iapt.shared.*`) is held once.
 #[derive(Debug, Clone)]
 pub struct Generator {
     id: u64,
@@ -94,8 +99,8 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Converts every tensor of `adapter` to f32 and prepares the default strategy
-    /// ([`Strategy::Auto`]) with one thread.
+    /// Reads every tensor of `adapter` (the large matrices as stored, the rest as f32) and prepares
+    /// the default strategy ([`Strategy::Auto`]) with one thread.
     pub fn from_adapter(adapter: &Adapter) -> Result<Generator, GeneratorError> {
         let cfg = adapter.config();
         let n_layer = cfg.n_layer as usize;
@@ -103,20 +108,38 @@ impl Generator {
         d.checked_mul(r).and_then(|x| x.checked_mul(4)).ok_or(GeneratorError::TooLarge)?;
         d.checked_mul(m).and_then(|x| x.checked_mul(8)).ok_or(GeneratorError::TooLarge)?;
         let mut cache: HashMap<TensorName, Arc<[f32]>> = HashMap::new();
-        let mut load = |layer: u32, role: Role| -> Result<Option<Arc<[f32]>>, GeneratorError> {
+        let mut big: HashMap<TensorName, Weights> = HashMap::new();
+        let tensor = |layer: u32, role: Role| -> Result<Option<&iapt_format::Tensor>, GeneratorError> {
             let Some(t) = adapter.tensor(layer, role) else {
                 return if role.is_required(cfg) { Err(GeneratorError::MissingTensor { layer, role }) } else { Ok(None) };
             };
-            if let Some(v) = cache.get(&t.name()) {
-                return Ok(Some(v.clone()));
-            }
             let expected = role.expected_shape(cfg);
             if t.shape() != expected.as_slice() {
                 return Err(GeneratorError::TensorShape { name: t.name().to_string(), expected, got: t.shape().to_vec() });
             }
-            let v: Arc<[f32]> = t.to_f32().map_err(|source| GeneratorError::TensorRead { name: t.name().to_string(), source })?.into();
+            Ok(Some(t))
+        };
+        let read_err = |t: &iapt_format::Tensor| {
+            let name = t.name().to_string();
+            move |source| GeneratorError::TensorRead { name, source }
+        };
+        let mut load = |layer: u32, role: Role| -> Result<Option<Arc<[f32]>>, GeneratorError> {
+            let Some(t) = tensor(layer, role)? else { return Ok(None) };
+            if let Some(v) = cache.get(&t.name()) {
+                return Ok(Some(v.clone()));
+            }
+            let v: Arc<[f32]> = t.to_f32().map_err(read_err(t))?.into();
             cache.insert(t.name(), v.clone());
             Ok(Some(v))
+        };
+        let mut load_big = |layer: u32, role: Role| -> Result<Weights, GeneratorError> {
+            let t = tensor(layer, role)?.ok_or(GeneratorError::MissingTensor { layer, role })?;
+            if let Some(v) = big.get(&t.name()) {
+                return Ok(v.clone());
+            }
+            let v = Weights::from_tensor(t).map_err(read_err(t))?;
+            big.insert(t.name(), v.clone());
+            Ok(v)
         };
         let rational = cfg.activation.rational().is_some();
         let mut layers = Vec::with_capacity(n_layer);
@@ -124,10 +147,10 @@ impl Generator {
             let req = |v: Option<Arc<[f32]>>, role| v.ok_or(GeneratorError::MissingTensor { layer: l, role });
             let empty: Arc<[f32]> = Arc::from(Vec::new());
             layers.push(Layer {
-                down: req(load(l, Role::DownWeight)?, Role::DownWeight)?,
+                down: load_big(l, Role::DownWeight)?,
                 down_bias: load(l, Role::DownBias)?,
                 query: req(load(l, Role::PoolQuery)?, Role::PoolQuery)?,
-                up: req(load(l, Role::UpWeight)?, Role::UpWeight)?,
+                up: load_big(l, Role::UpWeight)?,
                 up_bias: load(l, Role::UpBias)?,
                 num: if rational { req(load(l, Role::ActNum)?, Role::ActNum)? } else { empty.clone() },
                 den: if rational { req(load(l, Role::ActDen)?, Role::ActDen)? } else { empty },
@@ -160,14 +183,22 @@ impl Generator {
         self.strategy = resolved;
         self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut cache: HashMap<(usize, usize), Arc<[f32]>> = HashMap::new();
+        let mut widened: HashMap<usize, Weights> = HashMap::new();
         for layer in &mut self.layers {
             layer.k = match resolved {
                 Strategy::PoolFirst => {
-                    let key = (Arc::as_ptr(&layer.down) as *const f32 as usize, Arc::as_ptr(&layer.query) as *const f32 as usize);
+                    let key = (layer.down.key(), Arc::as_ptr(&layer.query) as *const f32 as usize);
                     let (d, r, m) = (self.d, self.r, self.m);
                     Some(cache.entry(key).or_insert_with(|| score_matrix(&layer.down, &layer.query, d, r, m)).clone())
                 }
-                _ => None,
+                _ => {
+                    // The down-first GEMM reads W_down whole, as f32 (shared tensors widened once).
+                    if layer.down.as_f32().is_none() {
+                        let key = layer.down.key();
+                        layer.down = widened.entry(key).or_insert_with(|| Weights::F32(layer.down.to_f32().into())).clone();
+                    }
+                    None
+                }
             };
         }
         self
@@ -218,22 +249,19 @@ impl Generator {
         &self.activation
     }
 
-    /// Bytes of f32 weights held (shared tensors counted once).
+    /// Bytes of weights held: W_down and W_up as stored, the rest in f32 (shared tensors counted
+    /// once).
     pub fn weight_bytes(&self) -> usize {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0;
         for l in &self.layers {
-            let all = [
-                Some(&l.down),
-                l.down_bias.as_ref(),
-                Some(&l.query),
-                Some(&l.up),
-                l.up_bias.as_ref(),
-                Some(&l.num),
-                Some(&l.den),
-                l.k.as_ref(),
-            ];
-            for t in all.into_iter().flatten() {
+            for w in [&l.down, &l.up] {
+                if seen.insert(w.key()) {
+                    total += w.bytes();
+                }
+            }
+            let small = [l.down_bias.as_ref(), Some(&l.query), l.up_bias.as_ref(), Some(&l.num), Some(&l.den), l.k.as_ref()];
+            for t in small.into_iter().flatten() {
                 if seen.insert(Arc::as_ptr(t) as *const f32 as usize) {
                     total += t.len() * 4;
                 }
@@ -310,7 +338,8 @@ impl Generator {
                 }
                 _ => {
                     let h = MatRef::row_major(chunk, nr, d);
-                    matmul(MatMut::row_major(&mut z, nr, r), None, h, MatRef::row_major(&layer.down, r, d).t(), 1.0);
+                    let down = layer.down.as_f32().expect("with_strategy holds W_down as f32 for DownFirst");
+                    matmul(MatMut::row_major(&mut z, nr, r), None, h, MatRef::row_major(down, r, d).t(), 1.0);
                     // S^T = Q Z^T.
                     kernels::dot_rows(&layer.query, m, &z[..nr * r], r, self.pool_scale, scores);
                     &z
@@ -414,21 +443,22 @@ impl Generator {
         n.div_ceil(self.threads.min(n / MIN_ROWS_PER_THREAD).max(1)).max(1)
     }
 
-    /// [`kernels::dot_rows`] with scale 1 (`out` is m x n, n = `rows.len() / c`), the rows split
-    /// among up to `self.threads` threads: the tail's two products (pooled W_down^T and u W_up^T)
-    /// each read a whole weight matrix, which the threads share. Each thread writes its own
-    /// m x (its rows) block, copied into `out` in order, so the result does not depend on the
-    /// thread count.
-    fn par_dot_rows(&self, vecs: &[f32], rows: &[f32], c: usize, out: &mut [f32]) {
+    /// [`Weights::dot_rows`] with scale 1 over every row of `rows` (`out` is m x n, n =
+    /// `rows.len() / c`), the rows split among up to `self.threads` threads: the tail's two
+    /// products (pooled W_down^T and u W_up^T) each read a whole weight matrix, which the threads
+    /// share. Each thread writes its own m x (its rows) block, copied into `out` in order, so the
+    /// result does not depend on the thread count.
+    fn par_dot_rows(&self, vecs: &[f32], rows: &Weights, c: usize, out: &mut [f32]) {
         let (m, n) = (self.m, rows.len() / c);
         let per = self.rows_per_part(n);
         if per >= n {
-            kernels::dot_rows(vecs, m, rows, c, 1.0, out);
+            rows.dot_rows(vecs, m, 0..n, c, 1.0, out);
             return;
         }
-        let parts = on_threads(rows.chunks(per * c), |_, part| {
-            let mut o = vec![0.0f32; m * (part.len() / c)];
-            kernels::dot_rows(vecs, m, part, c, 1.0, &mut o);
+        let ranges = (0..n).step_by(per).map(|i| i..(i + per).min(n));
+        let parts = on_threads(ranges, |_, part| {
+            let mut o = vec![0.0f32; m * part.len()];
+            rows.dot_rows(vecs, m, part, c, 1.0, &mut o);
             o
         });
         let mut i0 = 0;
@@ -445,7 +475,7 @@ impl Generator {
 /// `f(i, part)` for every part, the first on the calling thread and each other one on a thread of
 /// its own (so t parts cost t - 1 thread starts); the results in the parts' order. A panic in a
 /// thread is resumed on the caller.
-fn on_threads<'a, T: Send>(parts: impl Iterator<Item = &'a [f32]>, f: impl Fn(usize, &'a [f32]) -> T + Sync) -> Vec<T> {
+fn on_threads<P: Send, T: Send>(parts: impl Iterator<Item = P>, f: impl Fn(usize, P) -> T + Sync) -> Vec<T> {
     let mut parts = parts.enumerate();
     let Some((_, first)) = parts.next() else { return Vec::new() };
     let f = &f;
@@ -458,8 +488,8 @@ fn on_threads<'a, T: Send>(parts: impl Iterator<Item = &'a [f32]>, f: impl Fn(us
 }
 
 /// K^T = Q W_down (m x d; K = W_down^T Q^T), computed in f64 and rounded once.
-fn score_matrix(down: &[f32], query: &[f32], d: usize, r: usize, m: usize) -> Arc<[f32]> {
-    let w: Vec<f64> = down.iter().map(|&v| f64::from(v)).collect();
+fn score_matrix(down: &Weights, query: &[f32], d: usize, r: usize, m: usize) -> Arc<[f32]> {
+    let w: Vec<f64> = down.to_f32().iter().map(|&v| f64::from(v)).collect();
     let q: Vec<f64> = query.iter().map(|&v| f64::from(v)).collect();
     let mut k = vec![0.0f64; m * d];
     matmul(MatMut::row_major(&mut k, m, d), None, MatRef::row_major(&q, m, r), MatRef::row_major(&w, r, d), 1.0);

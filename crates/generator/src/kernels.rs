@@ -6,7 +6,11 @@
 //! microkernels. These loops read each large operand (hidden rows, W_down, W_up) once, in place,
 //! and keep the m accumulators in registers.
 //!
-//! - [`dot_rows`]: `out[k][i] = scale * <vecs[k], rows[i]>` (scores H K, pooled W_down^T, u W_up^T);
+//! - [`dot_rows`]: `out[k][i] = scale * <vecs[k], rows[i]>` (scores H K, pooled W_down^T, u W_up^T),
+//!   with the rows in f32, or in F16 or BF16 as an adapter stores W_down and W_up: each chunk of a
+//!   row is widened to f32 in registers (`vcvtph2ps` for F16, a shift for BF16) right before its
+//!   multiply-adds, so a matrix is read at its stored size and the products are those of the
+//!   widened f32 values (widening is exact);
 //! - [`weighted_sum`]: `out[k] = sum_i e[k][i] * rows[i]` (the softmax-weighted pooling of a slice).
 //!
 //! Each body is written once, generic over whether to fuse multiply-adds, and compiled three times:
@@ -22,28 +26,102 @@ const LANES: usize = 32;
 /// Soft tokens handled together (their accumulators stay in registers).
 const GROUP: usize = 4;
 
+/// Which copy of a body runs: the instructions its row widening may use.
+const BASELINE: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const AVX2: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const AVX512: u8 = 2;
+
+/// An element type a row of [`dot_rows`] may have: f32, or F16/BF16 widened to f32 in registers.
+pub(crate) trait RowElem: Copy + Sync {
+    /// 16 values widened to f32, exactly, with the instructions copy `ISA` may use.
+    fn widen16<const ISA: u8>(s: &[Self; 16]) -> [f32; 16];
+    /// One value widened to f32.
+    fn widen(self) -> f32;
+}
+
+impl RowElem for f32 {
+    #[inline(always)]
+    fn widen16<const ISA: u8>(s: &[f32; 16]) -> [f32; 16] {
+        *s
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl RowElem for half::bf16 {
+    #[inline(always)]
+    fn widen16<const ISA: u8>(s: &[half::bf16; 16]) -> [f32; 16] {
+        // bf16 is the upper half of an f32: a shift, which every copy vectorizes.
+        std::array::from_fn(|i| f32::from_bits(u32::from(s[i].to_bits()) << 16))
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl RowElem for half::f16 {
+    #[inline(always)]
+    fn widen16<const ISA: u8>(s: &[half::f16; 16]) -> [f32; 16] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            if ISA == AVX2 || ISA == AVX512 {
+                // SAFETY: copies AVX2 and AVX512 are only compiled into functions with
+                // `#[target_feature(enable = "avx2,fma,f16c")]` or `(enable = "avx512f,f16c")`,
+                // which `dot_rows` calls after detecting those features, so F16C is there; each
+                // load reads 8 of the 16 f16 values (16 bytes, unaligned), each store writes 8 f32
+                // into the local 16-value array. (The 512-bit conversion's intrinsic needs a newer
+                // Rust than the workspace's 1.85; the two 256-bit ones are the same work.)
+                return unsafe {
+                    let lo = _mm_loadu_si128(s.as_ptr().cast());
+                    let hi = _mm_loadu_si128(s.as_ptr().add(8).cast());
+                    let mut out = [0.0f32; 16];
+                    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_cvtph_ps(lo));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8), _mm256_cvtph_ps(hi));
+                    out
+                };
+            }
+        }
+        std::array::from_fn(|i| s[i].to_f32())
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// `out[k * n + i] = scale * dot(vecs[k * c..][..c], rows[i * c..][..c])` for `k < m`, `i < n`,
-/// where `n = rows.len() / c`. Panics (an internal bug) if a slice has the wrong length.
-pub(crate) fn dot_rows(vecs: &[f32], m: usize, rows: &[f32], c: usize, scale: f32, out: &mut [f32]) {
+/// where `n = rows.len() / c`, with the rows widened to f32. Panics (an internal bug) if a slice
+/// has the wrong length.
+pub(crate) fn dot_rows<E: RowElem>(vecs: &[f32], m: usize, rows: &[E], c: usize, scale: f32, out: &mut [f32]) {
     assert!(c > 0 && rows.len() % c == 0, "dot_rows: rows not a multiple of {c}");
     let n = rows.len() / c;
     assert_eq!(vecs.len(), m * c, "dot_rows: vecs");
     assert_eq!(out.len(), m * n, "dot_rows: out");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: `dot_rows_avx512` is `#[target_feature(enable = "avx512f")]`; calling it is
-            // sound exactly when the running CPU supports AVX-512F, which the runtime check on the
-            // line above established. Its body is the same safe code as the fallback below.
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: `dot_rows_avx512` is `#[target_feature(enable = "avx512f,f16c")]`; calling it
+            // is sound exactly when the running CPU supports both, which the runtime check on the
+            // line above established. Its body is the same code as the fallback below, with F16C's
+            // conversion.
             return unsafe { x86::dot_rows_avx512(vecs, m, rows, c, scale, out) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above, for `#[target_feature(enable = "avx2,fma")]`: both features were
-            // detected on the running CPU by the condition of this `if`.
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: as above, for `#[target_feature(enable = "avx2,fma,f16c")]`: all three
+            // features were detected on the running CPU by the condition of this `if`.
             return unsafe { x86::dot_rows_avx2(vecs, m, rows, c, scale, out) };
         }
     }
-    dot_rows_body::<false>(vecs, m, rows, c, scale, out);
+    dot_rows_body::<E, false, BASELINE>(vecs, m, rows, c, scale, out);
 }
 
 /// `out[k * w..][..w] = sum_{i < ns} e[k * es + i] * rows[i * w..][..w]` for `k < m`, where
@@ -72,14 +150,16 @@ pub(crate) fn weighted_sum(e: &[f32], es: usize, m: usize, rows: &[f32], w: usiz
 /// is checked by the callers above).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn dot_rows_avx512(vecs: &[f32], m: usize, rows: &[f32], c: usize, scale: f32, out: &mut [f32]) {
-        super::dot_rows_body::<true>(vecs, m, rows, c, scale, out);
+    use super::{RowElem, AVX2, AVX512};
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn dot_rows_avx512<E: RowElem>(vecs: &[f32], m: usize, rows: &[E], c: usize, scale: f32, out: &mut [f32]) {
+        super::dot_rows_body::<E, true, AVX512>(vecs, m, rows, c, scale, out);
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_rows_avx2(vecs: &[f32], m: usize, rows: &[f32], c: usize, scale: f32, out: &mut [f32]) {
-        super::dot_rows_body::<true>(vecs, m, rows, c, scale, out);
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_rows_avx2<E: RowElem>(vecs: &[f32], m: usize, rows: &[E], c: usize, scale: f32, out: &mut [f32]) {
+        super::dot_rows_body::<E, true, AVX2>(vecs, m, rows, c, scale, out);
     }
 
     #[target_feature(enable = "avx512f")]
@@ -120,7 +200,7 @@ fn fma_lanes<const FMA: bool>(acc: &mut [f32; LANES], a: &[f32; LANES], x: &[f32
 }
 
 #[inline(always)]
-fn dot_rows_body<const FMA: bool>(vecs: &[f32], m: usize, rows: &[f32], c: usize, scale: f32, out: &mut [f32]) {
+fn dot_rows_body<E: RowElem, const FMA: bool, const ISA: u8>(vecs: &[f32], m: usize, rows: &[E], c: usize, scale: f32, out: &mut [f32]) {
     let n = rows.len() / c;
     let mut k0 = 0;
     while k0 < m {
@@ -128,10 +208,10 @@ fn dot_rows_body<const FMA: bool>(vecs: &[f32], m: usize, rows: &[f32], c: usize
         let v = &vecs[k0 * c..(k0 + g) * c];
         let o = &mut out[k0 * n..(k0 + g) * n];
         match g {
-            4 => dot_group::<4, FMA>(v, rows, c, scale, o),
-            3 => dot_group::<3, FMA>(v, rows, c, scale, o),
-            2 => dot_group::<2, FMA>(v, rows, c, scale, o),
-            _ => dot_group::<1, FMA>(v, rows, c, scale, o),
+            4 => dot_group::<E, 4, FMA, ISA>(v, rows, c, scale, o),
+            3 => dot_group::<E, 3, FMA, ISA>(v, rows, c, scale, o),
+            2 => dot_group::<E, 2, FMA, ISA>(v, rows, c, scale, o),
+            _ => dot_group::<E, 1, FMA, ISA>(v, rows, c, scale, o),
         }
         k0 += g;
     }
@@ -140,34 +220,36 @@ fn dot_rows_body<const FMA: bool>(vecs: &[f32], m: usize, rows: &[f32], c: usize
 /// [`dot_rows`] for `G` vectors: each row is read from memory once and dotted with all `G`; for
 /// four vectors, in one pass that loads each chunk of the row once for the four products.
 #[inline(always)]
-fn dot_group<const G: usize, const FMA: bool>(vecs: &[f32], rows: &[f32], c: usize, scale: f32, out: &mut [f32]) {
+fn dot_group<E: RowElem, const G: usize, const FMA: bool, const ISA: u8>(vecs: &[f32], rows: &[E], c: usize, scale: f32, out: &mut [f32]) {
     let n = rows.len() / c;
     for (i, row) in rows.chunks_exact(c).enumerate() {
         if G == 4 {
             let v: [&[f32]; 4] = std::array::from_fn(|g| &vecs[g * c..(g + 1) * c]);
-            let d = dot4::<FMA>(v, row);
+            let d = dot4::<E, FMA, ISA>(v, row);
             for g in 0..4 {
                 out[g * n + i] = scale * d[g];
             }
         } else {
             for (g, v) in vecs.chunks_exact(c).enumerate() {
-                out[g * n + i] = scale * dot::<FMA>(v, row);
+                out[g * n + i] = scale * dot::<E, FMA, ISA>(v, row);
             }
         }
     }
 }
 
 /// Four dot products with one row, [`LANES`] / 2 partial sums each (four accumulators of one
-/// AVX-512 register: the row chunk is loaded once for four multiply-adds).
+/// AVX-512 register: the row chunk is loaded and widened once for four multiply-adds).
 #[inline(always)]
-fn dot4<'a, const FMA: bool>(v: [&'a [f32]; 4], row: &'a [f32]) -> [f32; 4] {
+fn dot4<'a, E: RowElem, const FMA: bool, const ISA: u8>(v: [&'a [f32]; 4], row: &'a [E]) -> [f32; 4] {
     const H: usize = LANES / 2;
     let c = row.len();
     let full = c / H * H;
     let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; H], [0.0f32; H], [0.0f32; H], [0.0f32; H]);
     let chunks = |s: &'a [f32]| s[..full].chunks_exact(H).map(|c| -> &'a [f32; H] { c.try_into().expect("H values") });
     let vs = chunks(v[0]).zip(chunks(v[1])).zip(chunks(v[2])).zip(chunks(v[3]));
-    for (x, (((v0, v1), v2), v3)) in chunks(row).zip(vs) {
+    let xs = row[..full].chunks_exact(H).map(|c| -> &'a [E; H] { c.try_into().expect("H values") });
+    for (x, (((v0, v1), v2), v3)) in xs.zip(vs) {
+        let x = E::widen16::<ISA>(x);
         for l in 0..H {
             a0[l] = madd::<FMA>(v0[l], x[l], a0[l]);
             a1[l] = madd::<FMA>(v1[l], x[l], a1[l]);
@@ -178,24 +260,30 @@ fn dot4<'a, const FMA: bool>(v: [&'a [f32]; 4], row: &'a [f32]) -> [f32; 4] {
     let mut s = [a0.iter().sum::<f32>(), a1.iter().sum::<f32>(), a2.iter().sum::<f32>(), a3.iter().sum::<f32>()];
     for j in full..c {
         for (g, sg) in s.iter_mut().enumerate() {
-            *sg = madd::<FMA>(v[g][j], row[j], *sg);
+            *sg = madd::<FMA>(v[g][j], row[j].widen(), *sg);
         }
     }
     s
 }
 
-/// `<a, b>` for slices of equal length, in [`LANES`] independent partial sums.
+/// `<a, b>` for slices of equal length, in [`LANES`] independent partial sums, `b` widened to f32.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: RowElem, const FMA: bool, const ISA: u8>(a: &[f32], b: &[E]) -> f32 {
+    const H: usize = LANES / 2;
     let mut acc = [0.0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        fma_lanes::<FMA>(&mut acc, lanes(x), lanes(y));
+        let (y0, y1): (&[E; H], &[E; H]) = (y[..H].try_into().expect("H values"), y[H..].try_into().expect("H values"));
+        let (w0, w1) = (E::widen16::<ISA>(y0), E::widen16::<ISA>(y1));
+        let mut wide = [0.0f32; LANES];
+        wide[..H].copy_from_slice(&w0);
+        wide[H..].copy_from_slice(&w1);
+        fma_lanes::<FMA>(&mut acc, lanes(x), &wide);
     }
     let mut s = acc.iter().sum::<f32>();
     for (x, y) in ra.iter().zip(rb) {
-        s = madd::<FMA>(*x, *y, s);
+        s = madd::<FMA>(*x, y.widen(), s);
     }
     s
 }
@@ -250,6 +338,72 @@ fn wsum_group<const G: usize, const FMA: bool>(e: &[f32], es: usize, k0: usize, 
 mod tests {
     use super::*;
     use crate::testing::Rng;
+    use half::{bf16, f16};
+
+    /// F16 and BF16 rows give the bits of their exact f32 widening in every copy of the body this
+    /// CPU can run (baseline, AVX2 + F16C, AVX-512), for every group size and row tails.
+    #[test]
+    fn half_rows_give_the_bits_of_their_f32_widening() {
+        let mut rng = Rng::new(2029);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for &(m, n, c) in &[(4, 5, 64), (1, 3, 37), (3, 4, 100), (4, 2, 2048), (5, 3, 17), (2, 2, 15)] {
+            let vecs = rng.vec_f32(m * c, 1.0);
+            let raw = rng.vec_f32(n * c, 2.0);
+            let h: Vec<f16> = raw.iter().map(|&v| f16::from_f32(v)).collect();
+            let b: Vec<bf16> = raw.iter().map(|&v| bf16::from_f32(v)).collect();
+            for (name, wide) in
+                [("f16", h.iter().map(|v| v.to_f32()).collect::<Vec<_>>()), ("bf16", b.iter().map(|v| v.to_f32()).collect())]
+            {
+                let run = |copy: u8, rows_f32: bool| -> Vec<f32> {
+                    let mut out = vec![f32::NAN; m * n];
+                    macro_rules! body {
+                        ($e:expr) => {
+                            match copy {
+                                0 => dot_rows_body::<_, false, BASELINE>(&vecs, m, $e, c, 0.5, &mut out),
+                                #[cfg(target_arch = "x86_64")]
+                                // SAFETY: copies 1 and 2 are only run below after their features
+                                // were detected on this CPU.
+                                1 => unsafe { x86::dot_rows_avx2(&vecs, m, $e, c, 0.5, &mut out) },
+                                #[cfg(target_arch = "x86_64")]
+                                // SAFETY: as above.
+                                _ => unsafe { x86::dot_rows_avx512(&vecs, m, $e, c, 0.5, &mut out) },
+                                #[cfg(not(target_arch = "x86_64"))]
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    match (rows_f32, name) {
+                        (true, _) => body!(&wide[..]),
+                        (false, "f16") => body!(&h[..]),
+                        (false, _) => body!(&b[..]),
+                    }
+                    out
+                };
+                let mut copies = vec![0u8];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use std::arch::is_x86_feature_detected as has;
+                    if has!("avx2") && has!("fma") && has!("f16c") {
+                        copies.push(1);
+                    }
+                    if has!("avx512f") && has!("f16c") {
+                        copies.push(2);
+                    }
+                }
+                for copy in copies {
+                    assert_eq!(bits(&run(copy, false)), bits(&run(copy, true)), "{name} copy {copy} {m}x{n}x{c}");
+                }
+                let mut got = vec![f32::NAN; m * n];
+                let mut want = vec![f32::NAN; m * n];
+                dot_rows(&vecs, m, &wide, c, 0.5, &mut want);
+                match name {
+                    "f16" => dot_rows(&vecs, m, &h, c, 0.5, &mut got),
+                    _ => dot_rows(&vecs, m, &b, c, 0.5, &mut got),
+                }
+                assert_eq!(bits(&got), bits(&want), "{name} dispatched {m}x{n}x{c}");
+            }
+        }
+    }
 
     /// Asserts every value within the f32 summation bound of its f64 value: a sum of `terms`
     /// f32 products is off by at most about `terms * eps * sum |products|`.
@@ -279,7 +433,7 @@ mod tests {
             let mut got = vec![f32::NAN; m * n];
             dot_rows(&vecs, m, &rows, c, 0.5, &mut got);
             assert_close(&format!("dot_rows {m}x{n}x{c}"), &got, &want, c);
-            dot_rows_body::<false>(&vecs, m, &rows, c, 0.5, &mut got);
+            dot_rows_body::<f32, false, BASELINE>(&vecs, m, &rows, c, 0.5, &mut got);
             assert_close(&format!("dot_rows baseline {m}x{n}x{c}"), &got, &want, c);
 
             // weighted_sum with a weight row stride larger than the slice, as the pooling passes it.

@@ -7,8 +7,9 @@
 //! Z = H W_down^T + b_down    S = (Z Q^T) s    A = softmax over the n rows    P_l = g(A^T Z) W_up^T + b_up
 //! ```
 //!
-//! - [`Generator`] is the f32 production path: weights converted once at load, shared tensors
-//!   held once, optional threads ([`Generator::with_threads`]), and two evaluation orders
+//! - [`Generator`] is the f32 production path: W_down and W_up held as stored (F16, BF16 or F32)
+//!   and widened exactly inside the products, the rest converted once at load, shared tensors held
+//!   once, optional threads ([`Generator::with_threads`]), and two evaluation orders
 //!   ([`Strategy`]) of which the default picks the cheaper.
 //! - [`LayerState`] streams: feed the instruction's rows in any number of chunks (as llama.cpp
 //!   hands over a long prompt in several ubatches), then finish into the soft tokens. An online
@@ -51,6 +52,7 @@ pub mod reference;
 pub mod synthetic;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod weights;
 
 pub use error::GeneratorError;
 

@@ -316,3 +316,39 @@ fn state_is_send_and_clone() {
     check::<crate::LayerState>();
     check::<Generator>();
 }
+
+/// W_down and W_up are held as stored (issue 29): an F16 or BF16 adapter's generator holds them at
+/// 2 bytes a value, and its soft tokens have the same bits as the generator of the same values
+/// stored as F32 (widening is exact; every product is computed as before), for both strategies and
+/// with threads, and stay within the f64 reference's tolerance.
+#[test]
+fn weights_held_as_stored_give_the_bits_of_f32_weights() {
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for dtype in [DType::F16, DType::BF16] {
+        let mut spec = AdapterSpec::small(3, 96, 4, 40, Activation::Gelu);
+        spec.dtype = dtype;
+        let stored = random_adapter(&spec, &mut rng).unwrap();
+        let wide: Vec<iapt_format::Tensor> = stored.tensors().iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+        let wide = iapt_format::Adapter::from_parts(stored.config().clone(), stored.extras().clone(), wide).unwrap();
+        let rows = rng.vec_f32(150 * 96, 1.0);
+        for strategy in [Strategy::PoolFirst, Strategy::DownFirst] {
+            for threads in [1, 2] {
+                let a = Generator::from_adapter(&stored).unwrap().with_strategy(strategy).with_threads(threads).unwrap();
+                let b = Generator::from_adapter(&wide).unwrap().with_strategy(strategy).with_threads(threads).unwrap();
+                for layer in 0..3 {
+                    let (x, y) = (run(&a, layer, &rows), run(&b, layer, &rows));
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&x), bits(&y), "seed {seed} {dtype:?} {strategy:?} threads {threads} layer {layer}");
+                    let want = reference::generate(&stored, layer, &to_f64(&rows)).unwrap();
+                    assert!(rel_err(&x, &want) <= TOL, "seed {seed} {dtype:?} {strategy:?}");
+                }
+            }
+        }
+        // Held as stored under PoolFirst: the two matrices (3 layers x 2 x 40 x 96 values) at 2
+        // bytes instead of 4.
+        let a = Generator::from_adapter(&stored).unwrap().with_strategy(Strategy::PoolFirst);
+        let b = Generator::from_adapter(&wide).unwrap().with_strategy(Strategy::PoolFirst);
+        assert_eq!(b.weight_bytes() - a.weight_bytes(), 3 * 2 * 40 * 96 * 2, "{dtype:?}");
+    }
+}
