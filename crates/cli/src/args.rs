@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use iapt_engine::EngineConfig;
+use iapt_engine::{AdapterCache, EngineConfig};
 use iapt_format::{Adapter, BaseModelInfo};
 use iapt_llama::{GpuRuntime, KvType, Model, ModelParams, RpcEndpoint, SamplerSettings, Token};
 
@@ -201,11 +201,19 @@ pub struct EngineShape {
     pub queue: usize,
     /// One KV cache for all sequences.
     pub kv_unified: bool,
+    /// Bounds on the resident adapters (`serve`).
+    pub adapter_cache: AdapterCache,
 }
 
 impl EngineShape {
     /// One request at a time, its whole prompt in one decode (`run`, `bench`, `eval`, `demo`).
-    pub const SINGLE: EngineShape = EngineShape { parallel: 1, batch_tokens: 0, queue: 1, kv_unified: false };
+    pub const SINGLE: EngineShape = EngineShape {
+        parallel: 1,
+        batch_tokens: 0,
+        queue: 1,
+        kv_unified: false,
+        adapter_cache: AdapterCache { max_resident: None, max_bytes: None },
+    };
 
     /// From the engine options (`batch`, `serve`), with `queue` waiting requests.
     pub fn from_args(e: &EngineArgs, queue: usize) -> Result<EngineShape, Fail> {
@@ -214,7 +222,13 @@ impl EngineShape {
                 "--parallel must be between 1 and 256 (llama.cpp's sequence limit), --batch-tokens and --queue at least 1",
             ));
         }
-        Ok(EngineShape { parallel: e.parallel, batch_tokens: e.batch_tokens.max(e.parallel), queue, kv_unified: e.kv_unified })
+        Ok(EngineShape {
+            parallel: e.parallel,
+            batch_tokens: e.batch_tokens.max(e.parallel),
+            queue,
+            kv_unified: e.kv_unified,
+            adapter_cache: AdapterCache::default(),
+        })
     }
 }
 
@@ -335,6 +349,7 @@ impl RuntimeArgs {
                 FlashArg::Off => Some(false),
             },
             kv_unified: shape.kv_unified,
+            adapter_cache: shape.adapter_cache,
             generator_threads: self.threads(),
             gpu: self.generator_runtime()?,
         })

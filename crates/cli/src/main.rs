@@ -43,7 +43,7 @@ enum Command {
     /// Multi-tenant serving: several resident adapters, JSON-lines requests decoded together, each with its own adapter.
     Batch(cmd::batch::Args),
     /// An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, streaming; the request's `model` picks the adapter.
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
     /// Prefill and decode throughput, base vs IAPT, side by side with the same context settings.
     Bench(cmd::bench::Args),
     /// Micro-benchmark of the GPU generator on a random adapter (exit 2 when no CUDA device is usable).

@@ -11,7 +11,7 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
-use crate::registry::{AdapterInfo, Prep, Registry, Resident, Unloaded};
+use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
 use iapt_hook::{Claim, HookError, HookTimes, Prefill, Segment, StreamHook};
 
@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub kv_unified: bool,
     /// Threads of each CPU generator call.
     pub generator_threads: usize,
+    /// Bounds on the resident adapters (least recently used evicted first; default unbounded).
+    pub adapter_cache: AdapterCache,
     /// Run the adapters' generators on this GPU runtime (adapters with more soft tokens than the
     /// kernels take stay on the CPU); `None`: on the CPU. Nodes in the runtime's device memory
     /// are read and written in place; others go through host copies.
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             flash_attn: None,
             kv_unified: false,
             generator_threads: 1,
+            adapter_cache: AdapterCache::default(),
             gpu: None,
         }
     }
@@ -202,7 +205,7 @@ impl<'m> Engine<'m> {
             model,
             ctx,
             hook,
-            registry: Registry::new(Arc::new(Prep::new(model, cfg.generator_threads, cfg.gpu.clone()))),
+            registry: Registry::new(Arc::new(Prep::new(model, cfg.generator_threads, cfg.gpu.clone())), cfg.adapter_cache),
             batch: Batch::new(cfg.batch_tokens),
             slots: (0..cfg.parallel).map(|_| None).collect(),
             queue: VecDeque::new(),
@@ -224,9 +227,20 @@ impl<'m> Engine<'m> {
         self.model
     }
 
-    /// Makes `adapter` resident as `name`, after checking it against the base model.
+    /// Makes `adapter` resident as `name`, after checking it against the base model (evicting
+    /// least recently used adapters where [`EngineConfig::adapter_cache`] requires).
     pub fn load_adapter(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
-        self.registry.load(name, adapter)
+        self.registry.load(name, adapter, InsertOptions::default()).map(|i| i.info)
+    }
+
+    /// As [`Engine::load_adapter`], pinned or replacing a resident one, saying what was evicted.
+    pub fn load_adapter_with(&mut self, name: &str, adapter: &Adapter, opts: InsertOptions) -> Result<Inserted, EngineError> {
+        self.registry.load(name, adapter, opts)
+    }
+
+    /// Pins `name` (never evicted) or unpins it.
+    pub fn pin_adapter(&mut self, name: &str, pinned: bool) -> Result<AdapterInfo, EngineError> {
+        self.registry.pin(name, pinned)
     }
 
     /// What preparing an adapter off the engine's thread takes ([`crate::EngineHandle`]).
@@ -235,8 +249,8 @@ impl<'m> Engine<'m> {
     }
 
     /// Makes an adapter prepared elsewhere resident as `name`.
-    pub(crate) fn insert_adapter(&mut self, name: &str, resident: Resident) -> Result<AdapterInfo, EngineError> {
-        self.registry.insert(name, resident)
+    pub(crate) fn insert_adapter(&mut self, name: &str, resident: Resident, opts: InsertOptions) -> Result<Inserted, EngineError> {
+        self.registry.insert(name, resident, opts)
     }
 
     /// Opens an adapter file (either container; validated against the spec) and loads it as `name`.

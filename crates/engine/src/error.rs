@@ -23,6 +23,15 @@ pub enum EngineError {
         /// The names loaded, comma-separated.
         loaded: String,
     },
+    /// The resident set is at its limit and nothing can be evicted (every other adapter is
+    /// pinned or in use by a queued request or a prefill).
+    #[error("no room to make adapter {name:?} resident: {detail}")]
+    AdapterCacheFull {
+        /// The adapter that did not fit.
+        name: String,
+        /// The limits and what it needs.
+        detail: String,
+    },
     /// An adapter with this name is already loaded.
     #[error("an adapter named {name:?} is already loaded; unload it first or pick another name")]
     AdapterExists {

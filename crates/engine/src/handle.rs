@@ -36,7 +36,7 @@ use iapt_llama::{Model, ModelParams};
 
 use crate::engine::{Engine, EngineConfig, EngineStats};
 use crate::error::EngineError;
-use crate::registry::{AdapterInfo, Prep, Resident, Unloaded};
+use crate::registry::{AdapterInfo, InsertOptions, Inserted, Prep, Resident, Unloaded};
 use crate::request::{Event, EventKind, Request, SeqId};
 use iapt_format::Adapter;
 
@@ -49,7 +49,7 @@ pub struct EngineSpec {
     pub model_params: ModelParams,
     /// Engine settings.
     pub config: EngineConfig,
-    /// Adapters loaded before the engine is ready: `(name, file)`.
+    /// Adapters loaded before the engine is ready, pinned: `(name, file)`.
     pub adapters: Vec<(String, PathBuf)>,
 }
 
@@ -150,7 +150,8 @@ enum Command {
     Submit(Box<Request>, Sink, Reply<SeqId>),
     WithModel(ModelJob),
     Cancel(SeqId),
-    Insert(String, Box<Resident>, Reply<AdapterInfo>),
+    Insert(String, Box<Resident>, InsertOptions, Reply<Inserted>),
+    Pin(String, bool, Reply<AdapterInfo>),
     Unload(String, Reply<Unloaded>),
     List(Sender<Vec<AdapterInfo>>),
     Status(Sender<Status>),
@@ -276,15 +277,20 @@ impl EngineHandle {
     /// Opens an adapter file and loads it as `name` (see [`EngineHandle::load_adapter_parsed`]).
     pub fn load_adapter(&self, name: &str, path: PathBuf) -> Result<AdapterInfo, EngineError> {
         let adapter = Adapter::open(&path).map_err(|e| EngineError::AdapterFile { path: path.clone(), detail: e.to_string() })?;
-        self.load_adapter_parsed(name, &adapter)
+        self.load_adapter_parsed(name, &adapter, InsertOptions::default()).map(|i| i.info)
     }
 
     /// Loads a parsed adapter as `name`: checked against the base model and its generator built on
     /// the calling thread (never the engine's: a large adapter never stalls decoding), then made
-    /// resident between two steps.
-    pub fn load_adapter_parsed(&self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
+    /// resident between two steps, evicting what the engine's [`crate::AdapterCache`] requires.
+    pub fn load_adapter_parsed(&self, name: &str, adapter: &Adapter, opts: InsertOptions) -> Result<Inserted, EngineError> {
         let resident = self.prep.prepare(name, adapter)?;
-        self.ask(|reply| Command::Insert(name.to_owned(), Box::new(resident), reply))
+        self.ask(|reply| Command::Insert(name.to_owned(), Box::new(resident), opts, reply))
+    }
+
+    /// Pins `name` (never evicted) or unpins it.
+    pub fn pin_adapter(&self, name: &str, pinned: bool) -> Result<AdapterInfo, EngineError> {
+        self.ask(|reply| Command::Pin(name.to_owned(), pinned, reply))
     }
 
     /// Unloads `name` (deferred while in use).
@@ -352,8 +358,12 @@ fn run(
             return;
         }
     };
+    // The adapters named at start are the server's fixed set: pinned, never evicted.
     for (name, path) in &spec.adapters {
-        if let Err(e) = engine.load_adapter_file(name, path) {
+        let loaded = Adapter::open(path)
+            .map_err(|e| EngineError::AdapterFile { path: path.clone(), detail: e.to_string() })
+            .and_then(|a| engine.load_adapter_with(name, &a, InsertOptions { pinned: true, replace: false }));
+        if let Err(e) = loaded {
             let _ = ready.send(Err(e));
             return;
         }
@@ -432,8 +442,11 @@ fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command
             engine.cancel(id);
             sinks.remove(&id);
         }
-        Command::Insert(name, resident, reply) => {
-            let _ = reply.send(engine.insert_adapter(&name, *resident));
+        Command::Insert(name, resident, opts, reply) => {
+            let _ = reply.send(engine.insert_adapter(&name, *resident, opts));
+        }
+        Command::Pin(name, pinned, reply) => {
+            let _ = reply.send(engine.pin_adapter(&name, pinned));
         }
         Command::Unload(name, reply) => {
             let _ = reply.send(engine.unload_adapter(&name));

@@ -71,5 +71,5 @@ mod request;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
-pub use registry::{AdapterInfo, Unloaded};
+pub use registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Unloaded};
 pub use request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -3,6 +3,14 @@
 //! way), and shared through an `Arc`: a sequence or a queued request that uses an adapter holds a
 //! clone, so unloading takes the name out of the registry at once and the memory goes when the
 //! last user ends. Nothing can use freed weights.
+//!
+//! **A bounded resident set** ([`AdapterCache`]): with a cap on the number of adapters and/or
+//! their bytes, making one more resident first evicts the least recently used ones that are
+//! neither pinned nor in use. "In use" is a queued request or a sequence in prefill: a sequence
+//! lends its adapter's generator only until its prompt is prefilled (after that its adapter lives
+//! in its KV cache), so an adapter whose sequences all decode is evictable and its memory is freed
+//! at once. When nothing can be evicted the new adapter is refused
+//! ([`EngineError::AdapterCacheFull`]) and nothing changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +63,34 @@ impl Resident {
     }
 }
 
+/// Bounds on the resident adapters (see the module documentation); `None`: unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdapterCache {
+    /// Adapters resident at once.
+    pub max_resident: Option<usize>,
+    /// Bytes of their weights (as [`AdapterInfo::bytes`] counts them).
+    pub max_bytes: Option<usize>,
+}
+
+/// How [`crate::Engine::load_adapter_with`] and [`crate::EngineHandle::load_adapter_parsed`] make an adapter resident.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InsertOptions {
+    /// Never evicted (an unload still removes it).
+    pub pinned: bool,
+    /// Replace a resident adapter of the same name (its requests keep the old one), instead of
+    /// refusing with [`EngineError::AdapterExists`].
+    pub replace: bool,
+}
+
+/// What making an adapter resident did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inserted {
+    /// The adapter now resident.
+    pub info: AdapterInfo,
+    /// The adapters evicted to make room, least recently used first.
+    pub evicted: Vec<String>,
+}
+
 /// What the registry reports about a resident adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterInfo {
@@ -68,8 +104,10 @@ pub struct AdapterInfo {
     pub bytes: usize,
     /// Whether its generator runs on the engine's GPU runtime.
     pub on_gpu: bool,
-    /// Queued and running requests that use it.
+    /// Queued requests and sequences in prefill that use it.
     pub users: usize,
+    /// Never evicted to make room for another.
+    pub pinned: bool,
 }
 
 /// What [`crate::Engine::unload_adapter`] did.
@@ -141,14 +179,24 @@ impl Prep {
     }
 }
 
+/// A resident adapter and its cache state.
+struct Entry {
+    resident: Resident,
+    pinned: bool,
+    /// [`Registry::tick`] when it was last made resident or used by a request.
+    last_used: u64,
+}
+
 pub(crate) struct Registry {
     prep: Arc<Prep>,
-    adapters: BTreeMap<String, Resident>,
+    adapters: BTreeMap<String, Entry>,
+    limits: AdapterCache,
+    tick: u64,
 }
 
 impl Registry {
-    pub fn new(prep: Arc<Prep>) -> Registry {
-        Registry { prep, adapters: BTreeMap::new() }
+    pub fn new(prep: Arc<Prep>, limits: AdapterCache) -> Registry {
+        Registry { prep, adapters: BTreeMap::new(), limits, tick: 0 }
     }
 
     /// What preparing an adapter takes (for [`crate::EngineHandle`]).
@@ -157,40 +205,104 @@ impl Registry {
     }
 
     /// Prepares `adapter` (see [`Prep::prepare`]) and makes it resident as `name`.
-    pub fn load(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
-        if self.adapters.contains_key(name) {
+    pub fn load(&mut self, name: &str, adapter: &Adapter, opts: InsertOptions) -> Result<Inserted, EngineError> {
+        if self.adapters.contains_key(name) && !opts.replace {
             return Err(EngineError::AdapterExists { name: name.to_owned() });
         }
         let resident = self.prep.prepare(name, adapter)?;
-        self.insert(name, resident)
+        self.insert(name, resident, opts)
     }
 
-    /// Makes a prepared adapter resident as `name`.
-    pub fn insert(&mut self, name: &str, resident: Resident) -> Result<AdapterInfo, EngineError> {
+    /// Makes a prepared adapter resident as `name`, evicting what the limits require.
+    pub fn insert(&mut self, name: &str, resident: Resident, opts: InsertOptions) -> Result<Inserted, EngineError> {
         check_name(name)?;
-        if self.adapters.contains_key(name) {
+        if self.adapters.contains_key(name) && !opts.replace {
             return Err(EngineError::AdapterExists { name: name.to_owned() });
         }
-        self.adapters.insert(name.to_owned(), resident);
-        Ok(self.info(name).expect("just inserted"))
+        let evicted = self.make_room(name, resident.memory().0)?;
+        for v in &evicted {
+            self.adapters.remove(v);
+        }
+        // A replaced adapter's requests keep their own `Arc` of it.
+        self.tick += 1;
+        self.adapters.insert(name.to_owned(), Entry { resident, pinned: opts.pinned, last_used: self.tick });
+        Ok(Inserted { info: self.info(name).expect("just inserted"), evicted })
     }
 
-    /// The generator of `name`, for a new request.
-    pub fn get(&self, name: &str) -> Result<Resident, EngineError> {
-        self.adapters.get(name).cloned().ok_or_else(|| EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() })
+    /// The adapters to evict, least recently used first, so that one more of `bytes` (replacing
+    /// `name` if resident) fits the limits; an error, and nothing to evict, when it cannot.
+    fn make_room(&self, name: &str, bytes: usize) -> Result<Vec<String>, EngineError> {
+        let others = || self.adapters.iter().filter(|(n, _)| n.as_str() != name);
+        let (mut count, mut total) = (others().count() + 1, others().map(|(_, e)| e.resident.memory().0).sum::<usize>() + bytes);
+        let fits = |count: usize, total: usize| {
+            self.limits.max_resident.is_none_or(|m| count <= m) && self.limits.max_bytes.is_none_or(|m| total <= m)
+        };
+        let mut victims: Vec<(&String, &Entry)> = others().filter(|(_, e)| !e.pinned && e.resident.users() == 0).collect();
+        victims.sort_by_key(|(_, e)| e.last_used);
+        let mut evicted = Vec::new();
+        for (n, e) in victims {
+            if fits(count, total) {
+                break;
+            }
+            evicted.push(n.clone());
+            count -= 1;
+            total -= e.resident.memory().0;
+        }
+        if !fits(count, total) {
+            let limits =
+                [self.limits.max_resident.map(|m| format!("{m} adapters")), self.limits.max_bytes.map(|b| format!("{} MiB", b >> 20))];
+            let limits = limits.into_iter().flatten().collect::<Vec<_>>().join(" and ");
+            return Err(EngineError::AdapterCacheFull {
+                name: name.to_owned(),
+                detail: format!(
+                    "it needs {} MiB and the resident set is limited to {limits}; every other resident adapter is pinned or in use by a prefill",
+                    bytes.div_ceil(1 << 20)
+                ),
+            });
+        }
+        Ok(evicted)
+    }
+
+    /// The generator of `name`, for a new request (which makes it the most recently used).
+    pub fn get(&mut self, name: &str) -> Result<Resident, EngineError> {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.adapters.get_mut(name) {
+            Some(e) => {
+                e.last_used = tick;
+                Ok(e.resident.clone())
+            }
+            None => Err(EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() }),
+        }
+    }
+
+    /// Pins or unpins `name`.
+    pub fn pin(&mut self, name: &str, pinned: bool) -> Result<AdapterInfo, EngineError> {
+        match self.adapters.get_mut(name) {
+            Some(e) => e.pinned = pinned,
+            None => return Err(EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() }),
+        }
+        Ok(self.info(name).expect("resident"))
     }
 
     /// Takes `name` out of the registry (see [`Unloaded`]).
     pub fn unload(&mut self, name: &str) -> Result<Unloaded, EngineError> {
-        let gen = self.adapters.remove(name).ok_or_else(|| EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() })?;
-        let users = gen.users();
+        let e = self.adapters.remove(name).ok_or_else(|| EngineError::UnknownAdapter { name: name.to_owned(), loaded: self.names() })?;
+        let users = e.resident.users();
         Ok(if users == 0 { Unloaded::Freed } else { Unloaded::Deferred { users } })
     }
 
     pub fn info(&self, name: &str) -> Option<AdapterInfo> {
-        let g = self.adapters.get(name)?;
-        let (bytes, on_gpu) = g.memory();
-        Some(AdapterInfo { name: name.to_owned(), n_soft_tokens: g.n_soft_tokens(), bytes, on_gpu, users: g.users() })
+        let e = self.adapters.get(name)?;
+        let (bytes, on_gpu) = e.resident.memory();
+        Some(AdapterInfo {
+            name: name.to_owned(),
+            n_soft_tokens: e.resident.n_soft_tokens(),
+            bytes,
+            on_gpu,
+            users: e.resident.users(),
+            pinned: e.pinned,
+        })
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {

@@ -16,6 +16,10 @@
 //! - `cancellation_*`: cancelling queued, prefilling and decoding sequences frees their cells at
 //!   once; more sequences than the cache holds run one after another.
 //! - `unload_*`: unloading an adapter in use is deferred; its requests finish as alone.
+//! - `resident_set_*`: with a cap on resident adapters (count or bytes), loading one more evicts
+//!   the least recently used that is neither pinned nor in a prefill; an adapter whose sequences
+//!   decode is evicted while they go on, and they finish as alone; when nothing can go, the load
+//!   is refused and nothing changes.
 //! - `logprobs_*`: log-probabilities equal the log-softmax (computed here, in f64) of the logits
 //!   row each token was drawn from (`Request::logits`), and the greedy token is the most likely.
 //! - `gpu_emulated_*`: the adapters on the GPU generator (its kernels on the CPU emulator): the
@@ -28,8 +32,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use iapt_engine::{
-    Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, EventSink, FinishReason, Finished, Request, SeqId, TokenOut,
-    Unloaded,
+    AdapterCache, Engine, EngineConfig, EngineError, EngineHandle, EngineSpec, EventKind, EventSink, FinishReason, Finished, InsertOptions,
+    Request, SeqId, TokenOut, Unloaded,
 };
 use iapt_format::{Activation, Adapter};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
@@ -86,6 +90,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         flash_attn: Some(false),
         kv_unified: false,
         generator_threads: 1,
+        adapter_cache: AdapterCache::default(),
         gpu: None,
     }
 }
@@ -687,4 +692,66 @@ fn one_adapter_fails_alone(gpu: bool) {
     let want = alone(&m, &[("good".to_owned(), good.clone())], &greedy(&c.instruction, Some("good"), 8));
     assert_eq!(out[&g].ids(), want.ids());
     assert_eq!(e.cells_in_use(), 0);
+}
+
+#[test]
+fn resident_set_evicts_least_recently_used_and_never_a_prefill_or_a_pin() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let c = case("llama-long-iapt");
+    let names = |e: &Engine<'_>| e.adapters().into_iter().map(|a| a.name).collect::<Vec<_>>();
+    let cfg = EngineConfig { adapter_cache: AdapterCache { max_resident: Some(2), max_bytes: None }, ..exact(2, 8, 8) };
+    let mut e = Engine::new(&m, cfg).unwrap();
+    e.load_adapter("a0", &ads[0].1).unwrap();
+    e.load_adapter("a1", &ads[1].1).unwrap();
+    // a0 used last: loading a2 evicts a1.
+    let req = |a: &str| greedy(&c.instruction, Some(a), 8);
+    let want0 = alone(&m, &ads, &req("a0"));
+    let id0 = e.submit(req("a0")).unwrap();
+    let ins = e.load_adapter_with("a2", &ads[2].1, InsertOptions::default());
+    // a0 is in use (queued): a1 goes.
+    assert_eq!(ins.unwrap().evicted, vec!["a1".to_owned()]);
+    assert_eq!(names(&e), vec!["a0", "a2"]);
+    assert!(matches!(e.submit(req("a1")), Err(EngineError::UnknownAdapter { .. })));
+    // a0 in prefill (its prompt of 14 rows over steps of 8 tokens), a2 pinned: a3 cannot come in.
+    let mut out = BTreeMap::new();
+    for ev in e.step() {
+        record(&mut out, ev);
+    }
+    assert!(out.get(&id0).is_none_or(|o| o.tokens.is_empty()), "still in prefill");
+    e.pin_adapter("a2", true).unwrap();
+    let full = e.load_adapter_with("a3", &ads[3].1, InsertOptions::default());
+    assert!(matches!(&full, Err(EngineError::AdapterCacheFull { name, .. }) if name == "a3"), "{full:?}");
+    assert_eq!(names(&e), vec!["a0", "a2"], "a refused load changes nothing");
+    // Once a0's sequence decodes it holds no generator: a0 is evicted while it decodes, and its
+    // request still ends as alone.
+    while out.get(&id0).is_none_or(|o| o.tokens.is_empty()) {
+        for ev in e.step() {
+            record(&mut out, ev);
+        }
+    }
+    assert_eq!(e.adapters().iter().find(|a| a.name == "a0").unwrap().users, 0);
+    assert_eq!(e.load_adapter_with("a3", &ads[3].1, InsertOptions::default()).unwrap().evicted, vec!["a0".to_owned()]);
+    e.run_until_idle(&mut |ev| record(&mut out, ev));
+    assert_eq!(out[&id0].ids(), want0.ids());
+    assert_eq!(names(&e), vec!["a2", "a3"]);
+    assert!(e.adapters().iter().find(|a| a.name == "a2").unwrap().pinned);
+
+    // A byte cap: room for the two largest adapters of the four, not three.
+    let bytes = |i: usize| {
+        let mut e = Engine::new(&m, exact(1, 8, 8)).unwrap();
+        e.load_adapter("x", &ads[i].1).unwrap().bytes
+    };
+    let cap = bytes(0) + bytes(2);
+    let cfg = EngineConfig { adapter_cache: AdapterCache { max_resident: None, max_bytes: Some(cap) }, ..exact(2, 8, 8) };
+    let mut e = Engine::new(&m, cfg).unwrap();
+    e.load_adapter("a0", &ads[0].1).unwrap();
+    e.load_adapter("a2", &ads[2].1).unwrap();
+    let ins = e.load_adapter_with("a1", &ads[1].1, InsertOptions::default()).unwrap();
+    assert_eq!(ins.evicted, vec!["a0".to_owned()], "the least recently used goes first");
+    assert!(e.adapters().iter().map(|a| a.bytes).sum::<usize>() <= cap);
+    // Replacing a resident adapter keeps one entry under the name.
+    let rep = e.load_adapter_with("a1", &ads[3].1, InsertOptions { pinned: false, replace: true }).unwrap();
+    assert_eq!(rep.info.n_soft_tokens, 1);
+    assert_eq!(names(&e), vec!["a1", "a2"]);
 }

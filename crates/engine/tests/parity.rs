@@ -164,6 +164,7 @@ fn engine_config(gpu: &Option<Arc<GpuRuntime>>, p: Params, parallel: usize) -> E
         flash_attn: p.flash,
         kv_unified: false,
         generator_threads: 1,
+        adapter_cache: Default::default(),
         gpu: gpu.clone(),
     }
 }

@@ -1,5 +1,7 @@
-//! Run-time adapters: `POST /v1/adapters {"name", "path"}` loads one, `DELETE /v1/adapters/NAME`
-//! unloads one. Both are off unless the server was started with an adapter directory: as vLLM says
+//! Run-time adapters: `POST /v1/adapters {"name", "path", "pin"?}` loads one (evicting least
+//! recently used ones where the resident set is capped; `pin`: never evicted),
+//! `DELETE /v1/adapters/NAME` unloads one. Requests also load adapters from the directory by
+//! name on first use (`crate::ondemand`). Both are off unless the server was started with an adapter directory: as vLLM says
 //! of its own switch, loading files on a client's word is risky in production.
 //!
 //! [`open_confined`] keeps a client inside that directory: the path (relative to the directory, or
@@ -40,6 +42,9 @@ pub const MAX_ADAPTER_BYTES: u64 = 4 << 30;
 struct LoadBody {
     name: Option<String>,
     path: Option<String>,
+    /// Never evicted to make room for another (default false).
+    #[serde(default)]
+    pin: bool,
 }
 
 /// Opens the regular file `given` names inside `dir` (see the module documentation), or 403.
@@ -123,15 +128,20 @@ async fn load_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> 
     let _serial = st.admin.lock().await;
     let r = ready.clone();
     let n = name.clone();
-    let info = blocking(move || -> Result<_, ApiError> {
+    let pin = b.pin;
+    let t0 = std::time::Instant::now();
+    let ins = blocking(move || -> Result<_, ApiError> {
         let adapter = parse(open_confined(&dir, &path)?, &path)?;
-        r.engine.load_adapter_parsed(&n, &adapter).map_err(|e| ApiError::from_engine(e, "path", "logprobs"))
+        let opts = iapt_engine::InsertOptions { pinned: pin, replace: false };
+        r.engine.load_adapter_parsed(&n, &adapter, opts).map_err(|e| ApiError::from_engine(e, "path", "logprobs"))
     })
     .await??;
-    if let Ok(mut a) = ready.adapters.write() {
-        a.insert(info.name.clone(), info.n_soft_tokens);
-    }
-    let body = json!({"id": info.name, "object": "model", "created": st.created, "owned_by": "iapt", "parent": st.model_id, "root": st.model_id, "n_soft_tokens": info.n_soft_tokens});
+    // Loaded by name and path, not tracked as the directory's file for on-demand reloads.
+    st.ondemand.forget(std::slice::from_ref(&name));
+    crate::ondemand::record(st, &ready, &name, &ins, t0.elapsed().as_secs_f64());
+    let info = &ins.info;
+    let body = json!({"id": info.name, "object": "model", "created": st.created, "owned_by": "iapt", "parent": st.model_id, "root": st.model_id,
+        "n_soft_tokens": info.n_soft_tokens, "pinned": info.pinned, "evicted": ins.evicted});
     Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
@@ -158,6 +168,7 @@ async fn unload_inner(st: &Arc<AppState>, name: String) -> Result<Response, ApiE
     if let Ok(mut a) = ready.adapters.write() {
         a.remove(&name);
     }
+    st.ondemand.forget(std::slice::from_ref(&name));
     st.metrics.forget(&name);
     Ok(axum::Json(json!({"id": name, "object": "model", "deleted": true, "requests_still_running": users})).into_response())
 }

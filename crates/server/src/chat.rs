@@ -38,7 +38,7 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     let b = api::parse(&body_bytes(body)?)?;
     let (common, messages) = api::chat(&b)?;
     let ready = st.ready()?;
-    let adapter = st.resolve(&ready, &common.model)?;
+    let adapter = crate::ondemand::ensure(st, &ready, &common.model).await?;
     let prompt = generate::tokenize(&ready, Input::Chat(messages)).await?;
     let shape = Shape {
         chat: true,
@@ -50,6 +50,6 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     let (stream, usage) = (common.stream, common.include_usage);
     let fields = Fields { prompt: "messages", logprobs: "top_logprobs" };
     let job = Job { model: common.model.clone(), adapter, prompt, common, default_max: None, fields };
-    let started = generate::start(&ready, &st.metrics, job).await?;
+    let started = crate::ondemand::start(st, &ready, job).await?;
     respond(started, shape, ready, stream, usage).await
 }

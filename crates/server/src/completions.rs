@@ -30,7 +30,7 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     let b = api::parse(&body_bytes(body)?)?;
     let (common, prompt) = api::completion(&b)?;
     let ready = st.ready()?;
-    let adapter = st.resolve(&ready, &common.model)?;
+    let adapter = crate::ondemand::ensure(st, &ready, &common.model).await?;
     let prompt = match prompt {
         Prompt::Tokens(ids) => ids,
         Prompt::Text(text) => generate::tokenize(&ready, Input::Text(text)).await?,
@@ -51,6 +51,6 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
         default_max: Some(DEFAULT_MAX_TOKENS),
         fields: Fields { prompt: "prompt", logprobs: "logprobs" },
     };
-    let started = generate::start(&ready, &st.metrics, job).await?;
+    let started = crate::ondemand::start(st, &ready, job).await?;
     respond(started, shape, ready, stream, usage).await
 }

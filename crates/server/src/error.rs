@@ -114,6 +114,8 @@ impl ApiError {
                 ApiError::status(StatusCode::UNPROCESSABLE_ENTITY, msg).with_param("model").with_code("adapter_failed")
             }
             EngineError::Panicked { .. } => ApiError::unavailable(msg).with_code("engine_failed"),
+            // Every resident adapter is pinned or in a prefill: a moment later one will not be.
+            EngineError::AdapterCacheFull { .. } => ApiError::unavailable(msg).with_param("model").with_code("adapter_cache_full"),
             _ => ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, msg),
         }
     }

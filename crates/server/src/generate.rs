@@ -65,6 +65,7 @@ pub(crate) struct Fields {
 }
 
 /// A request ready to submit.
+#[derive(Clone)]
 pub(crate) struct Job {
     /// The `model` asked for (its label in the metrics).
     pub model: String,

@@ -43,6 +43,7 @@ mod conn;
 mod error;
 mod generate;
 mod metrics;
+mod ondemand;
 mod respond;
 mod routes;
 mod state;
@@ -111,8 +112,13 @@ pub struct ServerConfig {
     /// hung (`/health` 503) and stops, for a supervisor to restart it: a hung RPC worker never
     /// answers, and ggml's RPC client has no timeout.
     pub step_timeout: Duration,
-    /// Allow run-time adapter loading, confined to this directory.
+    /// Allow run-time adapter loading, confined to this directory: by `POST /v1/adapters`, and by
+    /// name on a request's first use (the engine's [`iapt_engine::AdapterCache`] bounds how many
+    /// stay resident).
     pub adapter_dir: Option<PathBuf>,
+    /// Adapters pinned at start (never evicted): resident ones, or ones of the adapter directory,
+    /// loaded then.
+    pub pins: Vec<String>,
     /// Request bodies larger than this are refused with 413.
     pub body_limit: usize,
     /// After the shutdown signal: how long in-flight requests may take to finish.
@@ -134,6 +140,7 @@ impl ServerConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             step_timeout: DEFAULT_STEP_TIMEOUT,
             adapter_dir: None,
+            pins: Vec::new(),
             body_limit: DEFAULT_BODY_LIMIT,
             grace: DEFAULT_GRACE,
         }
@@ -195,6 +202,12 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>, on_
             return Err(e);
         }
     };
+    for name in &config.pins {
+        if let Err(e) = ondemand::pin(&state, &ready, name).await {
+            let _ = stop_tx.send(true);
+            return Err(ServerError::Config(format!("--pin {name}: {}", e.message)));
+        }
+    }
     let adapters = ready.adapter_names();
     let watched = ready.clone();
     let _ = state.ready.set(ready);

@@ -12,11 +12,16 @@
 //!   time; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
 //!   decode tokens only, and of their time what `llama_decode` took (the rest is the engine's
 //!   own: batch, sampling, events), read at scrape time. Decode throughput is
-//!   `decode_only_tokens / decode_only_seconds`.
+//!   `decode_only_tokens / decode_only_seconds`;
+//! - adapters: `iapt_adapters_resident` (read at scrape time), `iapt_adapter_evictions_total`, and
+//!   per adapter `iapt_adapter_loads_total{model}`, `iapt_adapter_load_seconds_total{model}`,
+//!   `iapt_adapter_resident_bytes{model}`. An evicted or unloaded adapter's series are dropped, so
+//!   the label set stays bounded by the resident set and the requests in flight.
 
 use iapt_engine::EngineStats;
 use prometheus::{
-    Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The server's metrics and their registry.
@@ -33,6 +38,11 @@ pub struct Metrics {
     pub(crate) itl: HistogramVec,
     pub(crate) http_errors: IntCounterVec,
     engine: EngineCounters,
+    pub(crate) adapters_resident: IntGauge,
+    adapter_evictions: IntCounter,
+    adapter_loads: IntCounterVec,
+    adapter_load_seconds: CounterVec,
+    adapter_bytes: IntGaugeVec,
 }
 
 /// The engine's own counters ([`EngineStats`]), brought up to date at scrape time.
@@ -78,10 +88,25 @@ impl Metrics {
                 decode_only_seconds: seconds("iapt_engine_decode_only_seconds_total", "Time of those steps."),
                 decode_only_llama_seconds: seconds("iapt_engine_decode_only_llama_seconds_total", "Of that time, inside llama_decode."),
             },
+            adapters_resident: gauge("iapt_adapters_resident", "Adapters resident in the engine."),
+            adapter_evictions: int_counter("iapt_adapter_evictions_total", "Adapters evicted to make room for another."),
+            adapter_loads: counter("iapt_adapter_loads_total", "Loads of an adapter from the adapter directory on demand.", &["model"]),
+            adapter_load_seconds: CounterVec::new(
+                Opts::new("iapt_adapter_load_seconds_total", "Time of those loads (read, validate, build)."),
+                &["model"],
+            )
+            .expect("valid metric"),
+            adapter_bytes: IntGaugeVec::new(Opts::new("iapt_adapter_resident_bytes", "Bytes of a resident adapter's weights."), &["model"])
+                .expect("valid metric"),
             registry,
         };
         let e = &m.engine;
-        let all: [Box<dyn prometheus::core::Collector>; 15] = [
+        let all: [Box<dyn prometheus::core::Collector>; 20] = [
+            Box::new(m.adapters_resident.clone()),
+            Box::new(m.adapter_evictions.clone()),
+            Box::new(m.adapter_loads.clone()),
+            Box::new(m.adapter_load_seconds.clone()),
+            Box::new(m.adapter_bytes.clone()),
             Box::new(e.steps.clone()),
             Box::new(e.step_seconds.clone()),
             Box::new(e.decode_only_steps.clone()),
@@ -117,10 +142,25 @@ impl Metrics {
         up_s(&e.decode_only_llama_seconds, stats.decode_only_llama_time);
     }
 
+    /// Counts an on-demand load of `model` that took `seconds`, holds `bytes` and evicted `evicted`.
+    pub(crate) fn adapter_loaded(&self, model: &str, seconds: f64, bytes: usize, evicted: usize) {
+        self.adapter_loads.with_label_values(&[model]).inc();
+        self.adapter_load_seconds.with_label_values(&[model]).inc_by(seconds);
+        self.adapter_bytes.with_label_values(&[model]).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.adapter_evictions.inc_by(evicted as u64);
+    }
+
     /// Drops every series of `model` (an unloaded adapter), so the label set stays bounded by the
     /// adapters resident now.
     pub(crate) fn forget(&self, model: &str) {
-        let _ = self.in_flight.remove_label_values(&[model]);
+        // A request of an evicted adapter may still be decoding: its in-flight count stays until
+        // it ends (removing it now would make the decrement re-create it below zero).
+        if self.in_flight.get_metric_with_label_values(&[model]).is_ok_and(|g| g.get() == 0) {
+            let _ = self.in_flight.remove_label_values(&[model]);
+        }
+        let _ = self.adapter_loads.remove_label_values(&[model]);
+        let _ = self.adapter_load_seconds.remove_label_values(&[model]);
+        let _ = self.adapter_bytes.remove_label_values(&[model]);
         let _ = self.prompt_tokens.remove_label_values(&[model]);
         let _ = self.completion_tokens.remove_label_values(&[model]);
         let _ = self.ttft.remove_label_values(&[model]);

@@ -175,40 +175,77 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
         Ok(r) => r,
         Err(e) => return st.error(e),
     };
-    let model = |id: &str| json!({"id": id, "object": "model", "created": st.created, "owned_by": "iapt"});
-    let mut data = vec![model(&st.model_id)];
-    for name in ready.adapter_names() {
-        let mut m = model(&name);
-        m["parent"] = json!(st.model_id);
-        m["root"] = json!(st.model_id);
-        data.push(m);
-    }
+    let resident = ready.adapter_names();
+    let available = match available(&st).await {
+        Ok(a) => a,
+        Err(e) => return st.error(e),
+    };
+    let mut data = vec![model_object(&st, &st.model_id, true)];
+    data.extend(resident.iter().map(|n| model_object(&st, n, true)));
+    data.extend(available.iter().filter(|n| !resident.contains(n)).map(|n| model_object(&st, n, false)));
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// `GET /v1/models/{id}`: the base model or a resident adapter, as in the list; 404 otherwise.
+/// An OpenAI model object; adapters name the base as `parent` and say whether they are resident
+/// (an adapter of the adapter directory is loaded on its first request).
+fn model_object(st: &AppState, id: &str, resident: bool) -> serde_json::Value {
+    let mut m = json!({"id": id, "object": "model", "created": st.created, "owned_by": "iapt"});
+    if id != st.model_id {
+        m["parent"] = json!(st.model_id);
+        m["root"] = json!(st.model_id);
+        m["resident"] = json!(resident);
+    }
+    m
+}
+
+/// The adapter names the adapter directory's files serve (none without one), at most
+/// [`crate::ondemand::MAX_LISTED`], sorted.
+async fn available(st: &Arc<AppState>) -> Result<Vec<String>, ApiError> {
+    let Some(dir) = st.adapter_dir.clone() else { return Ok(Vec::new()) };
+    blocking(move || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .filter_map(|e| e.file_name().to_str().and_then(crate::ondemand::name_of).map(str::to_owned))
+                    .take(crate::ondemand::MAX_LISTED)
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        names
+    })
+    .await
+}
+
+/// `GET /v1/models/{id}`: the base model, a resident adapter or one of the adapter directory, as
+/// in the list; 404 otherwise.
 async fn model(State(st): State<Arc<AppState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
     let ready = match st.ready() {
         Ok(r) => r,
         Err(e) => return st.error(e),
     };
-    if let Err(e) = st.resolve(&ready, &id) {
-        return st.error(e);
+    let resident = st.resolve(&ready, &id).is_ok();
+    let listed = match available(&st).await {
+        Ok(a) => a.contains(&id),
+        Err(e) => return st.error(e),
+    };
+    if !resident && !listed {
+        return st.error(ApiError::model_not_found(&id));
     }
-    let mut m = json!({"id": id, "object": "model", "created": st.created, "owned_by": "iapt"});
-    if id != st.model_id {
-        m["parent"] = json!(st.model_id);
-        m["root"] = json!(st.model_id);
-    }
-    axum::Json(m).into_response()
+    axum::Json(model_object(&st, &id, resident)).into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(ready) = st.ready.get().cloned() {
+        let ready_adapters = ready.adapter_names().len();
         if let Ok(Ok(s)) = blocking(move || ready.engine.status()).await {
             st.metrics.running.set(s.running as i64);
             st.metrics.queued.set(s.queued as i64);
             st.metrics.set_engine(&s.stats);
+            st.metrics.adapters_resident.set(ready_adapters as i64);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()

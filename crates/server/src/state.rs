@@ -72,6 +72,8 @@ pub(crate) struct AppState {
     pub adapter_dir: Option<PathBuf>,
     pub metrics: Metrics,
     pub ready: OnceLock<Arc<Ready>>,
+    /// Adapters loaded on demand from `adapter_dir`.
+    pub ondemand: crate::ondemand::OnDemand,
     /// Unix time the server started (`created` of every model).
     pub created: u64,
     next_id: AtomicU64,
@@ -89,6 +91,7 @@ impl AppState {
             adapter_dir,
             metrics: Metrics::new(),
             ready: OnceLock::new(),
+            ondemand: Default::default(),
             created,
             next_id: AtomicU64::new(0),
         }
@@ -103,8 +106,9 @@ impl AppState {
         }
     }
 
-    /// The adapter `model` selects: `None` for the base id, the adapter's name for a resident
-    /// adapter, else 404 `model_not_found`.
+    /// The adapter `model` selects among those resident: `None` for the base id, the adapter's
+    /// name for a resident adapter, else 404 `model_not_found` (requests use
+    /// [`crate::ondemand::ensure`], which also loads from the adapter directory).
     pub fn resolve(&self, ready: &Ready, model: &str) -> Result<Option<String>, ApiError> {
         if model == self.model_id {
             return Ok(None);

@@ -24,9 +24,22 @@ pub struct Args {
     /// The base model (GGUF; F32, F16 or quantized).
     #[arg(long, value_name = "BASE.gguf")]
     pub model: PathBuf,
-    /// Allow POST /v1/adapters and DELETE /v1/adapters/NAME, for files inside this directory only.
+    /// Serve the adapters of this directory on demand: `model` = NAME loads DIR/NAME.iapt.gguf,
+    /// NAME.iapt.safetensors, NAME.gguf or NAME.safetensors on its first request; also allows
+    /// POST /v1/adapters and DELETE /v1/adapters/NAME, for files inside it only.
     #[arg(long, value_name = "DIR")]
     pub adapter_dir: Option<PathBuf>,
+    /// Adapters resident at once; more evict the least recently used one that no prefill uses
+    /// (adapters given with --adapter and --pin are never evicted). Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_resident_adapters: Option<usize>,
+    /// MiB of resident adapter weights at most (as stored: an F16 adapter costs its file size);
+    /// evicts as --max-resident-adapters does. Default: no limit.
+    #[arg(long, value_name = "MIB")]
+    pub adapter_memory: Option<usize>,
+    /// Load this adapter of --adapter-dir at start and never evict it (repeat for several).
+    #[arg(long, value_name = "NAME")]
+    pub pin: Vec<String>,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
     pub host: String,
@@ -143,7 +156,12 @@ fn seconds(v: f64, flag: &str) -> Result<Duration, String> {
 
 /// The server settings from the options, or a usage error.
 fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerConfig, String> {
-    let shape = EngineShape::from_args(&args.engine, args.queue).map_err(|f| f.message)?;
+    let mut shape = EngineShape::from_args(&args.engine, args.queue).map_err(|f| f.message)?;
+    if args.max_resident_adapters == Some(0) || args.adapter_memory == Some(0) {
+        return Err("--max-resident-adapters and --adapter-memory must be at least 1".to_owned());
+    }
+    shape.adapter_cache =
+        iapt_engine::AdapterCache { max_resident: args.max_resident_adapters, max_bytes: args.adapter_memory.map(|m| m << 20) };
     if !args.model.is_file() {
         return Err(format!("{}: no such model file", args.model.display()));
     }
@@ -183,6 +201,7 @@ fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerCo
         body_timeout,
         step_timeout,
         adapter_dir: args.adapter_dir.clone(),
+        pins: args.pin.clone(),
         body_limit: args.max_body,
         grace: Duration::from_secs(args.grace),
         ..ServerConfig::new(spec, args.alias.clone().unwrap_or(stem))
