@@ -5,7 +5,8 @@ The official `openai` package's async client (the repository's `.venv`, pinned b
 crates/cli/tests/openai/requirements.txt) sends streamed, greedy /v1/completions requests from
 `--concurrency` workers (a closed loop: a worker sends its next request when its last one ends)
 until `--requests` have run, after a warm-up run of `--warmup` requests. Each request picks its tenant
-from the first `--tenants` adapters, uniformly or with a skewed (Zipf, s = 1) mix, seeded.
+from the first `--tenants` adapters, uniformly or with a skewed (Zipf, s = 1, or `zipf1.1`: s = 1.1) mix,
+seeded.
 
 - llama-server (`--server llama-lora`): `lora: [{"id": tenant, "scale": 1.0}]` via extra_body (every
   adapter a request does not list gets scale 0 for it: the server's construct_lora_list);
@@ -59,8 +60,8 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 FIRST = {"bench": ALPHABET, "tiny": "bcdefghjklmnpqrsuvwxz"}
 
 
-def zipf_weights(n: int) -> list[float]:
-    return [1.0 / (i + 1) for i in range(n)]
+def zipf_weights(n: int, s: float = 1.0) -> list[float]:
+    return [1.0 / (i + 1) ** s for i in range(n)]
 
 
 def pick_tenants(n_req: int, tenants: int, mix: str, rng: random.Random) -> list[int]:
@@ -70,6 +71,8 @@ def pick_tenants(n_req: int, tenants: int, mix: str, rng: random.Random) -> list
         return [rng.randrange(tenants) for _ in range(n_req)]
     if mix == "skewed":
         return rng.choices(range(tenants), weights=zipf_weights(tenants), k=n_req)
+    if mix == "zipf1.1":  # issue 29's load over many adapters
+        return rng.choices(range(tenants), weights=zipf_weights(tenants, 1.1), k=n_req)
     raise ValueError(mix)
 
 
@@ -222,9 +225,9 @@ async def amain(a) -> dict:
     if a.server in ("llama-lora", "iapt"):
         out["applied_check"] = await check_applied(client, a)
     if a.warmup:
-        wres, w0, w1 = await run_load(client, a, f"{a.label}/warmup", a.warmup, a.warmup_tokens)
+        wres, w0, w1 = await run_load(client, a, f"{a.plan_label or a.label}/warmup", a.warmup, a.warmup_tokens)
         out["warmup"] = summarize(wres, w0, w1)
-    res, t0, t1 = await run_load(client, a, a.label, a.requests, a.max_tokens)
+    res, t0, t1 = await run_load(client, a, a.plan_label or a.label, a.requests, a.max_tokens)
     out["run"] = summarize(res, t0, t1)
     out["per_request"] = [{"idx": r["idx"], "tenant": r["tenant"], "ttft_s": r["ttft"], "e2e_s": r["t_end"] - r["t_send"],
                            "start_s": r["t_send"] - t0, "tokens": r["tokens"],
@@ -249,7 +252,7 @@ def main() -> int:
     ap.add_argument("--model", default="base", help="the `model` field where it is not the adapter")
     ap.add_argument("--adapter-prefix", default="t", help="iapt: adapter i is named PREFIX + two digits")
     ap.add_argument("--tenants", type=int, default=0, help="tenants (the first N adapters); 0 for the base")
-    ap.add_argument("--mix", choices=["uniform", "skewed"], default="uniform")
+    ap.add_argument("--mix", choices=["uniform", "skewed", "zipf1.1"], default="uniform")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -259,6 +262,8 @@ def main() -> int:
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--label", default="run")
+    ap.add_argument("--plan-label", help="seed the requests' tenants and prompts with this label instead of --label "
+                                         "(rows that compare settings on the same requests share one)")
     ap.add_argument("--pid", type=int, help="the server's pid (peak RSS from /proc/PID/status VmHWM)")
     ap.add_argument("--metrics-url")
     ap.add_argument("--timeout", type=float, default=1800.0)

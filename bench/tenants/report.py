@@ -90,16 +90,22 @@ def fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
 
-def row_line(r: dict) -> str:
+def row_line(r: dict, s: dict | None = None) -> str:
+    s = s or {}
+    if r["server"] == "llama-lora-start":
+        return (f"| {r['label']} | llama-server, {r['n_lora']} LoRA adapters preloaded | {r['n_lora']} | — | — | "
+                f"ready after **{r['startup_s']:.1f} s** | — | — | — | {r['peak_rss_kib'] / 1024:.0f} |")
     kind = {"llama-base": "llama-server, base", "llama-lora": "llama-server, LoRA per request", "iapt": "`iapt serve`, IAPT",
             "iapt-base": "`iapt serve`, base", "llama-base-kvu": "llama-server, base, `-kvu`",
             "iapt-base-kvu": "`iapt serve`, base, `--kv-unified`", "iapt-batch": "`iapt batch` (offline), IAPT"}[r["server"]]
-    tenants = "—" if not r["tenants"] else f"{r['tenants']}" + (" skewed" if r["mix"] == "skewed" else "")
+    tenants = "—" if not r["tenants"] else f"{r['tenants']}" + {"skewed": " skewed", "zipf1.1": " Zipf 1.1"}.get(r["mix"], "")
     if r["server"] == "iapt-batch":
         s = r["stats"]
         return (f"| {r['label']} | {kind} | {tenants} | {s['parallel']} | {s['requests']} x {r['max_tokens']} | "
                 f"**{s['tokens_per_s']:.2f}** (decode-only {s['decode_tokens_per_s']:.2f}) | "
                 f"{r['requests_per_s']:.3f} | — | — | {r['peak_rss_kib'] / 1024:.0f} |")
+    if r["label"] in ("disk-small", "disk-large"):
+        kind = f"`iapt serve`, on demand, cap {s.get('cap_small' if r['label'] == 'disk-small' else 'cap_large')}"
     x = r["run"]
     hit = f" ({x['tenants_hit']} hit)" if r["tenants"] > 1 else ""
     return (f"| {r['label']} | {kind} | {tenants}{hit} | {r['concurrency']} | {x['requests']} x {r['max_tokens']} | "
@@ -151,6 +157,48 @@ def targets(rows: dict, n: int, suffix: str, gen: int) -> dict | None:
         out["engine_base_row"] = engine_base
         out["engine_base_over_base"] = tps(rows, engine_base) / v["base_p"]
         out["target_engine_base_over_base"] = 0.97
+    return out
+
+
+def metric(row: dict, name: str) -> float | None:
+    """An unlabelled metric of a row's `/metrics` text after its run."""
+    lines = row.get("metrics")
+    if not lines:
+        return None
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    for l in text.splitlines():
+        if l.startswith(name + " "):
+            return float(l.rpartition(" ")[2])
+    return None
+
+
+def disk(rows: dict, settings: dict, adapters_info: dict | None) -> dict | None:
+    """Adapters on demand (issue 29): each capped row's throughput, loads, load latency, peak RSS,
+    and the targets: capped throughput >= 0.9x the larger cap's; peak RSS <= base + cap x adapter
+    file size + 10%."""
+    small, large = rows.get("disk-small"), rows.get("disk-large")
+    if not small or not large:
+        return None
+    base = rows.get("iapt-base-p")
+    files = (adapters_info or {}).get("iapt", {}).get("files") or [{}]
+    file_bytes = files[0].get("bytes")
+    out = {}
+    for key, r, cap in (("small", small, int(settings["cap_small"])), ("large", large, int(settings["cap_large"]))):
+        loads = metric(r, "iapt_adapter_loads_all_total") or 0
+        secs = metric(r, "iapt_adapter_load_seconds_all_total") or 0
+        out[key] = {"cap": cap, "tokens_per_s": r["run"]["output_tokens_per_s"], "loads": int(loads),
+                    "load_ms_mean": 1e3 * secs / loads if loads else None, "evictions": int(metric(r, "iapt_adapter_evictions_total") or 0),
+                    "resident_at_end": int(metric(r, "iapt_adapters_resident") or 0), "peak_rss_kib": r["peak_rss_kib"],
+                    "tenants_hit": r["run"]["tenants_hit"]}
+        if base and file_bytes:
+            bound = (base["peak_rss_kib"] * 1024 + cap * file_bytes) * 1.10
+            out[key]["rss_bound_kib"] = bound / 1024
+            out[key]["rss_within_bound"] = r["peak_rss_kib"] * 1024 <= bound
+    out["small_over_large"] = out["small"]["tokens_per_s"] / out["large"]["tokens_per_s"]
+    out["target_small_over_large"] = 0.9
+    lora = rows.get("lora-disk-start")
+    if lora:
+        out["lora_start"] = {"n": lora["n_lora"], "startup_s": lora["startup_s"], "peak_rss_kib": lora["peak_rss_kib"]}
     return out
 
 
@@ -241,11 +289,12 @@ def main() -> int:
                        "gen_second_sample": targets(rows, n, "-rep", int(settings["gen"])),
                        "big": targets(rows, n, "-big", int(settings["gen"]))},
            "base_text_agrees_across_servers": base_agree,
+           "disk": disk(rows, settings, adapters_info),
            "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
            "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
            "per_request": {k: v.get("per_request") for k, v in rows.items()}}
     for k, v in res["rows"].items():
-        v["phases"] = phases(res["per_request"].get(k)) if v["server"] != "iapt-batch" and v["concurrency"] > 1 else None
+        v["phases"] = phases(res["per_request"].get(k)) if v["server"] not in ("iapt-batch", "llama-lora-start") and v.get("concurrency", 0) > 1 else None
     for v in res["rows"].values():  # keep the Prometheus text short: totals and sums, not every bucket
         v["engine_steps"] = engine_steps(v)
         if "metrics" in v:
@@ -262,7 +311,7 @@ def main() -> int:
     order = s["rows"].split()
     for k in order:
         if k in rows:
-            L.append(row_line(rows[k]))
+            L.append(row_line(rows[k], s))
     L += ["", "Phases (from the chunk timeline of each run; one wave of requests when all are in flight at once): "
           "prefill phase = until every request has its first token; decode phase = after it.", "",
           "| row | prefill phase (s) | decode phase (s) | decode-phase output tok/s | longest silence in the decode phase (ms) |",
@@ -299,6 +348,25 @@ def main() -> int:
                  f"IAPT / LoRA with {tenants} tenants = {t['tokens_per_s']['iapt']:.2f} / {t['tokens_per_s']['lora']:.2f} = "
                  f"{t['iapt_over_lora']:.2f}x = **{100 * t['share_of_gain']:.0f}%** of the gain (target >= 90%: {ok2}; "
                  f"as excess over 1x: {100 * t['share_of_gain_excess']:.0f}%).")
+    d = res.get("disk")
+    if d:
+        L += ["", f"Adapters on demand: {s.get('disk_adapters')} IAPT adapter files, `iapt serve --adapter-dir` with a resident cap, "
+              f"{s.get('requests_disk')} requests, Zipf (s 1.1) over the adapters, {s['parallel']} in flight, {s['prompt']} + {s.get('gen_disk')} tokens:", "",
+              "| cap | output tok/s | adapters hit | loads | mean load (ms) | evictions | peak RSS (MiB) | RSS bound: base + cap x file + 10% (MiB) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for key in ("small", "large"):
+            x = d[key]
+            L.append(f"| {x['cap']} | {x['tokens_per_s']:.2f} | {x['tenants_hit']} | {x['loads']} | {fmt(x['load_ms_mean'], '.0f')} | {x['evictions']} | "
+                     f"{x['peak_rss_kib'] / 1024:.0f} | {fmt(x.get('rss_bound_kib') and x['rss_bound_kib'] / 1024, '.0f')} "
+                     f"({'within' if x.get('rss_within_bound') else '**over**'}) |")
+        ok = "met" if d["small_over_large"] >= 0.9 else "**missed**"
+        L.append("")
+        L.append(f"- cap {d['small']['cap']} / cap {d['large']['cap']} throughput = **{d['small_over_large']:.3f}x** (target >= 0.9: {ok}); "
+                 f"every request answered (the load generator fails the run otherwise).")
+        if "lora_start" in d:
+            ls = d["lora_start"]
+            L.append(f"- llama-server with {ls['n']} LoRA adapters (`--lora` each, preloaded): ready after {ls['startup_s']:.1f} s, "
+                     f"peak RSS {ls['peak_rss_kib'] / 1024:.0f} MiB.")
     L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident (f32) | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in res["memory"]["shapes"].items():

@@ -23,6 +23,11 @@
 #   N_ADAPTERS 16 [2]  adapters resident in each adapter server (tenants 1, 4 and N_ADAPTERS use the first ones)
 #   TENANTS_BIG 64 [2], PARALLEL_BIG 32 [4], REQUESTS_BIG 64 [8]: the "big" rows (bare base, LoRA,
 #                      IAPT): that many tenants (and adapters resident), slots and requests in flight
+#   DISK_ADAPTERS 1000 [6], CAP_SMALL 32 [2], CAP_LARGE 256 [4], REQUESTS_DISK 256 [8], GEN_DISK 64 [4]:
+#                      the "disk" rows (issue 29): that many IAPT adapters on disk (copies of the made
+#                      ones, WORK/disk: ~28 MiB each), `iapt serve --adapter-dir` with a resident cap of
+#                      CAP_SMALL and CAP_LARGE, Zipf (s 1.1) traffic; and llama-server started with
+#                      that many LoRA adapters (copies), its start time and RSS
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
 #                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
 #   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
@@ -58,12 +63,14 @@ if [ "$smoke" = 1 ]; then
   REQUESTS=${REQUESTS:-4} REQUESTS_SERIAL=${REQUESTS_SERIAL:-2} GEN=${GEN:-8} GEN_SHORT=${GEN_SHORT:-4} PROMPT=${PROMPT:-16} WARMUP=${WARMUP:-1}
   WARMUP_GEN=${WARMUP_GEN:-2} PARALLEL=${PARALLEL:-2} N_ADAPTERS=${N_ADAPTERS:-2} CTX_PER_SEQ=${CTX_PER_SEQ:-256}
   TENANTS_BIG=${TENANTS_BIG:-2} PARALLEL_BIG=${PARALLEL_BIG:-4} REQUESTS_BIG=${REQUESTS_BIG:-8}
+  DISK_ADAPTERS=${DISK_ADAPTERS:-6} CAP_SMALL=${CAP_SMALL:-2} CAP_LARGE=${CAP_LARGE:-4} REQUESTS_DISK=${REQUESTS_DISK:-8} GEN_DISK=${GEN_DISK:-4}
   OUT=${OUT:-$WORK/smoke} VOCAB=tiny
 else
   REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
   PROMPT=${PROMPT:-128} WARMUP=${WARMUP:-2}
   WARMUP_GEN=${WARMUP_GEN:-8} PARALLEL=${PARALLEL:-16} N_ADAPTERS=${N_ADAPTERS:-16} CTX_PER_SEQ=${CTX_PER_SEQ:-512}
   TENANTS_BIG=${TENANTS_BIG:-64} PARALLEL_BIG=${PARALLEL_BIG:-32} REQUESTS_BIG=${REQUESTS_BIG:-64}
+  DISK_ADAPTERS=${DISK_ADAPTERS:-1000} CAP_SMALL=${CAP_SMALL:-32} CAP_LARGE=${CAP_LARGE:-256} REQUESTS_DISK=${REQUESTS_DISK:-256} GEN_DISK=${GEN_DISK:-64}
   OUT=${OUT:-$HERE/results} VOCAB=bench
 fi
 THREADS=${THREADS:-2} BATCH=${BATCH:-512} UBATCH=${UBATCH:-512}
@@ -103,6 +110,11 @@ rows() {
   echo "lora-rep | llama-lora | $N_ADAPTERS | uniform | $PARALLEL | $GEN | $r"
   echo "iapt-rep | iapt | $N_ADAPTERS | uniform | $PARALLEL | $GEN | $r"
   echo "iapt-base-p-rep | iapt-base | 0 | uniform | $PARALLEL | $GEN | $r"
+  # Adapters on demand (issue 29): DISK_ADAPTERS on disk, two resident caps, Zipf traffic; and
+  # llama-server started with as many LoRA adapters (start time and memory; no load).
+  echo "disk-small | iapt-disk-small | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | $REQUESTS_DISK"
+  echo "disk-large | iapt-disk-large | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | $REQUESTS_DISK"
+  echo "lora-disk-start | llama-lora-start | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | 0"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
 ROWS=${ROWS:-$ALL_ROWS}
@@ -172,6 +184,24 @@ for i in $(seq 0 $((N_MADE - 1))); do
   [ -f "$ADAPTERS/lora-$n.gguf" ] && [ -f "$ADAPTERS/iapt-$n.safetensors" ] || die "adapter $n missing in $ADAPTERS"
 done
 
+# The disk rows' adapters: DISK_ADAPTERS copies of the made adapters (IAPT tNN.safetensors, LoRA
+# lora-NN.gguf), made when a disk row is asked for.
+DISK=$WORK/disk-$DISK_ADAPTERS
+case " $ROWS " in
+  *" disk-"* | *" lora-disk-start "*)
+    if [ "$(cat "$DISK/.made" 2>/dev/null)" != "$DISK_ADAPTERS $ADAPTERS" ]; then
+      log "disk: $DISK_ADAPTERS IAPT and $DISK_ADAPTERS LoRA adapter files in $DISK (copies of the $N_MADE made ones)"
+      rm -rf "$DISK" && mkdir -p "$DISK/iapt" "$DISK/lora"
+      for i in $(seq 0 $((DISK_ADAPTERS - 1))); do
+        src=$(printf %02d $((i % N_MADE)))
+        cp "$ADAPTERS/iapt-$src.safetensors" "$DISK/iapt/t$(printf %02d "$i").safetensors"
+        cp "$ADAPTERS/lora-$src.gguf" "$DISK/lora/lora-$(printf %02d "$i").gguf"
+      done
+      echo "$DISK_ADAPTERS $ADAPTERS" >"$DISK/.made"
+    fi
+    ;;
+esac
+
 # --- servers -----------------------------------------------------------------------------------
 rm -rf "$OUT/rows" "$OUT/logs"
 mkdir -p "$OUT/rows" "$OUT/logs"
@@ -223,7 +253,7 @@ start_server() {
   local kind=$1 label=$2 slots=$3 n_adapters=$4 logf="$OUT/logs/$2.server.log" port args=() i n
   local ctx=$((slots * CTX_PER_SEQ))
   case "$kind" in
-    llama-base | llama-lora | llama-base-kvu)
+    llama-base | llama-lora | llama-base-kvu | llama-lora-start)
       port=$(free_port)
       args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$slots" -c "$ctx"
         -b "$BATCH" -ub "$UBATCH" --alias base --metrics --cache-ram 0 --no-webui)
@@ -232,15 +262,21 @@ start_server() {
         for i in $(seq 0 $((n_adapters - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
         args+=(--lora-init-without-apply)
       fi
+      if [ "$kind" = llama-lora-start ]; then
+        for i in $(seq 0 $((DISK_ADAPTERS - 1))); do args+=(--lora "$DISK/lora/lora-$(printf %02d "$i").gguf"); done
+        args+=(--lora-init-without-apply)
+      fi
       echo "$LLAMA_SERVER ${args[*]}" >"$logf"
       "$LLAMA_SERVER" "${args[@]}" >>"$logf" 2>&1 &
       SERVER_PID=$!
       BASE_URL=http://127.0.0.1:$port
       ;;
-    iapt | iapt-base | iapt-base-kvu)
+    iapt | iapt-base | iapt-base-kvu | iapt-disk-small | iapt-disk-large)
       args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$slots" --ctx-size "$ctx"
         --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
       if [ "$kind" = iapt-base-kvu ]; then args+=(--kv-unified); fi
+      if [ "$kind" = iapt-disk-small ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_SMALL"); fi
+      if [ "$kind" = iapt-disk-large ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_LARGE"); fi
       if [ "$kind" = iapt ]; then
         for i in $(seq 0 $((n_adapters - 1))); do
           n=$(printf %02d "$i")
@@ -273,10 +309,26 @@ run_row() {
     run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
     return
   fi
+  local t_start
+  t_start=$(date +%s.%N)
   start_server "$kind" "$id" "$slots" "$n_adapters"
-  local startup=$((SECONDS - t0)) metrics=()
+  local startup=$((SECONDS - t0)) metrics=() client=${kind%-kvu}
+  case "$kind" in iapt-disk-*) client=iapt ;; esac
+  if [ "$kind" = llama-lora-start ]; then
+    # Started with every LoRA adapter: how long it took and what it holds; no load.
+    python3 - "$OUT/rows/$id.json" "$id" "$t_start" "$SERVER_PID" "$DISK_ADAPTERS" <<'PY'
+import json, sys, time
+out, label, t0, pid, n = sys.argv[1:6]
+hwm = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+json.dump({"label": label, "server": "llama-lora-start", "n_lora": int(n), "startup_s": time.time() - float(t0),
+           "peak_rss_kib": hwm}, open(out, "w"), indent=1)
+PY
+    stop_server
+    return
+  fi
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
-  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "${kind%-kvu}" --model base --tenants "$tenants" --mix "$mix" \
+  case "$kind" in iapt-disk-*) metrics+=(--plan-label disk) ;; esac # both caps serve the same requests
+  run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$client" --model base --tenants "$tenants" --mix "$mix" \
     --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
     --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
     --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
@@ -368,6 +420,7 @@ SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) f
   smoke="$smoke" requests="$REQUESTS" requests_serial="$REQUESTS_SERIAL" gen="$GEN" gen_short="$GEN_SHORT" prompt="$PROMPT" warmup="$WARMUP" \
   warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
   tenants_big="$TENANTS_BIG" parallel_big="$PARALLEL_BIG" requests_big="$REQUESTS_BIG" \
+  disk_adapters="$DISK_ADAPTERS" cap_small="$CAP_SMALL" cap_large="$CAP_LARGE" requests_disk="$REQUESTS_DISK" gen_disk="$GEN_DISK" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
   llama_server="$LLAMA_SERVER" llama_version="$LLAMA_VERSION" llama_src="$LLAMA_SRC" llama_lib="$LLAMA_LIB" rows="$ROWS" \
   wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")

@@ -106,6 +106,7 @@ fn first_use_loads_once_and_the_cap_evicts_the_least_recently_used() {
     assert_eq!(text(&s, "a"), want[0]);
     assert_eq!(s.metric("iapt_adapters_resident"), 3.0);
     assert_eq!(s.metric("iapt_adapter_evictions_total"), 2.0);
+    assert_eq!(s.metric("iapt_adapter_loads_all_total"), 4.0, "a, b, c, a");
     assert_eq!(s.get("/v1/models/b").json()["resident"], false);
     assert_eq!(s.get("/v1/models/a").json()["resident"], true);
     s.post_json("/v1/completions", &json!({"model": "d", "prompt": PROMPT, "max_tokens": 2})).assert_error(409, Some("model"));

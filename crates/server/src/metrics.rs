@@ -13,7 +13,8 @@
 //!   decode tokens only, and of their time what `llama_decode` took (the rest is the engine's
 //!   own: batch, sampling, events), read at scrape time. Decode throughput is
 //!   `decode_only_tokens / decode_only_seconds`;
-//! - adapters: `iapt_adapters_resident` (read at scrape time), `iapt_adapter_evictions_total`, and
+//! - adapters: `iapt_adapters_resident` (read at scrape time), `iapt_adapter_evictions_total`,
+//!   `iapt_adapter_loads_all_total` and `iapt_adapter_load_seconds_all_total` (every adapter), and
 //!   per adapter `iapt_adapter_loads_total{model}`, `iapt_adapter_load_seconds_total{model}`,
 //!   `iapt_adapter_resident_bytes{model}`. An evicted or unloaded adapter's series are dropped, so
 //!   the label set stays bounded by the resident set and the requests in flight.
@@ -40,6 +41,8 @@ pub struct Metrics {
     engine: EngineCounters,
     pub(crate) adapters_resident: IntGauge,
     adapter_evictions: IntCounter,
+    adapter_loads_all: IntCounter,
+    adapter_load_seconds_all: Counter,
     adapter_loads: IntCounterVec,
     adapter_load_seconds: CounterVec,
     adapter_bytes: IntGaugeVec,
@@ -90,6 +93,8 @@ impl Metrics {
             },
             adapters_resident: gauge("iapt_adapters_resident", "Adapters resident in the engine."),
             adapter_evictions: int_counter("iapt_adapter_evictions_total", "Adapters evicted to make room for another."),
+            adapter_loads_all: int_counter("iapt_adapter_loads_all_total", "Adapter loads at run time, every adapter."),
+            adapter_load_seconds_all: seconds("iapt_adapter_load_seconds_all_total", "Time of those loads."),
             adapter_loads: counter("iapt_adapter_loads_total", "Loads of an adapter from the adapter directory on demand.", &["model"]),
             adapter_load_seconds: CounterVec::new(
                 Opts::new("iapt_adapter_load_seconds_total", "Time of those loads (read, validate, build)."),
@@ -101,7 +106,9 @@ impl Metrics {
             registry,
         };
         let e = &m.engine;
-        let all: [Box<dyn prometheus::core::Collector>; 20] = [
+        let all: [Box<dyn prometheus::core::Collector>; 22] = [
+            Box::new(m.adapter_loads_all.clone()),
+            Box::new(m.adapter_load_seconds_all.clone()),
             Box::new(m.adapters_resident.clone()),
             Box::new(m.adapter_evictions.clone()),
             Box::new(m.adapter_loads.clone()),
@@ -148,6 +155,8 @@ impl Metrics {
         self.adapter_load_seconds.with_label_values(&[model]).inc_by(seconds);
         self.adapter_bytes.with_label_values(&[model]).set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.adapter_evictions.inc_by(evicted as u64);
+        self.adapter_loads_all.inc();
+        self.adapter_load_seconds_all.inc_by(seconds);
     }
 
     /// Drops every series of `model` (an unloaded adapter), so the label set stays bounded by the
