@@ -24,8 +24,8 @@
 #   TENANTS_BIG 64 [2], PARALLEL_BIG 32 [4], REQUESTS_BIG 64 [8]: the "big" rows (bare base, LoRA,
 #                      IAPT): that many tenants (and adapters resident), slots and requests in flight
 #   DISK_ADAPTERS 1000 [6], CAP_SMALL 32 [2], CAP_LARGE 256 [4], REQUESTS_DISK 256 [8], GEN_DISK 64 [4]:
-#                      the "disk" rows (issue 29): that many IAPT adapters on disk (copies of the made
-#                      ones, WORK/disk: ~28 MiB each), `iapt serve --adapter-dir` with a resident cap of
+#                      the "disk" rows (issue 29): that many IAPT adapters on disk (hard links to the
+#                      made ones, WORK/disk-N), `iapt serve --adapter-dir` with a resident cap of
 #                      CAP_SMALL and CAP_LARGE, Zipf (s 1.1) traffic; and llama-server started with
 #                      that many LoRA adapters (copies), its start time and RSS
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
@@ -194,8 +194,13 @@ case " $ROWS " in
       rm -rf "$DISK" && mkdir -p "$DISK/iapt" "$DISK/lora"
       for i in $(seq 0 $((DISK_ADAPTERS - 1))); do
         src=$(printf %02d $((i % N_MADE)))
-        cp "$ADAPTERS/iapt-$src.safetensors" "$DISK/iapt/t$(printf %02d "$i").safetensors"
-        cp "$ADAPTERS/lora-$src.gguf" "$DISK/lora/lora-$(printf %02d "$i").gguf"
+        # Hard links where the file system allows (1000 copies would take ~33 GB): each name is its
+        # own file to the servers, which read it whole; the page cache then holds one copy of the
+        # bytes of each of the N_MADE distinct adapters.
+        ln -f "$ADAPTERS/iapt-$src.safetensors" "$DISK/iapt/t$(printf %02d "$i").safetensors" 2>/dev/null ||
+          cp "$ADAPTERS/iapt-$src.safetensors" "$DISK/iapt/t$(printf %02d "$i").safetensors"
+        ln -f "$ADAPTERS/lora-$src.gguf" "$DISK/lora/lora-$(printf %02d "$i").gguf" 2>/dev/null ||
+          cp "$ADAPTERS/lora-$src.gguf" "$DISK/lora/lora-$(printf %02d "$i").gguf"
       done
       echo "$DISK_ADAPTERS $ADAPTERS" >"$DISK/.made"
     fi
