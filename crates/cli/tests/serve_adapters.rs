@@ -181,3 +181,48 @@ fn a_full_resident_set_is_a_503() {
     assert_eq!(listed(&s), [("tiny", true), ("a", false)].map(|(n, r)| (n.to_owned(), r)));
     text(&s, "tiny"); // The resident adapter still serves (200).
 }
+
+/// Churn: eight clients at once over six adapters with room for two beside the pinned one. Each
+/// answer is the adapter's own text (200), or, when every resident adapter is held by a queued
+/// request or a prefill, 503 `adapter_cache_full`: never a 404, 409 or 500 from a load racing an
+/// eviction.
+#[test]
+fn churn_over_a_small_resident_set_answers_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("t{i}.safetensors")).collect();
+    let paths = write_adapters(dir.path(), &names.iter().map(String::as_str).collect::<Vec<_>>());
+    let want: Vec<String> = paths.iter().map(|p| alone(p)).collect();
+    let s = server(dir.path(), &["--max-resident-adapters", "3", "--parallel", "2", "--queue", "64"]);
+    let (ok, full) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let (s, want) = (&s, &want);
+                scope.spawn(move || {
+                    let (mut ok, mut full) = (0, 0);
+                    for i in 0..6 {
+                        let t = (w * 5 + i * 7) % 6;
+                        let body = json!({"model": format!("t{t}"), "prompt": PROMPT, "max_tokens": 8, "temperature": 0});
+                        let r = s.post_json("/v1/completions", &body);
+                        match r.status {
+                            200 => {
+                                assert_eq!(r.json()["choices"][0]["text"], want[t], "t{t}");
+                                ok += 1;
+                            }
+                            503 => {
+                                assert_eq!(r.json()["error"]["code"], "adapter_cache_full", "{}", r.body);
+                                full += 1;
+                            }
+                            _ => panic!("t{t}: {} {}", r.status, r.body),
+                        }
+                    }
+                    (ok, full)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    assert_eq!(ok + full, 48);
+    assert!(ok > 0, "{full} refused");
+    assert!(s.metric("iapt_adapter_evictions_total") > 0.0);
+    assert!(s.metric("iapt_adapters_resident") <= 3.0);
+}

@@ -144,16 +144,34 @@ pub(crate) async fn ensure(st: &Arc<AppState>, ready: &Arc<Ready>, model: &str) 
     Ok(Some(model.to_owned()))
 }
 
-/// Submits `job` ([`generate::start`]). Its adapter may have been evicted between
-/// [`ensure`] and the submission (another load made room): then it is made resident again and
-/// the job submitted once more.
+/// Attempts of [`start`] to submit a job whose adapter another load keeps evicting.
+const SUBMIT_ATTEMPTS: usize = 4;
+
+/// Submits `job` ([`generate::start`]). Its adapter may have been evicted between [`ensure`] and
+/// the submission (another request's load made room, and the server's list may not say so yet):
+/// then the list forgets it, it is made resident again and the job submitted again.
 pub(crate) async fn start(st: &Arc<AppState>, ready: &Arc<Ready>, job: Job) -> Result<Started, ApiError> {
-    match generate::start(ready, &st.metrics, job.clone()).await {
-        Err(e) if e.code == Some("model_not_found") && st.adapter_dir.is_some() && job.adapter.is_some() => {
-            ensure(st, ready, &job.model).await?;
-            generate::start(ready, &st.metrics, job).await
+    let mut attempt = 1;
+    loop {
+        match generate::start(ready, &st.metrics, job.clone()).await {
+            Err(e) if e.code == Some("model_not_found") && st.adapter_dir.is_some() && job.adapter.is_some() => {
+                if attempt == SUBMIT_ATTEMPTS {
+                    return Err(ApiError::unavailable(format!(
+                        "adapter {:?} was evicted {attempt} times before its request could start; the resident set is too small for the load",
+                        job.model
+                    ))
+                    .with_param("model")
+                    .with_code("adapter_cache_full"));
+                }
+                attempt += 1;
+                if let Ok(mut a) = ready.adapters.write() {
+                    a.remove(&job.model);
+                }
+                st.ondemand.forget(std::slice::from_ref(&job.model));
+                ensure(st, ready, &job.model).await?;
+            }
+            r => return r,
         }
-        r => r,
     }
 }
 
@@ -218,7 +236,9 @@ fn load(
     let v = iapt_format::validate_bytes(&bytes);
     drop(bytes);
     let adapter = v.adapter.ok_or_else(|| bad(format!("not a valid IAPT adapter:\n{}", v.report)))?;
-    let opts = InsertOptions { pinned, replace: resident };
+    // Replace whatever the engine holds under the name: the server's list can lag behind the
+    // engine's evictions for a moment, so "not resident here" may still be resident there.
+    let opts = InsertOptions { pinned, replace: true };
     let inserted = ready.engine.load_adapter_parsed(name, &adapter, opts).map_err(|e| match e {
         EngineError::AdapterRejected { .. } | EngineError::AdapterFile { .. } => bad(e.to_string()),
         e => ApiError::from_engine(e, "model", "logprobs"),
