@@ -388,14 +388,21 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::
 /// Validates a file: structure, every spec rule, finiteness of every tensor, and (with `base`)
 /// compatibility with a base model. Never panics on any input; I/O failures become `E001`.
 pub fn validate_file(path: &Path, base: Option<&BaseModelInfo>) -> Validation {
-    let mut report = Report::default();
-    let file = match File::open(path) {
-        Ok(f) => f,
+    match File::open(path) {
+        Ok(file) => validate_opened(file, path, base),
         Err(e) => {
+            let mut report = Report::default();
             report.push(Finding::file(Code::Unreadable, format!("cannot open {}: {e}", path.display())));
-            return Validation { report, container: None, adapter: None };
+            Validation { report, container: None, adapter: None }
         }
-    };
+    }
+}
+
+/// [`validate_file`] on a file the caller opened (a server confines its opens to a directory);
+/// `path` names it in messages. The adapter's tensors stay in the file and are read when used, so
+/// validating costs no copy of the file in memory.
+pub fn validate_opened(file: File, path: &Path, base: Option<&BaseModelInfo>) -> Validation {
+    let mut report = Report::default();
     let raw = match container::parse_file(&file, &mut report) {
         Ok(Some(raw)) => raw,
         Ok(None) => return Validation { report, container: None, adapter: None },

@@ -32,7 +32,7 @@ pub mod temp;
 pub mod testing;
 mod validate;
 
-pub use adapter::{validate_bytes, validate_file, write_atomically, Adapter, Tensor, Validation};
+pub use adapter::{validate_bytes, validate_file, validate_opened, write_atomically, Adapter, Tensor, Validation};
 pub use config::{
     is_arch_name, keys, Activation, AdapterConfig, Container, Metadata, RationalConfig, RationalVariant, SpecVersion, KNOWN_OPTIONAL_KEYS,
     MAX_N_LAYER, MAX_RATIONAL_DEGREE, MAX_SOFT_TOKENS, MAX_WIDTH, SPEC_MAJOR, SPEC_MINOR,

@@ -19,7 +19,6 @@
 //!   request is refused with 503 and `Retry-After` (never queued without bound).
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -61,12 +60,23 @@ impl Stamp {
 }
 
 /// The on-demand state shared by the handlers.
-#[derive(Default)]
 pub(crate) struct OnDemand {
     /// One lock per adapter name being loaded (entries are dropped when idle).
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The stamp and SHA-256 of each resident on-demand adapter's file.
     files: Mutex<HashMap<String, (Stamp, [u8; 32])>>,
+    /// Loads running at once ([`LOADS_AT_ONCE`]): each holds a generator beyond the resident
+    /// set's cap until it is inserted, and they compete with decoding for the CPU.
+    loads: tokio::sync::Semaphore,
+}
+
+/// Adapter loads that run at once; more wait.
+const LOADS_AT_ONCE: usize = 2;
+
+impl Default for OnDemand {
+    fn default() -> Self {
+        OnDemand { loading: Mutex::default(), files: Mutex::default(), loads: tokio::sync::Semaphore::new(LOADS_AT_ONCE) }
+    }
 }
 
 impl OnDemand {
@@ -129,12 +139,20 @@ pub(crate) async fn ensure(st: &Arc<AppState>, ready: &Arc<Ready>, model: &str) 
     if resident && tracked.is_none() {
         return Ok(Some(model.to_owned())); // Loaded at start or by POST: not a file this tracks.
     }
+    if let (true, Some((stamp, _))) = (resident, &tracked) {
+        // The common case, without waiting for anyone: resident, and its file unchanged.
+        let (d, n, stamp) = (dir.clone(), model.to_owned(), stamp.clone());
+        if blocking(move || current_stamp(&d, &n).is_some_and(|s| s == stamp)).await? {
+            return Ok(Some(model.to_owned()));
+        }
+    }
     let lock = st.ondemand.lock_for(model);
     let _one = lock.lock().await;
     // Whoever held the lock before may have loaded it.
     let resident = ready.adapters.read().is_ok_and(|a| a.contains_key(model));
     let tracked = st.ondemand.files.lock().ok().and_then(|f| f.get(model).cloned());
     let (st2, ready2, name) = (st.clone(), ready.clone(), model.to_owned());
+    let _slot = st.ondemand.loads.acquire().await.map_err(|_| ApiError::unavailable("the server is stopping"))?;
     let loaded = blocking(move || load(&st2, &ready2, &dir, &name, resident, tracked, false)).await??;
     match loaded {
         Some(Loaded { inserted, seconds }) => record(st, ready, model, &inserted, seconds),
@@ -225,16 +243,15 @@ fn load(
         return Err(bad(format!("{} bytes is larger than the {MAX_ADAPTER_BYTES} bytes an adapter may have", meta.len())));
     }
     let t0 = Instant::now();
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_ADAPTER_BYTES).read_to_end(&mut bytes).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    // Hashed in blocks, validated and built from the open file (tensors read when used): a load
+    // holds no copy of the file, only the generator it builds.
+    let hash = sha256(&file).map_err(|e| bad(format!("cannot read: {e}")))?;
     if resident && tracked.as_ref().is_some_and(|(_, h)| *h == hash) {
         // Touched, not changed: the resident adapter is this file's.
         st.ondemand.files.lock().map_err(|_| bad("state poisoned".to_owned()))?.insert(name.to_owned(), (stamp, hash));
         return Ok(None);
     }
-    let v = iapt_format::validate_bytes(&bytes);
-    drop(bytes);
+    let v = iapt_format::validate_opened(file, Path::new(&given), None);
     let adapter = v.adapter.ok_or_else(|| bad(format!("not a valid IAPT adapter:\n{}", v.report)))?;
     // Replace whatever the engine holds under the name: the server's list can lag behind the
     // engine's evictions for a moment, so "not resident here" may still be resident there.
@@ -245,6 +262,28 @@ fn load(
     })?;
     st.ondemand.files.lock().map_err(|_| bad("state poisoned".to_owned()))?.insert(name.to_owned(), (stamp, hash));
     Ok(Some(Loaded { inserted, seconds: t0.elapsed().as_secs_f64() }))
+}
+
+/// The stamp of the file that serves `name` now, if exactly one does.
+fn current_stamp(dir: &Path, name: &str) -> Option<Stamp> {
+    let (file, _) = open_for(dir, name).ok()??;
+    file.metadata().ok().map(|m| Stamp::of(&m))
+}
+
+/// SHA-256 of a file's bytes, read in blocks from its start.
+fn sha256(file: &std::fs::File) -> std::io::Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, at)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
 }
 
 /// Brings the server's list and metrics in step with a load that made `name` resident.
