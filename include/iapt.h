@@ -43,12 +43,20 @@
 // sequences are wrong, their prefill starts again at position 0.
 #define IAPT_ERR_DECODE -9
 
+// A registry's limits are reached and every resident adapter is in use (held by a handle or bound
+// to a hook sequence): nothing was loaded and nothing was dropped.
+#define IAPT_ERR_FULL -10
+
 // `iapt_adapter` in C: a loaded adapter, its generator and the base model it was made for. Opaque to C; shared by
 // reference count (`iapt_adapter_free` drops the caller's reference, hooks keep their own).
 typedef struct iapt_adapter iapt_adapter;
 
 // `iapt_hook` in C: the hook of one model (and one context). Opaque to C.
 typedef struct iapt_hook iapt_hook;
+
+// `iapt_registry` in C: resident adapters by path (see `iapt_registry_get`). Opaque to C;
+// every call on it is thread-safe.
+typedef struct iapt_registry iapt_registry;
 
 #ifdef __cplusplus
 extern "C" {
@@ -61,6 +69,38 @@ const char *iapt_version(void);
 // Returns NULL on error, with the message (including the spec's finding codes) in `err`.
 // Thread-safe; the result is owned by the caller ([`iapt_adapter_free`]).
 iapt_adapter *iapt_adapter_load(const char *path, char *err, size_t err_size);
+
+// Creates a registry of adapters by path with a bounded resident set: at most `max_resident`
+// adapters and `max_bytes` bytes of generator weights (0: no limit; negative: an error). See
+// [`iapt_registry_get`]. Returns NULL on error (`err`). The caller owns the result
+// ([`iapt_registry_free`]). Thread-safe.
+iapt_registry *iapt_registry_new(int32_t max_resident,
+                                 int64_t max_bytes,
+                                 char *err,
+                                 size_t err_size);
+
+// Frees a registry (NULL is ignored). Adapters it returned stay valid until their own
+// [`iapt_adapter_free`] (and hooks keep theirs). Not thread-safe with other calls on it.
+void iapt_registry_free(iapt_registry *registry);
+
+// The adapter of the file at `path`, loaded on first use and resident afterwards: a new reference
+// the caller frees with [`iapt_adapter_free`] (free it once the sequences it serves are
+// prefilled, so the registry may drop it). Concurrent first gets of one path load it once; a file
+// changed on disk (content hash) is loaded again, and handles of the old version stay valid. To
+// make room the least recently used adapters nobody holds are dropped; when every resident
+// adapter is held, NULL with `IAPT_ERR_FULL` in `err`. NULL on any error (`err`). Thread-safe.
+iapt_adapter *iapt_registry_get(const iapt_registry *registry,
+                                const char *path,
+                                char *err,
+                                size_t err_size);
+
+// Writes the registry's resident adapters, their bytes of generator weights and its loads so far
+// (first loads and reloads) through the out-pointers that are not NULL. Returns 0 or
+// `IAPT_ERR_NULL`. Thread-safe.
+int32_t iapt_registry_stats(const iapt_registry *registry,
+                            int64_t *n_resident,
+                            int64_t *bytes,
+                            int64_t *loads);
 
 // Releases the caller's reference to an adapter (NULL is ignored). Safe while hooks still use it:
 // they hold their own references until their sequence is cleared or the hook is freed. Thread-safe;

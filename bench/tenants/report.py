@@ -235,7 +235,9 @@ def memory(rows: dict, n: int, adapters_info: dict | None) -> dict:
         r = r_run if "this run" in name else round(d * PAPER_R / PAPER_D)
         ip = iapt_params(d, n_layer, r)
         out["shapes"][name] = {
-            "iapt_r": r, "iapt_params": ip, "iapt_file_f16_bytes": 2 * ip, "iapt_resident_f32_bytes": 4 * ip,
+            # Resident as stored (issue 29): F16, or Q8_0's 34 bytes per 32 values (the matrices; the
+            # few biases and queries are counted at the same rate, a rounding error here).
+            "iapt_r": r, "iapt_params": ip, "iapt_resident_f16_bytes": 2 * ip, "iapt_resident_q8_0_bytes": ip * 34 // 32,
             "lora_qkvo_params": lora_params(d, n_layer, n_head, n_head_kv, "qkvo"),
             "lora_qv_params": lora_params(d, n_layer, n_head, n_head_kv, "qv"),
         }
@@ -367,10 +369,10 @@ def main() -> int:
             ls = d["lora_start"]
             L.append(f"- llama-server with {ls['n']} LoRA adapters (`--lora` each, preloaded): ready after {ls['startup_s']:.1f} s, "
                      f"peak RSS {ls['peak_rss_kib'] / 1024:.0f} MiB.")
-    L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident (f32) | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
+    L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident, F16 / Q8_0 | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in res["memory"]["shapes"].items():
-        L.append(f"| {name}, IAPT r {m['iapt_r']} | {m['iapt_params']:,} | {mib(m['iapt_resident_f32_bytes'])} | "
+        L.append(f"| {name}, IAPT r {m['iapt_r']} | {m['iapt_params']:,} | {mib(m['iapt_resident_f16_bytes'])} / {mib(m['iapt_resident_q8_0_bytes'])} | "
                  f"{m['lora_qkvo_params']:,} | {mib(m['lora_qkvo_resident_f16_bytes'])} | {m['lora_qv_params']:,} |")
     d = res["memory"]["measured_rss_delta_per_adapter_kib"]
     L.append("")

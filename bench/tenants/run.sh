@@ -9,6 +9,8 @@
 #   bash bench/tenants/run.sh            the full run (~30 min on a 2-vCPU machine once built), from
 #                                        a fresh clone: release build, llama-server, bench model,
 #                                        16 LoRA + 16 IAPT adapters, every row; OUT = bench/tenants/results
+#   bash bench/tenants/run.sh --prepare  only build and make the model and adapters, then print
+#                                        "MODEL ADAPTERS IAPT_BIN" on stdout (bench/q8_0 uses it)
 #   bash bench/tenants/run.sh --smoke    CI: the tiny fixture model and the committed adapters
 #                                        (bench/tenants/fixtures: no torch needed), 2 tenants, 4
 #                                        requests per row, every row kind; OUT = $WORK/smoke
@@ -43,9 +45,11 @@ ROOT=$(pwd)
 HERE=bench/tenants
 
 smoke=0
+prepare=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
+    --prepare) prepare=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -183,6 +187,11 @@ for i in $(seq 0 $((N_MADE - 1))); do
   n=$(printf %02d "$i")
   [ -f "$ADAPTERS/lora-$n.gguf" ] && [ -f "$ADAPTERS/iapt-$n.safetensors" ] || die "adapter $n missing in $ADAPTERS"
 done
+
+if [ "$prepare" = 1 ]; then
+  echo "$MODEL $ADAPTERS $IAPT_BIN"
+  exit 0
+fi
 
 # The disk rows' adapters: DISK_ADAPTERS copies of the made adapters (IAPT tNN.safetensors, LoRA
 # lora-NN.gguf), made when a disk row is asked for.

@@ -29,13 +29,15 @@ import numpy as np
 import gguf
 import safetensors
 import safetensors.numpy
+import gguf.quants
 from safetensors import TensorSpec
 
 HERE = Path(__file__).resolve().parent
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.0"  # a vector with Q8_0 tensors says "1.1" (writers write the lowest version a file needs)
 ROLES = ["down.weight", "down.bias", "pool.query", "up.weight", "up.bias", "act.num", "act.den"]
 FIXED = ["identity", "relu", "gelu", "gelu_tanh", "silu", "tanh"]
-GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}
+GGML_TYPE = {"F32": 0, "F16": 1, "Q8_0": 8, "BF16": 30}
+Q8_SCALE_SUFFIX = "_scale"  # safetensors: a Q8_0 matrix NAME is NAME (I8) + NAME_scale (F16 [rows, cols/32])
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +93,13 @@ VECTORS = [
     dict(name="tanh_f32", seed=111,
          covers="fixed tanh, pool scale 2, three layers",
          L=3, d=8, r=4, m=3, n=5, act="tanh", scale=2.0, dtype="F32", biases=("down.bias",)),
+    dict(name="silu_q8_0", seed=112,
+         covers="spec 1.1: Q8_0 matrices (ggml blocks of 32 quantized by gguf-py; safetensors stores each "
+                "as an I8 tensor and an F16 NAME_scale tensor), per-layer down.weight with rows of 64 "
+                "(two blocks), a shared up.weight with rows of 32, F16 pool.query, F32 biases; expected "
+                "outputs use the dequantized values d * q",
+         L=2, d=64, r=32, m=2, n=4, act="silu", scale=1.0, dtype="F32", matrix_dtype="Q8_0",
+         query_dtype="F16", biases=("down.bias", "up.bias"), shared=("up.weight",), spec_version="1.1"),
 ]
 
 # Optional metadata, as (key, GGUF type name, value).
@@ -153,12 +162,30 @@ class Stored:
         elif dtype == "BF16":
             self.raw = to_bf16_bits(values32)  # uint16 bit patterns
             self.exact = bf16_bits_to_f64(self.raw)
+        elif dtype == "Q8_0":
+            # gguf-py's quantizer (ggml's reference rule): uint8 blocks, [rows, cols / 32 * 34]
+            self.source = values32
+            self.raw = gguf.quants.quantize(values32, gguf.GGMLQuantizationType.Q8_0)
+            self.scales, self.qs = q8_halves(self.raw)
+            # exact value of each element, d * q, decoded here from the block bytes
+            self.exact = (np.repeat(self.scales.astype(np.float64), 32, axis=-1) * self.qs.astype(np.float64))
         else:
             raise ValueError(dtype)
         self.shape = list(values32.shape)
 
     def le_bytes(self) -> bytes:
+        """The data as GGUF stores it (Q8_0: the ggml blocks)."""
         return self.raw.astype(self.raw.dtype.newbyteorder("<")).tobytes()
+
+
+def q8_halves(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The F16 scales [rows, cols/32] and the int8 values [rows, cols] of Q8_0 blocks
+    [rows, cols/32*34]: each 34-byte block is a little-endian f16 d, then 32 int8 q."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, 34)
+    scales = np.ascontiguousarray(b[:, :, :2]).view("<f2").reshape(rows, -1)
+    qs = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(rows, -1)
+    return scales, qs
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,16 +320,23 @@ def make_params(v: dict, rng: np.random.Generator) -> dict[str, Stored]:
             return np.stack([b0 + rng.normal(0.0, 0.05, size=len(b0)) for _ in range(shp[0])])
         return rng.normal(0.0, 0.3, size=shp)
 
+    def dtype_of(role: str) -> str:
+        if role.startswith("act."):
+            return v.get("act_dtype", v["dtype"])
+        if role in ("down.weight", "up.weight"):
+            return v.get("matrix_dtype", v["dtype"])
+        if role == "pool.query":
+            return v.get("query_dtype", v["dtype"])
+        return v["dtype"]
+
     out: dict[str, Stored] = {}
     for role in ROLES:  # canonical order: shared first, then layer by layer, roles in order
         if role in roles and role in shared:
-            dt = v.get("act_dtype", v["dtype"]) if role.startswith("act.") else v["dtype"]
-            out[f"iapt.shared.{role}"] = Stored(values(role), dt)
+            out[f"iapt.shared.{role}"] = Stored(values(role), dtype_of(role))
     for l in range(L):
         for role in ROLES:
             if role in roles and role not in shared:
-                dt = v.get("act_dtype", v["dtype"]) if role.startswith("act.") else v["dtype"]
-                out[f"iapt.blk.{l}.{role}"] = Stored(values(role), dt)
+                out[f"iapt.blk.{l}.{role}"] = Stored(values(role), dtype_of(role))
     return out
 
 
@@ -313,7 +347,7 @@ def make_params(v: dict, rng: np.random.Generator) -> dict[str, Stored]:
 def required_metadata(v: dict) -> list[tuple[str, str, object]]:
     """(key, GGUF type, value) in the spec's canonical order."""
     m = [
-        ("iapt.spec_version", "string", SPEC_VERSION),
+        ("iapt.spec_version", "string", v.get("spec_version", SPEC_VERSION)),
         ("iapt.n_layer", "u32", v["L"]),
         ("iapt.n_embd", "u32", v["d"]),
         ("iapt.n_soft_tokens", "u32", v["m"]),
@@ -396,9 +430,22 @@ def sort_safetensors_metadata(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def safetensors_arrays(tensors: dict[str, Stored]) -> dict[str, np.ndarray]:
+    """The arrays a safetensors file holds: a Q8_0 matrix as its int8 values under its name and its
+    f16 scales under NAME_scale (spec 1.1); BF16 as uint16 bit patterns."""
+    out = {}
+    for k, t in tensors.items():
+        if t.dtype == "Q8_0":
+            out[k] = t.qs
+            out[k + Q8_SCALE_SUFFIX] = t.scales
+        else:
+            out[k] = t.raw
+    return out
+
+
 def write_safetensors_unsorted(path: Path, tensors: dict[str, Stored], metadata: dict[str, str]) -> None:
     if all(t.dtype != "BF16" for t in tensors.values()):
-        safetensors.numpy.save_file({k: t.raw for k, t in tensors.items()}, str(path), metadata=metadata)
+        safetensors.numpy.save_file(safetensors_arrays(tensors), str(path), metadata=metadata)
         return
     # numpy has no bfloat16: hand the safetensors serializer the uint16 bit patterns and name the
     # dtype explicitly (the same call save_file makes, with dtype "bfloat16" instead of "uint16").
@@ -432,6 +479,8 @@ def write_gguf(path: Path, v: dict, tensors: dict[str, Stored]) -> None:
     for name, t in tensors.items():  # canonical order
         if t.dtype == "BF16":
             w.add_tensor(name, t.raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif t.dtype == "Q8_0":
+            w.add_tensor(name, t.raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(name, t.raw)
     w.write_header_to_file()
@@ -450,7 +499,8 @@ def check_safetensors(path: Path, tensors: dict[str, Stored], metadata: dict[str
     assert n % 8 == 0, "header length is a multiple of 8"
     header = json.loads(data[8:8 + n].decode("utf-8").rstrip(" "))
     assert header.pop("__metadata__") == metadata
-    assert set(header) == set(tensors)
+    arrays = safetensors_arrays(tensors)
+    assert set(header) == set(arrays)
     buf = data[8 + n:]
     spans = sorted(tuple(e["data_offsets"]) for e in header.values())
     pos = 0
@@ -458,11 +508,14 @@ def check_safetensors(path: Path, tensors: dict[str, Stored], metadata: dict[str
         assert b == pos, "no holes, no overlaps"
         pos = e
     assert pos == len(buf), "nothing after the last tensor"
+    names = {"float32": "F32", "float16": "F16", "int8": "I8"}
     for k, e in header.items():
-        t = tensors[k]
-        assert e["dtype"] == t.dtype and e["shape"] == t.shape, k
+        a = arrays[k]
+        t = tensors.get(k)
+        want = "BF16" if t is not None and t.dtype == "BF16" else names[a.dtype.name]
+        assert e["dtype"] == want and e["shape"] == list(a.shape), k
         b, e2 = e["data_offsets"]
-        assert buf[b:e2] == t.le_bytes(), k
+        assert buf[b:e2] == a.astype(a.dtype.newbyteorder("<")).tobytes(), k
 
 
 def check_gguf(path: Path, v: dict, tensors: dict[str, Stored]) -> None:
@@ -477,6 +530,7 @@ def check_gguf(path: Path, v: dict, tensors: dict[str, Stored]) -> None:
         t = tensors[rt.name]
         # GGUF stores ne in reverse: row-major [r, d] is ne = [d, r]
         assert [int(x) for x in rt.field.parts[2]] == [len(t.shape)], rt.name
+        # (for Q8_0, rt.shape is the element shape, ne[0] the row length in values)
         assert [int(x) for x in rt.shape] == list(reversed(t.shape)), (rt.name, rt.shape, t.shape)
         assert int(rt.tensor_type) == GGML_TYPE[t.dtype], rt.name
         assert rt.data_offset % 32 == 0, rt.name
@@ -489,7 +543,7 @@ def check_gguf(path: Path, v: dict, tensors: dict[str, Stored]) -> None:
 
 def build(out_dir: Path) -> dict:
     manifest = {
-        "spec_version": SPEC_VERSION,
+        "spec_version": "1.1",  # the spec these vectors test (each file says the lowest version it needs)
         "generated_by": "spec/vectors/make_vectors.py",
         "about": (
             "Each vector is one adapter written in both containers (identical content), the hidden states "
@@ -520,6 +574,10 @@ def build(out_dir: Path) -> dict:
         np.save(out_dir / f"{name}.expected.npy", expected.astype("<f8"))
         check_safetensors(out_dir / f"{name}.safetensors", tensors, meta)
         check_gguf(out_dir / f"{name}.gguf", v, tensors)
+        q8 = {k: t.source for k, t in tensors.items() if t.dtype == "Q8_0"}
+        if q8:
+            # The f32 values gguf-py quantized: a reader's own quantizer must give the same blocks.
+            safetensors.numpy.save_file(q8, str(out_dir / f"{name}.q8source.safetensors"))
 
         rational = None
         if v["act"] == "rational":
@@ -533,10 +591,11 @@ def build(out_dir: Path) -> dict:
                 "gguf": f"{name}.gguf",
                 "hidden": f"{name}.hidden.npy",
                 "expected": f"{name}.expected.npy",
+                **({"q8_source": f"{name}.q8source.safetensors"} if q8 else {}),
             },
             "n_instruction_tokens": v["n"],
             "config": {
-                "spec_version": SPEC_VERSION,
+                "spec_version": v.get("spec_version", SPEC_VERSION),
                 "n_layer": v["L"],
                 "n_embd": v["d"],
                 "n_soft_tokens": v["m"],

@@ -49,18 +49,20 @@
 pub mod ffi;
 #[allow(unsafe_code)] // Raw tensors, batches and C strings: every block states its invariant.
 mod raw;
+mod registry;
 
 use std::collections::HashMap;
 use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use iapt_format::{Adapter, AdapterConfig, BaseModelInfo};
+use iapt_format::{AdapterConfig, BaseModelInfo};
 use iapt_generator::Generator;
 use iapt_hook::{arch_spec, supported_archs, Prefill, Segment, StreamHook};
 
 use ffi::{ggml_tensor, llama_batch, llama_context, llama_model, llama_seq_id};
 use raw::{ErrBuf, RawBatch};
+pub use registry::IaptRegistry;
 
 /// Success.
 pub const IAPT_OK: i32 = 0;
@@ -86,6 +88,9 @@ pub const IAPT_ERR_STATE: i32 = -8;
 /// The hook failed inside the decode (the message says where); the soft rows of the prepared
 /// sequences are wrong, their prefill starts again at position 0.
 pub const IAPT_ERR_DECODE: i32 = -9;
+/// A registry's limits are reached and every resident adapter is in use (held by a handle or bound
+/// to a hook sequence): nothing was loaded and nothing was dropped.
+pub const IAPT_ERR_FULL: i32 = -10;
 
 /// An error: a code and a message.
 struct Failure(i32, String);
@@ -170,17 +175,93 @@ pub extern "C" fn iapt_adapter_load(path: *const c_char, err: *mut c_char, err_s
     let mut out: *mut IaptAdapter = std::ptr::null_mut();
     guard(err, || {
         let path = raw::path(path)?;
-        let adapter = Adapter::open(&path).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
-        // W003: weights beyond +-65504 overflow the generator in f32 on ordinary hidden states.
-        if let Some(f) = adapter.warnings().iter().find(|f| f.code == iapt_format::Code::LargeWeight) {
-            return fail(IAPT_ERR_ADAPTER, format!("{}: refused: {f}", path.display()));
-        }
-        let gen = Generator::from_adapter(&adapter).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
-        let a = IaptAdapter { gen: Arc::new(gen), config: adapter.config().clone() };
-        out = Arc::into_raw(Arc::new(a)).cast_mut();
+        let file = std::fs::File::open(&path).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: cannot open: {e}", path.display())))?;
+        out = Arc::into_raw(Arc::new(load_opened(file, &path)?)).cast_mut();
         Ok(IAPT_OK)
     });
     out
+}
+
+/// Validates the adapter in `file` (named `path` in messages) and builds its CPU generator; the
+/// tensors are read from the file as the generator is built (no copy of the file is held).
+fn load_opened(file: std::fs::File, path: &std::path::Path) -> Result<IaptAdapter, Failure> {
+    let v = iapt_format::validate_opened(file, path, None);
+    let Some(adapter) = v.adapter else {
+        return fail(IAPT_ERR_ADAPTER, format!("{}: not a valid IAPT adapter:\n{}", path.display(), v.report));
+    };
+    // W003: weights beyond +-65504 overflow the generator in f32 on ordinary hidden states.
+    if let Some(f) = adapter.warnings().iter().find(|f| f.code == iapt_format::Code::LargeWeight) {
+        return fail(IAPT_ERR_ADAPTER, format!("{}: refused: {f}", path.display()));
+    }
+    let gen = Generator::from_adapter(&adapter).map_err(|e| Failure(IAPT_ERR_ADAPTER, format!("{}: {e}", path.display())))?;
+    Ok(IaptAdapter { gen: Arc::new(gen), config: adapter.config().clone() })
+}
+
+/// Creates a registry of adapters by path with a bounded resident set: at most `max_resident`
+/// adapters and `max_bytes` bytes of generator weights (0: no limit; negative: an error). See
+/// [`iapt_registry_get`]. Returns NULL on error (`err`). The caller owns the result
+/// ([`iapt_registry_free`]). Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_registry_new(max_resident: i32, max_bytes: i64, err: *mut c_char, err_size: usize) -> *mut IaptRegistry {
+    let mut out: *mut IaptRegistry = std::ptr::null_mut();
+    guard(raw::err_buf(err, err_size), || {
+        if max_resident < 0 || max_bytes < 0 {
+            return fail(IAPT_ERR_RANGE, format!("max_resident {max_resident} and max_bytes {max_bytes} must be >= 0 (0: no limit)"));
+        }
+        let limit = |v: i64| (v > 0).then(|| usize::try_from(v).unwrap_or(usize::MAX));
+        out = Box::into_raw(Box::new(IaptRegistry::new(limit(i64::from(max_resident)), limit(max_bytes))));
+        Ok(IAPT_OK)
+    });
+    out
+}
+
+/// Frees a registry (NULL is ignored). Adapters it returned stay valid until their own
+/// [`iapt_adapter_free`] (and hooks keep theirs). Not thread-safe with other calls on it.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_registry_free(registry: *mut IaptRegistry) {
+    let _ = catch_unwind(|| raw::registry_free(registry));
+}
+
+/// The adapter of the file at `path`, loaded on first use and resident afterwards: a new reference
+/// the caller frees with [`iapt_adapter_free`] (free it once the sequences it serves are
+/// prefilled, so the registry may drop it). Concurrent first gets of one path load it once; a file
+/// changed on disk (content hash) is loaded again, and handles of the old version stay valid. To
+/// make room the least recently used adapters nobody holds are dropped; when every resident
+/// adapter is held, NULL with `IAPT_ERR_FULL` in `err`. NULL on any error (`err`). Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_registry_get(
+    registry: *const IaptRegistry,
+    path: *const c_char,
+    err: *mut c_char,
+    err_size: usize,
+) -> *mut IaptAdapter {
+    let mut out: *mut IaptAdapter = std::ptr::null_mut();
+    guard(raw::err_buf(err, err_size), || {
+        let r = raw::registry_ref(registry)?;
+        let path = raw::path(path)?;
+        out = Arc::into_raw(r.get(&path)?).cast_mut();
+        Ok(IAPT_OK)
+    });
+    out
+}
+
+/// Writes the registry's resident adapters, their bytes of generator weights and its loads so far
+/// (first loads and reloads) through the out-pointers that are not NULL. Returns 0 or
+/// `IAPT_ERR_NULL`. Thread-safe.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_registry_stats(registry: *const IaptRegistry, n_resident: *mut i64, bytes: *mut i64, loads: *mut i64) -> i32 {
+    guard(ErrBuf::none(), || {
+        let s = raw::registry_ref(registry)?.stats();
+        let to = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        raw::write_out(n_resident, to(s.resident as u64));
+        raw::write_out(bytes, to(s.bytes as u64));
+        raw::write_out(loads, to(s.loads));
+        Ok(IAPT_OK)
+    })
 }
 
 /// Releases the caller's reference to an adapter (NULL is ignored). Safe while hooks still use it:

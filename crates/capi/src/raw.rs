@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::ffi::{self, ggml_tensor, llama_batch, llama_context, llama_model, llama_seq_id, TensorPrefix, GGML_TYPE_F32};
-use crate::{fail, Failure, IaptAdapter, IaptHook, IAPT_ERR_BATCH, IAPT_ERR_NULL};
+use crate::{fail, Failure, IaptAdapter, IaptHook, IaptRegistry, IAPT_ERR_BATCH, IAPT_ERR_NULL};
 
 /// The caller's `err` buffer (or none).
 #[derive(Clone, Copy)]
@@ -111,6 +111,36 @@ pub(crate) fn hook_free(h: *mut IaptHook) {
     // SAFETY: the pointer came from `Box::into_raw` in `iapt_hook_new`, is freed once, and no other
     // call on it runs concurrently (header contract).
     drop(unsafe { Box::from_raw(h) });
+}
+
+/// The registry behind a handle, borrowed for the call.
+pub(crate) fn registry_ref<'a>(r: *const IaptRegistry) -> Result<&'a IaptRegistry, Failure> {
+    if r.is_null() {
+        return Err(null("registry"));
+    }
+    // SAFETY: a non-NULL handle is one `iapt_registry_new` returned (`Box::into_raw`), not yet
+    // freed (header contract); it is only used through shared references, its state being behind
+    // a mutex.
+    Ok(unsafe { &*r })
+}
+
+pub(crate) fn registry_free(r: *mut IaptRegistry) {
+    if r.is_null() {
+        return;
+    }
+    // SAFETY: the pointer came from `Box::into_raw` in `iapt_registry_new`, is freed once, and no
+    // other call on it runs concurrently (header contract). Adapters it handed out are `Arc`s of
+    // their own and live on.
+    drop(unsafe { Box::from_raw(r) });
+}
+
+/// Writes `v` through an optional out-pointer (NULL: the caller does not want it).
+pub(crate) fn write_out(out: *mut i64, v: i64) {
+    if out.is_null() {
+        return;
+    }
+    // SAFETY: the header requires each out-pointer to be NULL or a writable, aligned `int64_t`.
+    unsafe { *out = v };
 }
 
 /// What the hook needs to know of a model.

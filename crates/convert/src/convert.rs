@@ -12,8 +12,8 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use iapt_format::fingerprint;
 use iapt_format::{keys, Adapter, BaseModelInfo, Container, DType, FormatError, MetaValue, Report, Role, Scope, Tensor, TensorName};
-use sha2::{Digest, Sha256};
 
 use crate::index::{self, IndexError};
 use crate::infer::{self, ConfigFile, InferError};
@@ -31,7 +31,9 @@ pub enum DTypeChoice {
     /// Keep each tensor's source dtype (F32, F16 or BF16).
     #[default]
     Keep,
-    /// Convert every tensor (round to nearest even when narrowing).
+    /// Convert every tensor (round to nearest even when narrowing); for Q8_0, quantize the matrices
+    /// whose rows are whole blocks of 32 and keep the other tensors' source dtypes
+    /// ([`Adapter::with_dtype`]).
     To(DType),
 }
 
@@ -41,7 +43,9 @@ impl std::str::FromStr for DTypeChoice {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "keep" => Ok(DTypeChoice::Keep),
-            other => DType::from_lowercase(other).map(DTypeChoice::To).ok_or_else(|| format!("{other:?} is not keep, f32, f16 or bf16")),
+            other => {
+                DType::from_lowercase(other).map(DTypeChoice::To).ok_or_else(|| format!("{other:?} is not keep, f32, f16, bf16 or q8_0"))
+            }
         }
     }
 }
@@ -343,17 +347,8 @@ fn open_input(path: &Path) -> Result<(Input, Vec<Entry>), ConvertError> {
 
 fn sha256_file(path: &Path) -> Result<String, ConvertError> {
     let io = |source| ConvertError::Io { path: path.to_owned(), source };
-    let mut f = File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let f = File::open(path).map_err(io)?;
+    Ok(fingerprint::hex(&fingerprint::sha256_file(&f).map_err(io)?))
 }
 
 /// Converts a checkpoint to a validated adapter (nothing is written). `progress` is called with
@@ -439,7 +434,12 @@ pub fn convert(ckpt: &Path, opts: &Options, progress: &mut dyn FnMut(u64, u64)) 
         (keys::SOURCE_SHA256.to_owned(), MetaValue::Str(source_sha256.clone())),
         (keys::CONVERTER_VERSION.to_owned(), MetaValue::Str(CONVERTER_VERSION.to_owned())),
     ];
-    let adapter = Adapter::from_parts(config, extras, tensors).map_err(|report| ConvertError::Invalid { report })?;
+    let mut adapter = Adapter::from_parts(config, extras, tensors).map_err(|report| ConvertError::Invalid { report })?;
+    if opts.dtype == DTypeChoice::To(DType::Q8_0) {
+        // The tensors are in memory here; reading them cannot fail.
+        adapter =
+            adapter.with_dtype(DType::Q8_0).map_err(|source| ConvertError::Write(FormatError::Io { path: ckpt.to_owned(), source }))?;
+    }
     Ok(Conversion { adapter, ignored, shared, source_sha256 })
 }
 
@@ -468,6 +468,9 @@ fn convert_one(input: &mut Input, e: &Entry, transpose: bool, choice: DTypeChoic
         _ => return Err(unsupported("adapter tensors are floating point (F32, F16, BF16); check the profile maps the right key")),
     };
     let target = match (choice, src) {
+        // Q8_0 is applied to the finished adapter (only its matrices are quantized).
+        (DTypeChoice::To(DType::Q8_0), Src::Spec(d)) => d,
+        (DTypeChoice::To(DType::Q8_0), Src::F64) => DType::F32,
         (DTypeChoice::To(d), _) => d,
         (DTypeChoice::Keep, Src::Spec(d)) => d,
         (DTypeChoice::Keep, Src::F64) => return Err(unsupported("spec v1 has no F64; pass --dtype f32 (or f16, bf16)")),
@@ -501,11 +504,13 @@ fn retype(bytes: Vec<u8>, src: Src, target: DType) -> Vec<u8> {
             out
         }
         Src::Spec(d) => {
-            let mut out = Vec::with_capacity(bytes.len() / d.size() * target.size());
+            // Only the floats come here (Q8_0 is applied to the finished adapter): one element per block.
+            let (ds, ts) = (d.block_bytes() as usize, target.block_bytes() as usize);
+            let mut out = Vec::with_capacity(bytes.len() / ds * ts);
             // Chunked so the f32 intermediate stays small.
             let mut tmp = vec![0f32; 4096];
-            for chunk in bytes.chunks(4096 * d.size()) {
-                let n = chunk.len() / d.size();
+            for chunk in bytes.chunks(4096 * ds) {
+                let n = chunk.len() / ds;
                 d.decode_into(chunk, &mut tmp[..n]);
                 out.extend_from_slice(&target.encode(&tmp[..n]));
             }
@@ -544,8 +549,8 @@ mod tests {
     #[test]
     fn retype_matches_the_format_crate() {
         let vals = [0.0f32, 1.0, -2.5, 1e-8, 65504.0, 1234.567, -0.33333334, 0.1];
-        for src in DType::ALL {
-            for dst in DType::ALL {
+        for src in DType::FLOATS {
+            for dst in DType::FLOATS {
                 let b = src.encode(&vals);
                 let want = dst.encode(&src.decode(&b));
                 assert_eq!(retype(b, Src::Spec(src), dst), want, "{src} -> {dst}");

@@ -182,7 +182,7 @@ pub fn infer_config(
             },
             Some(activation),
         ) if st.names.is_empty() => Ok(AdapterConfig {
-            spec_version: SpecVersion::CURRENT,
+            spec_version: SpecVersion::V1_0,
             n_layer,
             n_embd,
             n_soft_tokens,

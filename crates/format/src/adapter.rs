@@ -8,9 +8,10 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{is_gguf_container_key, keys, stringify_metadata, AdapterConfig, Container, Metadata};
+use crate::config::{is_gguf_container_key, keys, stringify_metadata, AdapterConfig, Container, Metadata, SpecVersion};
+use crate::container::safetensors::Q8_SCALE_SUFFIX;
 use crate::container::{self, gguf, safetensors, RawFile};
-use crate::dtype::DType;
+use crate::dtype::{DType, Q8_BLOCK, Q8_BLOCK_BYTES};
 use crate::error::FormatError;
 use crate::meta::{MetaValue, META_TYPES_KEY};
 use crate::names::{Role, Scope, TensorName};
@@ -24,6 +25,48 @@ enum TensorData {
     File { file: Arc<File>, offset: u64, len: u64 },
     /// Bytes in memory.
     Memory(Arc<Vec<u8>>),
+    /// A Q8_0 tensor of a safetensors file, stored as two tensors: the signed bytes (`I8`, row-major)
+    /// and one F16 scale per block of 32 (spec 1.1); read back as ggml blocks.
+    Q8Pair { values: Box<TensorData>, scales: Box<TensorData> },
+}
+
+impl TensorData {
+    /// The bytes (read from the file when file-backed); a Q8_0 pair interleaved into ggml blocks.
+    fn read(&self) -> std::io::Result<Cow<'_, [u8]>> {
+        match self {
+            TensorData::Memory(b) => Ok(Cow::Borrowed(b.as_slice())),
+            TensorData::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; *len as usize];
+                file.read_exact_at(&mut buf, *offset)?;
+                Ok(Cow::Owned(buf))
+            }
+            TensorData::Q8Pair { values, scales } => Ok(Cow::Owned(q8_blocks(&values.read()?, &scales.read()?))),
+        }
+    }
+}
+
+/// ggml Q8_0 blocks from the two halves a safetensors file stores: per block, its F16 scale then
+/// its 32 signed bytes. The lengths were checked when the pair was parsed (32 values per scale).
+fn q8_blocks(values: &[u8], scales: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / Q8_BLOCK * Q8_BLOCK_BYTES);
+    for (q, d) in values.chunks_exact(Q8_BLOCK).zip(scales.chunks_exact(2)) {
+        out.extend_from_slice(d);
+        out.extend_from_slice(q);
+    }
+    out
+}
+
+/// The two halves of ggml Q8_0 blocks as a safetensors file stores them: the signed bytes of every
+/// block in order, and the F16 scales in order.
+pub(crate) fn q8_split(blocks: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let n = blocks.len() / Q8_BLOCK_BYTES;
+    let (mut values, mut scales) = (Vec::with_capacity(n * Q8_BLOCK), Vec::with_capacity(n * 2));
+    for b in blocks.chunks_exact(Q8_BLOCK_BYTES) {
+        scales.extend_from_slice(&b[..2]);
+        values.extend_from_slice(&b[2..]);
+    }
+    (values, scales)
 }
 
 /// One adapter tensor.
@@ -36,17 +79,17 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// A tensor from little-endian bytes in memory. Fails if the byte length is not
-    /// `dtype.size() x product(shape)`.
+    /// A tensor from little-endian bytes in memory (ggml blocks for Q8_0). Fails if the byte length
+    /// is not [`DType::data_bytes`] of the shape (or a Q8_0 row is not whole blocks).
     pub fn from_bytes(name: TensorName, dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Result<Tensor, FormatError> {
-        let want = shape.iter().try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d));
-        if want != Some(bytes.len() as u64) {
+        if dtype.data_bytes(&shape) != Some(bytes.len() as u64) {
             return Err(FormatError::TensorSize { name: name.to_string(), dtype, shape, bytes: bytes.len() });
         }
         Ok(Tensor { name, dtype, shape, data: TensorData::Memory(Arc::new(bytes)) })
     }
 
-    /// A tensor from f32 values, stored as `dtype` (rounded to nearest even for F16/BF16).
+    /// A tensor from f32 values, stored as `dtype` (rounded to nearest even for F16/BF16, ggml's
+    /// quantization for Q8_0).
     pub fn from_f32(name: TensorName, dtype: DType, shape: Vec<u64>, values: &[f32]) -> Result<Tensor, FormatError> {
         Tensor::from_bytes(name, dtype, shape, dtype.encode(values))
     }
@@ -71,22 +114,16 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    /// Number of data bytes.
+    /// Number of data bytes (as GGUF stores them: ggml blocks for Q8_0).
     pub fn byte_len(&self) -> u64 {
-        self.numel() * self.dtype.size() as u64
+        // Every constructor checked the shape against the dtype.
+        self.dtype.data_bytes(&self.shape).unwrap_or(0)
     }
 
-    /// The little-endian data bytes (read from the file if the tensor is file-backed).
+    /// The little-endian data bytes, as GGUF stores them (read from the file if the tensor is
+    /// file-backed; a Q8_0 tensor as ggml blocks whichever container it came from).
     pub fn bytes(&self) -> std::io::Result<Cow<'_, [u8]>> {
-        match &self.data {
-            TensorData::Memory(b) => Ok(Cow::Borrowed(b.as_slice())),
-            TensorData::File { file, offset, len } => {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; *len as usize];
-                file.read_exact_at(&mut buf, *offset)?;
-                Ok(Cow::Owned(buf))
-            }
-        }
+        self.data.read()
     }
 
     /// The values as f32 (exact for every allowed dtype).
@@ -94,7 +131,9 @@ impl Tensor {
         Ok(self.dtype.decode(&self.bytes()?))
     }
 
-    /// This tensor stored as another dtype (values rounded to nearest even when narrowing).
+    /// This tensor stored as another dtype (values rounded to nearest even when narrowing, ggml's
+    /// quantization for Q8_0). The caller checks that a Q8_0 target suits the shape
+    /// ([`DType::data_bytes`]); an unsuitable one gives a tensor the validator refuses.
     pub fn to_dtype(&self, dtype: DType) -> std::io::Result<Tensor> {
         if dtype == self.dtype {
             return Ok(self.clone());
@@ -169,6 +208,7 @@ impl Adapter {
                     start: 0,
                     len: t.byte_len(),
                     in_bounds: false,
+                    scales: None,
                 })
                 .collect(),
         };
@@ -271,10 +311,25 @@ impl Adapter {
         self.tensors.iter().map(Tensor::byte_len).sum()
     }
 
-    /// This adapter with every tensor stored as `dtype`.
+    /// This adapter with its tensors stored as `dtype`. To a float dtype every tensor is converted
+    /// (a Q8_0 one decoded exactly first). To Q8_0 only the matrices (`down.weight`, `up.weight`)
+    /// whose rows are whole blocks of 32 are quantized; every other tensor keeps its dtype, as
+    /// llama.cpp's quantizer keeps small and 1-D tensors (the biases, `pool.query` and the rational
+    /// coefficients are a few hundred values per layer). A file with a Q8_0 tensor says spec 1.1.
     pub fn with_dtype(&self, dtype: DType) -> std::io::Result<Adapter> {
-        let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)).collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Adapter { tensors, ..self.clone() })
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| match dtype {
+                DType::Q8_0 if !(t.name.role.is_matrix() && dtype.data_bytes(&t.shape).is_some()) => Ok(t.clone()),
+                _ => t.to_dtype(dtype),
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut config = self.config.clone();
+        if tensors.iter().any(|t| t.dtype == DType::Q8_0) && config.spec_version < SpecVersion::V1_1 {
+            config.spec_version = SpecVersion::V1_1;
+        }
+        Ok(Adapter { config, tensors, ..self.clone() })
     }
 
     /// Typed metadata as written to GGUF, in canonical order: container keys, required keys in
@@ -323,19 +378,45 @@ impl Adapter {
                 }
             }
             Container::Safetensors => {
-                let infos: Vec<safetensors::WriteTensor<'_>> = self
-                    .tensors
-                    .iter()
-                    .map(|t| safetensors::WriteTensor {
-                        name: t.name.to_string(),
-                        shape: &t.shape,
-                        dtype: t.dtype.safetensors_name(),
-                        len: t.byte_len(),
-                    })
-                    .collect();
+                // A Q8_0 tensor is two entries (spec 1.1): its signed bytes as `I8` under its own
+                // name, then its scales as `F16` under the name + `_scale`.
+                let mut infos: Vec<safetensors::WriteTensor<'_>> = Vec::with_capacity(self.tensors.len());
+                for t in &self.tensors {
+                    let name = t.name.to_string();
+                    if t.dtype == DType::Q8_0 {
+                        let blocks = t.byte_len() / Q8_BLOCK_BYTES as u64;
+                        let rows = t.shape.first().copied().unwrap_or(1);
+                        infos.push(safetensors::WriteTensor {
+                            name: name.clone(),
+                            shape: Cow::Borrowed(&t.shape),
+                            dtype: "I8",
+                            len: blocks * Q8_BLOCK as u64,
+                        });
+                        infos.push(safetensors::WriteTensor {
+                            name: format!("{name}{Q8_SCALE_SUFFIX}"),
+                            shape: Cow::Owned(vec![rows, blocks / rows.max(1)]),
+                            dtype: "F16",
+                            len: blocks * 2,
+                        });
+                    } else {
+                        infos.push(safetensors::WriteTensor {
+                            name,
+                            shape: Cow::Borrowed(&t.shape),
+                            dtype: t.dtype.safetensors_name(),
+                            len: t.byte_len(),
+                        });
+                    }
+                }
                 w.write_all(&safetensors::header(&self.safetensors_metadata(), &infos))?;
                 for t in &self.tensors {
-                    w.write_all(&t.bytes()?)?;
+                    let b = t.bytes()?;
+                    if t.dtype == DType::Q8_0 {
+                        let (values, scales) = q8_split(&b);
+                        w.write_all(&values)?;
+                        w.write_all(&scales)?;
+                    } else {
+                        w.write_all(&b)?;
+                    }
                 }
             }
         }
@@ -413,7 +494,7 @@ pub fn validate_opened(file: File, path: &Path, base: Option<&BaseModelInfo>) ->
     };
     let file = Arc::new(file);
     let container = raw.container;
-    let adapter = build(raw, &mut report, |t| TensorData::File { file: file.clone(), offset: t.start, len: t.len }, base);
+    let adapter = build(raw, &mut report, |start, len| TensorData::File { file: file.clone(), offset: start, len }, base);
     let adapter = adapter.map(|mut a| {
         a.source = Some((path.to_owned(), container));
         a
@@ -429,23 +510,26 @@ pub fn validate_bytes(bytes: &[u8]) -> Validation {
     };
     let container = raw.container;
     let adapter =
-        build(raw, &mut report, |t| TensorData::Memory(Arc::new(bytes[t.start as usize..(t.start + t.len) as usize].to_vec())), None);
+        build(raw, &mut report, |start, len| TensorData::Memory(Arc::new(bytes[start as usize..(start + len) as usize].to_vec())), None);
     Validation { report, container: Some(container), adapter }
 }
 
-fn build(
-    raw: RawFile,
-    report: &mut Report,
-    data: impl Fn(&container::RawTensor) -> TensorData,
-    base: Option<&BaseModelInfo>,
-) -> Option<Adapter> {
+fn build(raw: RawFile, report: &mut Report, data: impl Fn(u64, u64) -> TensorData, base: Option<&BaseModelInfo>) -> Option<Adapter> {
     let typed = validate::typed_metadata(&raw, report);
     let checked = validate::check(&typed, raw.container, &raw, report);
     let mut tensors = Vec::with_capacity(checked.named.len());
     for (name, i) in &checked.named {
         let t = &raw.tensors[*i];
         let (Some(dtype), true) = (t.dtype, t.in_bounds) else { continue };
-        let tensor = Tensor { name: *name, dtype, shape: t.shape.clone(), data: data(t) };
+        let tensor_data = match t.scales {
+            // A safetensors Q8_0 pair: `len` is the blocks' size, the values are 32 of every 34 bytes.
+            Some((s_start, s_len)) => TensorData::Q8Pair {
+                values: Box::new(data(t.start, t.len / Q8_BLOCK_BYTES as u64 * Q8_BLOCK as u64)),
+                scales: Box::new(data(s_start, s_len)),
+            },
+            None => data(t.start, t.len),
+        };
+        let tensor = Tensor { name: *name, dtype, shape: t.shape.clone(), data: tensor_data };
         match tensor.bytes() {
             Ok(b) => {
                 if let Some(f) = value_findings(dtype, &b, &t.name) {

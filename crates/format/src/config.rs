@@ -72,8 +72,8 @@ pub const MAX_SOFT_TOKENS: u32 = 4096;
 
 /// The major version this reader implements.
 pub const SPEC_MAJOR: u32 = 1;
-/// The minor version this reader implements (and writes).
-pub const SPEC_MINOR: u32 = 0;
+/// The minor version this reader implements (writers write the lowest one a file needs).
+pub const SPEC_MINOR: u32 = 1;
 
 /// Which container a file uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,8 +114,13 @@ pub struct SpecVersion {
 }
 
 impl SpecVersion {
-    /// The version this crate writes.
+    /// The version this crate reads: the highest it writes.
     pub const CURRENT: SpecVersion = SpecVersion { major: SPEC_MAJOR, minor: SPEC_MINOR };
+    /// Spec 1.0: all a file of float tensors needs. Writers write the lowest version a file needs,
+    /// so that a 1.0 reader reads every file it can without a W001 warning.
+    pub const V1_0: SpecVersion = SpecVersion { major: 1, minor: 0 };
+    /// Spec 1.1: adds Q8_0 matrices.
+    pub const V1_1: SpecVersion = SpecVersion { major: 1, minor: 1 };
 
     /// Parses `"major.minor"` (canonical decimal numbers).
     pub fn parse(s: &str) -> Option<SpecVersion> {

@@ -22,6 +22,7 @@ mod config;
 mod container;
 mod dtype;
 mod error;
+pub mod fingerprint;
 mod meta;
 mod names;
 pub mod raw;
@@ -40,7 +41,7 @@ pub use config::{
 pub use container::{
     sniff, GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, MAX_BASE_MODEL_TENSORS, MAX_HEADER_BYTES, MAX_KEYS, MAX_STRING_BYTES, MAX_TENSORS,
 };
-pub use dtype::DType;
+pub use dtype::{DType, Q8_BLOCK, Q8_BLOCK_BYTES};
 pub use error::{BaseModelError, FormatError};
 pub use meta::{MetaType, MetaValue, META_TYPES_KEY};
 pub use names::{Role, Scope, TensorName};

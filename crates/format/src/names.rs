@@ -46,6 +46,12 @@ impl Role {
         Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
+    /// Whether this is one of the two large matrices (`down.weight`, `up.weight`), the roles that
+    /// may be stored as Q8_0 (spec 1.1).
+    pub fn is_matrix(self) -> bool {
+        matches!(self, Role::DownWeight | Role::UpWeight)
+    }
+
     /// Whether a valid adapter must contain this role (biases are optional; the activation
     /// coefficients are required exactly when the activation is rational).
     pub fn is_required(self, config: &AdapterConfig) -> bool {

@@ -57,7 +57,12 @@ pub fn write_gguf(metadata: &[(String, MetaValue)], tensors: &[RawTensorOut]) ->
 pub fn write_safetensors(metadata: &[(String, String)], tensors: &[RawTensorOut]) -> Vec<u8> {
     let infos: Vec<safetensors::WriteTensor<'_>> = tensors
         .iter()
-        .map(|t| safetensors::WriteTensor { name: t.name.clone(), shape: &t.shape, dtype: &t.st_dtype, len: t.data.len() as u64 })
+        .map(|t| safetensors::WriteTensor {
+            name: t.name.clone(),
+            shape: std::borrow::Cow::Borrowed(&t.shape),
+            dtype: &t.st_dtype,
+            len: t.data.len() as u64,
+        })
         .collect();
     let mut out = safetensors::header(metadata, &infos);
     for t in tensors {

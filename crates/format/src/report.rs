@@ -53,10 +53,14 @@ pub enum Code {
     SharedAndPerLayer,
     /// E205: a tensor's shape differs from the shape its role requires.
     ShapeMismatch,
-    /// E206: a tensor's dtype is not F32, F16 or BF16.
+    /// E206: a tensor's dtype is not F32, F16 or BF16, nor Q8_0 on a matrix (`down.weight`,
+    /// `up.weight`) of a file that says spec 1.1 or later.
     DTypeNotAllowed,
     /// E207: a tensor holds NaN or an infinity.
     NonFinite,
+    /// E208: a Q8_0 matrix whose rows are not whole blocks of 32 values, or (safetensors) whose
+    /// `I8` values and `F16` scales `NAME_scale` do not make a pair (spec 1.1).
+    BadQ8Layout,
     /// E301: the adapter's base architecture differs from the base model's `general.architecture`.
     BaseArchMismatch,
     /// E302: `iapt.n_layer` differs from the base model's `{arch}.block_count`.
@@ -103,6 +107,7 @@ impl Code {
             ShapeMismatch => "E205",
             DTypeNotAllowed => "E206",
             NonFinite => "E207",
+            BadQ8Layout => "E208",
             BaseArchMismatch => "E301",
             BaseLayerMismatch => "E302",
             BaseEmbdMismatch => "E303",
@@ -140,6 +145,7 @@ impl Code {
             ShapeMismatch => "shape-mismatch",
             DTypeNotAllowed => "dtype-not-allowed",
             NonFinite => "non-finite",
+            BadQ8Layout => "bad-q8-layout",
             BaseArchMismatch => "base-arch-mismatch",
             BaseLayerMismatch => "base-layer-mismatch",
             BaseEmbdMismatch => "base-embd-mismatch",
@@ -160,7 +166,7 @@ impl Code {
     }
 
     /// Every code, in code order (used by docs and tests).
-    pub const ALL: [Code; 30] = {
+    pub const ALL: [Code; 31] = {
         use Code::*;
         [
             Unreadable,
@@ -186,6 +192,7 @@ impl Code {
             ShapeMismatch,
             DTypeNotAllowed,
             NonFinite,
+            BadQ8Layout,
             BaseArchMismatch,
             BaseLayerMismatch,
             BaseEmbdMismatch,

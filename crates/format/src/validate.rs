@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::config::{parse_config, type_safetensors_metadata, AdapterConfig, Container, Metadata};
+use crate::config::{parse_config, type_safetensors_metadata, AdapterConfig, Container, Metadata, SpecVersion};
 use crate::container::RawFile;
-use crate::dtype::DType;
+use crate::dtype::{DType, Q8_BLOCK, Q8_BLOCK_BYTES};
 use crate::error::BaseModelError;
 use crate::meta::MetaValue;
 use crate::names::{Role, Scope, TensorName};
@@ -49,17 +49,52 @@ pub(crate) fn check(typed: &Metadata, container: Container, raw: &RawFile, repor
             )),
         }
         if t.dtype.is_none() {
-            report.push(Finding::about(
-                Code::DTypeNotAllowed,
-                t.name.clone(),
-                format!("dtype {} is not allowed; store F32, F16 or BF16", t.dtype_label),
-            ));
+            let hint = if t.dtype_label == "I8" {
+                format!(
+                    "I8 holds only the values of a Q8_0 matrix, with its F16 scales in {}{} beside it (spec 1.1); add them, or store F32, F16 or BF16",
+                    t.name,
+                    crate::container::Q8_SCALE_SUFFIX
+                )
+            } else {
+                "store F32, F16 or BF16 (or Q8_0 for down.weight and up.weight)".to_owned()
+            };
+            report.push(Finding::about(Code::DTypeNotAllowed, t.name.clone(), format!("dtype {} is not allowed; {hint}", t.dtype_label)));
         }
     }
+    check_q8(typed_version(&config), raw, &named, report);
     if let Some(cfg) = &config {
         check_tensor_set(cfg, raw, &named, report);
     }
     Checked { config, extras, named }
+}
+
+/// The spec version a file declares (1.0 when it cannot be read: other findings say why).
+fn typed_version(config: &Option<AdapterConfig>) -> SpecVersion {
+    config.as_ref().map_or(SpecVersion::V1_0, |c| c.spec_version)
+}
+
+/// Q8_0 (spec 1.1) is allowed only on the two matrices, and only in a file that says 1.1 or later
+/// (a 1.0 reader refuses it with E206, so a file that says 1.0 must not need it).
+fn check_q8(version: SpecVersion, raw: &RawFile, named: &[(TensorName, usize)], report: &mut Report) {
+    for (n, i) in named {
+        let t = &raw.tensors[*i];
+        if t.dtype != Some(DType::Q8_0) {
+            continue;
+        }
+        if !n.role.is_matrix() {
+            report.push(Finding::about(
+                Code::DTypeNotAllowed,
+                t.name.clone(),
+                format!("Q8_0 is allowed only for down.weight and up.weight, not {}; store F32, F16 or BF16", n.role),
+            ));
+        } else if version < SpecVersion::V1_1 {
+            report.push(Finding::about(
+                Code::DTypeNotAllowed,
+                t.name.clone(),
+                format!("Q8_0 needs spec 1.1, but iapt.spec_version is {version} (1.0 readers refuse Q8_0); write iapt.spec_version 1.1"),
+            ));
+        }
+    }
 }
 
 fn check_tensor_set(cfg: &AdapterConfig, raw: &RawFile, named: &[(TensorName, usize)], report: &mut Report) {
@@ -153,9 +188,15 @@ pub(crate) fn first_large(dt: DType, data: &[u8]) -> Option<(usize, f32)> {
             .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
             .enumerate()
             .find(|&(_, v)| large(v)),
+        DType::Q8_0 => data.chunks_exact(Q8_BLOCK_BYTES).enumerate().find_map(|(b, blk)| {
+            let v = DType::Q8_0.decode(blk);
+            v.iter().position(|&x| large(x)).map(|i| (b * Q8_BLOCK + i, v[i]))
+        }),
     }
 }
 
+/// Index of the first NaN or infinite element, if any (for Q8_0: the first element of the first
+/// block whose scale is not finite).
 pub(crate) fn first_non_finite(dt: DType, data: &[u8]) -> Option<usize> {
     match dt {
         DType::F32 => data.chunks_exact(4).position(|c| {
@@ -164,6 +205,9 @@ pub(crate) fn first_non_finite(dt: DType, data: &[u8]) -> Option<usize> {
         }),
         DType::F16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
         DType::BF16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        DType::Q8_0 => {
+            data.chunks_exact(Q8_BLOCK_BYTES).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00).map(|b| b * Q8_BLOCK)
+        }
     }
 }
 

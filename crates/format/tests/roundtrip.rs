@@ -38,7 +38,7 @@ fn with_provenance(mut a: Adapter) -> Adapter {
 
 #[test]
 fn safetensors_to_gguf_to_safetensors_is_byte_identical() {
-    for dtype in DType::ALL {
+    for dtype in DType::FLOATS {
         let a = with_provenance(build(&rational_config(), dtype, &[Role::PoolQuery], 3));
         let st = a.to_bytes(Container::Safetensors).unwrap();
         let g = reopen(&st).to_bytes(Container::Gguf).unwrap();
@@ -134,7 +134,7 @@ fn arb_config() -> impl Strategy<Value = AdapterConfig> {
     (1u32..4, 1u32..12, 1u32..5, 1u32..4, act, -4.0f32..4.0, 0usize..3).prop_map(|(l, d, m, rmul, act, scale, arch)| {
         let groups = act.rational().map_or(1, |r| r.groups);
         AdapterConfig {
-            spec_version: SpecVersion::CURRENT,
+            spec_version: SpecVersion::V1_0,
             n_layer: l,
             n_embd: d,
             n_soft_tokens: m,
@@ -151,7 +151,7 @@ proptest! {
     #[test]
     fn random_valid_configs_round_trip(cfg in arb_config(), dtype in 0usize..3, shared_mask in 0u8..128, seed in any::<u64>()) {
         let shared: Vec<Role> = Role::ALL.iter().enumerate().filter(|(i, _)| shared_mask & (1 << i) != 0).map(|(_, r)| *r).collect();
-        let a = build(&cfg, DType::ALL[dtype], &shared, seed);
+        let a = build(&cfg, DType::FLOATS[dtype], &shared, seed);
         for c in [Container::Safetensors, Container::Gguf] {
             let bytes = a.to_bytes(c).unwrap();
             let b = reopen(&bytes);

@@ -151,6 +151,40 @@ fn cases() -> Vec<Case> {
         let x = t.iter_mut().find(|x| x.name == "iapt.blk.1.pool.query").unwrap();
         x.data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     }));
+    // E206 also: a Q8_0 matrix in a file that says 1.0 (spec 1.1 feature). The sample's rows (8
+    // values) cannot be Q8_0, so this file has d = 32.
+    let q = q8_sample();
+    let q8_10 = |c: Container| {
+        let mut m = if c == Container::Gguf { gguf_meta(&q) } else { q.config().to_metadata() };
+        set(&mut m, keys::SPEC_VERSION, MetaValue::Str("1.0".into()));
+        let t = raw_tensors(&q);
+        match c {
+            Container::Gguf => write_gguf(&m, &t),
+            Container::Safetensors => write_safetensors(&m.into_iter().map(|(k, v)| (k, v.to_text())).collect::<Vec<_>>(), &st_q8(&t)),
+        }
+    };
+    out.push(Case { file: "E206-q8-in-1.0-file.gguf".into(), code: Code::DTypeNotAllowed, bytes: q8_10(Container::Gguf) });
+    out.push(Case { file: "E206-q8-in-1.0-file.safetensors".into(), code: Code::DTypeNotAllowed, bytes: q8_10(Container::Safetensors) });
+    // E208: Q8_0 on rows of 8 values (GGUF: ggml type 8 with ne[0] = 8; safetensors: an I8 matrix
+    // of 8 columns with its scales), in a file that says 1.1.
+    let mut t = raw_tensors(&a);
+    let mut m = gguf_meta(&a);
+    set(&mut m, keys::SPEC_VERSION, MetaValue::Str("1.1".into()));
+    t.iter_mut().find(|x| x.name == "iapt.blk.0.down.weight").unwrap().ggml_type = 8;
+    out.push(Case { file: "E208-bad-q8-layout.gguf".into(), code: Code::BadQ8Layout, bytes: write_gguf(&m, &t) });
+    let mut t = raw_tensors(&a);
+    let x = t.iter_mut().find(|x| x.name == "iapt.blk.0.down.weight").unwrap();
+    x.st_dtype = "I8".into();
+    x.data = vec![1u8; 4 * 8];
+    let mut scale = x.clone();
+    scale.name = "iapt.blk.0.down.weight_scale".into();
+    scale.st_dtype = "F16".into();
+    scale.shape = vec![4, 1];
+    scale.data = half::f16::from_f32(0.5).to_bits().to_le_bytes().repeat(4);
+    t.push(scale);
+    let mut sm = st_meta(&a);
+    sm.iter_mut().find(|(k, _)| k == keys::SPEC_VERSION).unwrap().1 = "1.1".into();
+    out.push(Case { file: "E208-bad-q8-layout.safetensors".into(), code: Code::BadQ8Layout, bytes: write_safetensors(&sm, &t) });
     out.extend(both_tensors(&a, "W003-large-weight", Code::LargeWeight, |t| {
         let x = t.iter_mut().find(|x| x.name == "iapt.blk.1.up.weight").unwrap();
         x.data[4..8].copy_from_slice(&1.0e30f32.to_le_bytes());
@@ -159,6 +193,39 @@ fn cases() -> Vec<Case> {
     out.extend(both_meta(&a, "W002-unknown-optional-key", Code::UnknownOptionalKey, |m| {
         set(m, "acme.training_run", MetaValue::Str("run-42".into()))
     }));
+    out
+}
+
+/// A valid spec 1.1 adapter with Q8_0 matrices (d = 32, r = 32: whole blocks).
+fn q8_sample() -> Adapter {
+    let cfg = iapt_format::AdapterConfig { n_embd: 32, bottleneck: 32, ..common::rational_config() };
+    common::build(&cfg, iapt_format::DType::F32, &[], 8).with_dtype(iapt_format::DType::Q8_0).unwrap()
+}
+
+/// The raw tensors of a safetensors file for `t` (GGUF raw tensors, Q8_0 ones as blocks): each
+/// Q8_0 tensor split into its I8 values and F16 `_scale` tensor.
+fn st_q8(t: &[RawTensorOut]) -> Vec<RawTensorOut> {
+    let mut out = Vec::new();
+    for x in t {
+        if x.ggml_type != 8 {
+            out.push(x.clone());
+            continue;
+        }
+        let (mut values, mut scales) = (Vec::new(), Vec::new());
+        for b in x.data.chunks_exact(34) {
+            scales.extend_from_slice(&b[..2]);
+            values.extend_from_slice(&b[2..]);
+        }
+        let rows = x.shape[0];
+        out.push(RawTensorOut { st_dtype: "I8".into(), data: values, ..x.clone() });
+        out.push(RawTensorOut {
+            name: format!("{}_scale", x.name),
+            shape: vec![rows, x.shape[1] / 32],
+            ggml_type: 1,
+            st_dtype: "F16".into(),
+            data: scales,
+        });
+    }
     out
 }
 

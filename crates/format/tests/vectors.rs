@@ -231,9 +231,21 @@ fn our_safetensors_differs_from_the_reference_writer_only_in_tensor_placement() 
         for k in ho.keys().filter(|k| *k != "__metadata__") {
             assert_eq!(data(&ours, &ho, k), data(&theirs, &ht, k), "{n}: tensor {k} differs");
         }
-        // Our order is canonical: shared first, then layer by layer, roles in spec order.
-        let listed: Vec<&str> = v["tensors"].as_array().expect("tensors").iter().map(|t| t["name"].as_str().expect("name")).collect();
-        let ours_order: Vec<&str> = ho.keys().filter(|k| *k != "__metadata__").map(String::as_str).collect();
+        // Our order is canonical: shared first, then layer by layer, roles in spec order; a Q8_0
+        // matrix is its I8 entry then its `_scale` entry (spec 1.1).
+        let listed: Vec<String> = v["tensors"]
+            .as_array()
+            .expect("tensors")
+            .iter()
+            .flat_map(|t| {
+                let nm = t["name"].as_str().expect("name").to_owned();
+                match t["dtype"].as_str() == Some("Q8_0") {
+                    true => vec![nm.clone(), format!("{nm}_scale")],
+                    false => vec![nm],
+                }
+            })
+            .collect();
+        let ours_order: Vec<String> = ho.keys().filter(|k| *k != "__metadata__").cloned().collect();
         assert_eq!(ours_order, listed, "{n}: our tensor order is not canonical");
     }
 }
@@ -290,7 +302,11 @@ fn hidden_and_expected_arrays_have_the_declared_shapes() {
 fn the_manifest_lists_every_vector_file() {
     let mut listed = BTreeSet::new();
     for v in vectors() {
-        for kind in ["safetensors", "gguf", "hidden", "expected"] {
+        let q8 = v["files"].get("q8_source").is_some();
+        for kind in ["safetensors", "gguf", "hidden", "expected", "q8_source"] {
+            if kind == "q8_source" && !q8 {
+                continue;
+            }
             assert!(file(&v, kind).is_file(), "{}: {} is missing", name(&v), file(&v, kind).display());
             listed.insert(v["files"][kind].as_str().expect("file name").to_owned());
         }
@@ -301,6 +317,29 @@ fn the_manifest_lists_every_vector_file() {
         .filter(|f| [".safetensors", ".gguf", ".npy"].iter().any(|x| f.ends_with(x)))
         .collect();
     assert_eq!(on_disk, listed, "files in spec/vectors that the manifest does not list, or the reverse");
+}
+
+/// Our Q8_0 quantizer gives gguf-py's blocks byte for byte: each vector's `q8_source` holds the
+/// f32 values gguf-py quantized into its Q8_0 tensors (read here with the `safetensors` crate).
+#[test]
+fn our_q8_0_quantizer_gives_gguf_py_blocks() {
+    let mut checked = 0;
+    for v in vectors() {
+        let Some(src) = v["files"].get("q8_source").and_then(Value::as_str) else { continue };
+        let n = name(&v);
+        let bytes = std::fs::read(vectors_dir().join(src)).expect("read q8 source");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("q8 source is safetensors");
+        let gg = open(&file(&v, "gguf"));
+        for t in gg.tensors().iter().filter(|t| t.dtype() == DType::Q8_0) {
+            let view = st.tensor(&t.name().to_string()).unwrap_or_else(|e| panic!("{n}: {}: {e}", t.name()));
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{n}");
+            assert_eq!(view.shape().iter().map(|&d| d as u64).collect::<Vec<_>>(), t.shape(), "{n}: {}", t.name());
+            let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+            assert!(DType::Q8_0.encode(&values) == *t.bytes().expect("bytes"), "{n}: {}: our blocks differ from gguf-py's", t.name());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} Q8_0 tensors were checked");
 }
 
 fn spec_file(name: &str) -> String {

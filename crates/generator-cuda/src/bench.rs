@@ -121,6 +121,7 @@ fn dtype_name(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        DType::Q8_0 => "q8_0",
     }
 }
 

@@ -46,7 +46,7 @@ impl AdapterSpec {
     /// The config this spec describes.
     pub fn config(&self) -> AdapterConfig {
         AdapterConfig {
-            spec_version: SpecVersion::CURRENT,
+            spec_version: SpecVersion::V1_0,
             n_layer: self.n_layer,
             n_embd: self.n_embd,
             n_soft_tokens: self.n_soft_tokens,

@@ -35,7 +35,7 @@ fn random_spec(rng: &mut Rng, activation: Activation) -> AdapterSpec {
     };
     let mut spec = AdapterSpec::small(1 + rng.below(3) as u32, 8 + rng.below(33) as u32, 1 + rng.below(5) as u32, r, activation);
     spec.pool_scale = rng.range(0.2, 3.0) as f32;
-    spec.dtype = DType::ALL[rng.below(3)];
+    spec.dtype = DType::FLOATS[rng.below(3)];
     spec.biases = rng.below(2) == 0;
     spec.shared = Role::ALL.into_iter().filter(|_| rng.below(3) == 0).collect();
     spec

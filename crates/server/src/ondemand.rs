@@ -19,14 +19,13 @@
 //!   request is refused with 503 and `Retry-After` (never queued without bound).
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::http::StatusCode;
 use iapt_engine::{EngineError, InsertOptions, Inserted};
-use sha2::{Digest, Sha256};
+use iapt_format::fingerprint::{sha256_file as sha256, FileStamp as Stamp};
 
 use crate::adapters::{open_confined, MAX_ADAPTER_BYTES};
 use crate::error::ApiError;
@@ -38,26 +37,6 @@ const SUFFIXES: [&str; 4] = [".iapt.gguf", ".iapt.safetensors", ".gguf", ".safet
 
 /// The largest number of files `GET /v1/models` lists from the directory.
 pub(crate) const MAX_LISTED: usize = 10_000;
-
-/// What identifies the bytes an on-demand adapter was loaded from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        }
-    }
-}
 
 /// The on-demand state shared by the handlers.
 pub(crate) struct OnDemand {
@@ -141,7 +120,7 @@ pub(crate) async fn ensure(st: &Arc<AppState>, ready: &Arc<Ready>, model: &str) 
     }
     if let (true, Some((stamp, _))) = (resident, &tracked) {
         // The common case, without waiting for anyone: resident, and its file unchanged.
-        let (d, n, stamp) = (dir.clone(), model.to_owned(), stamp.clone());
+        let (d, n, stamp) = (dir.clone(), model.to_owned(), *stamp);
         if blocking(move || current_stamp(&d, &n).is_some_and(|s| s == stamp)).await? {
             return Ok(Some(model.to_owned()));
         }
@@ -268,22 +247,6 @@ fn load(
 fn current_stamp(dir: &Path, name: &str) -> Option<Stamp> {
     let (file, _) = open_for(dir, name).ok()??;
     file.metadata().ok().map(|m| Stamp::of(&m))
-}
-
-/// SHA-256 of a file's bytes, read in blocks from its start.
-fn sha256(file: &std::fs::File) -> std::io::Result<[u8; 32]> {
-    use std::os::unix::fs::FileExt;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    loop {
-        let n = file.read_at(&mut buf, at)?;
-        if n == 0 {
-            return Ok(h.finalize().into());
-        }
-        h.update(&buf[..n]);
-        at += n as u64;
-    }
 }
 
 /// Brings the server's list and metrics in step with a load that made `name` resident.

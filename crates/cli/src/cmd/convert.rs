@@ -1,4 +1,4 @@
-//! `iapt convert CKPT [--config C] [--profile P] [--base B] [--dtype keep|f32|f16|bf16] -o OUT`:
+//! `iapt convert CKPT [--config C] [--profile P] [--base B] [--dtype keep|f32|f16|bf16|q8_0] -o OUT`:
 //! a trained PyTorch checkpoint (torch.save zip, safetensors, or a sharded `*.index.json`) to an
 //! IAPT adapter in the container OUT's extension names. The checkpoint's pickle is never run: any
 //! global a state_dict does not need is refused by name (exit 1, nothing written).
@@ -33,8 +33,9 @@ pub struct Args {
     /// The base model GGUF: fills and checks the architecture, n_layer and n_embd.
     #[arg(long, value_name = "B")]
     pub base: Option<PathBuf>,
-    /// Output dtype: keep the source dtype, or convert every tensor.
-    #[arg(long, value_name = "keep|f32|f16|bf16", default_value = "keep")]
+    /// Output dtype: keep the source dtype, convert every tensor, or (q8_0) quantize the two
+    /// matrices (rows a multiple of 32 values) and keep the other tensors' dtypes.
+    #[arg(long, value_name = "keep|f32|f16|bf16|q8_0", default_value = "keep")]
     pub dtype: DTypeChoice,
     /// The adapter to write; `.safetensors` or `.gguf` chooses the container.
     #[arg(short, long, value_name = "OUT")]

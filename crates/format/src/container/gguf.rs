@@ -409,6 +409,7 @@ fn raw_tensor(info: &Info) -> RawTensor {
         start: 0,
         len: 0,
         in_bounds: false,
+        scales: None,
     }
 }
 
@@ -423,7 +424,16 @@ fn check_extent(info: &Info, dt: DType, data_start: u64, alignment: u64, file_le
         ));
         return None;
     }
-    let nbytes = info.ne.iter().try_fold(dt.size() as u64, |acc, &d| acc.checked_mul(d));
+    if info.ne.first().is_some_and(|&row| row % dt.block_len() != 0) {
+        report.push(Finding::about(
+            Code::BadQ8Layout,
+            info.name.clone(),
+            format!("a {dt} tensor's rows must be whole blocks of {} values, but ne[0] is {}", dt.block_len(), info.ne[0]),
+        ));
+        return None;
+    }
+    let shape: Vec<u64> = info.ne.iter().rev().copied().collect();
+    let nbytes = dt.data_bytes(&shape);
     let start = data_start.checked_add(info.offset);
     match (nbytes, start) {
         (Some(n), Some(s)) if s.checked_add(n).is_some_and(|e| e <= file_len) => Some((s, n)),

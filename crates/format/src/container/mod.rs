@@ -5,6 +5,8 @@
 pub(crate) mod gguf;
 pub(crate) mod safetensors;
 
+pub(crate) use safetensors::Q8_SCALE_SUFFIX;
+
 use crate::config::{Container, Metadata};
 use crate::dtype::DType;
 use crate::error::BaseModelError;
@@ -33,7 +35,7 @@ pub const GGUF_VERSION: u32 = 3;
 pub struct RawTensor {
     /// The name as stored.
     pub name: String,
-    /// The dtype, if it is one spec v1 allows.
+    /// The dtype, if it is one the spec allows (a safetensors Q8_0 pair is joined into one).
     pub dtype: Option<DType>,
     /// The container's own spelling of the dtype (for messages), e.g. `"F64"` or `"ggml type 2"`.
     pub dtype_label: String,
@@ -45,6 +47,9 @@ pub struct RawTensor {
     pub len: u64,
     /// Whether `start..start+len` was checked to lie inside the file with the right size.
     pub in_bounds: bool,
+    /// A Q8_0 matrix of a safetensors file: `start..start+len` holds its signed bytes and this
+    /// `(start, len)` its F16 scales (spec 1.1); `len` is then the size of its ggml blocks.
+    pub scales: Option<(u64, u64)>,
 }
 
 /// A structurally parsed file.

@@ -145,6 +145,7 @@ pub(crate) fn parse(head: &[u8], file_len: u64, report: &mut Report) -> Option<R
         tensors.push(read_tensor(&name, entry, &data, &mut extents, report)?);
     }
     check_tiling(extents, data.len, report);
+    pair_q8(&mut tensors, report);
     Some(RawFile { container: Container::Safetensors, metadata, tensors })
 }
 
@@ -231,6 +232,7 @@ fn read_tensor(
         start: 0,
         len: 0,
         in_bounds: false,
+        scales: None,
     };
     let nbytes = shape.iter().try_fold(esize, |acc, &d| acc.checked_mul(d));
     match nbytes {
@@ -309,10 +311,70 @@ fn as_u64(j: &Json) -> Option<u64> {
     }
 }
 
+/// Suffix of the tensor that holds a Q8_0 matrix's scales in safetensors (spec 1.1): the matrix
+/// `NAME` is stored as `NAME` (`I8`, its shape) and `NAME_scale` (`F16`, `[rows, cols / 32]`).
+pub(crate) const Q8_SCALE_SUFFIX: &str = "_scale";
+
+/// Joins each Q8_0 pair (spec 1.1) into one Q8_0 tensor under the matrix's name: an `I8` tensor
+/// `NAME` of shape `[rows, cols]` with `cols` a multiple of 32, and an `F16` tensor
+/// `NAME_scale` of shape `[rows, cols / 32]`. A scale tensor without an `I8` partner is E208 and
+/// dropped; a pair that does not fit is E208 and becomes a Q8_0 tensor without data (so that it
+/// is reported once, not also as a missing tensor or a disallowed dtype).
+fn pair_q8(tensors: &mut Vec<RawTensor>, report: &mut Report) {
+    let mut scales = Vec::new();
+    tensors.retain(|t| match t.name.strip_suffix(Q8_SCALE_SUFFIX) {
+        Some(base) if base.starts_with("iapt.") => {
+            scales.push((base.to_owned(), t.clone()));
+            false
+        }
+        _ => true,
+    });
+    for (base, sc) in scales {
+        let Some(m) = tensors.iter_mut().find(|t| t.name == base && t.dtype_label == "I8") else {
+            report.push(Finding::about(
+                Code::BadQ8Layout,
+                sc.name,
+                format!("a Q8_0 scale tensor needs an I8 tensor {base:?} beside it (the quantized values); add it or remove this one"),
+            ));
+            continue;
+        };
+        let want = match m.shape.as_slice() {
+            [rows, cols] if cols % DType::Q8_0.block_len() == 0 => Some(vec![*rows, cols / DType::Q8_0.block_len()]),
+            _ => None,
+        };
+        m.dtype = Some(DType::Q8_0);
+        m.dtype_label = "Q8_0 (I8 + F16 scales)".to_owned();
+        let Some(want) = want else {
+            report.push(Finding::about(
+                Code::BadQ8Layout,
+                m.name.clone(),
+                format!("a Q8_0 matrix must be 2-D with rows a multiple of 32 values, but its shape is {:?}", m.shape),
+            ));
+            m.in_bounds = false;
+            continue;
+        };
+        if sc.dtype != Some(DType::F16) || sc.shape != want {
+            report.push(Finding::about(
+                Code::BadQ8Layout,
+                sc.name,
+                format!(
+                    "the scales of a Q8_0 matrix of shape {:?} must be F16 of shape {want:?}, not {} {:?}",
+                    m.shape, sc.dtype_label, sc.shape
+                ),
+            ));
+            m.in_bounds = false;
+            continue;
+        }
+        m.in_bounds &= sc.in_bounds;
+        m.scales = Some((sc.start, sc.len));
+        m.len = DType::Q8_0.data_bytes(&m.shape).unwrap_or(0);
+    }
+}
+
 /// One tensor to write.
 pub(crate) struct WriteTensor<'a> {
     pub name: String,
-    pub shape: &'a [u64],
+    pub shape: std::borrow::Cow<'a, [u64]>,
     pub dtype: &'a str,
     pub len: u64,
 }
@@ -332,7 +394,7 @@ pub(crate) fn header(metadata: &[(String, String)], tensors: &[WriteTensor<'_>])
     let mut offset = 0u64;
     for t in tensors {
         let end = offset + t.len;
-        obj.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}));
+        obj.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype, "shape": &*t.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(obj)).expect("JSON of strings and integers serialises");

@@ -8,7 +8,7 @@ use iapt_format::{Activation, Adapter, AdapterConfig, DType, RationalConfig, Rat
 
 pub fn rational_config() -> AdapterConfig {
     AdapterConfig {
-        spec_version: SpecVersion::CURRENT,
+        spec_version: SpecVersion::V1_0,
         n_layer: 2,
         n_embd: 8,
         n_soft_tokens: 2,

@@ -82,8 +82,9 @@ impl Kernel {
     ];
 
     fn index(self) -> usize {
+        // A device tensor is never Q8_0: `Uploader::tensor` widens Q8_0 to f32 on the host.
         let dt = |d: DType| match d {
-            DType::F32 => 0,
+            DType::F32 | DType::Q8_0 => 0,
             DType::F16 => 1,
             DType::BF16 => 2,
         };
@@ -527,8 +528,9 @@ fn act_params(act: &Activation) -> ActParams {
 }
 
 fn dtype_code(d: DType) -> i32 {
+    // A device tensor is never Q8_0: `Uploader::tensor` widens Q8_0 to f32 on the host.
     match d {
-        DType::F32 => 0,
+        DType::F32 | DType::Q8_0 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
     }
@@ -1191,7 +1193,8 @@ impl Uploader<'_> {
             return Err(GpuError::TensorShape { name: t.name().to_string(), expected, got: t.shape().to_vec() });
         }
         let read = |e| GpuError::TensorRead { name: t.name().to_string(), source: e };
-        let (buf, dtype) = if as_f32 {
+        // Q8_0 matrices go up widened to f32 (exact): the kernels read F32, F16 or BF16 rows.
+        let (buf, dtype) = if as_f32 || t.dtype() == DType::Q8_0 {
             (self.rt.upload_bytes(as_bytes(&t.to_f32().map_err(read)?))?, DType::F32)
         } else {
             (self.rt.upload_bytes(&t.bytes().map_err(read)?)?, t.dtype())
