@@ -22,6 +22,11 @@
 //! iapt_hook_finish(h, err, sizeof err);  /* 0, or what went wrong inside the decode */
 //! ```
 //!
+//! **Many adapters.** An `iapt_registry` ([`IaptRegistry`]) loads adapters by path on first use
+//! and keeps a bounded resident set (count and bytes, least recently used first, never one a
+//! handle or a hook sequence holds), reloading a file whose content changed:
+//! [`iapt_registry_get`] instead of [`iapt_adapter_load`].
+//!
 //! **Linking: one llama.cpp, one ggml per process.** The hook reads and writes graph tensors with
 //! the ggml the application's tensors belong to, so libiapt must not bring its own: it is linked
 //! against the shared libraries of the toolkit's one llama.cpp (llama-cpp-sys-2's, the same the

@@ -171,6 +171,50 @@ fn pack_round_trips_byte_identically() {
     assert!(std::fs::read(&gg).unwrap().starts_with(b"GGUF"));
 }
 
+/// `pack --dtype q8_0` quantizes the matrices whose rows are whole blocks (the fixture's
+/// down.weight, rows of 64) and keeps the others (up.weight, rows of 16), says so, writes spec 1.1;
+/// the result validates and round-trips between the containers byte for byte; `--dtype f32`
+/// decodes it back, each value within half a quantization step (plus the F16 scale's rounding) of
+/// the original.
+#[test]
+fn pack_to_q8_0_quantizes_the_matrices_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo().join("converters/python/fixtures/models/llama-tiny.iapt.safetensors");
+    let (q_st, q_gg, q_st2, back) =
+        (dir.path().join("q.safetensors"), dir.path().join("q.gguf"), dir.path().join("q2.safetensors"), dir.path().join("back.gguf"));
+    let out = iapt(&[os("pack"), src.as_os_str(), os("--dtype"), os("q8_0"), os("-o"), q_st.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("spec 1.1") && err.contains("keep their dtype") && err.contains("up.weight"), "{err}");
+    for (i, o) in [(&q_st, &q_gg), (&q_gg, &q_st2)] {
+        let out = iapt(&[os("pack"), i.as_os_str(), os("-o"), o.as_os_str()]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(std::fs::read(&q_st).unwrap(), std::fs::read(&q_st2).unwrap(), "safetensors -> gguf -> safetensors");
+    let v = iapt(&[os("validate"), q_gg.as_os_str(), os("--json")]);
+    assert_eq!(v.status.code(), Some(0), "{}", String::from_utf8_lossy(&v.stdout));
+    let info: serde_json::Value = serde_json::from_slice(&iapt(&[os("inspect"), q_gg.as_os_str(), os("--json")]).stdout).unwrap();
+    let dtype_of = |name: &str| info["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["dtype"].clone();
+    assert_eq!(dtype_of("iapt.blk.0.down.weight"), "Q8_0");
+    assert_eq!(dtype_of("iapt.blk.0.up.weight"), "F32");
+    let out = iapt(&[os("pack"), q_gg.as_os_str(), os("--dtype"), os("f32"), os("-o"), back.as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (orig, back) = (iapt_format::Adapter::open(&src).unwrap(), iapt_format::Adapter::open(&back).unwrap());
+    for (a, b) in orig.tensors().iter().zip(back.tensors()) {
+        let (x, y) = (a.to_f32().unwrap(), b.to_f32().unwrap());
+        let row = *a.shape().last().unwrap() as usize;
+        for (xr, yr) in x.chunks(row).zip(y.chunks(row)) {
+            for (xb, yb) in xr.chunks(32).zip(yr.chunks(32)) {
+                let step = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                let bound = if b.name().role.is_matrix() && row % 32 == 0 { 0.5 * step + 127.0 * step / 1024.0 } else { 0.0 };
+                for (p, q) in xb.iter().zip(yb) {
+                    assert!((p - q).abs() <= bound, "{}: {p} vs {q} (step {step})", a.name());
+                }
+            }
+        }
+    }
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();

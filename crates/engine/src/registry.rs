@@ -9,8 +9,9 @@
 //! neither pinned nor in use. "In use" is a queued request or a sequence in prefill: a sequence
 //! lends its adapter's generator only until its prompt is prefilled (after that its adapter lives
 //! in its KV cache), so an adapter whose sequences all decode is evictable and its memory is freed
-//! at once. When nothing can be evicted the new adapter is refused
-//! ([`EngineError::AdapterCacheFull`]) and nothing changes.
+//! at once (and returned to the operating system: `iapt_llama::release_freed_heap_memory`). When
+//! nothing can be evicted the new adapter is refused ([`EngineError::AdapterCacheFull`]) and
+//! nothing changes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -222,6 +223,11 @@ impl Registry {
         let evicted = self.make_room(name, resident.memory().0)?;
         for v in &evicted {
             self.adapters.remove(v);
+        }
+        if !evicted.is_empty() {
+            // An evicted adapter has no users: its weights were just freed. Give their pages back
+            // (glibc would keep them in the arena of the thread that built them).
+            iapt_llama::release_freed_heap_memory();
         }
         // A replaced adapter's requests keep their own `Arc` of it.
         self.tick += 1;

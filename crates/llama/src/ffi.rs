@@ -34,6 +34,7 @@ use iapt_generator_cuda::{DevRows, DevRowsMut};
 
 use crate::error::{LlamaError, NodeError};
 
+pub(crate) mod heap;
 mod memory;
 mod rpc;
 mod sampler;

@@ -40,6 +40,7 @@ mod sampling;
 mod split;
 
 pub use error::{LlamaError, NodeError};
+pub use ffi::heap::release_freed_heap_memory;
 pub use ffi::SamplerChain;
 pub use ffi::{
     add_rpc_workers, devices, gguf_probe, init, install_abort_exit, quantize, rpc_worker_serve, set_verbose, supports_gpu_offload, Batch,

@@ -1,7 +1,7 @@
 //! Issue 2 (GGUF interop): adapters written by iapt-format are parsed by llama.cpp's own GGUF parser
 //! (`gguf_init_from_file`), and llama.cpp sees exactly the keys, types, values, tensor names,
 //! shapes, types and data offsets that iapt-format's reader sees; the bytes at llama.cpp's offsets
-//! are the tensor data iapt-format returns.
+//! are the tensor data iapt-format returns; Q8_0 matrices (spec 1.1) included.
 
 use iapt_format::{Activation, Adapter, Container, DType, MetaValue, RationalConfig, RationalVariant, Role};
 use iapt_generator::testing::{random_adapter, AdapterSpec, Rng};
@@ -93,6 +93,14 @@ fn llama_cpp_parser_sees_what_iapt_format_wrote() {
         let seen = gguf_probe(&path).unwrap_or_else(|e| panic!("{label}: {e}"));
         compare(label, &adapter, &path, &seen);
     }
+    // Spec 1.1: Q8_0 matrices (ggml type 8, blocks of 32 values in 34 bytes): llama.cpp's parser
+    // sizes and places them as iapt-format wrote them.
+    let spec = AdapterSpec::small(2, 64, 4, 32, Activation::Gelu);
+    let q8 = random_adapter(&spec, &mut Rng::new(7)).unwrap().with_dtype(DType::Q8_0).unwrap();
+    assert_eq!(q8.tensors().iter().filter(|t| t.dtype() == DType::Q8_0).count(), 4, "both matrices of both layers");
+    let path = dir.path().join("q8_0.gguf");
+    q8.save(&path, Container::Gguf).unwrap();
+    compare("q8_0 matrices", &q8, &path, &gguf_probe(&path).unwrap_or_else(|e| panic!("q8_0: {e}")));
 }
 
 #[test]
