@@ -218,6 +218,13 @@ fn bad_input_is_a_4xx_error_object_naming_the_field() {
         (c, json!({"model": "tiny", "prompt": "x", "max_tokens": "many"}), 400, Some("max_tokens")),
         (c, json!({"model": "tiny", "prompt": "x", "n": 2}), 400, Some("n")),
         (c, json!({"model": "tiny", "prompt": "x", "echo": true}), 400, Some("echo")),
+        (c, json!({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}), 400, Some("response_format")),
+        (
+            chat,
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}),
+            400,
+            Some("response_format"),
+        ),
         (c, json!({"model": "tiny", "prompt": "x", "logprobs": 99}), 400, Some("logprobs")),
         (c, json!({"model": "tiny", "prompt": "x", "stop": ["", "a"]}), 400, Some("stop[0]")),
         (c, json!({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, Some("stop")),
@@ -256,6 +263,8 @@ fn bad_input_is_a_4xx_error_object_naming_the_field() {
     s.get("/v1/completions").assert_error(405, None);
     // Nothing broke: a good request still runs, and /health is 200.
     let r = s.post_json(c, &json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = s.post_json(c, &json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "response_format": {"type": "text"}}));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(s.get("/health").status, 200);
     assert!(s.metric("iapt_http_errors_total{status=\"400\"}") >= 30.0);
@@ -581,4 +590,56 @@ fn serve_over_an_rpc_worker_equals_iapt_run() {
     assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want_text, "over RPC vs local");
     let err = s.stderr_text();
     assert!(err.contains(&format!("RPC0 ({endpoint})")), "the worker's device must be listed: {err}");
+}
+
+/// `/tokenize` and `/detokenize` (llama-server's shapes): the ids `/tokenize` gives for a text,
+/// sent as `prompt` ids, make the same greedy completion as the text itself (so they are the ids
+/// the server feeds the model), and as many as the text's `usage.prompt_tokens`; BOS only when
+/// asked; pieces that join to the text `/detokenize` gives back; bad input a 400 naming the field.
+#[test]
+fn tokenize_and_detokenize_agree_with_the_completions_path() {
+    let server = tiny_server(&[]);
+    let text = "hello world, caf\u{e9} \u{1f600} 42";
+    let toks = |body: serde_json::Value| -> Vec<i64> {
+        let r = server.post_json("/tokenize", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect()
+    };
+    let with_bos = toks(json!({"content": text, "add_special": true, "parse_special": false}));
+    let plain = toks(json!({"content": text}));
+    assert!(with_bos.len() == plain.len() + 1 && with_bos[1..] == plain[..], "{with_bos:?} vs {plain:?}");
+
+    for model in ["llama-tiny-f32", "tiny"] {
+        let by_text = server.post_json("/v1/completions", &json!({"model": model, "prompt": text, "max_tokens": 6, "temperature": 0}));
+        let by_ids = server.post_json("/v1/completions", &json!({"model": model, "prompt": with_bos, "max_tokens": 6, "temperature": 0}));
+        assert_eq!(by_text.status, 200, "{}", by_text.body);
+        let (a, b) = (by_text.json(), by_ids.json());
+        assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "{model}");
+        assert_eq!(a["usage"]["prompt_tokens"].as_u64(), Some(with_bos.len() as u64), "{model}");
+    }
+
+    let r = server.post_json("/tokenize", &json!({"content": text, "with_pieces": true}));
+    let pieces = r.json()["tokens"].as_array().unwrap().clone();
+    assert_eq!(pieces.iter().map(|p| p["id"].as_i64().unwrap()).collect::<Vec<_>>(), plain);
+    let mut joined = Vec::new();
+    for p in &pieces {
+        match &p["piece"] {
+            serde_json::Value::String(s) => joined.extend_from_slice(s.as_bytes()),
+            serde_json::Value::Array(b) => joined.extend(b.iter().map(|x| x.as_u64().unwrap() as u8)),
+            other => panic!("piece {other}"),
+        }
+    }
+    let back = server.post_json("/detokenize", &json!({"tokens": plain}));
+    assert_eq!(back.status, 200, "{}", back.body);
+    let content = back.json()["content"].as_str().unwrap().to_owned();
+    assert_eq!(content.as_bytes(), &joined[..]);
+    // The tokenizer may add its leading space (SentencePiece); the text comes back otherwise whole.
+    assert!(content == text || content.strip_prefix(' ') == Some(text), "{content:?}");
+
+    server.post_json("/detokenize", &json!({"tokens": [1, -1]})).assert_error(400, Some("tokens[1]"));
+    server.post_json("/detokenize", &json!({"tokens": [1_000_000]})).assert_error(400, Some("tokens[0]"));
+    server.post_json("/detokenize", &json!({"tokens": "1,2"})).assert_error(400, Some("tokens"));
+    server.post_json("/tokenize", &json!({"content": 5})).assert_error(400, Some("content"));
+    server.post_json("/tokenize", &json!({"text": "x"})).assert_error(400, None);
+    server.stop();
 }

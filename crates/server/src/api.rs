@@ -5,7 +5,8 @@
 //!
 //! Extras beyond OpenAI's fields: llama.cpp's `top_k`, `min_p`, `repeat_penalty`, and vLLM's
 //! `ignore_eos`. Fields the server does not know are ignored, as OpenAI's API does; fields it knows but cannot
-//! honour (`n` > 1, `echo: true`, `best_of` > 1, `suffix`, `logit_bias`, tools) are refused by name.
+//! honour (`n` > 1, `echo: true`, `best_of` > 1, `suffix`, `logit_bias`, tools, a `response_format`
+//! other than text) are refused by name.
 
 use iapt_engine::MAX_LOGPROBS;
 use iapt_llama::{SamplerSettings, Token};
@@ -47,6 +48,7 @@ pub(crate) struct Body {
     pub suffix: Option<String>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     pub tools: Option<Vec<Value>>,
+    pub response_format: Option<Value>,
     pub ignore_eos: Option<bool>,
 }
 
@@ -88,13 +90,13 @@ pub(crate) enum Prompt {
 }
 
 /// Parses a body: malformed JSON is a 400 without a field; a wrong type names its path.
-pub(crate) fn parse(bytes: &[u8]) -> Result<Body, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         // serde would read a struct from an array too, by position.
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let body: Body = serde_path_to_error::deserialize(de).map_err(|e| {
+    let body: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
@@ -124,6 +126,17 @@ fn refuse_unsupported(b: &Body) -> Result<(), ApiError> {
     }
     if b.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools", "tools are not supported"));
+    }
+    // Ignoring it would hand free text to a client that asked for JSON.
+    match &b.response_format {
+        None | Some(Value::Null) => {}
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format json_object / json_schema (structured output) is not supported; omit it or use {\"type\": \"text\"}",
+            ))
+        }
     }
     Ok(())
 }

@@ -47,6 +47,7 @@ mod ondemand;
 mod respond;
 mod routes;
 mod state;
+mod tokens;
 
 use std::collections::BTreeMap;
 use std::future::Future;

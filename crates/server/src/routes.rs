@@ -28,7 +28,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::state::{blocking, AppState};
-use crate::{adapters, chat, completions};
+use crate::{adapters, chat, completions, tokens};
 
 /// The application for `state`: bodies capped at `body_limit` bytes and read within `body_timeout`.
 pub(crate) fn router(state: Arc<AppState>, body_limit: usize, body_timeout: Duration) -> Router {
@@ -37,6 +37,8 @@ pub(crate) fn router(state: Arc<AppState>, body_limit: usize, body_timeout: Dura
         .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_inference));
     let admin = Router::new()
         .route("/v1/adapters", post(adapters::load))
