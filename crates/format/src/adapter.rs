@@ -132,11 +132,22 @@ impl Tensor {
     }
 
     /// This tensor stored as another dtype (values rounded to nearest even when narrowing, ggml's
-    /// quantization for Q8_0). The caller checks that a Q8_0 target suits the shape
-    /// ([`DType::data_bytes`]); an unsuitable one gives a tensor the validator refuses.
+    /// quantization for Q8_0). Fails with [`std::io::ErrorKind::InvalidInput`] for Q8_0 when the
+    /// rows are not whole blocks of 32 values ([`DType::data_bytes`]).
     pub fn to_dtype(&self, dtype: DType) -> std::io::Result<Tensor> {
         if dtype == self.dtype {
             return Ok(self.clone());
+        }
+        if dtype.data_bytes(&self.shape).is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: shape {:?} cannot be {dtype} (rows must be whole blocks of {} values)",
+                    self.name,
+                    self.shape,
+                    dtype.block_len()
+                ),
+            ));
         }
         let values = self.to_f32()?;
         Ok(Tensor { name: self.name, dtype, shape: self.shape.clone(), data: TensorData::Memory(Arc::new(dtype.encode(&values))) })

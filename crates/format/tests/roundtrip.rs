@@ -160,3 +160,25 @@ proptest! {
         }
     }
 }
+
+/// Q8_0 needs rows of whole blocks: a tensor with rows of 40 values cannot become Q8_0 (an error,
+/// not a tensor of the wrong length); rows of 64 can, at 34 bytes per 32 values; and a Q8_0
+/// adapter (both matrices quantized, spec 1.1) round-trips between the containers byte for byte.
+#[test]
+fn q8_0_needs_whole_blocks_and_round_trips() {
+    let name = iapt_format::TensorName::layer(0, Role::DownWeight);
+    let t = iapt_format::Tensor::from_f32(name, DType::F32, vec![2, 40], &[0.5; 80]).unwrap();
+    assert_eq!(t.to_dtype(DType::Q8_0).unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+    assert!(iapt_format::Tensor::from_f32(name, DType::Q8_0, vec![2, 40], &[0.5; 80]).is_err());
+    let t = iapt_format::Tensor::from_f32(name, DType::F32, vec![2, 64], &[0.5; 128]).unwrap();
+    assert_eq!(t.to_dtype(DType::Q8_0).unwrap().byte_len(), 2 * 2 * 34);
+
+    let cfg = AdapterConfig { n_embd: 64, bottleneck: 32, ..rational_config() };
+    let a = build(&cfg, DType::F16, &[Role::UpWeight], 11).with_dtype(DType::Q8_0).unwrap();
+    assert_eq!(a.config().spec_version, SpecVersion::V1_1);
+    assert_eq!(a.tensors().iter().filter(|t| t.dtype() == DType::Q8_0).count(), 3, "two down.weight, one shared up.weight");
+    let st = a.to_bytes(Container::Safetensors).unwrap();
+    let g = reopen(&st).to_bytes(Container::Gguf).unwrap();
+    assert!(reopen(&g).to_bytes(Container::Safetensors).unwrap() == st);
+    assert_same(&a, &reopen(&g));
+}
