@@ -230,12 +230,14 @@ impl<'m> Engine<'m> {
     /// Makes `adapter` resident as `name`, after checking it against the base model (evicting
     /// least recently used adapters where [`EngineConfig::adapter_cache`] requires).
     pub fn load_adapter(&mut self, name: &str, adapter: &Adapter) -> Result<AdapterInfo, EngineError> {
-        self.registry.load(name, adapter, InsertOptions::default()).map(|i| i.info)
+        self.load_adapter_with(name, adapter, InsertOptions::default()).map(|i| i.info)
     }
 
     /// As [`Engine::load_adapter`], pinned or replacing a resident one, saying what was evicted.
     pub fn load_adapter_with(&mut self, name: &str, adapter: &Adapter, opts: InsertOptions) -> Result<Inserted, EngineError> {
-        self.registry.load(name, adapter, opts)
+        let inserted = self.registry.load(name, adapter, opts)?;
+        crate::registry::release_evicted(&inserted);
+        Ok(inserted)
     }
 
     /// Pins `name` (never evicted) or unpins it.

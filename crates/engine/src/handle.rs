@@ -285,7 +285,9 @@ impl EngineHandle {
     /// resident between two steps, evicting what the engine's [`crate::AdapterCache`] requires.
     pub fn load_adapter_parsed(&self, name: &str, adapter: &Adapter, opts: InsertOptions) -> Result<Inserted, EngineError> {
         let resident = self.prep.prepare(name, adapter)?;
-        self.ask(|reply| Command::Insert(name.to_owned(), Box::new(resident), opts, reply))
+        let inserted = self.ask(|reply| Command::Insert(name.to_owned(), Box::new(resident), opts, reply))?;
+        crate::registry::release_evicted(&inserted);
+        Ok(inserted)
     }
 
     /// Pins `name` (never evicted) or unpins it.

@@ -9,8 +9,8 @@
 //! neither pinned nor in use. "In use" is a queued request or a sequence in prefill: a sequence
 //! lends its adapter's generator only until its prompt is prefilled (after that its adapter lives
 //! in its KV cache), so an adapter whose sequences all decode is evictable and its memory is freed
-//! at once (and returned to the operating system: `iapt_llama::release_freed_heap_memory`). When
-//! nothing can be evicted the new adapter is refused ([`EngineError::AdapterCacheFull`]) and
+//! at once (and returned to the operating system by `release_evicted`, called by whoever asked for
+//! the load, never on the engine's thread). When nothing can be evicted the new adapter is refused ([`EngineError::AdapterCacheFull`]) and
 //! nothing changes.
 
 use std::collections::BTreeMap;
@@ -224,11 +224,6 @@ impl Registry {
         for v in &evicted {
             self.adapters.remove(v);
         }
-        if !evicted.is_empty() {
-            // An evicted adapter has no users: its weights were just freed. Give their pages back
-            // (glibc would keep them in the arena of the thread that built them).
-            iapt_llama::release_freed_heap_memory();
-        }
         // A replaced adapter's requests keep their own `Arc` of it.
         self.tick += 1;
         self.adapters.insert(name.to_owned(), Entry { resident, pinned: opts.pinned, last_used: self.tick });
@@ -321,5 +316,15 @@ impl Registry {
         } else {
             self.adapters.keys().cloned().collect::<Vec<_>>().join(", ")
         }
+    }
+}
+
+/// After a load that evicted adapters: their weights were freed when they left (an evictable
+/// adapter has no users); give the pages back to the operating system (glibc keeps freed memory in
+/// the arena of the thread that allocated it). Called on the loading thread, so a decode step
+/// never waits on it.
+pub(crate) fn release_evicted(inserted: &Inserted) {
+    if !inserted.evicted.is_empty() {
+        iapt_llama::release_freed_heap_memory();
     }
 }

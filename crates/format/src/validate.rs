@@ -189,8 +189,8 @@ pub(crate) fn first_large(dt: DType, data: &[u8]) -> Option<(usize, f32)> {
             .enumerate()
             .find(|&(_, v)| large(v)),
         DType::Q8_0 => data.chunks_exact(Q8_BLOCK_BYTES).enumerate().find_map(|(b, blk)| {
-            let v = DType::Q8_0.decode(blk);
-            v.iter().position(|&x| large(x)).map(|i| (b * Q8_BLOCK + i, v[i]))
+            let d = crate::dtype::q8_scale(blk);
+            blk[2..].iter().map(|&q| d * f32::from(q as i8)).enumerate().find(|&(_, v)| large(v)).map(|(i, v)| (b * Q8_BLOCK + i, v))
         }),
     }
 }
@@ -274,5 +274,27 @@ impl BaseModelInfo {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// W003 and E207 on Q8_0 blocks: an element is its block's scale times its signed byte, so a
+    /// large scale with a large byte is found at that element, and a non-finite scale at the
+    /// block's first element.
+    #[test]
+    fn q8_large_and_non_finite_elements_are_found_where_they_are() {
+        let mut blocks = vec![0u8; 2 * Q8_BLOCK_BYTES];
+        blocks[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+        blocks[2..Q8_BLOCK_BYTES].fill(100);
+        let second = Q8_BLOCK_BYTES;
+        blocks[second..second + 2].copy_from_slice(&half::f16::from_f32(1000.0).to_bits().to_le_bytes());
+        blocks[second + 2 + 5] = 100; // 1000 x 100 = 100000 > 65504, element 32 + 5
+        assert_eq!(first_large(DType::Q8_0, &blocks), Some((Q8_BLOCK + 5, 100_000.0)));
+        assert_eq!(first_non_finite(DType::Q8_0, &blocks), None);
+        blocks[second..second + 2].copy_from_slice(&half::f16::INFINITY.to_bits().to_le_bytes());
+        assert_eq!(first_non_finite(DType::Q8_0, &blocks), Some(Q8_BLOCK));
     }
 }

@@ -127,6 +127,21 @@ fn prompt(model: &Model, len: usize) -> Vec<Token> {
 }
 
 /// Steps `engine` once and says whether its request produced a token (or finished).
+/// `steps` decode steps of `base` and `iapt` in turn, token by token, so that interference from
+/// other processes falls on both alike: the time each spent.
+fn decode_in_turn(base: &mut Engine<'_>, iapt: &mut Engine<'_>, steps: usize) -> Result<(Duration, Duration), EngineError> {
+    let (mut b, mut i) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..steps {
+        let t = Instant::now();
+        step(base)?;
+        b += t.elapsed();
+        let t = Instant::now();
+        step(iapt)?;
+        i += t.elapsed();
+    }
+    Ok((b, i))
+}
+
 fn step(engine: &mut Engine<'_>) -> Result<(), EngineError> {
     for ev in engine.step() {
         if let EventKind::Failed(e) = ev.kind {
@@ -163,17 +178,8 @@ pub fn bench(model: &Model, adapter: &Adapter, cfg: &BenchConfig, progress: &mut
         let i_pre = t.elapsed();
         let times = iapt.hook_times();
         remote = iapt.hook_remote_copies();
-        // Decode: the two variants step in turn, token by token, so that interference from other
-        // processes falls on both alike.
-        let (mut b_dec, mut i_dec) = (Duration::ZERO, Duration::ZERO);
-        for _ in 1..cfg.gen {
-            let t = Instant::now();
-            step(&mut base)?;
-            b_dec += t.elapsed();
-            let t = Instant::now();
-            step(&mut iapt)?;
-            i_dec += t.elapsed();
-        }
+        // Decode: the two variants step in turn (`decode_in_turn`).
+        let (b_dec, i_dec) = decode_in_turn(&mut base, &mut iapt, cfg.gen.saturating_sub(1))?;
         debug_assert!(base.is_idle() && iapt.is_idle());
         let steps = cfg.gen - 1;
         let line = format!(
@@ -283,15 +289,7 @@ pub fn bench_batch(
     for rep in 0..=cfg.reps {
         let b_ids = prefill_all(&mut base, (0..batch).map(|i| request(i, cfg.prompt_len)).collect())?;
         let i_ids = prefill_all(&mut iapt, (0..batch).map(|i| request(i, cfg.prompt_len - m).with_adapter("adapter")).collect())?;
-        let (mut b_dec, mut i_dec) = (Duration::ZERO, Duration::ZERO);
-        for _ in 1..cfg.gen {
-            let t = Instant::now();
-            step(&mut base)?;
-            b_dec += t.elapsed();
-            let t = Instant::now();
-            step(&mut iapt)?;
-            i_dec += t.elapsed();
-        }
+        let (b_dec, i_dec) = decode_in_turn(&mut base, &mut iapt, cfg.gen.saturating_sub(1))?;
         debug_assert!(
             base.running() == batch && iapt.running() == batch,
             "every sequence decoded in every measured step: {} {} of {batch}, queued {} {}",

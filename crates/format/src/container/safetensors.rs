@@ -329,8 +329,10 @@ fn pair_q8(tensors: &mut Vec<RawTensor>, report: &mut Report) {
         }
         _ => true,
     });
+    // Names are unique here (duplicates were dropped when parsing): one lookup per scale tensor.
+    let index: std::collections::HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
     for (base, sc) in scales {
-        let Some(m) = tensors.iter_mut().find(|t| t.name == base && t.dtype_label == "I8") else {
+        let Some(m) = index.get(&base).map(|&i| &mut tensors[i]).filter(|t| t.dtype_label == "I8") else {
             report.push(Finding::about(
                 Code::BadQ8Layout,
                 sc.name,
