@@ -621,8 +621,13 @@ def export(args):
     hf = os.path.join(WORK, "base_hf")
     shutil.copy(os.path.join(WORK, "tokenizer.model"), os.path.join(hf, "tokenizer.model"))
     with open(os.path.join(hf, "tokenizer_config.json"), "w") as f:
+        # The prompt format as a chat template (assets/chat_template.jinja): convert_hf_to_gguf.py
+        # writes it to the GGUF as tokenizer.chat_template, and `iapt quantize` keeps it.
+        with open(os.path.join(ASSETS, "chat_template.jinja")) as t:
+            chat_template = t.read()
         json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
+                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "chat_template": chat_template}, f, indent=2)
     gguf_path = os.path.join(ASSETS, "base-f16.gguf")
     conv = os.path.join(args.llama_cpp, "convert_hf_to_gguf.py")
     cmd = [sys.executable, conv, hf, "--outtype", "f16", "--model-name", "iapt-demo-base", "--outfile", gguf_path]

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use iapt_engine::{AdapterCache, EngineConfig};
+use iapt_engine::{AdapterCache, ChatTemplate, EngineConfig};
 use iapt_format::{Adapter, BaseModelInfo};
 use iapt_llama::{GpuRuntime, KvType, Model, ModelParams, RpcEndpoint, SamplerSettings, Token};
 
@@ -403,9 +403,31 @@ pub fn ensure_supported_arch(base: &BaseModelInfo, model: &Path) -> anyhow::Resu
     Ok(())
 }
 
-/// Tokenizes a text prompt with the model's tokenizer (BOS as the model says); with `chat`, wrapped
-/// in the model's chat template first, its special tokens parsed.
-pub fn prompt_tokens(model: &Model, text: &str, chat: bool) -> Result<Vec<Token>, iapt_llama::LlamaError> {
-    let text = if chat { model.apply_chat_template(text)? } else { text.to_owned() };
-    model.tokenize(&text, true, chat)
+/// `--chat-template` (run, batch, serve).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ChatArgs {
+    /// The chat template: a llama.cpp built-in name (chatml, llama3, gemma, phi3, ...) or a Jinja
+    /// file (Hugging Face's variables: messages, add_generation_prompt, bos_token, eos_token).
+    /// Default: the model's own (GGUF tokenizer.chat_template).
+    #[arg(long, value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
+}
+
+impl ChatArgs {
+    /// The template to use with `model`.
+    pub fn template(&self, model: &Model) -> anyhow::Result<ChatTemplate> {
+        Ok(ChatTemplate::resolve(self.chat_template.as_deref(), model)?)
+    }
+}
+
+/// Tokenizes a text prompt with the model's tokenizer (BOS as the model says); with a chat
+/// template, the prompt is one user message rendered with it first, its special tokens parsed.
+pub fn prompt_tokens(model: &Model, text: &str, chat: Option<&ChatTemplate>) -> anyhow::Result<Vec<Token>> {
+    Ok(match chat {
+        None => model.tokenize(text, true, false)?,
+        Some(t) => {
+            let r = t.render(model, &[("user", text)])?;
+            model.tokenize(&r.text, r.add_special, true)?
+        }
+    })
 }

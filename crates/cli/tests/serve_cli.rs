@@ -216,20 +216,32 @@ fn bad_input_is_a_4xx_error_object_naming_the_field() {
         (c, json!({"model": "tiny", "prompt": "x", "repeat_penalty": 0}), 400, Some("repeat_penalty")),
         (c, json!({"model": "tiny", "prompt": "x", "max_tokens": 0}), 400, Some("max_tokens")),
         (c, json!({"model": "tiny", "prompt": "x", "max_tokens": "many"}), 400, Some("max_tokens")),
-        (c, json!({"model": "tiny", "prompt": "x", "n": 2}), 400, Some("n")),
+        (c, json!({"model": "tiny", "prompt": "x", "n": 3}), 400, Some("n")),
+        (c, json!({"model": "tiny", "prompt": "x", "n": 0}), 400, Some("n")),
         (c, json!({"model": "tiny", "prompt": "x", "echo": true}), 400, Some("echo")),
-        (c, json!({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}), 400, Some("response_format")),
+        (c, json!({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}), 400, Some("response_format")),
         (
             chat,
             json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}),
             400,
+            Some("response_format.json_schema.schema"),
+        ),
+        (
+            c,
+            json!({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": 5}}}}),
+            400,
             Some("response_format"),
         ),
+        (c, json!({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}), 400, Some("logit_bias.abc")),
+        (c, json!({"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}), 400, Some("logit_bias")),
+        (c, json!({"model": "tiny", "prompt": "x", "logit_bias": {"5": -101}}), 400, Some("logit_bias.5")),
+        (c, json!({"model": "tiny", "prompt": ["x", {"a": 1}]}), 400, Some("prompt[1]")),
         (c, json!({"model": "tiny", "prompt": "x", "logprobs": 99}), 400, Some("logprobs")),
         (c, json!({"model": "tiny", "prompt": "x", "stop": ["", "a"]}), 400, Some("stop[0]")),
         (c, json!({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, Some("stop")),
         (c, json!({"model": "tiny", "prompt": "x", "seed": 1e20}), 400, Some("seed")),
         (c, json!({"model": "tiny", "prompt": [1, 999999]}), 400, Some("prompt")),
+        (c, json!({"model": "tiny", "prompt": [[1, 2], [1, 999999]]}), 400, Some("prompt")),
         (c, json!({"model": "tiny", "prompt": []}), 400, Some("prompt")),
         (c, json!({"model": "tiny", "prompt": {"text": "x"}}), 400, Some("prompt")),
         (c, json!({"model": "tiny"}), 400, Some("prompt")),
@@ -244,6 +256,7 @@ fn bad_input_is_a_4xx_error_object_naming_the_field() {
         (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": {"a": 1}}]}), 400, Some("messages[0].content")),
         (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}), 400, Some("top_logprobs")),
         (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}), 400, Some("n")),
+        (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 200}), 400, Some("n")),
         (chat, json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, Some("model")),
         (chat, json!({"model": "tiny", "messages": [{"role": "user", "content": "x ".repeat(400)}]}), 400, Some("messages")),
     ];
@@ -501,7 +514,7 @@ fn hundreds_of_mixed_requests_at_once_are_all_answered() {
                 .assert_error(404, Some("model"));
         }
         4 => {
-            s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x", "n": 2})).assert_error(400, Some("n"));
+            s.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "x", "n": 5})).assert_error(400, Some("n"));
         }
         _ => {
             s.post_json("/v1/completions", &json!({"model": model(i), "prompt": vec![1; 2000]})).assert_error(400, Some("prompt"));
@@ -551,9 +564,25 @@ fn the_readme_command_serves_the_demo() {
     let want = run_alone(&model, Some(&adapter), instruction, false, false, 24, &[]);
     assert_eq!(got, want.split('\n').next().unwrap());
     assert_eq!(got.trim(), first["response"].as_str().unwrap(), "the adapter answers the held-out instruction");
-    // The demo model has no chat template: chat is refused naming messages, never a 500.
-    s.post_json("/v1/chat/completions", &json!({"model": "reverse", "messages": [{"role": "user", "content": instruction}]}))
-        .assert_error(400, Some("messages"));
+    // The demo model ships its prompt format as a chat template (the instruction alone): chat gives
+    // the completions path's prompt tokens and, at temperature 0, its tokens.
+    let chat = json!({"model": "reverse", "messages": [{"role": "user", "content": instruction}], "max_tokens": 24, "temperature": 0,
+        "logprobs": true});
+    let c = s.post_json("/v1/chat/completions", &chat).json();
+    let mut plain = body.clone();
+    plain["logprobs"] = json!(0);
+    plain.as_object_mut().unwrap().remove("stop");
+    let p = s.post_json("/v1/completions", &plain).json();
+    assert_eq!(c["usage"]["prompt_tokens"], p["usage"]["prompt_tokens"]);
+    let chat_tokens: Vec<&str> =
+        c["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap()).collect();
+    let plain_tokens: Vec<&str> = p["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(!plain_tokens.is_empty());
+    assert_eq!(chat_tokens, plain_tokens, "chat and completions, token for token");
+    // A conversation the template refuses is a 400 naming messages, with the template's words.
+    let two = json!({"model": "reverse", "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": instruction}]});
+    let e = s.post_json("/v1/chat/completions", &two).assert_error(400, Some("messages"));
+    assert!(e["message"].as_str().unwrap().contains("exactly one user message"), "{e}");
 }
 
 /// `iapt serve --rpc`: the base model's layers on an `iapt rpc-server` worker (127.0.0.1, an
@@ -642,4 +671,77 @@ fn tokenize_and_detokenize_agree_with_the_completions_path() {
     server.post_json("/tokenize", &json!({"content": 5})).assert_error(400, Some("content"));
     server.post_json("/tokenize", &json!({"text": "x"})).assert_error(400, None);
     server.stop();
+}
+
+/// Issue 33's surface on the tiny fixture, each answer against the same request sent another way:
+/// - `n = 4` at temperature 1: choice i is the single request with seed + i; the prompt is counted
+///   once in `usage`; streamed, every chunk names its choice and the texts are the same;
+/// - a `prompt` array with `n = 2`: choice `i * 2 + j` is prompt i's choice j sent alone;
+/// - `logit_bias`: -100 on the greedy first token changes it, +100 on another token makes it
+///   first;
+/// - `response_format` `json_schema`: 8 choices at temperature 1 all parse and satisfy the schema.
+#[test]
+fn choices_batches_logit_bias_and_json_output() {
+    let s = tiny_server(&["--parallel", "8", "--ctx-size", "4096"]);
+    let c = "/v1/completions";
+    let p = instruction("llama-long-iapt");
+    let body = |extra: serde_json::Value| {
+        let mut b = json!({"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 1, "seed": 5});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let text = |r: &serde_json::Value, i: usize| r["choices"][i]["text"].as_str().unwrap().to_owned();
+    let four = s.post_json(c, &body(json!({"n": 4}))).json();
+    assert_eq!(four["choices"].as_array().unwrap().len(), 4);
+    let single: Vec<serde_json::Value> = (0..4).map(|i| s.post_json(c, &body(json!({"seed": 5 + i}))).json()).collect();
+    for (i, one) in single.iter().enumerate() {
+        assert_eq!(four["choices"][i]["index"], json!(i));
+        assert_eq!(text(&four, i), text(one, 0), "choice {i} = the request with seed {}", 5 + i);
+    }
+    assert_eq!(four["usage"]["prompt_tokens"], single[0]["usage"]["prompt_tokens"], "the prompt counted once");
+    let generated: u64 = single.iter().map(|r| r["usage"]["completion_tokens"].as_u64().unwrap()).sum();
+    assert_eq!(four["usage"]["completion_tokens"], json!(generated));
+    let chunks = s.open_stream(c, &body(json!({"n": 4, "stream": true, "stream_options": {"include_usage": true}}))).chunks();
+    for i in 0..4 {
+        let t: String =
+            chunks.iter().filter(|k| k["choices"][0]["index"] == json!(i)).map(|k| k["choices"][0]["text"].as_str().unwrap()).collect();
+        assert_eq!(t, text(&four, i), "streamed choice {i}");
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], four["usage"]);
+
+    let short = instruction("llama-short-iapt");
+    let batch =
+        s.post_json(c, &json!({"model": "tiny", "prompt": [p, short], "n": 2, "max_tokens": 6, "temperature": 1, "seed": 9})).json();
+    for (i, prompt) in [&p, &short].into_iter().enumerate() {
+        let alone =
+            s.post_json(c, &json!({"model": "tiny", "prompt": prompt, "n": 2, "max_tokens": 6, "temperature": 1, "seed": 9})).json();
+        for j in 0..2 {
+            assert_eq!(text(&batch, i * 2 + j), text(&alone, j), "prompt {i} choice {j}");
+        }
+    }
+
+    // +100 makes a token the greedy one; of two at +100 one wins, and at -100 it loses to the other.
+    let first = |bias: serde_json::Value| {
+        let b = json!({"model": "tiny", "prompt": p, "max_tokens": 1, "temperature": 0, "logprobs": 0, "logit_bias": bias});
+        s.post_json(c, &b).json()["choices"][0]["logprobs"]["tokens"][0].clone()
+    };
+    let piece = |t: u32| s.post_json("/detokenize", &json!({"tokens": [t]})).json()["content"].clone();
+    assert_eq!(first(json!({"70": 100})), piece(70));
+    let both = first(json!({"70": 100, "80": 100}));
+    let (w, other) = if both == piece(70) { (70, 80) } else { (80, 70) };
+    assert_eq!(both, piece(w));
+    assert_eq!(first(json!({ w.to_string(): -100, other.to_string(): 100 })), piece(other));
+
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "boolean"}},
+        "required": ["n", "b"], "additionalProperties": false});
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "t", "strict": true, "schema": schema}});
+    let r = s.post_json(c, &body(json!({"n": 8, "max_tokens": 60, "response_format": rf}))).json();
+    for i in 0..8 {
+        let t = text(&r, i);
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("choice {i}: {t:?} is not JSON: {e}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 2, "{t}");
+        assert!(o["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)) && o["b"].is_boolean(), "{t}");
+        assert_eq!(r["choices"][i]["finish_reason"], "stop", "{t}");
+    }
 }

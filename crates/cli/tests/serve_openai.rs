@@ -1,8 +1,11 @@
 //! `iapt serve` with the official `openai` Python package (`crates/cli/tests/openai/openai_client.py`,
 //! installed by `scripts/setup` into `.venv`, the version pinned in `tests/openai/requirements.txt`):
 //! models with `parent`, completions and chat, streamed and not, select the adapter or the base by
-//! `model` and give the greedy text of `iapt run`; an unknown model, `n` = 2 and a wrong API key
-//! raise the client's own errors. A missing virtual environment fails this test (never a skip).
+//! `model` and give the greedy text of `iapt run`; an unknown model, `n` beyond the slots and a wrong
+//! API key raise the client's own errors. And issue 33's table on the demo model
+//! (`tests/openai/openai_table.py`): chat, `models.retrieve`, `n`, prompt arrays, `logit_bias`,
+//! `response_format`, `include_usage`, `/tokenize`, `max_completion_tokens`, and the parameters
+//! still refused. A missing virtual environment fails these tests (never a skip).
 
 mod support;
 
@@ -32,5 +35,43 @@ fn the_openai_python_client_selects_adapters_by_model() {
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "openai client failed:\n{out}\n{err}\nserver stderr:\n{}", s.stderr_text());
     assert!(out.contains("all checks passed"), "{out}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn the_openai_client_runs_issue_33s_table_on_the_demo_model() {
+    let python = repo().join(".venv/bin/python");
+    assert!(python.is_file(), "{}: missing; run `bash scripts/setup` (it installs the pinned openai package)", python.display());
+    let assets = repo().join("converters/python/demo/assets");
+    let a = format!("reverse={}", assets.join("adapter.iapt.gguf").display());
+    let model = assets.join("base-q4_k_m.gguf");
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &a,
+        "--api-key",
+        "sk-test",
+        "--parallel",
+        "4",
+        "--ctx-size",
+        "2048",
+        "--threads",
+        "1",
+    ];
+    let s = Server::start(&args);
+    let held = std::fs::read_to_string(assets.join("held_out.jsonl")).unwrap();
+    let instructions: Vec<String> = held
+        .lines()
+        .take(2)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["instruction"].as_str().unwrap().to_owned())
+        .collect();
+    let cfg =
+        json!({"base_url": s.url("/v1"), "api_key": "sk-test", "base": "base-q4_k_m", "adapter": "reverse", "instructions": instructions});
+    let script = repo().join("crates/cli/tests/openai/openai_table.py");
+    let o = Command::new(&python).arg(&script).arg(cfg.to_string()).output().expect("run python");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "openai table failed:\n{out}\n{err}\nserver stderr:\n{}", s.stderr_text());
+    assert!(out.contains("all 10 rows passed"), "{out}");
     assert!(s.stop().success());
 }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use iapt_format::Adapter;
 use iapt_generator_cuda::GpuRuntime;
-use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType, Model, SamplerChain, Token};
+use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType, Model, SamplerChain, SamplerSettings, Token};
 
+use crate::constraint::{Constraint, Vocab};
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
 use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
@@ -125,6 +126,10 @@ struct Pending {
     req: Request,
     gen: Option<Resident>,
     chain: SamplerChain,
+    /// Choices 1.. ([`Request::n`]): their ids and sampler chains.
+    forks: Vec<(SeqId, SamplerChain)>,
+    /// The structured-output matcher ([`Request::structured`]), copied for each choice.
+    constraint: Option<Constraint>,
 }
 
 /// A running sequence in its slot.
@@ -156,6 +161,12 @@ struct Seq {
     decode_time: Duration,
     /// Admission order (prefill chunks are scheduled oldest first).
     admitted: u64,
+    /// The slots of the choices waiting for this sequence's prefill ([`Request::n`]).
+    forks: Vec<usize>,
+    /// A choice waiting for another slot's prefill: it takes no part in a step until then.
+    waits: bool,
+    /// Its structured-output matcher.
+    constraint: Option<Constraint>,
 }
 
 /// What one step put in the batch for one slot.
@@ -182,6 +193,8 @@ pub struct Engine<'m> {
     stats: EngineStats,
     /// Steps that decoded something (or tried to), for the failpoints (`crate::fault`).
     step_no: u64,
+    /// The vocabulary indexed for structured output, on the first request that asks for it.
+    vocab: Option<Vocab>,
 }
 
 impl<'m> Engine<'m> {
@@ -213,6 +226,7 @@ impl<'m> Engine<'m> {
             admitted: 0,
             stats: EngineStats::default(),
             step_no: 0,
+            vocab: None,
             cfg,
         })
     }
@@ -340,77 +354,130 @@ impl<'m> Engine<'m> {
         if req.stop.iter().any(String::is_empty) {
             return Err(EngineError::EmptyStop);
         }
-        let mut chain = SamplerChain::new(n_vocab, &req.sampling)?;
+        if req.n == 0 || req.n > self.cfg.parallel {
+            return Err(EngineError::TooManyChoices { n: req.n, parallel: self.cfg.parallel });
+        }
         if self.queue.len() >= self.cfg.queue_capacity {
             return Err(EngineError::QueueFull { capacity: self.cfg.queue_capacity });
         }
-        // As llama-server does: the penalties see the prompt.
-        for &t in &req.prompt {
-            chain.accept(t)?;
-        }
+        let mut chains = (0..req.n)
+            .map(|i| {
+                let settings = SamplerSettings { seed: req.sampling.seed.wrapping_add(i as u32), ..req.sampling.clone() };
+                let mut chain = SamplerChain::new(n_vocab, &settings)?;
+                // As llama-server does: the penalties see the prompt.
+                for &t in &req.prompt {
+                    chain.accept(t)?;
+                }
+                Ok(chain)
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let constraint = match &req.structured {
+            Some(what) => {
+                if self.vocab.is_none() {
+                    self.vocab = Some(Vocab::new(self.model)?);
+                }
+                Some(self.vocab.as_ref().expect("indexed above").matcher(what)?)
+            }
+            None => None,
+        };
         let id = SeqId(self.next_id);
-        self.next_id += 1;
-        self.queue.push_back(Pending { id, req, gen, chain });
+        self.next_id += req.n as u64;
+        let forks = chains.drain(1..).enumerate().map(|(i, c)| (SeqId(id.0 + 1 + i as u64), c)).collect();
+        let chain = chains.pop().expect("n >= 1 chains");
+        self.queue.push_back(Pending { id, req, gen, chain, forks, constraint });
         Ok(id)
     }
 
     /// Cancels a queued or running request: it is dropped and its KV cells are freed at once. No
     /// event follows. `false` when the id is not queued or running (already finished, unknown).
+    /// Choices share their first choice's prefill: cancelling a queued request, or a first choice
+    /// still in prefill, cancels the choices waiting for it too.
     pub fn cancel(&mut self, id: SeqId) -> bool {
-        if let Some(i) = self.queue.iter().position(|p| p.id == id) {
-            self.queue.remove(i);
+        if let Some(i) = self.queue.iter().position(|p| p.id == id || p.forks.iter().any(|(f, _)| *f == id)) {
+            let p = &mut self.queue[i];
+            if p.id == id {
+                self.queue.remove(i);
+            } else {
+                // The first choice keeps its place; one waiting choice fewer.
+                p.forks.retain(|(f, _)| *f != id);
+            }
             return true;
         }
         match self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id)) {
             Some(slot) => {
-                self.free(slot);
+                let forks = self.free(slot).map(|s| s.forks).unwrap_or_default();
+                for f in forks {
+                    self.free(f);
+                }
                 true
             }
             None => false,
         }
     }
 
-    /// Empties slot `slot` and frees its KV cells.
+    /// Empties slot `slot` and frees its KV cells; a choice waiting for it is told to stop waiting
+    /// for it (see [`Engine::fail`] for the choices of a failed prefill).
     fn free(&mut self, slot: usize) -> Option<Seq> {
         self.ctx.seq_rm(slot as i32);
-        self.slots[slot].take()
+        let s = self.slots[slot].take()?;
+        for p in self.slots.iter_mut().flatten() {
+            p.forks.retain(|&f| f != slot);
+        }
+        Some(s)
     }
 
-    /// Moves queued requests into free slots; a request whose pooling state cannot be made (device
-    /// memory) fails.
+    /// Moves queued requests into free slots, oldest first (a request of n choices waits until n
+    /// slots are free); a request whose pooling state cannot be made (device memory) fails.
     fn admit(&mut self) -> Vec<Event> {
         let mut failed = Vec::new();
-        while let Some(slot) = self.slots.iter().position(Option::is_none) {
+        loop {
+            let free: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| i).collect();
+            match self.queue.front() {
+                Some(p) if p.forks.len() < free.len() => {}
+                _ => break,
+            }
             let Some(p) = self.queue.pop_front() else { break };
             let n_soft = p.gen.as_ref().map_or(0, |g| g.n_soft_tokens());
             let prefill = match p.gen.as_ref().map(|g| g.begin(p.req.prompt.len())).transpose() {
                 Ok(prefill) => prefill,
                 Err(error) => {
+                    let detail = error.to_string();
                     failed.push(Event { id: p.id, kind: EventKind::Failed(error) });
+                    let shared = |id| Event { id, kind: EventKind::Failed(EngineError::SharedPrefillFailed { detail: detail.clone() }) };
+                    failed.extend(p.forks.iter().map(|(id, _)| shared(*id)));
                     continue;
                 }
             };
             self.admitted += 1;
-            self.slots[slot] = Some(Seq {
-                id: p.id,
+            let seq = |id, chain, prefill, constraint, req: &Request, admitted| Seq {
+                id,
                 n_soft,
-                total: p.req.prompt.len() + n_soft,
+                total: req.prompt.len() + n_soft,
                 done: 0,
                 prefill,
                 next: None,
-                chain: p.chain,
-                stop: StopMatcher::new(&p.req.stop),
+                chain,
+                stop: StopMatcher::new(&req.stop),
                 generated: 0,
-                max_tokens: p.req.max_tokens,
-                stop_at_eog: p.req.stop_at_eog,
-                logprobs: p.req.logprobs,
-                keep_logits: p.req.logits,
-                adapter: p.req.adapter.clone(),
+                max_tokens: req.max_tokens,
+                stop_at_eog: req.stop_at_eog,
+                logprobs: req.logprobs,
+                keep_logits: req.logits,
+                adapter: req.adapter.clone(),
                 prefill_time: Duration::ZERO,
                 decode_time: Duration::ZERO,
-                admitted: self.admitted,
-                prompt: p.req.prompt,
-            });
+                admitted,
+                prompt: req.prompt.clone(),
+                forks: Vec::new(),
+                waits: false,
+                constraint,
+            };
+            let fork_slots = free[1..1 + p.forks.len()].to_vec();
+            for ((id, chain), &slot) in p.forks.into_iter().zip(&fork_slots) {
+                let constraint = p.constraint.as_ref().map(Constraint::fork);
+                self.slots[slot] = Some(Seq { waits: true, ..seq(id, chain, None, constraint, &p.req, self.admitted) });
+            }
+            self.slots[free[0]] = Some(Seq { forks: fork_slots, ..seq(p.id, p.chain, prefill, p.constraint, &p.req, self.admitted) });
         }
         failed
     }
@@ -529,8 +596,12 @@ impl<'m> Engine<'m> {
                 plan.push(Planned { slot, rows: 1, out_row: Some(self.batch.len() - 1) });
             }
         }
-        let mut order: Vec<(u64, usize)> =
-            self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().filter(|s| s.done < s.total).map(|s| (s.admitted, i))).collect();
+        let mut order: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|s| s.done < s.total && !s.waits).map(|s| (s.admitted, i)))
+            .collect();
         order.sort_unstable();
         for (_, slot) in order {
             let budget = self.cfg.batch_tokens - self.batch.len();
@@ -601,17 +672,35 @@ impl<'m> Engine<'m> {
     }
 
     /// After a successful decode: moves the slot's positions on and samples where it has logits.
+    /// A prefill that ends hands its KV cells to the choices waiting for it, which draw their first
+    /// token from the same logits row.
     fn advance(&mut self, p: &Planned) -> Vec<Event> {
         let Some(s) = self.slots[p.slot].as_mut() else { return Vec::new() };
         s.done += p.rows;
         s.next = None;
+        let mut forks = Vec::new();
         if s.done >= s.total {
             s.prefill = None;
+            forks = std::mem::take(&mut s.forks);
         }
-        match p.out_row {
-            Some(row) => self.sample(p.slot, row),
-            None => Vec::new(),
+        let (done, prefill_time) = (s.done, s.prefill_time);
+        let Some(row) = p.out_row else { return Vec::new() };
+        let mut events = Vec::new();
+        for f in forks {
+            if !self.ctx.seq_cp(p.slot as i32, f as i32) {
+                let detail = format!("llama.cpp could not copy sequence {} to {f}", p.slot);
+                events.extend(self.fail(f, EngineError::SharedPrefillFailed { detail }));
+                continue;
+            }
+            if let Some(c) = self.slots[f].as_mut() {
+                c.waits = false;
+                c.done = done;
+                c.prefill_time = prefill_time;
+            }
+            events.extend(self.sample(f, row));
         }
+        events.extend(self.sample(p.slot, row));
+        events
     }
 
     /// Samples slot `slot`'s next token from batch row `row` and applies the stop rules.
@@ -621,12 +710,27 @@ impl<'m> Engine<'m> {
         let Some(logits) = self.ctx.logits(row) else {
             return self.fail(slot, EngineError::DecodeFailed { detail: format!("no logits for batch row {row}") });
         };
-        let token = match s.chain.sample(logits) {
+        let drawn = match s.constraint.as_mut() {
+            None => s.chain.sample(logits),
+            Some(c) => match c.masked(logits) {
+                Ok(masked) => s.chain.sample(&masked),
+                Err(detail) => return self.fail(slot, EngineError::Constraint { detail }),
+            },
+        };
+        let token = match drawn {
             Ok(Some(t)) => t,
             Ok(None) => return self.fail(slot, EngineError::NothingSampled),
             Err(e) => return self.fail(slot, EngineError::Llama(e)),
         };
-        if s.stop_at_eog && self.model.is_eog(token) {
+        // A complete document takes no more tokens: the one drawn then is end-of-sequence.
+        if let Some(c) = s.constraint.as_mut().filter(|c| !c.is_done()) {
+            if let Err(detail) = c.accept(token) {
+                return self.fail(slot, EngineError::Constraint { detail });
+            }
+        }
+        // A complete document ends the answer, whatever `stop_at_eog` says.
+        let document_done = s.constraint.as_ref().is_some_and(Constraint::is_done);
+        if (s.stop_at_eog || document_done) && self.model.is_eog(token) {
             // Bytes held back as a possible start of a stop string are output after all.
             let tail = s.stop.flush();
             return self.finish(slot, FinishReason::Eog, tail);
@@ -670,11 +774,18 @@ impl<'m> Engine<'m> {
         vec![Event { id: s.id, kind: EventKind::Done(done) }]
     }
 
+    /// Fails slot `slot`'s sequence, and the choices waiting for its prefill
+    /// ([`EngineError::SharedPrefillFailed`]).
     fn fail(&mut self, slot: usize, error: EngineError) -> Vec<Event> {
-        match self.free(slot) {
-            Some(s) => vec![Event { id: s.id, kind: EventKind::Failed(error) }],
-            None => Vec::new(),
+        let Some(s) = self.free(slot) else { return Vec::new() };
+        let detail = error.to_string();
+        let mut events = vec![Event { id: s.id, kind: EventKind::Failed(error) }];
+        for f in s.forks {
+            if let Some(c) = self.free(f) {
+                events.push(Event { id: c.id, kind: EventKind::Failed(EngineError::SharedPrefillFailed { detail: detail.clone() }) });
+            }
         }
+        events
     }
 
     /// After a failed decode: the sequences that had prefill rows in it fail (the new input is what

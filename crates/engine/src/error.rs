@@ -97,6 +97,34 @@ pub enum EngineError {
         /// The limit.
         max: usize,
     },
+    /// More choices than the engine has sequence slots (they all run at once).
+    #[error("n = {n} choices need as many sequence slots at once; this engine runs {parallel} (--parallel)")]
+    TooManyChoices {
+        /// Choices asked for.
+        n: usize,
+        /// Sequence slots.
+        parallel: usize,
+    },
+    /// The prefill this choice shares with the request's first choice failed (the first choice
+    /// reports why).
+    #[error("the shared prefill failed: {detail}")]
+    SharedPrefillFailed {
+        /// The first choice's error.
+        detail: String,
+    },
+    /// The requested structure cannot be compiled (a schema that is not JSON, or that llguidance
+    /// does not support).
+    #[error("cannot constrain the output to this schema: {detail}")]
+    BadSchema {
+        /// Why.
+        detail: String,
+    },
+    /// The constrained decoder failed mid-answer (no token could continue the document).
+    #[error("structured output failed: {detail}")]
+    Constraint {
+        /// Why.
+        detail: String,
+    },
     /// A stop string is empty.
     #[error("stop strings must not be empty")]
     EmptyStop,

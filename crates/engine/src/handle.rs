@@ -100,6 +100,58 @@ impl EventSink for StreamSink {
 
 type Sink = Box<dyn EventSink>;
 
+/// The sinks of the requests in flight. A request of n choices ([`Request::n`]) has one sink for
+/// all of them: kept until every choice has ended, and when it stops listening every choice is
+/// cancelled.
+#[derive(Default)]
+struct Sinks {
+    /// By the request's first id: its sink and its choices not yet ended.
+    by_first: HashMap<SeqId, (Sink, Vec<SeqId>)>,
+    /// Each open choice's first id.
+    first_of: HashMap<SeqId, SeqId>,
+}
+
+impl Sinks {
+    fn insert(&mut self, first: SeqId, n: usize, sink: Sink) {
+        let ids: Vec<SeqId> = (0..n as u64).map(|i| SeqId(first.0 + i)).collect();
+        for &id in &ids {
+            self.first_of.insert(id, first);
+        }
+        self.by_first.insert(first, (sink, ids));
+    }
+
+    /// Removes the request `first` and returns its open choices (to cancel them).
+    fn remove(&mut self, first: SeqId) -> Vec<SeqId> {
+        let open = self.by_first.remove(&first).map(|(_, ids)| ids).unwrap_or_default();
+        for id in &open {
+            self.first_of.remove(id);
+        }
+        open
+    }
+
+    /// Delivers `ev`; `false` when nobody listens (the caller cancels the request's choices).
+    fn send(&mut self, ev: Event) -> bool {
+        let Some(&first) = self.first_of.get(&ev.id) else { return false };
+        let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
+        let Some((sink, open)) = self.by_first.get_mut(&first) else { return false };
+        let delivered = sink.send(ev);
+        if last {
+            open.retain(|&o| o != id);
+            self.first_of.remove(&id);
+            if open.is_empty() {
+                self.by_first.remove(&first);
+            }
+        }
+        delivered
+    }
+
+    /// The open choices of requests whose sink stopped listening (removed here).
+    fn dead(&mut self) -> Vec<SeqId> {
+        let gone: Vec<SeqId> = self.by_first.iter().filter(|(_, (sink, _))| !sink.is_alive()).map(|(&f, _)| f).collect();
+        gone.into_iter().flat_map(|f| self.remove(f)).collect()
+    }
+}
+
 /// A closure run with the model on the engine thread ([`EngineHandle::with_model`]).
 type ModelJob = Box<dyn FnOnce(&Model) + Send>;
 
@@ -269,7 +321,7 @@ impl EngineHandle {
         rx.recv().map_err(|_| EngineError::Stopped)
     }
 
-    /// Cancels a request (no effect when it has ended).
+    /// Cancels a request, every choice of it (no effect when it has ended).
     pub fn cancel(&self, id: SeqId) -> Result<(), EngineError> {
         self.send(Command::Cancel(id))
     }
@@ -373,7 +425,7 @@ fn run(
     if ready.send(Ok(engine.adapter_prep())).is_err() {
         return;
     }
-    let mut sinks: HashMap<SeqId, Sink> = HashMap::new();
+    let mut sinks = Sinks::default();
     loop {
         // Idle: sleep until a command comes. Busy: take what is there and step.
         if engine.is_idle() {
@@ -390,13 +442,9 @@ fn run(
             }
         }
         // Requests whose stream was dropped: cancelled before they take part in another step.
-        sinks.retain(|&id, sink| {
-            let alive = sink.is_alive();
-            if !alive {
-                engine.cancel(id);
-            }
-            alive
-        });
+        for id in sinks.dead() {
+            engine.cancel(id);
+        }
         clock.start();
         let stepped = catch_unwind(AssertUnwindSafe(|| engine.step()));
         clock.stop();
@@ -406,43 +454,51 @@ fn run(
                 // A bug: fail every request in flight, say why, and stop (the state is not trusted).
                 let why = format!("the engine panicked: {}", panic_text(p.as_ref()));
                 *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-                for (id, mut sink) in sinks.drain() {
-                    sink.send(Event { id, kind: EventKind::Failed(EngineError::Panicked { detail: why.clone() }) });
+                for (_, (mut sink, open)) in sinks.by_first.drain() {
+                    for id in open {
+                        sink.send(Event { id, kind: EventKind::Failed(EngineError::Panicked { detail: why.clone() }) });
+                    }
                 }
                 return;
             }
         };
         for ev in events {
-            let (id, last) = (ev.id, !matches!(ev.kind, EventKind::Token(_)));
-            let delivered = sinks.get_mut(&id).is_some_and(|sink| sink.send(ev));
-            if !delivered && !last {
-                // The receiver is gone: the client does not want the rest.
-                engine.cancel(id);
-            }
-            if last || !delivered {
-                sinks.remove(&id);
+            let id = ev.id;
+            if !sinks.send(ev) {
+                // The receiver is gone: the client does not want the rest of any choice.
+                if let Some(&first) = sinks.first_of.get(&id) {
+                    for open in sinks.remove(first) {
+                        engine.cancel(open);
+                    }
+                }
             }
         }
     }
 }
 
-fn command(engine: &mut Engine<'_>, sinks: &mut HashMap<SeqId, Sink>, c: Command) {
+fn command(engine: &mut Engine<'_>, sinks: &mut Sinks, c: Command) {
     match c {
         Command::Submit(req, events, reply) => {
+            let n = req.n;
             let r = engine.submit(*req);
             if let Ok(id) = r {
-                sinks.insert(id, events);
+                sinks.insert(id, n, events);
             }
             if let Err(Ok(id)) = reply.send(r).map_err(|e| e.0) {
                 // The caller gave up waiting: nobody will read the events.
-                engine.cancel(id);
-                sinks.remove(&id);
+                for open in sinks.remove(id) {
+                    engine.cancel(open);
+                }
             }
         }
         Command::WithModel(job) => job(engine.model()),
         Command::Cancel(id) => {
+            // The whole request, whichever of its choices is named.
+            let first = sinks.first_of.get(&id).copied().unwrap_or(id);
             engine.cancel(id);
-            sinks.remove(&id);
+            for open in sinks.remove(first) {
+                engine.cancel(open);
+            }
         }
         Command::Insert(name, resident, opts, reply) => {
             let _ = reply.send(engine.insert_adapter(&name, *resident, opts));

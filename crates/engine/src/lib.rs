@@ -60,6 +60,8 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod chat;
+mod constraint;
 mod engine;
 mod error;
 mod fault;
@@ -68,6 +70,8 @@ mod output;
 mod registry;
 mod request;
 
+pub use chat::{ChatError, ChatTemplate, Rendered};
+pub use constraint::Structured;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};

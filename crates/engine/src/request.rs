@@ -32,6 +32,15 @@ pub struct Request {
     /// Each token comes with the whole logits row it was drawn from ([`TokenOut::logits`]):
     /// for `iapt run --dump-logits` and parity tests.
     pub logits: bool,
+    /// Choices: sequences that share this request's prefill (>= 1). The prompt and the soft
+    /// tokens are decoded once; when that prefill ends its KV cells are copied to the other
+    /// choices' sequences (llama.cpp's `seq_cp`), and each draws from the same last logits row
+    /// with its own sampler chain, seeded `sampling.seed + i` for choice `i`. Choice `i` has the
+    /// id `SeqId(first.0 + i)`, where `first` is what [`crate::Engine::submit`] returns; every
+    /// choice ends with its own `Done` or `Failed` event.
+    pub n: usize,
+    /// Constrain the output to JSON ([`crate::Structured`]); `None`: free text.
+    pub structured: Option<crate::Structured>,
 }
 
 impl Request {
@@ -46,6 +55,8 @@ impl Request {
             stop_at_eog: true,
             logprobs: None,
             logits: false,
+            n: 1,
+            structured: None,
         }
     }
 

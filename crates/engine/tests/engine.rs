@@ -755,3 +755,147 @@ fn resident_set_evicts_least_recently_used_and_never_a_prefill_or_a_pin() {
     assert_eq!(rep.info.n_soft_tokens, 1);
     assert_eq!(names(&e), vec!["a1", "a2"]);
 }
+
+/// `Request::n`: the choices share one prefill (its rows are decoded once) and each equals the
+/// same request alone with its own seed (`seed + i`), with an adapter and without, over one KV
+/// stream per sequence and over a unified cache, next to an unrelated request.
+fn choices_share_one_prefill(arch: &str, kv_unified: bool) {
+    let m = model(arch);
+    let ads = adapters(arch, &m);
+    let ps = prompts(arch);
+    for adapter in [Some("a0"), None] {
+        let mut req = greedy(&ps[0], adapter, 8);
+        req.sampling = SamplerSettings { temperature: 1.0, seed: 7, ..Default::default() };
+        req.n = 4;
+        let other = greedy(&ps[1], Some("a2"), 6);
+        let mut e = engine(&m, &ads, EngineConfig { kv_unified, ..exact(6, 64, 32) });
+        let first = e.submit(req.clone()).unwrap();
+        let other_id = e.submit(other.clone()).unwrap();
+        let out = run_all(&mut e);
+        let n_soft = out[&first].done.as_ref().map_or(0, |d| d.n_soft);
+        let other_rows = other.prompt.len() + ads[2].1.config().n_soft_tokens as usize;
+        assert_eq!(e.stats().prefill_rows as usize, req.prompt.len() + n_soft + other_rows, "{arch}: the shared prompt decoded once");
+        let mut seen = Vec::new();
+        for i in 0..4u64 {
+            let got = &out[&SeqId(first.0 + i)];
+            assert!(got.error.is_none(), "{arch} choice {i}: {:?}", got.error);
+            let mut alone_req = req.clone();
+            alone_req.n = 1;
+            alone_req.sampling.seed = 7 + i as u32;
+            let want = alone(&m, &ads, &alone_req);
+            assert_eq!(got.ids(), want.ids(), "{arch} {adapter:?} unified={kv_unified} choice {i} vs alone with seed {}", 7 + i);
+            assert_eq!(got.ending(), want.ending(), "{arch} choice {i}");
+            seen.push(got.ids());
+        }
+        assert!(seen.iter().any(|s| *s != seen[0]), "{arch}: seeded choices differ ({seen:?})");
+        assert_eq!(out[&other_id].ids(), alone(&m, &ads, &other).ids(), "{arch}: the request beside them");
+        assert_eq!(e.cells_in_use(), 0, "every cell freed");
+    }
+}
+
+#[test]
+fn choices_share_one_prefill_llama() {
+    choices_share_one_prefill("llama", false);
+}
+
+#[test]
+fn choices_share_one_prefill_qwen2_unified_kv() {
+    choices_share_one_prefill("qwen2", true);
+}
+
+#[test]
+fn choices_are_bounded_by_the_slots_and_cancelled_together_with_a_prefill() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let mut e = engine(&m, &ads, exact(3, 4, 4));
+    let mut req = greedy(&prompts("llama")[0], Some("a0"), 4);
+    req.n = 4;
+    assert!(matches!(e.submit(req.clone()), Err(EngineError::TooManyChoices { n: 4, parallel: 3 })));
+    req.n = 3;
+    let first = e.submit(req).unwrap();
+    // The prompt is longer than one step's 4 tokens: after one step the first choice is still in
+    // prefill, and cancelling it takes the two choices waiting for it along.
+    let events = e.step();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(e.running(), 3);
+    assert!(e.cancel(first));
+    assert_eq!((e.running(), e.cells_in_use()), (0, 0));
+}
+
+/// Structured output: 50 answers drawn at temperature 1 (5 requests of 10 choices, with and
+/// without an adapter) on a random model all parse as JSON and satisfy the schema, checked here
+/// field by field; `json_object` gives an object; a schema llguidance cannot compile is refused at
+/// submit.
+#[test]
+fn structured_output_always_satisfies_the_schema() {
+    use iapt_engine::Structured;
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "kind": {"enum": ["cat", "dog", "bird"]},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["name", "age", "kind", "ok"],
+        "additionalProperties": false
+    });
+    let valid = |v: &serde_json::Value| -> Result<(), String> {
+        let o = v.as_object().ok_or("not an object")?;
+        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        if keys != ["age", "kind", "name", "ok"] {
+            return Err(format!("keys {keys:?}"));
+        }
+        let name = o["name"].as_str().ok_or("name is not a string")?;
+        if name.chars().count() > 6 {
+            return Err("name too long".into());
+        }
+        let age = o["age"].as_i64().ok_or("age is not an integer")?;
+        if !(0..=150).contains(&age) {
+            return Err(format!("age {age}"));
+        }
+        if !["cat", "dog", "bird"].contains(&o["kind"].as_str().ok_or("kind is not a string")?) {
+            return Err("kind".into());
+        }
+        o["ok"].as_bool().ok_or("ok is not a boolean")?;
+        Ok(())
+    };
+    let cfg = EngineConfig { seq_ctx: 256, ..exact(10, 256, 64) };
+    let mut e = engine(&m, &ads, cfg);
+    let mut firsts = Vec::new();
+    for r in 0..5u32 {
+        let mut req = greedy(&prompts("llama")[r as usize % 3], if r % 2 == 0 { Some("a0") } else { None }, 160);
+        req.stop_at_eog = true;
+        req.sampling = SamplerSettings { temperature: 1.0, seed: 100 * r, ..Default::default() };
+        req.n = 10;
+        req.structured = Some(Structured::JsonSchema(schema.to_string()));
+        firsts.push(e.submit(req).unwrap());
+    }
+    let out = run_all(&mut e);
+    let mut answers = 0;
+    for first in firsts {
+        for i in 0..10 {
+            let got = &out[&SeqId(first.0 + i)];
+            assert!(got.error.is_none(), "{:?}", got.error);
+            assert_eq!(got.done.as_ref().unwrap().reason, FinishReason::Eog, "the document ended, not the budget");
+            let text = String::from_utf8(got.text()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+            valid(&v).unwrap_or_else(|e| panic!("{text}: {e}"));
+            answers += 1;
+        }
+    }
+    assert_eq!(answers, 50);
+    let mut req = greedy(&prompts("llama")[1], None, 100);
+    req.stop_at_eog = true;
+    req.structured = Some(Structured::JsonObject);
+    let id = e.submit(req.clone()).unwrap();
+    let text = String::from_utf8(run_all(&mut e)[&id].text()).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| panic!("{text:?}: {e}")).is_object(), "{text}");
+    req.structured = Some(Structured::JsonSchema("{\"type\": ".to_owned()));
+    assert!(matches!(e.submit(req.clone()), Err(EngineError::BadSchema { .. })));
+    req.structured = Some(Structured::JsonSchema(r#"{"type": "no-such-type"}"#.to_owned()));
+    assert!(matches!(e.submit(req), Err(EngineError::BadSchema { .. })));
+}

@@ -521,6 +521,16 @@ impl Model {
         unsafe { sys::llama_vocab_get_add_bos(self.vocab.as_ptr()) }
     }
 
+    /// Whether `token` is a control token (BOS, EOS, `<|im_start|>`, ...: llama.cpp's
+    /// `LLAMA_TOKEN_ATTR_CONTROL`), which text never spells.
+    pub fn is_control(&self, token: Token) -> bool {
+        // SAFETY: the vocab pointer is valid for the model's lifetime and the token id is checked to
+        // be in range before the call (short-circuit).
+        token >= 0
+            && (token as usize) < self.n_vocab()
+            && unsafe { sys::llama_vocab_get_attr(self.vocab.as_ptr(), token) } & sys::LLAMA_TOKEN_ATTR_CONTROL != 0
+    }
+
     /// Whether `token` ends generation (EOS, EOT, ...).
     pub fn is_eog(&self, token: Token) -> bool {
         // SAFETY: the vocab pointer is valid for the model's lifetime and the token id is checked to
@@ -573,8 +583,19 @@ impl Model {
         LlamaError::Unencodable { character: found.map(|(_, c)| c), byte_offset: found.map(|(i, _)| i) }
     }
 
-    /// The bytes of one token's text (special tokens rendered as their text).
+    /// The bytes of one token's text as output text (control tokens such as BOS or `<|im_end|>`
+    /// give none, as in llama.cpp's detokenizer).
     pub fn token_bytes(&self, token: Token) -> Vec<u8> {
+        self.piece(token, false)
+    }
+
+    /// The bytes of one token's text, control tokens spelled out (`<s>`, `<|im_end|>`): what a
+    /// chat template writes for `bos_token`.
+    pub fn token_text(&self, token: Token) -> Vec<u8> {
+        self.piece(token, true)
+    }
+
+    fn piece(&self, token: Token, special: bool) -> Vec<u8> {
         let mut buf = vec![0u8; 64];
         for _ in 0..2 {
             let n = if token < 0 || token as usize >= self.n_vocab() {
@@ -583,7 +604,7 @@ impl Model {
                 // SAFETY: the vocab is valid; the token is in range (checked above); `buf` is writable
                 // for its length, which the shim passes.
                 // A piece llama.cpp cannot render (it threw) has no text.
-                unsafe { shim::token_to_piece(self.vocab.as_ptr(), token, &mut buf) }.unwrap_or_default()
+                unsafe { shim::token_to_piece(self.vocab.as_ptr(), token, special, &mut buf) }.unwrap_or_default()
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -617,36 +638,72 @@ impl Model {
     /// (llama.cpp's `llama_chat_apply_template`, the function llama-server uses for templates it
     /// recognises), followed by the assistant prefix.
     pub fn apply_chat_messages(&self, messages: &[(&str, &str)]) -> Result<String, LlamaError> {
-        let bad = |detail: &str| LlamaError::ChatTemplate { detail: detail.to_owned() };
-        let tmpl = self.chat_template().ok_or_else(|| bad("the model has no chat template"))?;
-        let ctmpl = CString::new(tmpl).map_err(|_| bad("template contains NUL"))?;
-        let mut owned = Vec::with_capacity(messages.len());
-        for (role, content) in messages {
-            let role = CString::new(*role).map_err(|_| bad("a role contains NUL"))?;
-            let content = CString::new(*content).map_err(|_| bad("a message contains NUL"))?;
-            owned.push((role, content));
-        }
-        let msgs: Vec<sys::llama_chat_message> =
-            owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
-        let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
-        let mut buf = vec![0u8; total * 2 + 256];
-        for _ in 0..2 {
-            // SAFETY: `ctmpl` and every role and content string in `owned` are NUL-terminated and
-            // alive across the call; `msgs` holds `msgs.len()` messages pointing into them; `buf` is
-            // writable for its length, which the shim passes.
-            let n = unsafe { shim::chat_apply_template(ctmpl.as_ptr(), msgs.as_ptr(), msgs.len(), &mut buf) }
-                .map_err(|e| bad(&e.to_string()))?;
-            if n < 0 {
-                return Err(bad("llama.cpp does not support this model's chat template"));
-            }
-            let n = n as usize;
-            if n <= buf.len() {
-                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            buf.resize(n + 1, 0);
-        }
-        Err(bad("template output changed size"))
+        let tmpl = self.chat_template().ok_or_else(|| LlamaError::ChatTemplate { detail: "the model has no chat template".to_owned() })?;
+        apply_chat_template_named(&tmpl, messages)
     }
+
+    /// The beginning-of-sequence token, if the vocabulary has one.
+    pub fn bos(&self) -> Option<Token> {
+        // SAFETY: the vocab pointer is valid for the model's lifetime.
+        let t = unsafe { sys::llama_vocab_bos(self.vocab.as_ptr()) };
+        (t >= 0).then_some(t)
+    }
+
+    /// The end-of-sequence token, if the vocabulary has one.
+    pub fn eos(&self) -> Option<Token> {
+        // SAFETY: the vocab pointer is valid for the model's lifetime.
+        let t = unsafe { sys::llama_vocab_eos(self.vocab.as_ptr()) };
+        (t >= 0).then_some(t)
+    }
+}
+
+/// The names of llama.cpp's built-in chat templates (`chatml`, `llama3`, `gemma`, ...), each of which
+/// [`apply_chat_template_named`] accepts in place of a template's text.
+pub fn builtin_chat_templates() -> Vec<String> {
+    // SAFETY: a null output with length 0 only asks for the count.
+    let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
+    let mut names = vec![std::ptr::null::<std::ffi::c_char>(); n.max(0) as usize];
+    // SAFETY: `names` is writable for `names.len()` pointers; llama.cpp fills them with pointers to
+    // static NUL-terminated strings.
+    let m = unsafe { sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    names.truncate(m.max(0) as usize);
+    // SAFETY: each pointer llama.cpp wrote is a static NUL-terminated string.
+    names.into_iter().filter(|p| !p.is_null()).map(|p| unsafe { c_string(p) }).collect()
+}
+
+/// Formats `(role, content)` messages with a chat template that llama.cpp knows: one of
+/// [`builtin_chat_templates`] by name, or a template text it recognises (llama.cpp matches the
+/// text against its built-in formats), followed by the assistant prefix. A template it does not
+/// recognise is [`LlamaError::ChatTemplate`].
+pub fn apply_chat_template_named(template: &str, messages: &[(&str, &str)]) -> Result<String, LlamaError> {
+    let bad = |detail: &str| LlamaError::ChatTemplate { detail: detail.to_owned() };
+    let ctmpl = CString::new(template).map_err(|_| bad("template contains NUL"))?;
+    let mut owned = Vec::with_capacity(messages.len());
+    for (role, content) in messages {
+        let role = CString::new(*role).map_err(|_| bad("a role contains NUL"))?;
+        let content = CString::new(*content).map_err(|_| bad("a message contains NUL"))?;
+        owned.push((role, content));
+    }
+    let msgs: Vec<sys::llama_chat_message> =
+        owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+    let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+    let mut buf = vec![0u8; total * 2 + 256];
+    for _ in 0..2 {
+        // SAFETY: `ctmpl` and every role and content string in `owned` are NUL-terminated and
+        // alive across the call; `msgs` holds `msgs.len()` messages pointing into them; `buf` is
+        // writable for its length, which the shim passes.
+        let n =
+            unsafe { shim::chat_apply_template(ctmpl.as_ptr(), msgs.as_ptr(), msgs.len(), &mut buf) }.map_err(|e| bad(&e.to_string()))?;
+        if n < 0 {
+            return Err(bad("llama.cpp does not support this chat template"));
+        }
+        let n = n as usize;
+        if n <= buf.len() {
+            return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        buf.resize(n + 1, 0);
+    }
+    Err(bad("template output changed size"))
 }
 
 impl Drop for Model {

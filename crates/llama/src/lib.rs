@@ -43,9 +43,9 @@ pub use error::{LlamaError, NodeError};
 pub use ffi::heap::release_freed_heap_memory;
 pub use ffi::SamplerChain;
 pub use ffi::{
-    add_rpc_workers, devices, gguf_probe, init, install_abort_exit, quantize, rpc_worker_serve, set_verbose, supports_gpu_offload, Batch,
-    Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv, GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams,
-    NodeData, NodeInfo, Quant, RpcEndpoint, Token,
+    add_rpc_workers, apply_chat_template_named, builtin_chat_templates, devices, gguf_probe, init, install_abort_exit, quantize,
+    rpc_worker_serve, set_verbose, supports_gpu_offload, Batch, Context, ContextParams, Device, DeviceKind, EvalCallback, GgufKv,
+    GgufSummary, GgufTensorInfo, GgufValue, KvType, Model, ModelParams, NodeData, NodeInfo, Quant, RpcEndpoint, Token,
 };
 /// The GPU generator's runtime, re-exported for callers that choose where the generators run.
 pub use iapt_generator_cuda::{GpuAdapter, GpuError, GpuRuntime};

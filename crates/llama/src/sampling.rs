@@ -2,7 +2,7 @@
 //! rules they must follow, checked before any value reaches llama.cpp.
 
 /// The settings of one request's sampler chain, in llama.cpp's terms (the names of `llama-cli`'s
-/// options). The chain is: penalties, top-k, top-p, min-p, temperature, then a seeded draw; with
+/// options). The chain is: logit bias, penalties, top-k, top-p, min-p, temperature, then a seeded draw; with
 /// `temperature == 0` it is penalties then greedy (the first most likely token).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplerSettings {
@@ -24,6 +24,10 @@ pub struct SamplerSettings {
     pub penalty_last_n: i32,
     /// Seed of the draw.
     pub seed: u32,
+    /// Added to the logits of these tokens before every other stage (OpenAI's `logit_bias`,
+    /// llama.cpp's `--logit-bias`); biases finite, ids checked against the vocabulary by
+    /// [`crate::SamplerChain::new`].
+    pub logit_bias: Vec<(crate::Token, f32)>,
 }
 
 impl Default for SamplerSettings {
@@ -39,6 +43,7 @@ impl Default for SamplerSettings {
             frequency_penalty: 0.0,
             penalty_last_n: 64,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -96,6 +101,9 @@ impl SamplerSettings {
         }
         if self.penalty_last_n < 0 {
             return bad("penalty_last_n", &self.penalty_last_n, ">= 0 (0 disables the penalties)");
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(t, b)| *t < 0 || !b.is_finite()) {
+            return bad("logit_bias", &format!("{t}: {b}"), "token ids >= 0 with finite biases");
         }
         Ok(())
     }

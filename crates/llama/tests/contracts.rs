@@ -143,7 +143,16 @@ fn chat_messages_keep_every_message_in_order() {
     assert!(at("alpha") < at("gamma"), "{text:?}");
     assert!(matches!(m.apply_chat_messages(&[("user", "a\0b")]), Err(LlamaError::ChatTemplate { .. })));
     let demo = Model::load(&fixtures().join("../../demo/assets/base-q4_k_m.gguf")).expect("demo model");
-    assert!(matches!(demo.apply_chat_messages(&[("user", "x")]), Err(LlamaError::ChatTemplate { .. })), "the demo model has no template");
+    assert!(demo.chat_template().is_some_and(|t| t.contains("raise_exception")), "the demo model ships a Jinja template");
+    assert!(
+        matches!(demo.apply_chat_messages(&[("user", "x")]), Err(LlamaError::ChatTemplate { .. })),
+        "llama.cpp's built-in formats do not cover it (iapt-engine renders it with Jinja)"
+    );
+    let names = iapt_llama::builtin_chat_templates();
+    assert!(["chatml", "llama2", "llama3", "gemma"].iter().all(|n| names.iter().any(|m| m == n)), "{names:?}");
+    for n in &names {
+        assert!(iapt_llama::apply_chat_template_named(n, &[("user", "x")]).is_ok(), "built-in {n} applies");
+    }
 }
 
 /// Records the rows of every `embd` node (the token embeddings: layer 0's input), one entry per

@@ -1,17 +1,9 @@
-//! `POST /v1/chat/completions`: the messages are rendered with the base model's chat template, the
-//! generation prompt added, and the rendered text is the instruction (the adapter's soft tokens
-//! follow it). `max_tokens` defaults to the context the sequence has left.
-//!
-//! The template is applied by llama.cpp's own `llama_chat_apply_template`
-//! ([`iapt_llama::Model::apply_chat_messages`]), not by a Jinja engine such as `minijinja`:
-//! - it is the function `iapt run --chat` and `iapt batch --chat` already use, so a chat request
-//!   gives exactly the tokens, and so the text, of `iapt run --chat` with the same adapter;
-//! - it is llama.cpp's tested rendering of the templates it knows (it recognises the GGUF's
-//!   `tokenizer.chat_template` among its built-in formats: Llama 2/3, ChatML, Gemma, Phi, ...),
-//!   with no second implementation of Jinja semantics to drift from it, and no new dependency.
-//!
-//! The cost: a template llama.cpp does not recognise is refused (400 naming `messages`) where a Jinja
-//! engine might have rendered it; `/v1/completions` with a pre-rendered prompt still works then.
+//! `POST /v1/chat/completions`: the messages are rendered with the server's chat template
+//! (`--chat-template NAME|FILE`, else the GGUF's; [`iapt_engine::ChatTemplate`]: llama.cpp's own
+//! rendering for its built-in formats, Jinja otherwise), the generation prompt added, and the
+//! rendered text is the instruction (the adapter's soft tokens follow it). So a chat request gives
+//! exactly the tokens of `/v1/completions` on the rendered text, and of `iapt run --chat` with the
+//! same template and adapter. `max_tokens` defaults to the context the sequence has left.
 
 use std::sync::Arc;
 
@@ -22,7 +14,7 @@ use axum::response::Response;
 
 use crate::api;
 use crate::error::{body_bytes, ApiError};
-use crate::generate::{self, Fields, Input, Job};
+use crate::generate::{self, Fields, Input, Job, Started};
 use crate::respond::{respond, Shape};
 use crate::state::AppState;
 
@@ -49,7 +41,8 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     };
     let (stream, usage) = (common.stream, common.include_usage);
     let fields = Fields { prompt: "messages", logprobs: "top_logprobs" };
+    let mut started = Started::new(&st.metrics, &common.model);
     let job = Job { model: common.model.clone(), adapter, prompt, common, default_max: None, fields };
-    let started = crate::ondemand::start(st, &ready, job).await?;
-    respond(started, shape, ready, stream, usage).await
+    crate::ondemand::start(st, &ready, &mut started, job, 0).await?;
+    respond(started.sealed(), shape, ready, stream, usage).await
 }

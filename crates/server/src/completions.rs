@@ -1,6 +1,8 @@
-//! `POST /v1/completions`: the prompt (text, or token ids fed as given) is the whole instruction;
-//! the adapter `model` names adds its soft tokens after it. `max_tokens` defaults to 16, as
-//! OpenAI's does.
+//! `POST /v1/completions`: each prompt (text, or token ids fed as given) is a whole instruction;
+//! the adapter `model` names adds its soft tokens after it. A `prompt` array is a batch: one
+//! engine request per prompt, all running together, each with `n` choices that share its prefill;
+//! choice `j` of prompt `i` has index `i * n + j`, as in OpenAI's API. `max_tokens` defaults to
+//! 16, as OpenAI's does.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use axum::response::Response;
 
 use crate::api::{self, Prompt};
 use crate::error::{body_bytes, ApiError};
-use crate::generate::{self, Fields, Input, Job};
+use crate::generate::{self, Fields, Input, Job, Started};
 use crate::respond::{respond, Shape};
 use crate::state::AppState;
 
@@ -28,13 +30,16 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, body: Result<By
 
 async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let b = api::parse(&body_bytes(body)?)?;
-    let (common, prompt) = api::completion(&b)?;
+    let (common, prompts) = api::completion(&b)?;
     let ready = st.ready()?;
     let adapter = crate::ondemand::ensure(st, &ready, &common.model).await?;
-    let prompt = match prompt {
-        Prompt::Tokens(ids) => ids,
-        Prompt::Text(text) => generate::tokenize(&ready, Input::Text(text)).await?,
-    };
+    let mut tokenized = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        tokenized.push(match p {
+            Prompt::Tokens(ids) => ids,
+            Prompt::Text(text) => generate::tokenize(&ready, Input::Text(text)).await?,
+        });
+    }
     let shape = Shape {
         chat: false,
         id: format!("cmpl-{}", st.next_id()),
@@ -43,14 +48,17 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
         logprobs: common.logprobs.is_some(),
     };
     let (stream, usage) = (common.stream, common.include_usage);
-    let job = Job {
-        model: common.model.clone(),
-        adapter,
-        prompt,
-        common,
-        default_max: Some(DEFAULT_MAX_TOKENS),
-        fields: Fields { prompt: "prompt", logprobs: "logprobs" },
-    };
-    let started = crate::ondemand::start(st, &ready, job).await?;
-    respond(started, shape, ready, stream, usage).await
+    let mut started = Started::new(&st.metrics, &common.model);
+    for (i, prompt) in tokenized.into_iter().enumerate() {
+        let job = Job {
+            model: common.model.clone(),
+            adapter: adapter.clone(),
+            prompt,
+            common: common.clone(),
+            default_max: Some(DEFAULT_MAX_TOKENS),
+            fields: Fields { prompt: "prompt", logprobs: "logprobs" },
+        };
+        crate::ondemand::start(st, &ready, &mut started, job, i).await?;
+    }
+    respond(started.sealed(), shape, ready, stream, usage).await
 }

@@ -100,6 +100,10 @@ impl ApiError {
             EngineError::EmptyPrompt | EngineError::TokenOutOfVocab { .. } => ApiError::invalid(prompt_field, msg),
             EngineError::TooLong { .. } => ApiError::invalid(prompt_field, msg).with_code("context_length_exceeded"),
             EngineError::MaxTokensZero => ApiError::invalid("max_tokens", msg),
+            EngineError::TooManyChoices { .. } => ApiError::invalid("n", msg),
+            EngineError::BadSchema { .. } => ApiError::invalid("response_format", msg),
+            // The document could not be continued: the schema admits no answer from here.
+            EngineError::Constraint { .. } => ApiError::status(StatusCode::UNPROCESSABLE_ENTITY, msg).with_param("response_format"),
             EngineError::Sampling(s) => ApiError::invalid(s.field, msg),
             EngineError::TooManyLogprobs { .. } => ApiError::invalid(logprobs_field, msg),
             EngineError::EmptyStop => ApiError::invalid("stop", msg),
@@ -152,6 +156,9 @@ pub enum ServerError {
     /// The engine could not start (model, context, an adapter given on the command line).
     #[error("the engine could not start: {0}")]
     Engine(#[from] EngineError),
+    /// `--chat-template` cannot be used (not a built-in name nor a file, or a Jinja syntax error).
+    #[error("{0}")]
+    ChatTemplate(#[from] iapt_engine::ChatError),
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Io(#[from] std::io::Error),

@@ -3,11 +3,12 @@
 //! receiver, a client gone, cancels the sequence and frees its KV cells), timing tokens for the
 //! metrics, and turning token bytes into UTF-8 text (a character may span tokens).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use iapt_engine::{Event, EventKind, EventSink, FinishReason, Finished, Request, TokenOut};
-use iapt_llama::{LlamaError, Token};
+use iapt_engine::{Event, EventKind, EventSink, FinishReason, Finished, Request, SeqId, TokenOut};
+use iapt_llama::Token;
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -21,40 +22,81 @@ pub(crate) enum Input {
     /// Completion text: the model's tokenizer, BOS as the model says, special-token text kept as text
     /// (as `iapt run --prompt`).
     Text(String),
-    /// Chat messages: the model's chat template with the assistant prefix, then tokenized with its
-    /// special tokens parsed (as `iapt run --chat`).
+    /// Chat messages: the server's chat template ([`iapt_engine::ChatTemplate`]) with the assistant
+    /// prefix, then tokenized with its special tokens parsed (as `iapt run --chat`).
     Chat(Vec<(String, String)>),
 }
 
 /// Tokenizes `input` on the engine thread.
 pub(crate) async fn tokenize(ready: &Arc<Ready>, input: Input) -> Result<Vec<Token>, ApiError> {
+    let input = match input {
+        Input::Text(t) => Ok(t),
+        Input::Chat(msgs) => {
+            let template =
+                ready.chat.clone().map_err(|why| ApiError::invalid("messages", format!("{why}; or use /v1/completions with a prompt")))?;
+            Err((msgs, template))
+        }
+    };
     let r = ready.clone();
     let res = blocking(move || {
         r.engine.with_model(move |m| match input {
-            Input::Text(t) => m.tokenize(&t, true, false).map_err(|e| ("prompt", e)),
-            Input::Chat(msgs) => {
+            Ok(text) => m.tokenize(&text, true, false).map_err(|e| ("prompt", format!("cannot tokenize: {e}"))),
+            Err((msgs, template)) => {
                 let pairs: Vec<(&str, &str)> = msgs.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-                let text = m.apply_chat_messages(&pairs).map_err(|e| ("messages", e))?;
-                m.tokenize(&text, true, true).map_err(|e| ("messages", e))
+                let rendered =
+                    template.render(m, &pairs).map_err(|e| ("messages", format!("the chat template refuses these messages: {e}")))?;
+                m.tokenize(&rendered.text, rendered.add_special, true).map_err(|e| ("messages", format!("cannot tokenize: {e}")))
             }
         })
     })
     .await?;
     match res {
         Ok(Ok(tokens)) => Ok(tokens),
-        Ok(Err((field, LlamaError::ChatTemplate { detail }))) => {
-            Err(ApiError::invalid(field, format!("cannot apply the chat template: {detail}; use /v1/completions with a prompt")))
-        }
-        Ok(Err((field, e))) => Err(ApiError::invalid(field, format!("cannot tokenize: {e}"))),
+        Ok(Err((field, why))) => Err(ApiError::invalid(field, why)),
         Err(e) => Err(ApiError::from_engine(e, "prompt", "logprobs")),
     }
 }
 
-/// A submitted request: its events, and its place in the in-flight gauge until dropped.
+/// An HTTP request's generations: one engine request per prompt, each of `n` choices, all sending
+/// their events to one channel; its place in the in-flight gauge until dropped. Dropping it
+/// cancels every choice (the sinks see the channel closed).
 pub(crate) struct Started {
     pub events: UnboundedReceiver<Event>,
+    /// Each choice's index in the response (`prompt index * n + choice`), by sequence id.
+    pub choices: HashMap<SeqId, usize>,
+    /// Prompt tokens of every prompt (each counted once, whatever `n`).
     pub n_prompt: usize,
+    tx: Option<UnboundedSender<Event>>,
     _in_flight: InFlight,
+}
+
+impl Started {
+    /// No submission yet.
+    pub fn new(metrics: &Metrics, model: &str) -> Started {
+        let (tx, events) = unbounded_channel();
+        Started { events, choices: HashMap::new(), n_prompt: 0, tx: Some(tx), _in_flight: InFlight::new(metrics, model) }
+    }
+
+    /// Choices in the response.
+    pub fn n_choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    /// Submits `job` as prompt `index` of the request (its choices get indexes `index * n ..`).
+    pub async fn submit(&mut self, ready: &Arc<Ready>, metrics: &Metrics, job: Job, index: usize) -> Result<(), ApiError> {
+        let tx = self.tx.clone().ok_or_else(|| ApiError::unavailable("the request was closed"))?;
+        let (n, n_prompt) = (job.common.n, job.prompt.len());
+        let first = start(ready, metrics, job, tx).await?;
+        self.choices.extend((0..n).map(|j| (SeqId(first.0 + j as u64), index * n + j)));
+        self.n_prompt += n_prompt;
+        Ok(())
+    }
+
+    /// Every submission made: the channel closes once their sinks are gone.
+    pub fn sealed(mut self) -> Started {
+        self.tx = None;
+        self
+    }
 }
 
 /// Which fields the engine's errors are about, per endpoint.
@@ -78,8 +120,9 @@ pub(crate) struct Job {
     pub fields: Fields,
 }
 
-/// Submits `job`; the engine's refusals become client errors naming the field.
-pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job) -> Result<Started, ApiError> {
+/// Submits `job` with its events going to `tx`; the engine's refusals become client errors naming
+/// the field. Returns the first choice's id.
+pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job, tx: UnboundedSender<Event>) -> Result<SeqId, ApiError> {
     let room = ready.seq_ctx.saturating_sub(job.prompt.len() + ready.n_soft(job.adapter.as_deref())).max(1);
     let n_prompt = job.prompt.len();
     let c = &job.common;
@@ -90,15 +133,17 @@ pub(crate) async fn start(ready: &Arc<Ready>, metrics: &Metrics, job: Job) -> Re
         stop: c.stop.clone(),
         logprobs: c.logprobs,
         stop_at_eog: !c.ignore_eos,
+        n: c.n,
+        structured: c.structured.clone(),
         ..Request::new(job.prompt, 1)
     };
-    let (tx, events) = unbounded_channel();
     let sink = Box::new(TimedSink::new(metrics, &job.model, tx));
     let r = ready.clone();
     let fields = job.fields;
-    blocking(move || r.engine.submit_to(req, sink)).await?.map_err(|e| ApiError::from_engine(e, fields.prompt, fields.logprobs))?;
+    let first =
+        blocking(move || r.engine.submit_to(req, sink)).await?.map_err(|e| ApiError::from_engine(e, fields.prompt, fields.logprobs))?;
     metrics.prompt_tokens.with_label_values(&[&job.model]).inc_by(n_prompt as u64);
-    Ok(Started { events, n_prompt, _in_flight: InFlight::new(metrics, &job.model) })
+    Ok(first)
 }
 
 /// A request's sink on the engine thread: forwards events to the handler over an unbounded channel
@@ -112,7 +157,8 @@ struct TimedSink {
     itl: Histogram,
     out: IntCounter,
     t0: Instant,
-    last: Option<Instant>,
+    /// Each choice's last token time.
+    last: HashMap<SeqId, Instant>,
 }
 
 impl TimedSink {
@@ -125,7 +171,7 @@ impl TimedSink {
             itl: m.itl.with_label_values(&[model]),
             out: m.completion_tokens.with_label_values(&[model]),
             t0: Instant::now(),
-            last: None,
+            last: HashMap::new(),
         }
     }
 
@@ -139,11 +185,10 @@ impl EventSink for TimedSink {
         let outcome = match &ev.kind {
             EventKind::Token(_) => {
                 let now = Instant::now();
-                match self.last {
+                match self.last.insert(ev.id, now) {
                     None => self.ttft.observe((now - self.t0).as_secs_f64()),
                     Some(l) => self.itl.observe((now - l).as_secs_f64()),
                 }
-                self.last = Some(now);
                 self.out.inc();
                 None
             }
@@ -183,23 +228,31 @@ pub(crate) struct Output {
     pub done: Finished,
 }
 
-/// Waits for the end of `s`.
-pub(crate) async fn collect(mut s: Started) -> Result<Output, ApiError> {
-    let (mut bytes, mut tokens) = (Vec::new(), Vec::new());
-    while let Some(ev) = s.events.recv().await {
+/// Waits for the end of every choice of `s`: the outputs in choice order, or the first failure
+/// (the other choices are then cancelled with `s`).
+pub(crate) async fn collect(mut s: Started) -> Result<Vec<Output>, ApiError> {
+    let n = s.n_choices();
+    let mut partial: Vec<(Vec<u8>, Vec<TokenOut>)> = (0..n).map(|_| Default::default()).collect();
+    let mut outs: Vec<Option<Output>> = (0..n).map(|_| None).collect();
+    let mut open = n;
+    while open > 0 {
+        let Some(ev) = s.events.recv().await else { return Err(ApiError::unavailable("the engine stopped")) };
+        let Some(&i) = s.choices.get(&ev.id) else { continue };
         match ev.kind {
             EventKind::Token(t) => {
-                bytes.extend_from_slice(&t.text);
-                tokens.push(t);
+                partial[i].0.extend_from_slice(&t.text);
+                partial[i].1.push(t);
             }
             EventKind::Done(done) => {
+                let (mut bytes, tokens) = std::mem::take(&mut partial[i]);
                 bytes.extend_from_slice(&done.text);
-                return Ok(Output { text: String::from_utf8_lossy(&bytes).into_owned(), tokens, done });
+                outs[i] = Some(Output { text: String::from_utf8_lossy(&bytes).into_owned(), tokens, done });
+                open -= 1;
             }
             EventKind::Failed(e) => return Err(ApiError::from_engine(e, "prompt", "logprobs")),
         }
     }
-    Err(ApiError::unavailable("the engine stopped"))
+    Ok(outs.into_iter().flatten().collect())
 }
 
 /// Turns a byte stream into text piece by piece: complete characters are released, an incomplete

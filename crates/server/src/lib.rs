@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use iapt_engine::{EngineHandle, EngineSpec};
+use iapt_engine::{ChatTemplate, EngineHandle, EngineSpec};
 
 pub use api::{MAX_STOP, MAX_STOP_BYTES};
 pub use completions::DEFAULT_MAX_TOKENS;
@@ -120,6 +120,9 @@ pub struct ServerConfig {
     /// Adapters pinned at start (never evicted): resident ones, or ones of the adapter directory,
     /// loaded then.
     pub pins: Vec<String>,
+    /// The chat template of `/v1/chat/completions`: a llama.cpp built-in name or a Jinja file
+    /// (`None`: the model's own; a model without one answers chat requests with 400).
+    pub chat_template: Option<String>,
     /// Request bodies larger than this are refused with 413.
     pub body_limit: usize,
     /// After the shutdown signal: how long in-flight requests may take to finish.
@@ -142,6 +145,7 @@ impl ServerConfig {
             step_timeout: DEFAULT_STEP_TIMEOUT,
             adapter_dir: None,
             pins: Vec::new(),
+            chat_template: None,
             body_limit: DEFAULT_BODY_LIMIT,
             grace: DEFAULT_GRACE,
         }
@@ -157,6 +161,8 @@ pub struct ReadyInfo {
     pub model_id: String,
     /// The resident adapters.
     pub adapters: Vec<String>,
+    /// The chat template's origin, or why chat requests are refused.
+    pub chat: Result<String, String>,
 }
 
 /// Binds, loads the engine (answering `/health` with 503 meanwhile), calls `on_ready`, and
@@ -190,7 +196,7 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>, on_
     let server = tokio::spawn(conn::serve(listener, app, config.limits, stop_rx));
     let mut shutdown = std::pin::pin!(shutdown);
     let loaded = tokio::select! {
-        r = load(config.engine) => r,
+        r = load(config.engine, config.chat_template) => r,
         () = &mut shutdown => {
             let _ = stop_tx.send(true);
             return Ok(());
@@ -210,9 +216,10 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>, on_
         }
     }
     let adapters = ready.adapter_names();
+    let chat = ready.chat.as_ref().map(|t| t.origin().to_owned()).map_err(Clone::clone);
     let watched = ready.clone();
     let _ = state.ready.set(ready);
-    on_ready(&ReadyInfo { addr, model_id: config.model_id, adapters });
+    on_ready(&ReadyInfo { addr, model_id: config.model_id, adapters, chat });
     // Until the shutdown signal, or until the engine stops on its own (a panic: its requests have
     // failed and /health says so); then the server stops and reports it, for a supervisor to restart it.
     let failed = tokio::select! {
@@ -258,13 +265,21 @@ async fn engine_failure(ready: &Ready, step_timeout: Duration) -> String {
 }
 
 /// Starts the engine thread and reads what the HTTP side needs (on the blocking pool).
-async fn load(spec: EngineSpec) -> Result<Arc<Ready>, ServerError> {
+async fn load(spec: EngineSpec, chat_template: Option<String>) -> Result<Arc<Ready>, ServerError> {
     let seq_ctx = spec.config.seq_ctx;
     let joined = tokio::task::spawn_blocking(move || -> Result<Ready, ServerError> {
         let engine = EngineHandle::spawn(spec)?;
         let vocab = engine.with_model(|m| (0..m.n_vocab()).map(|t| m.token_bytes(t as i32)).collect())?;
         let adapters = engine.adapters()?.into_iter().map(|a| (a.name, a.n_soft_tokens)).collect::<BTreeMap<_, _>>();
-        Ok(Ready { engine, vocab, seq_ctx, adapters: RwLock::new(adapters), hung: std::sync::OnceLock::new() })
+        // A template given on the command line must work; the model's own may be missing or
+        // unreadable, and then only chat requests are refused (with why).
+        let given = chat_template.is_some();
+        let chat = match engine.with_model(move |m| ChatTemplate::resolve(chat_template.as_deref(), m))? {
+            Ok(t) => Ok(Arc::new(t)),
+            Err(e) if given => return Err(e.into()),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok(Ready { engine, vocab, seq_ctx, adapters: RwLock::new(adapters), hung: std::sync::OnceLock::new(), chat })
     })
     .await;
     match joined {

@@ -29,7 +29,7 @@ use iapt_format::fingerprint::{sha256_file as sha256, FileStamp as Stamp};
 
 use crate::adapters::{open_confined, MAX_ADAPTER_BYTES};
 use crate::error::ApiError;
-use crate::generate::{self, Job, Started};
+use crate::generate::{Job, Started};
 use crate::state::{blocking, AppState, Ready};
 
 /// File names that serve `model` = NAME, in this order.
@@ -144,13 +144,14 @@ pub(crate) async fn ensure(st: &Arc<AppState>, ready: &Arc<Ready>, model: &str) 
 /// Attempts of [`start`] to submit a job whose adapter another load keeps evicting.
 const SUBMIT_ATTEMPTS: usize = 4;
 
-/// Submits `job` ([`generate::start`]). Its adapter may have been evicted between [`ensure`] and
-/// the submission (another request's load made room, and the server's list may not say so yet):
-/// then the list forgets it, it is made resident again and the job submitted again.
-pub(crate) async fn start(st: &Arc<AppState>, ready: &Arc<Ready>, job: Job) -> Result<Started, ApiError> {
+/// Submits `job` as prompt `index` of `started` ([`Started::submit`]). Its adapter may have been
+/// evicted between [`ensure`] and the submission (another request's load made room, and the
+/// server's list may not say so yet): then the list forgets it, it is made resident again and the
+/// job submitted again.
+pub(crate) async fn start(st: &Arc<AppState>, ready: &Arc<Ready>, started: &mut Started, job: Job, index: usize) -> Result<(), ApiError> {
     let mut attempt = 1;
     loop {
-        match generate::start(ready, &st.metrics, job.clone()).await {
+        match started.submit(ready, &st.metrics, job.clone(), index).await {
             Err(e) if e.code == Some("model_not_found") && st.adapter_dir.is_some() && job.adapter.is_some() => {
                 if attempt == SUBMIT_ATTEMPTS {
                     return Err(ApiError::unavailable(format!(

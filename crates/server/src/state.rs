@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use iapt_engine::EngineHandle;
+use iapt_engine::{ChatTemplate, EngineHandle};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -26,6 +26,8 @@ pub(crate) struct Ready {
     pub adapters: RwLock<BTreeMap<String, usize>>,
     /// Set when the engine's step ran past the step timeout (the server then stops).
     pub hung: OnceLock<String>,
+    /// The chat template (`--chat-template`, else the model's), or why chat requests are refused.
+    pub chat: Result<Arc<ChatTemplate>, String>,
 }
 
 impl Ready {

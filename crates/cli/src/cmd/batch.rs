@@ -26,12 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use iapt_engine::{Engine, EngineError, EventKind, FinishReason, Request, SeqId};
+use iapt_engine::{ChatTemplate, Engine, EngineError, EventKind, FinishReason, Request, SeqId};
 use iapt_llama::{Model, SamplerSettings, Token};
 use serde::Deserialize;
 
 use super::{exit, EXIT_FAILURE, EXIT_USAGE};
-use crate::args::{open_adapter, prompt_tokens, AdapterArgs, EngineArgs, EngineShape, RuntimeArgs, SamplingArgs};
+use crate::args::{open_adapter, prompt_tokens, AdapterArgs, ChatArgs, EngineArgs, EngineShape, RuntimeArgs, SamplingArgs};
 use crate::files;
 
 /// Arguments of `iapt batch`.
@@ -46,9 +46,13 @@ pub struct Args {
     /// Write the results here instead of stdout.
     #[arg(long, value_name = "OUT.jsonl")]
     pub out: Option<PathBuf>,
-    /// Wrap every "prompt" in the model's chat template.
+    /// Wrap every "prompt" in the chat template (--chat-template, else the model's) as one user
+    /// message.
     #[arg(long)]
     pub chat: bool,
+    /// The chat template (implies --chat).
+    #[command(flatten)]
+    pub template: ChatArgs,
     /// Tokens to generate at most per request (a request's "max_tokens" overrides it).
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub n_predict: usize,
@@ -144,10 +148,10 @@ fn adapter_args(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
 }
 
 /// The engine request of a parsed line, or why it cannot be one (an error line).
-fn request(r: &RequestLine, model: &Model, base: &SamplerSettings, args: &Args) -> Result<Request, String> {
+fn request(r: &RequestLine, model: &Model, base: &SamplerSettings, args: &Args, chat: Option<&ChatTemplate>) -> Result<Request, String> {
     let prompt = match (&r.prompt, &r.prompt_tokens) {
         (_, Some(ids)) => ids.clone(),
-        (Some(text), None) => prompt_tokens(model, text, args.chat).map_err(|e| e.to_string())?,
+        (Some(text), None) => prompt_tokens(model, text, chat).map_err(|e| format!("{e:#}"))?,
         (None, None) => unreachable!("checked when reading"),
     };
     let sampling = SamplerSettings {
@@ -193,6 +197,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let opened: Vec<_> =
         adapters.iter().map(|(name, path)| open_adapter(path, &args.model).map(|a| (name, path, a))).collect::<Result<_, _>>()?;
     let model = args.ctx.load_model(&args.model)?;
+    let chat = match args.chat || args.template.chat_template.is_some() {
+        true => Some(args.template.template(&model)?),
+        false => None,
+    };
     let mut engine = Engine::new(&model, config)?;
     for (name, path, adapter) in &opened {
         engine.load_adapter(name, adapter).with_context(|| format!("adapter {name} ({})", path.display()))?;
@@ -200,12 +208,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut outcomes: Vec<Outcome> = lines.iter().map(|_| Outcome::default()).collect();
     let mut ids: HashMap<SeqId, usize> = HashMap::new();
     for (i, line) in lines.iter().enumerate() {
-        let submitted = line.parsed.as_ref().map_err(Clone::clone).and_then(|r| request(r, &model, &sampling, args)).and_then(|req| {
-            engine.submit(req).map_err(|e| match e {
-                EngineError::UnknownAdapter { name, .. } => format!("unknown adapter {name:?}; load it with --adapter {name}=PATH"),
-                e => e.to_string(),
-            })
-        });
+        let submitted =
+            line.parsed.as_ref().map_err(Clone::clone).and_then(|r| request(r, &model, &sampling, args, chat.as_ref())).and_then(|req| {
+                engine.submit(req).map_err(|e| match e {
+                    EngineError::UnknownAdapter { name, .. } => format!("unknown adapter {name:?}; load it with --adapter {name}=PATH"),
+                    e => e.to_string(),
+                })
+            });
         match submitted {
             Ok(id) => {
                 ids.insert(id, i);

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use iapt_engine::{Engine, Request};
 
-use crate::args::{open_adapter, prompt_tokens, EngineShape, RuntimeArgs, SamplingArgs};
+use crate::args::{open_adapter, prompt_tokens, ChatArgs, EngineShape, RuntimeArgs, SamplingArgs};
 use crate::files;
 
 /// Arguments of `iapt run`.
@@ -38,9 +38,13 @@ pub struct Args {
     /// The prompt as comma-separated token ids, fed as given (no BOS added).
     #[arg(long, value_name = "1,2,3", value_delimiter = ',', num_args = 1..)]
     pub prompt_tokens: Option<Vec<i32>>,
-    /// Wrap the prompt in the model's chat template (with --prompt).
+    /// Wrap the prompt in the chat template (--chat-template, else the model's) as one user message
+    /// (with --prompt).
     #[arg(long, requires = "prompt")]
     pub chat: bool,
+    /// The chat template (implies --chat).
+    #[command(flatten)]
+    pub template: ChatArgs,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub n_predict: usize,
@@ -84,7 +88,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model = args.ctx.load_model(&args.model)?;
     let tokens = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => ids.clone(),
-        (Some(text), None) => prompt_tokens(&model, text, args.chat).context("--prompt")?,
+        (Some(text), None) => {
+            let chat = match args.chat || args.template.chat_template.is_some() {
+                true => Some(args.template.template(&model)?),
+                false => None,
+            };
+            prompt_tokens(&model, text, chat.as_ref()).context("--prompt")?
+        }
         (None, None) => bail!("give --prompt or --prompt-tokens"),
     };
     let n_soft = adapter.as_ref().map_or(0, |a| a.config().n_soft_tokens as usize);

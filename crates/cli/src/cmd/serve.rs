@@ -16,7 +16,7 @@ use iapt_engine::EngineSpec;
 use iapt_server::{Limits, ServerConfig, DEFAULT_BODY_LIMIT, DEFAULT_GRACE};
 
 use super::{exit, EXIT_USAGE};
-use crate::args::{AdapterArgs, EngineArgs, EngineShape, RuntimeArgs};
+use crate::args::{AdapterArgs, ChatArgs, EngineArgs, EngineShape, RuntimeArgs};
 
 /// Arguments of `iapt serve`.
 #[derive(clap::Args, Debug)]
@@ -89,6 +89,9 @@ pub struct Args {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = DEFAULT_GRACE.as_secs(), value_name = "S")]
     pub grace: u64,
+    /// The template of /v1/chat/completions.
+    #[command(flatten)]
+    pub template: ChatArgs,
     /// Adapters loaded at start.
     #[command(flatten)]
     pub adapters: AdapterArgs,
@@ -202,6 +205,7 @@ fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerCo
         step_timeout,
         adapter_dir: args.adapter_dir.clone(),
         pins: args.pin.clone(),
+        chat_template: args.template.chat_template.clone(),
         body_limit: args.max_body,
         grace: Duration::from_secs(args.grace),
         ..ServerConfig::new(spec, args.alias.clone().unwrap_or(stem))
@@ -233,6 +237,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             crate::outln!("iapt serve: listening on http://{} (model {:?} from {model_path}; adapters: {adapters})", r.addr, r.model_id);
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
+        match &r.chat {
+            Ok(origin) => eprintln!("iapt serve: chat template: {origin}"),
+            Err(why) => eprintln!("iapt serve: /v1/chat/completions is off: {why}"),
+        }
     }));
     rt.shutdown_timeout(Duration::from_secs(1));
     served?;

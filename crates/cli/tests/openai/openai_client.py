@@ -46,8 +46,8 @@ try:
 except openai.NotFoundError as e:
     assert e.body["code"] == "model_not_found", e.body
 try:
-    client.chat.completions.create(model=adapter, messages=[{"role": "user", "content": prompt}], n=2)
-    raise AssertionError("n = 2 must be refused")
+    client.chat.completions.create(model=adapter, messages=[{"role": "user", "content": prompt}], n=99)
+    raise AssertionError("more choices than sequence slots must be refused")
 except openai.BadRequestError as e:
     assert e.body["param"] == "n", e.body
 try:

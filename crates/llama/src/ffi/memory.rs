@@ -36,6 +36,27 @@ impl Context<'_> {
         }
     }
 
+    /// Makes sequence `dst` a copy of sequence `src` (every position; `llama_memory_seq_cp`), for a
+    /// fork after a shared prefill. With one KV stream per sequence llama.cpp copies `src`'s stream
+    /// into `dst`'s at the next decode, replacing whatever `dst` held; in a unified cache the cells
+    /// are shared. `false` when either id is outside `0..n_seq_max`, they are equal, the context
+    /// has no memory, or llama.cpp threw.
+    pub fn seq_cp(&mut self, src: i32, dst: i32) -> bool {
+        // SAFETY: the context is valid.
+        let n_seq = unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) } as i64;
+        let in_range = |s: i32| (0..n_seq).contains(&i64::from(s));
+        if src == dst || !in_range(src) || !in_range(dst) {
+            return false;
+        }
+        // SAFETY: the context is valid and used by one thread (`&mut self`); the memory handle lives
+        // as long as the context; both ids were checked to be in 0..n_seq_max just above, which is
+        // what llama.cpp asserts.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            !mem.is_null() && super::shim::memory_seq_cp(mem, src, dst).is_ok()
+        }
+    }
+
     /// The largest position sequence `seq` holds in the KV cache, or `None` when it holds none.
     pub fn seq_pos_max(&self, seq: i32) -> Option<i32> {
         if seq < 0 {

@@ -47,6 +47,16 @@ impl SamplerChain {
         let chain = unsafe { sys::llama_sampler_chain_init(params) };
         let ptr = NonNull::new(chain).expect("llama_sampler_chain_init never returns null");
         let mut out = SamplerChain { ptr, n_vocab, data: Vec::with_capacity(n_vocab) };
+        if let Some((t, _)) = s.logit_bias.iter().find(|(t, _)| *t as usize >= n_vocab) {
+            return Err(InvalidSampling { field: "logit_bias", value: t.to_string(), rule: "token ids of the vocabulary" });
+        }
+        if !s.logit_bias.is_empty() {
+            let biases: Vec<sys::llama_logit_bias> =
+                s.logit_bias.iter().map(|&(token, bias)| sys::llama_logit_bias { token, bias }).collect();
+            // SAFETY: `biases` holds `biases.len()` entries, each id in 0..n_vocab and each bias
+            // finite (checked above and in `validate`); llama.cpp copies them into the stage.
+            out.add(unsafe { sys::llama_sampler_init_logit_bias(n_vocab_i32, biases.len() as i32, biases.as_ptr()) });
+        }
         if s.has_penalties() {
             // SAFETY: values validated above (repeat > 0, all finite, last_n >= 0).
             out.add(unsafe {

@@ -90,6 +90,10 @@ int iapt_shim_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p
     return guarded(err, err_size, [&] { *out = llama_memory_seq_rm(mem, seq_id, p0, p1); });
 }
 
+int iapt_shim_memory_seq_cp(llama_memory_t mem, llama_seq_id src, llama_seq_id dst, char * err, size_t err_size) {
+    return guarded(err, err_size, [&] { llama_memory_seq_cp(mem, src, dst, -1, -1); });
+}
+
 int iapt_shim_memory_clear(llama_memory_t mem, bool data, char * err, size_t err_size) {
     return guarded(err, err_size, [&] { llama_memory_clear(mem, data); });
 }

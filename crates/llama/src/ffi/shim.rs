@@ -105,6 +105,13 @@ extern "C" {
         err_size: usize,
     ) -> c_int;
     fn iapt_shim_memory_clear(mem: sys::llama_memory_t, data: bool, err: *mut c_char, err_size: usize) -> c_int;
+    fn iapt_shim_memory_seq_cp(
+        mem: sys::llama_memory_t,
+        src: sys::llama_seq_id,
+        dst: sys::llama_seq_id,
+        err: *mut c_char,
+        err_size: usize,
+    ) -> c_int;
 }
 
 /// Runs one shim call with an error buffer; `Err` with the message when it caught an exception.
@@ -143,11 +150,16 @@ pub(crate) unsafe fn tokenize(
 ///
 /// # Safety
 /// As `llama_token_to_piece`: a valid vocabulary, a token id in range, `buf` writable for `buf.len()`.
-pub(crate) unsafe fn token_to_piece(vocab: *const sys::llama_vocab, token: sys::llama_token, buf: &mut [u8]) -> Result<i32, Thrown> {
+pub(crate) unsafe fn token_to_piece(
+    vocab: *const sys::llama_vocab,
+    token: sys::llama_token,
+    special: bool,
+    buf: &mut [u8],
+) -> Result<i32, Thrown> {
     let mut out = 0;
     let len = i32::try_from(buf.len()).unwrap_or(i32::MAX);
     // SAFETY: the caller's promise; `buf` is writable for `len <= buf.len()` bytes.
-    run(|e, n| unsafe { iapt_shim_token_to_piece(vocab, token, buf.as_mut_ptr().cast(), len, 0, false, &mut out, e, n) })?;
+    run(|e, n| unsafe { iapt_shim_token_to_piece(vocab, token, buf.as_mut_ptr().cast(), len, 0, special, &mut out, e, n) })?;
     Ok(out)
 }
 
@@ -266,6 +278,16 @@ pub(crate) unsafe fn memory_seq_rm(
     // SAFETY: the caller's promise.
     run(|e, n| unsafe { iapt_shim_memory_seq_rm(mem, seq, p0, p1, &mut out, e, n) })?;
     Ok(out)
+}
+
+/// `llama_memory_seq_cp` of every position (`p0 = p1 = -1`).
+///
+/// # Safety
+/// As `llama_memory_seq_cp`: a valid memory handle of a context used by one thread, and both
+/// sequence ids in `0..n_seq_max` of that context (llama.cpp asserts it, which aborts).
+pub(crate) unsafe fn memory_seq_cp(mem: sys::llama_memory_t, src: sys::llama_seq_id, dst: sys::llama_seq_id) -> Result<(), Thrown> {
+    // SAFETY: the caller's promise.
+    run(|e, n| unsafe { iapt_shim_memory_seq_cp(mem, src, dst, e, n) })
 }
 
 /// `llama_memory_clear`.
