@@ -420,11 +420,12 @@ impl ChatArgs {
     }
 }
 
-/// Tokenizes a text prompt with the model's tokenizer (BOS as the model says); with a chat
-/// template, the prompt is one user message rendered with it first, its special tokens parsed.
+/// Tokenizes a text prompt with the model's tokenizer (BOS as the model says, special-token text
+/// such as `<|im_start|>` parsed into those tokens, as llama.cpp's tools do); with a chat template,
+/// the prompt is one user message rendered with it first.
 pub fn prompt_tokens(model: &Model, text: &str, chat: Option<&ChatTemplate>) -> anyhow::Result<Vec<Token>> {
     Ok(match chat {
-        None => model.tokenize(text, true, false)?,
+        None => model.tokenize(text, true, true)?,
         Some(t) => {
             let r = t.render(model, &[("user", text)])?;
             model.tokenize(&r.text, r.add_special, true)?

@@ -634,7 +634,7 @@ fn tokenize_and_detokenize_agree_with_the_completions_path() {
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect()
     };
-    let with_bos = toks(json!({"content": text, "add_special": true, "parse_special": false}));
+    let with_bos = toks(json!({"content": text, "add_special": true}));
     let plain = toks(json!({"content": text}));
     assert!(with_bos.len() == plain.len() + 1 && with_bos[1..] == plain[..], "{with_bos:?} vs {plain:?}");
 
@@ -646,6 +646,12 @@ fn tokenize_and_detokenize_agree_with_the_completions_path() {
         assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "{model}");
         assert_eq!(a["usage"]["prompt_tokens"].as_u64(), Some(with_bos.len() as u64), "{model}");
     }
+    // Special-token text is parsed, by /tokenize and in a completions prompt alike (llama-server's
+    // rule): "</s>" is the end-of-sequence token, one id.
+    let special = toks(json!({"content": "a</s>", "add_special": true}));
+    assert_eq!(special.last(), Some(&2), "{special:?}");
+    let r = server.post_json("/v1/completions", &json!({"model": "tiny", "prompt": "a</s>", "max_tokens": 1})).json();
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(special.len() as u64));
 
     let r = server.post_json("/tokenize", &json!({"content": text, "with_pieces": true}));
     let pieces = r.json()["tokens"].as_array().unwrap().clone();

@@ -21,9 +21,15 @@
 //!   cache ([`EngineConfig::kv_unified`]); llama.cpp then splits a batch into ubatches that hold
 //!   as many rows of each sequence, and the engine tells the hook which rows each holds
 //!   ([`iapt_llama::split`]).
-//! - **Sampling.** Every request has its own llama.cpp sampler chain ([`iapt_llama::SamplerChain`]),
-//!   applied to its own logits row; stop at end-of-generation tokens, at stop strings (matched
-//!   across token boundaries, never emitted) or at `max_tokens`; optional top-N log-probabilities.
+//! - **Sampling.** Every request has its own llama.cpp sampler chain ([`iapt_llama::SamplerChain`]:
+//!   logit bias, penalties, filters, a seeded draw), applied to its own logits row; stop at
+//!   end-of-generation tokens, at stop strings (matched across token boundaries, never emitted) or
+//!   at `max_tokens`; optional top-N log-probabilities. [`Request::structured`] constrains the
+//!   output to JSON (a schema) with `llguidance` (the `constraint` module).
+//! - **Choices.** A request of [`Request::n`] choices is prefilled once; its KV cells are then
+//!   copied to the other choices' sequences (llama.cpp's `seq_cp`), each sampling with its own seed.
+//! - **Chat.** [`ChatTemplate`] renders messages into the instruction (Jinja, or llama.cpp's
+//!   built-in formats), for every command and host alike.
 //! - **Adapters** are loaded and unloaded by name at run time ([`Engine::load_adapter`]); a
 //!   request holds its adapter, so unloading one in use is deferred, never a use-after-free.
 //! - **Errors.** Every bad input is an [`EngineError`] variant, refused by [`Engine::submit`].

@@ -19,8 +19,8 @@ use crate::state::{blocking, Ready};
 
 /// What to tokenize.
 pub(crate) enum Input {
-    /// Completion text: the model's tokenizer, BOS as the model says, special-token text kept as text
-    /// (as `iapt run --prompt`).
+    /// Completion text: the model's tokenizer, BOS as the model says, special-token text parsed
+    /// into those tokens (as llama-server and `iapt run --prompt`).
     Text(String),
     /// Chat messages: the server's chat template ([`iapt_engine::ChatTemplate`]) with the assistant
     /// prefix, then tokenized with its special tokens parsed (as `iapt run --chat`).
@@ -40,7 +40,7 @@ pub(crate) async fn tokenize(ready: &Arc<Ready>, input: Input) -> Result<Vec<Tok
     let r = ready.clone();
     let res = blocking(move || {
         r.engine.with_model(move |m| match input {
-            Ok(text) => m.tokenize(&text, true, false).map_err(|e| ("prompt", format!("cannot tokenize: {e}"))),
+            Ok(text) => m.tokenize(&text, true, true).map_err(|e| ("prompt", format!("cannot tokenize: {e}"))),
             Err((msgs, template)) => {
                 let pairs: Vec<(&str, &str)> = msgs.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
                 let rendered =

@@ -9,7 +9,8 @@
 //!   histograms, timed on the engine thread as tokens are produced (not as clients read them);
 //! - `iapt_http_errors_total{status}`: error answers by HTTP status;
 //! - `iapt_engine_steps_total`, `iapt_engine_step_seconds_total`: the engine's steps and their
-//!   time; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
+//!   time; `iapt_engine_prefill_rows_total`: prompt rows (instruction and soft tokens) the engine
+//!   decoded, which choices sharing a prefill count once; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
 //!   decode tokens only, and of their time what `llama_decode` took (the rest is the engine's
 //!   own: batch, sampling, events), read at scrape time. Decode throughput is
 //!   `decode_only_tokens / decode_only_seconds`;
@@ -53,6 +54,7 @@ pub struct Metrics {
 struct EngineCounters {
     steps: IntCounter,
     step_seconds: Counter,
+    prefill_rows: IntCounter,
     decode_only_steps: IntCounter,
     decode_only_tokens: IntCounter,
     decode_only_seconds: Counter,
@@ -86,6 +88,7 @@ impl Metrics {
             engine: EngineCounters {
                 steps: int_counter("iapt_engine_steps_total", "Engine steps that decoded something."),
                 step_seconds: seconds("iapt_engine_step_seconds_total", "Time of those steps."),
+                prefill_rows: int_counter("iapt_engine_prefill_rows_total", "Prompt rows (instruction and soft tokens) decoded."),
                 decode_only_steps: int_counter("iapt_engine_decode_only_steps_total", "Steps with decode tokens only (no prefill rows)."),
                 decode_only_tokens: int_counter("iapt_engine_decode_only_tokens_total", "Tokens decoded in those steps."),
                 decode_only_seconds: seconds("iapt_engine_decode_only_seconds_total", "Time of those steps."),
@@ -106,7 +109,7 @@ impl Metrics {
             registry,
         };
         let e = &m.engine;
-        let all: [Box<dyn prometheus::core::Collector>; 22] = [
+        let all: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(m.adapter_loads_all.clone()),
             Box::new(m.adapter_load_seconds_all.clone()),
             Box::new(m.adapters_resident.clone()),
@@ -116,6 +119,7 @@ impl Metrics {
             Box::new(m.adapter_bytes.clone()),
             Box::new(e.steps.clone()),
             Box::new(e.step_seconds.clone()),
+            Box::new(e.prefill_rows.clone()),
             Box::new(e.decode_only_steps.clone()),
             Box::new(e.decode_only_tokens.clone()),
             Box::new(e.decode_only_seconds.clone()),
@@ -143,6 +147,7 @@ impl Metrics {
         let up_s = |c: &Counter, v: std::time::Duration| c.inc_by((v.as_secs_f64() - c.get()).max(0.0));
         up(&e.steps, stats.steps);
         up_s(&e.step_seconds, stats.step_time);
+        up(&e.prefill_rows, stats.prefill_rows);
         up(&e.decode_only_steps, stats.decode_only_steps);
         up(&e.decode_only_tokens, stats.decode_only_tokens);
         up_s(&e.decode_only_seconds, stats.decode_only_time);

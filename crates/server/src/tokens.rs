@@ -9,8 +9,8 @@
 //!   UTF-8 (invalid sequences replaced). An id outside the vocabulary is a 400 naming `tokens`.
 //!
 //! The same defaults as llama-server: `add_special` false (no BOS unless asked), special-token
-//! text parsed. `/v1/completions` tokenizes a text prompt with BOS and without parsing special
-//! tokens, so its prompt is `/tokenize` with `"add_special": true, "parse_special": false`.
+//! text parsed. `/v1/completions` tokenizes a text prompt with BOS, special-token text parsed, so
+//! its prompt is `/tokenize` with `"add_special": true`.
 
 use std::sync::Arc;
 
