@@ -103,6 +103,11 @@ pub struct EngineArgs {
     /// sequence, whose attention then reads only its own cells (faster with many in flight).
     #[arg(long)]
     pub kv_unified: bool,
+    /// MiB the prefix cache may hold (0: off): instruction KV copies shared by every adapter and
+    /// the base, and each adapter's pooling of them, reused by later requests with the same prompt
+    /// prefix (least recently used entries evicted first).
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub cache_mib: usize,
 }
 
 /// llama.cpp's sampler chain (`run`, `batch`): penalties, top-k, top-p, min-p, temperature, then a
@@ -203,6 +208,8 @@ pub struct EngineShape {
     pub kv_unified: bool,
     /// Bounds on the resident adapters (`serve`).
     pub adapter_cache: AdapterCache,
+    /// Bytes of the prefix cache (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl EngineShape {
@@ -213,6 +220,7 @@ impl EngineShape {
         queue: 1,
         kv_unified: false,
         adapter_cache: AdapterCache { max_resident: None, max_bytes: None },
+        prefix_cache_bytes: 0,
     };
 
     /// From the engine options (`batch`, `serve`), with `queue` waiting requests.
@@ -228,6 +236,7 @@ impl EngineShape {
             queue,
             kv_unified: e.kv_unified,
             adapter_cache: AdapterCache::default(),
+            prefix_cache_bytes: e.cache_mib.saturating_mul(1 << 20),
         })
     }
 }
@@ -350,6 +359,7 @@ impl RuntimeArgs {
             },
             kv_unified: shape.kv_unified,
             adapter_cache: shape.adapter_cache,
+            prefix_cache_bytes: shape.prefix_cache_bytes,
             generator_threads: self.threads(),
             gpu: self.generator_runtime()?,
         })

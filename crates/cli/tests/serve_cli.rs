@@ -713,7 +713,12 @@ fn choices_batches_logit_bias_and_json_output() {
             chunks.iter().filter(|k| k["choices"][0]["index"] == json!(i)).map(|k| k["choices"][0]["text"].as_str().unwrap()).collect();
         assert_eq!(t, text(&four, i), "streamed choice {i}");
     }
-    assert_eq!(chunks.last().unwrap()["usage"], four["usage"]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        (&usage["prompt_tokens"], &usage["completion_tokens"]),
+        (&four["usage"]["prompt_tokens"], &four["usage"]["completion_tokens"])
+    );
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], four["usage"]["prompt_tokens"], "the same prompt again: all of it cached");
 
     let short = instruction("llama-short-iapt");
     let batch =
@@ -750,4 +755,34 @@ fn choices_batches_logit_bias_and_json_output() {
         assert!(o["n"].as_i64().is_some_and(|n| (0..=99).contains(&n)) && o["b"].is_boolean(), "{t}");
         assert_eq!(r["choices"][i]["finish_reason"], "stop", "{t}");
     }
+}
+
+/// The prefix cache through the server: the same long prompt twice (and a longer one after it)
+/// gives the cold text, with `usage.prompt_tokens_details.cached_tokens` saying what was reused and
+/// `/metrics` counting the hits; `--cache-mib 0` turns it off.
+#[test]
+fn the_prefix_cache_reuses_prompts_and_says_so() {
+    let prompt: Vec<i64> = (0..300).map(|i| 3 + (i * 37 % 290)).collect();
+    let longer: Vec<i64> = prompt.iter().copied().chain(3..40).collect();
+    let body = |p: &[i64]| json!({"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0});
+    let off = tiny_server(&["--cache-mib", "0", "--parallel", "2"]);
+    let cold: Vec<serde_json::Value> = [&prompt, &longer].iter().map(|p| off.post_json("/v1/completions", &body(p)).json()).collect();
+    for r in &cold {
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    }
+    assert_eq!(off.metric("iapt_prefix_cache_hits_total"), 0.0);
+    let s = tiny_server(&["--parallel", "2"]);
+    let first = s.post_json("/v1/completions", &body(&prompt)).json();
+    let again = s.post_json("/v1/completions", &body(&prompt)).json();
+    let grown = s.post_json("/v1/completions", &body(&longer)).json();
+    for (r, want) in [(&first, &cold[0]), (&again, &cold[0]), (&grown, &cold[1])] {
+        assert_eq!(r["choices"][0]["text"], want["choices"][0]["text"]);
+        assert_eq!(r["usage"]["prompt_tokens"], want["usage"]["prompt_tokens"]);
+    }
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 300, "the whole instruction reused: {again}");
+    assert_eq!(grown["usage"]["prompt_tokens_details"]["cached_tokens"], 300);
+    assert_eq!(s.metric("iapt_prefix_cache_hits_total"), 2.0);
+    assert_eq!(s.metric("iapt_prefix_cache_tokens_reused_total"), 600.0);
+    assert!(s.metric("iapt_prefix_cache_bytes") > 0.0);
 }

@@ -81,7 +81,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         base.step();
         iapt.step();
     }
-    let (b, a) = (base.stats(), iapt.stats());
+    let (b, a) = (&base.stats(), &iapt.stats());
     let rate = |s: &EngineStats| s.decode_only_tokens as f64 / s.decode_only_time.as_secs_f64();
     println!(
         "{{\"n\": {n}, \"prompt_len\": {prompt_len}, \"n_predict\": {n_predict}, \"threads\": {threads}, \"base\": {}, \"iapt_4_adapters\": {}, \"decode_ratio\": {:.3}}}",

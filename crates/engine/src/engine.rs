@@ -12,9 +12,10 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 use crate::constraint::{Constraint, Vocab};
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
+use crate::prefix::{CacheStats, PrefixCache, CHECKPOINT};
 use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
-use iapt_hook::{Claim, HookError, HookTimes, Prefill, Segment, StreamHook};
+use iapt_hook::{Claim, HookError, HookTimes, PoolSnapshot, Prefill, Segment, StreamHook};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -48,6 +49,9 @@ pub struct EngineConfig {
     /// kernels take stay on the CPU); `None`: on the CPU. Nodes in the runtime's device memory
     /// are read and written in place; others go through host copies.
     pub gpu: Option<Arc<GpuRuntime>>,
+    /// Bytes the prefix cache may hold (`crate::prefix`: instruction KV shared by every tenant,
+    /// and each adapter's pooling of it); 0 turns it off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +69,7 @@ impl Default for EngineConfig {
             generator_threads: 1,
             adapter_cache: AdapterCache::default(),
             gpu: None,
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct EngineStats {
     pub decode_only_llama_time: Duration,
     /// Wall time of all steps.
     pub step_time: Duration,
+    /// The prefix cache's counters.
+    pub cache: CacheStats,
 }
 
 /// A queued request, validated.
@@ -167,6 +174,10 @@ struct Seq {
     waits: bool,
     /// Its structured-output matcher.
     constraint: Option<Constraint>,
+    /// Prompt tokens reused from the prefix cache.
+    cached: usize,
+    /// Pooling snapshots taken at checkpoints, for the prefix cache.
+    snaps: Vec<(u64, PoolSnapshot)>,
 }
 
 /// What one step put in the batch for one slot.
@@ -195,6 +206,7 @@ pub struct Engine<'m> {
     step_no: u64,
     /// The vocabulary indexed for structured output, on the first request that asks for it.
     vocab: Option<Vocab>,
+    cache: PrefixCache,
 }
 
 impl<'m> Engine<'m> {
@@ -227,6 +239,7 @@ impl<'m> Engine<'m> {
             stats: EngineStats::default(),
             step_no: 0,
             vocab: None,
+            cache: PrefixCache::new(cfg.prefix_cache_bytes),
             cfg,
         })
     }
@@ -286,8 +299,8 @@ impl<'m> Engine<'m> {
     }
 
     /// Counters since the engine started.
-    pub fn stats(&self) -> &EngineStats {
-        &self.stats
+    pub fn stats(&self) -> EngineStats {
+        EngineStats { cache: self.cache.stats.clone(), ..self.stats.clone() }
     }
 
     /// Where the injection hook's time went in the last step that held prefill rows of a sequence
@@ -438,7 +451,8 @@ impl<'m> Engine<'m> {
             }
             let Some(p) = self.queue.pop_front() else { break };
             let n_soft = p.gen.as_ref().map_or(0, |g| g.n_soft_tokens());
-            let prefill = match p.gen.as_ref().map(|g| g.begin(p.req.prompt.len())).transpose() {
+            let (cached, restored) = self.restore(free[0], &p);
+            let prefill = match restored.map(Ok).or_else(|| p.gen.as_ref().map(|g| g.begin(p.req.prompt.len()))).transpose() {
                 Ok(prefill) => prefill,
                 Err(error) => {
                     let detail = error.to_string();
@@ -453,7 +467,7 @@ impl<'m> Engine<'m> {
                 id,
                 n_soft,
                 total: req.prompt.len() + n_soft,
-                done: 0,
+                done: cached,
                 prefill,
                 next: None,
                 chain,
@@ -471,6 +485,8 @@ impl<'m> Engine<'m> {
                 forks: Vec::new(),
                 waits: false,
                 constraint,
+                cached,
+                snaps: Vec::new(),
             };
             let fork_slots = free[1..1 + p.forks.len()].to_vec();
             for ((id, chain), &slot) in p.forks.into_iter().zip(&fork_slots) {
@@ -480,6 +496,29 @@ impl<'m> Engine<'m> {
             self.slots[free[0]] = Some(Seq { forks: fork_slots, ..seq(p.id, p.chain, prefill, p.constraint, &p.req, self.admitted) });
         }
         failed
+    }
+
+    /// Loads what the prefix cache holds for `p` into slot `slot`: the prompt tokens reused and,
+    /// with an adapter, its pooling state after them. `(0, None)` (a cold start, the slot left
+    /// empty) when nothing fits or llama.cpp cannot load the copy.
+    fn restore(&mut self, slot: usize, p: &Pending) -> (usize, Option<Prefill>) {
+        let key = p.gen.as_ref().map(|g| g.generator_id());
+        let Some(hit) = self.cache.lookup(&p.req.prompt, key) else { return (0, None) };
+        let n_instr = p.req.prompt.len();
+        let prefill = match (&p.gen, hit.pooled) {
+            (None, _) => None,
+            (Some(g), Some(snap)) => match g.begin_from(n_instr, snap) {
+                Some(prefill) => Some(prefill),
+                None => return (0, None),
+            },
+            (Some(_), None) => return (0, None),
+        };
+        let reuse = hit.reuse;
+        if !self.ctx.set_seq_state(slot as i32, hit.kv) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {
+            self.ctx.seq_rm(slot as i32);
+            return (0, None);
+        }
+        (reuse, prefill)
     }
 
     /// Runs one step: admits queued requests, then one decode with every running sequence's next
@@ -609,7 +648,13 @@ impl<'m> Engine<'m> {
                 break;
             }
             let s = self.slots[slot].as_ref().expect("listed above");
-            let k = (s.total - s.done).min(budget);
+            let mut k = (s.total - s.done).min(budget);
+            // With the prefix cache, an adapter's prefill chunk ends at each checkpoint of its
+            // instruction, where its pooling is copied (`advance`).
+            let next_cp = (s.done / CHECKPOINT + 1) * CHECKPOINT;
+            if self.cache.enabled() && s.prefill.is_some() && next_cp < s.prompt.len() {
+                k = k.min(next_cp - s.done);
+            }
             for p in s.done..s.done + k {
                 // Soft slots get a placeholder id: their rows are replaced at every layer, layer 0 included.
                 let tok = s.prompt.get(p).copied().unwrap_or(s.prompt[0]);
@@ -679,11 +724,28 @@ impl<'m> Engine<'m> {
         s.done += p.rows;
         s.next = None;
         let mut forks = Vec::new();
+        let caching = self.cache.enabled();
+        if caching && s.done % CHECKPOINT == 0 && s.done < s.prompt.len() {
+            if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
+                s.snaps.push((snap.generator_id(), snap));
+            }
+        }
         if s.done >= s.total {
+            // The instruction's KV and its pooling at the end, for later requests.
+            if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
+                s.snaps.push((snap.generator_id(), snap));
+            }
             s.prefill = None;
             forks = std::mem::take(&mut s.forks);
+            if caching {
+                let (tokens, snaps) = (s.prompt.clone(), std::mem::take(&mut s.snaps));
+                if let Some(kv) = self.ctx.seq_state(p.slot as i32) {
+                    self.cache.store(tokens, kv, snaps);
+                }
+            }
         }
-        let (done, prefill_time) = (s.done, s.prefill_time);
+        let Some(s) = self.slots[p.slot].as_mut() else { return Vec::new() };
+        let (done, prefill_time, cached) = (s.done, s.prefill_time, s.cached);
         let Some(row) = p.out_row else { return Vec::new() };
         let mut events = Vec::new();
         for f in forks {
@@ -696,6 +758,7 @@ impl<'m> Engine<'m> {
                 c.waits = false;
                 c.done = done;
                 c.prefill_time = prefill_time;
+                c.cached = cached;
             }
             events.extend(self.sample(f, row));
         }
@@ -768,6 +831,7 @@ impl<'m> Engine<'m> {
             n_prompt: s.prompt.len(),
             n_soft: s.n_soft,
             n_generated: s.generated,
+            n_cached: s.cached,
             prefill_time: s.prefill_time,
             decode_time: s.decode_time,
         };

@@ -73,6 +73,7 @@ mod error;
 mod fault;
 mod handle;
 mod output;
+mod prefix;
 mod registry;
 mod request;
 
@@ -81,5 +82,6 @@ pub use constraint::Structured;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
+pub use prefix::{CacheStats, CHECKPOINT};
 pub use registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Unloaded};
 pub use request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -22,7 +22,7 @@ use iapt_generator_cuda::{GpuAdapter, GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use iapt_llama::Model;
 
 use crate::error::EngineError;
-use iapt_hook::Prefill;
+use iapt_hook::{PoolSnapshot, Prefill};
 
 /// A resident adapter's generator, where it runs.
 #[derive(Clone)]
@@ -45,6 +45,23 @@ impl Resident {
             Resident::Cpu(g) => Prefill::cpu(g.clone(), n_instr),
             Resident::Gpu(rt, a) => Prefill::gpu(rt.clone(), a.clone(), n_instr)?,
         })
+    }
+
+    /// A prefill that starts from a pooling snapshot of this very generator (the prefix cache);
+    /// `None` on the GPU, or for a snapshot of another generator.
+    pub fn begin_from(&self, n_instr: usize, snap: &PoolSnapshot) -> Option<Prefill> {
+        match self {
+            Resident::Cpu(g) => Prefill::cpu_from(g.clone(), n_instr, snap),
+            Resident::Gpu(..) => None,
+        }
+    }
+
+    /// The CPU generator's id, the key of its pooling snapshots (`None` on the GPU: not cached).
+    pub fn generator_id(&self) -> Option<u64> {
+        match self {
+            Resident::Cpu(g) => Some(g.id()),
+            Resident::Gpu(..) => None,
+        }
     }
 
     /// Bytes of weights (host memory as stored for the CPU, device memory for the GPU) and whether on the GPU.

@@ -127,6 +127,9 @@ pub struct Finished {
     pub n_soft: usize,
     /// Tokens generated (end-of-generation tokens excluded, stop-string tokens included).
     pub n_generated: usize,
+    /// Prompt tokens reused from the prefix cache instead of computed (OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens`).
+    pub n_cached: usize,
     /// Wall time of the steps that held this request's prefill rows (shared with whatever else
     /// those steps decoded).
     pub prefill_time: Duration,

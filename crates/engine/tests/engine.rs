@@ -92,6 +92,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         generator_threads: 1,
         adapter_cache: AdapterCache::default(),
         gpu: None,
+        prefix_cache_bytes: 0,
     }
 }
 
@@ -898,4 +899,130 @@ fn structured_output_always_satisfies_the_schema() {
     assert!(matches!(e.submit(req.clone()), Err(EngineError::BadSchema { .. })));
     req.structured = Some(Structured::JsonSchema(r#"{"type": "no-such-type"}"#.to_owned()));
     assert!(matches!(e.submit(req), Err(EngineError::BadSchema { .. })));
+}
+
+/// A prompt of `n` tokens drawn from the fixture vocabulary (ids 3.. : no BOS/EOS), seeded.
+fn long_prompt(n: usize, seed: u64) -> Vec<Token> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| 3 + (rng.next_u64() % 300) as Token).collect()
+}
+
+fn cached(cfg: EngineConfig) -> EngineConfig {
+    EngineConfig { prefix_cache_bytes: 64 << 20, ..cfg }
+}
+
+/// The logits of every step of `req` (greedy, 6 tokens, past end-of-generation).
+fn with_logits(prompt: &[Token], adapter: Option<&str>) -> Request {
+    let mut r = greedy(prompt, adapter, 6);
+    r.logits = true;
+    r
+}
+
+/// `got` equals `want` (a cold run): same tokens, and every logits row within 1e-5 of the largest
+/// magnitude in the row.
+fn assert_exact(got: &Outcome, want: &Outcome, what: &str) {
+    assert_eq!(got.ids(), want.ids(), "{what}: tokens");
+    for (i, (g, w)) in got.tokens.iter().zip(&want.tokens).enumerate() {
+        let (g, w) = (g.logits.as_ref().unwrap(), w.logits.as_ref().unwrap());
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{what}: step {i}: logits differ by {worst:e} of the row's scale");
+    }
+}
+
+/// The prefix cache, against cold runs (a fresh engine without the cache), in exact mode: a tenant's
+/// growing prompt (multi-turn) reuses all of its first prompt; two adapters on the same prompt each
+/// get their own cold result (the second adapter has no pooling cached and runs cold, the first
+/// reuses everything); a shared prefix with a different ending reuses up to the last checkpoint
+/// before the divergence; a prompt shorter than one chunk; the base alone reuses all but its last
+/// token. Logits of every step within 1e-5, the same tokens, and the reuse in `n_cached`.
+#[test]
+fn prefix_cache_reuse_is_exact() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let cfg = EngineConfig { seq_ctx: 1024, ..exact(2, 512, 128) };
+    let cold = |req: &Request| alone_with(&m, &ads, req, cfg.clone());
+    let mut e = engine(&m, &ads, cached(cfg.clone()));
+    let run = |e: &mut Engine<'_>, req: &Request| {
+        let id = e.submit(req.clone()).unwrap();
+        let out = run_all(e).remove(&id).unwrap();
+        assert!(out.error.is_none(), "{:?}", out.error);
+        out
+    };
+    let turn1 = long_prompt(600, 1);
+    let turn2: Vec<Token> = turn1.iter().copied().chain(long_prompt(90, 2)).collect();
+    let a = run(&mut e, &with_logits(&turn1, Some("a0")));
+    assert_exact(&a, &cold(&with_logits(&turn1, Some("a0"))), "turn 1");
+    assert_eq!(a.done.as_ref().unwrap().n_cached, 0);
+    let b = run(&mut e, &with_logits(&turn2, Some("a0")));
+    assert_exact(&b, &cold(&with_logits(&turn2, Some("a0"))), "turn 2, warm");
+    assert_eq!(b.done.as_ref().unwrap().n_cached, 600, "all of turn 1 reused");
+
+    // Another adapter on turn 1: nothing of its pooling is cached, so it runs cold; then the first
+    // adapter again reuses every instruction row (only its soft tokens are computed).
+    let c = run(&mut e, &with_logits(&turn1, Some("a1")));
+    assert_exact(&c, &cold(&with_logits(&turn1, Some("a1"))), "a second adapter");
+    assert_eq!(c.done.as_ref().unwrap().n_cached, 0);
+    let rows_before = e.stats().prefill_rows;
+    let d = run(&mut e, &with_logits(&turn1, Some("a0")));
+    assert_exact(&d, &a, "the first adapter again");
+    assert_eq!(d.done.as_ref().unwrap().n_cached, 600);
+    assert_eq!(e.stats().prefill_rows - rows_before, 4, "only the 4 soft rows computed");
+
+    // The same 600-token prefix, another ending: reused up to the checkpoint at 512.
+    let other: Vec<Token> = turn1.iter().copied().chain(long_prompt(40, 3)).collect::<Vec<_>>();
+    let mut diverged = turn1[..560].to_vec();
+    diverged.extend(long_prompt(70, 4));
+    for (what, p) in [("a longer prompt", &other), ("a divergence after 560", &diverged)] {
+        let got = run(&mut e, &with_logits(p, Some("a0")));
+        assert_exact(&got, &cold(&with_logits(p, Some("a0"))), what);
+    }
+    let got = run(&mut e, &with_logits(&diverged, Some("a0")));
+    assert_eq!(got.done.as_ref().unwrap().n_cached, diverged.len(), "now cached whole");
+
+    // Shorter than one chunk, with an adapter; then the base alone, which finds the adapter's
+    // instruction KV (the base model's own) and reuses all of it but its last token.
+    let short = long_prompt(20, 5);
+    let longer: Vec<Token> = short.iter().copied().chain(long_prompt(7, 6)).collect();
+    run(&mut e, &with_logits(&short, Some("a2")));
+    let got = run(&mut e, &with_logits(&longer, Some("a2")));
+    assert_exact(&got, &cold(&with_logits(&longer, Some("a2"))), "short prefix");
+    assert_eq!(got.done.as_ref().unwrap().n_cached, 20);
+    let again = run(&mut e, &with_logits(&longer, Some("a2")));
+    assert_eq!(again.done.as_ref().unwrap().n_cached, longer.len());
+    assert_exact(&again, &got, "the same prompt again");
+    let base = run(&mut e, &with_logits(&longer, None));
+    assert_eq!(base.done.as_ref().unwrap().n_cached, longer.len() - 1, "the base recomputes only its last token");
+    assert_exact(&base, &cold(&with_logits(&longer, None)), "the base on an adapter's cached instruction");
+    let s = e.stats().cache;
+    assert!(s.hits >= 7 && s.misses >= 3 && s.bytes > 0 && s.entries > 0, "{s:?}");
+    assert_eq!(e.cells_in_use(), 0);
+}
+
+/// An entry evicted while a request that would have used it waits: the request runs cold, with the
+/// cold result; the cache never holds more than its bytes.
+#[test]
+fn prefix_cache_eviction_while_a_request_waits() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let cfg = EngineConfig { seq_ctx: 512, ..exact(1, 512, 128) };
+    // Room for about one entry: measure one first.
+    let mut probe = engine(&m, &ads, cached(cfg.clone()));
+    let p = long_prompt(300, 7);
+    probe.submit(greedy(&p, Some("a0"), 2)).unwrap();
+    run_all(&mut probe);
+    let one = probe.stats().cache.bytes;
+    let mut e = engine(&m, &ads, EngineConfig { prefix_cache_bytes: one + one / 2, ..cfg.clone() });
+    let q = long_prompt(300, 8);
+    let p_more: Vec<Token> = p.iter().copied().chain(long_prompt(10, 9)).collect();
+    let ids: Vec<SeqId> = [with_logits(&p, Some("a0")), with_logits(&q, Some("a0")), with_logits(&p_more, Some("a0"))]
+        .iter()
+        .map(|r| e.submit(r.clone()).unwrap())
+        .collect();
+    let out = run_all(&mut e);
+    let last = &out[&ids[2]];
+    assert_eq!(last.done.as_ref().unwrap().n_cached, 0, "p's entry was evicted by q's while it waited");
+    assert_exact(last, &alone_with(&m, &ads, &with_logits(&p_more, Some("a0")), cfg), "cold after eviction");
+    let s = e.stats().cache;
+    assert!(s.evicted >= 1 && s.bytes <= one + one / 2, "{s:?}");
 }

@@ -166,6 +166,7 @@ fn engine_config(gpu: &Option<Arc<GpuRuntime>>, p: Params, parallel: usize) -> E
         generator_threads: 1,
         adapter_cache: Default::default(),
         gpu: gpu.clone(),
+        prefix_cache_bytes: 0,
     }
 }
 

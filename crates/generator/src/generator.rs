@@ -224,6 +224,13 @@ impl Generator {
         self.d
     }
 
+    /// This generator's id, unique in the process: the streaming states it makes carry it
+    /// ([`LayerState::generator_id`]), so a state is never fed to another generator, nor to the
+    /// same adapter loaded again.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Soft tokens per layer (m).
     pub fn n_soft_tokens(&self) -> usize {
         self.m
@@ -563,6 +570,16 @@ impl LayerState {
         let part = gen.pool_parallel(layer, rows)?;
         self.part.merge(&part);
         Ok(())
+    }
+
+    /// The id of the generator it belongs to ([`Generator::id`]).
+    pub fn generator_id(&self) -> u64 {
+        self.gen_id
+    }
+
+    /// Bytes of its running maxima and sums.
+    pub fn bytes(&self) -> usize {
+        self.part.max.len() * 4 + (self.part.sum.len() + self.part.acc.len()) * 8
     }
 
     /// Rows fed so far.

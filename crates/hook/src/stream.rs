@@ -117,6 +117,60 @@ impl Prefill {
     }
 }
 
+/// A copy of a CPU prefill's pooling after its first [`PoolSnapshot::rows`] instruction rows, at every
+/// layer, from which another prefill of the same generator can start (the engine's prefix cache):
+/// the streaming states are online softmaxes, so going on from a copy equals pooling every row in
+/// one go.
+#[derive(Debug, Clone)]
+pub struct PoolSnapshot {
+    gen_id: u64,
+    rows: usize,
+    states: Vec<LayerState>,
+}
+
+impl PoolSnapshot {
+    /// Instruction rows pooled.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The generator it belongs to ([`Generator::id`]).
+    pub fn generator_id(&self) -> u64 {
+        self.gen_id
+    }
+
+    /// Bytes it holds (its running sums).
+    pub fn bytes(&self) -> usize {
+        self.states.iter().map(LayerState::bytes).sum()
+    }
+}
+
+impl Prefill {
+    /// A copy of the pooling so far, when every layer has seen the same rows (between decodes) and
+    /// it runs on the CPU (a GPU state lives in device memory: `None`).
+    pub fn snapshot(&self) -> Option<PoolSnapshot> {
+        let Pooling::Cpu { gen, states } = &self.pooling else { return None };
+        let rows = states.first().map(LayerState::rows_seen)?;
+        if states.iter().any(|s| s.rows_seen() != rows) {
+            return None;
+        }
+        Some(PoolSnapshot { gen_id: gen.id(), rows, states: states.clone() })
+    }
+
+    /// A prefill on the CPU generator for a prompt of `n_instr` instruction tokens whose first
+    /// `snap.rows()` rows are already pooled in `snap`. `None` when `snap` belongs to another
+    /// generator (another adapter, or this one loaded again) or covers more rows than the prompt.
+    pub fn cpu_from(gen: Arc<Generator>, n_instr: usize, snap: &PoolSnapshot) -> Option<Prefill> {
+        let l = gen.n_layer();
+        if snap.gen_id != gen.id() || snap.rows > n_instr || snap.states.len() != l {
+            return None;
+        }
+        let m = gen.n_soft_tokens();
+        let states = snap.states.clone();
+        Some(Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] })
+    }
+}
+
 /// The rows of one sequence's prefill chunk in a decode.
 pub struct Segment {
     /// Batch row of the chunk's first row.

@@ -46,6 +46,7 @@ async fn run(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
         created: st.created,
         model: common.model.clone(),
         logprobs: common.logprobs.is_some(),
+        n: common.n,
     };
     let (stream, usage) = (common.stream, common.include_usage);
     let mut started = Started::new(&st.metrics, &common.model);

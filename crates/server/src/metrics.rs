@@ -10,7 +10,9 @@
 //! - `iapt_http_errors_total{status}`: error answers by HTTP status;
 //! - `iapt_engine_steps_total`, `iapt_engine_step_seconds_total`: the engine's steps and their
 //!   time; `iapt_engine_prefill_rows_total`: prompt rows (instruction and soft tokens) the engine
-//!   decoded, which choices sharing a prefill count once; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
+//!   decoded, which choices sharing a prefill count once (and rows the prefix cache gave, not at
+//!   all); `iapt_prefix_cache_{hits,misses,tokens_reused,evictions}_total` and
+//!   `iapt_prefix_cache_{bytes,entries}`: the prefix cache; `iapt_engine_decode_only_{steps,tokens,seconds,llama_seconds}_total`: the steps that held
 //!   decode tokens only, and of their time what `llama_decode` took (the rest is the engine's
 //!   own: batch, sampling, events), read at scrape time. Decode throughput is
 //!   `decode_only_tokens / decode_only_seconds`;
@@ -55,6 +57,12 @@ struct EngineCounters {
     steps: IntCounter,
     step_seconds: Counter,
     prefill_rows: IntCounter,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    cache_tokens: IntCounter,
+    cache_evictions: IntCounter,
+    cache_bytes: IntGauge,
+    cache_entries: IntGauge,
     decode_only_steps: IntCounter,
     decode_only_tokens: IntCounter,
     decode_only_seconds: Counter,
@@ -89,6 +97,12 @@ impl Metrics {
                 steps: int_counter("iapt_engine_steps_total", "Engine steps that decoded something."),
                 step_seconds: seconds("iapt_engine_step_seconds_total", "Time of those steps."),
                 prefill_rows: int_counter("iapt_engine_prefill_rows_total", "Prompt rows (instruction and soft tokens) decoded."),
+                cache_hits: int_counter("iapt_prefix_cache_hits_total", "Requests that reused a cached prompt prefix."),
+                cache_misses: int_counter("iapt_prefix_cache_misses_total", "Requests that found no prefix to reuse."),
+                cache_tokens: int_counter("iapt_prefix_cache_tokens_reused_total", "Prompt tokens reused instead of computed."),
+                cache_evictions: int_counter("iapt_prefix_cache_evictions_total", "Entries evicted."),
+                cache_bytes: gauge("iapt_prefix_cache_bytes", "Bytes the prefix cache holds."),
+                cache_entries: gauge("iapt_prefix_cache_entries", "Entries the prefix cache holds."),
                 decode_only_steps: int_counter("iapt_engine_decode_only_steps_total", "Steps with decode tokens only (no prefill rows)."),
                 decode_only_tokens: int_counter("iapt_engine_decode_only_tokens_total", "Tokens decoded in those steps."),
                 decode_only_seconds: seconds("iapt_engine_decode_only_seconds_total", "Time of those steps."),
@@ -109,7 +123,7 @@ impl Metrics {
             registry,
         };
         let e = &m.engine;
-        let all: [Box<dyn prometheus::core::Collector>; 23] = [
+        let all: [Box<dyn prometheus::core::Collector>; 29] = [
             Box::new(m.adapter_loads_all.clone()),
             Box::new(m.adapter_load_seconds_all.clone()),
             Box::new(m.adapters_resident.clone()),
@@ -120,6 +134,12 @@ impl Metrics {
             Box::new(e.steps.clone()),
             Box::new(e.step_seconds.clone()),
             Box::new(e.prefill_rows.clone()),
+            Box::new(e.cache_hits.clone()),
+            Box::new(e.cache_misses.clone()),
+            Box::new(e.cache_tokens.clone()),
+            Box::new(e.cache_evictions.clone()),
+            Box::new(e.cache_bytes.clone()),
+            Box::new(e.cache_entries.clone()),
             Box::new(e.decode_only_steps.clone()),
             Box::new(e.decode_only_tokens.clone()),
             Box::new(e.decode_only_seconds.clone()),
@@ -148,6 +168,12 @@ impl Metrics {
         up(&e.steps, stats.steps);
         up_s(&e.step_seconds, stats.step_time);
         up(&e.prefill_rows, stats.prefill_rows);
+        up(&e.cache_hits, stats.cache.hits);
+        up(&e.cache_misses, stats.cache.misses);
+        up(&e.cache_tokens, stats.cache.tokens_reused);
+        up(&e.cache_evictions, stats.cache.evicted);
+        e.cache_bytes.set(stats.cache.bytes as i64);
+        e.cache_entries.set(stats.cache.entries as i64);
         up(&e.decode_only_steps, stats.decode_only_steps);
         up(&e.decode_only_tokens, stats.decode_only_tokens);
         up_s(&e.decode_only_seconds, stats.decode_only_time);

@@ -42,10 +42,7 @@ impl Context<'_> {
     /// are shared. `false` when either id is outside `0..n_seq_max`, they are equal, the context
     /// has no memory, or llama.cpp threw.
     pub fn seq_cp(&mut self, src: i32, dst: i32) -> bool {
-        // SAFETY: the context is valid.
-        let n_seq = unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) } as i64;
-        let in_range = |s: i32| (0..n_seq).contains(&i64::from(s));
-        if src == dst || !in_range(src) || !in_range(dst) {
+        if src == dst || !self.seq_in_range(src) || !self.seq_in_range(dst) {
             return false;
         }
         // SAFETY: the context is valid and used by one thread (`&mut self`); the memory handle lives
@@ -55,6 +52,41 @@ impl Context<'_> {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
             !mem.is_null() && super::shim::memory_seq_cp(mem, src, dst).is_ok()
         }
+    }
+
+    /// A copy of sequence `seq`'s KV cells (positions and K/V data; `llama_state_seq_get_data`), to be
+    /// loaded into any sequence of this context later ([`Context::set_seq_state`]). `None` when
+    /// `seq` is out of range or llama.cpp could not write it.
+    pub fn seq_state(&mut self, seq: i32) -> Option<Vec<u8>> {
+        if !self.seq_in_range(seq) {
+            return None;
+        }
+        // SAFETY: the context is valid and used by one thread (`&mut self`); `seq` was checked to be
+        // in 0..n_seq_max just above; an empty buffer asks for the size only.
+        let size = unsafe { super::shim::state_seq_get(self.ptr.as_ptr(), seq, &mut []) }.ok()?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: as above; `buf` is writable for `size` bytes, the size llama.cpp asked for.
+        let written = unsafe { super::shim::state_seq_get(self.ptr.as_ptr(), seq, &mut buf) }.ok()?;
+        (written == size && size > 0).then_some(buf)
+    }
+
+    /// Loads a copy made by [`Context::seq_state`] into sequence `seq` (its cells and positions as
+    /// they were; `llama_state_seq_set_data`). `seq` should hold no cells. `false` when `seq` is out
+    /// of range, the copy does not fit (llama.cpp found no room) or does not parse.
+    pub fn set_seq_state(&mut self, seq: i32, state: &[u8]) -> bool {
+        if !self.seq_in_range(seq) || state.is_empty() {
+            return false;
+        }
+        // SAFETY: the context is valid and used by one thread (`&mut self`); `seq` was checked to be
+        // in 0..n_seq_max; `state` is readable for its length. llama.cpp reads the copy through a
+        // bounds-checked reader and returns 0 (or throws, caught by the shim) on a bad one.
+        unsafe { super::shim::state_seq_set(self.ptr.as_ptr(), state, seq) }.is_ok_and(|n| n > 0)
+    }
+
+    fn seq_in_range(&self, seq: i32) -> bool {
+        // SAFETY: the context is valid.
+        let n_seq = unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) } as i64;
+        (0..n_seq).contains(&i64::from(seq))
     }
 
     /// The largest position sequence `seq` holds in the KV cache, or `None` when it holds none.

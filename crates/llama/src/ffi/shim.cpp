@@ -94,6 +94,14 @@ int iapt_shim_memory_seq_cp(llama_memory_t mem, llama_seq_id src, llama_seq_id d
     return guarded(err, err_size, [&] { llama_memory_seq_cp(mem, src, dst, -1, -1); });
 }
 
+int iapt_shim_state_seq_get(llama_context * ctx, llama_seq_id seq, uint8_t * dst, size_t size, size_t * out, char * err, size_t err_size) {
+    return guarded(err, err_size, [&] { *out = dst == nullptr ? llama_state_seq_get_size(ctx, seq) : llama_state_seq_get_data(ctx, dst, size, seq); });
+}
+
+int iapt_shim_state_seq_set(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id seq, size_t * out, char * err, size_t err_size) {
+    return guarded(err, err_size, [&] { *out = llama_state_seq_set_data(ctx, src, size, seq); });
+}
+
 int iapt_shim_memory_clear(llama_memory_t mem, bool data, char * err, size_t err_size) {
     return guarded(err, err_size, [&] { llama_memory_clear(mem, data); });
 }

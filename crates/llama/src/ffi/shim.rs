@@ -105,6 +105,24 @@ extern "C" {
         err_size: usize,
     ) -> c_int;
     fn iapt_shim_memory_clear(mem: sys::llama_memory_t, data: bool, err: *mut c_char, err_size: usize) -> c_int;
+    fn iapt_shim_state_seq_get(
+        ctx: *mut sys::llama_context,
+        seq: sys::llama_seq_id,
+        dst: *mut u8,
+        size: usize,
+        out: *mut usize,
+        err: *mut c_char,
+        err_size: usize,
+    ) -> c_int;
+    fn iapt_shim_state_seq_set(
+        ctx: *mut sys::llama_context,
+        src: *const u8,
+        size: usize,
+        seq: sys::llama_seq_id,
+        out: *mut usize,
+        err: *mut c_char,
+        err_size: usize,
+    ) -> c_int;
     fn iapt_shim_memory_seq_cp(
         mem: sys::llama_memory_t,
         src: sys::llama_seq_id,
@@ -288,6 +306,29 @@ pub(crate) unsafe fn memory_seq_rm(
 pub(crate) unsafe fn memory_seq_cp(mem: sys::llama_memory_t, src: sys::llama_seq_id, dst: sys::llama_seq_id) -> Result<(), Thrown> {
     // SAFETY: the caller's promise.
     run(|e, n| unsafe { iapt_shim_memory_seq_cp(mem, src, dst, e, n) })
+}
+
+/// `llama_state_seq_get_size` (`dst` empty) or `llama_state_seq_get_data` into `dst`.
+///
+/// # Safety
+/// A valid context used by one thread and a sequence id in `0..n_seq_max` of it.
+pub(crate) unsafe fn state_seq_get(ctx: *mut sys::llama_context, seq: sys::llama_seq_id, dst: &mut [u8]) -> Result<usize, Thrown> {
+    let mut out = 0;
+    let ptr = if dst.is_empty() { std::ptr::null_mut() } else { dst.as_mut_ptr() };
+    // SAFETY: the caller's promise; `dst` is writable for its length (or null: the size only).
+    run(|e, n| unsafe { iapt_shim_state_seq_get(ctx, seq, ptr, dst.len(), &mut out, e, n) })?;
+    Ok(out)
+}
+
+/// `llama_state_seq_set_data`: 0 when llama.cpp could not load it.
+///
+/// # Safety
+/// A valid context used by one thread and a sequence id in `0..n_seq_max` of it.
+pub(crate) unsafe fn state_seq_set(ctx: *mut sys::llama_context, src: &[u8], seq: sys::llama_seq_id) -> Result<usize, Thrown> {
+    let mut out = 0;
+    // SAFETY: the caller's promise; `src` is readable for its length.
+    run(|e, n| unsafe { iapt_shim_state_seq_set(ctx, src.as_ptr(), src.len(), seq, &mut out, e, n) })?;
+    Ok(out)
 }
 
 /// `llama_memory_clear`.
