@@ -12,7 +12,7 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 use crate::constraint::{Constraint, Vocab};
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
-use crate::prefix::{CacheStats, PrefixCache, CHECKPOINT};
+use crate::prefix::{CacheStats, PrefixCache, Rows, CHECKPOINT};
 use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
 use iapt_hook::{Claim, HookError, HookTimes, PoolSnapshot, Prefill, Segment, StreamHook};
@@ -178,6 +178,9 @@ struct Seq {
     cached: usize,
     /// Pooling snapshots taken at checkpoints, for the prefix cache.
     snaps: Vec<(u64, PoolSnapshot)>,
+    /// When its prefill keeps its input rows for the prefix cache: the cached runs of rows
+    /// `0..cached` its entry starts with, and the bytes it will keep.
+    capture: Option<(Vec<Arc<Rows>>, usize)>,
 }
 
 /// What one step put in the batch for one slot.
@@ -451,7 +454,7 @@ impl<'m> Engine<'m> {
             }
             let Some(p) = self.queue.pop_front() else { break };
             let n_soft = p.gen.as_ref().map_or(0, |g| g.n_soft_tokens());
-            let (cached, restored) = self.restore(free[0], &p);
+            let (cached, restored, cached_runs) = self.restore(free[0], &p);
             let prefill = match restored.map(Ok).or_else(|| p.gen.as_ref().map(|g| g.begin(p.req.prompt.len()))).transpose() {
                 Ok(prefill) => prefill,
                 Err(error) => {
@@ -463,6 +466,8 @@ impl<'m> Engine<'m> {
                 }
             };
             self.admitted += 1;
+            let mut prefill = prefill;
+            let capture = self.capture(&mut prefill, p.req.prompt.len(), cached, cached_runs);
             let seq = |id, chain, prefill, constraint, req: &Request, admitted| Seq {
                 id,
                 n_soft,
@@ -487,38 +492,75 @@ impl<'m> Engine<'m> {
                 constraint,
                 cached,
                 snaps: Vec::new(),
+                capture: None,
             };
             let fork_slots = free[1..1 + p.forks.len()].to_vec();
             for ((id, chain), &slot) in p.forks.into_iter().zip(&fork_slots) {
                 let constraint = p.constraint.as_ref().map(Constraint::fork);
                 self.slots[slot] = Some(Seq { waits: true, ..seq(id, chain, None, constraint, &p.req, self.admitted) });
             }
-            self.slots[free[0]] = Some(Seq { forks: fork_slots, ..seq(p.id, p.chain, prefill, p.constraint, &p.req, self.admitted) });
+            self.slots[free[0]] =
+                Some(Seq { forks: fork_slots, capture, ..seq(p.id, p.chain, prefill, p.constraint, &p.req, self.admitted) });
         }
         failed
     }
 
-    /// Loads what the prefix cache holds for `p` into slot `slot`: the prompt tokens reused and,
-    /// with an adapter, its pooling state after them. `(0, None)` (a cold start, the slot left
-    /// empty) when nothing fits or llama.cpp cannot load the copy.
-    fn restore(&mut self, slot: usize, p: &Pending) -> (usize, Option<Prefill>) {
+    /// Loads what the prefix cache holds for `p` into slot `slot`: the prompt tokens reused, with
+    /// an adapter its pooling after them (from a snapshot, or pooled now from the cached input
+    /// rows), and the input runs of those rows when the cache has them. `(0, None, None)` (a cold
+    /// start, the slot left empty) when nothing fits or llama.cpp cannot load the copy.
+    fn restore(&mut self, slot: usize, p: &Pending) -> (usize, Option<Prefill>, Option<Vec<Arc<Rows>>>) {
+        let cold = (0, None, None);
         let key = p.gen.as_ref().map(|g| g.generator_id());
-        let Some(hit) = self.cache.lookup(&p.req.prompt, key) else { return (0, None) };
+        let Some(hit) = self.cache.lookup(&p.req.prompt, key) else { return cold };
         let n_instr = p.req.prompt.len();
-        let prefill = match (&p.gen, hit.pooled) {
-            (None, _) => None,
-            (Some(g), Some(snap)) => match g.begin_from(n_instr, snap) {
+        let prefill = match (&p.gen, hit.pooled, &hit.inputs) {
+            (None, ..) => None,
+            (Some(g), Some(snap), _) => match g.begin_from(n_instr, snap) {
                 Some(prefill) => Some(prefill),
-                None => return (0, None),
+                None => return cold,
             },
-            (Some(_), None) => return (0, None),
+            (Some(g), None, Some(runs)) => {
+                // Another adapter's prefill left these rows: pool them, no forward pass.
+                let Ok(mut prefill) = g.begin(n_instr) else { return cold };
+                let pooled = runs.iter().all(|r| r.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, rows)));
+                if !pooled {
+                    return cold;
+                }
+                Some(prefill)
+            }
+            (Some(_), None, None) => return cold,
         };
-        let reuse = hit.reuse;
+        let (reuse, runs) = (hit.reuse, hit.inputs);
         if !self.ctx.set_seq_state(slot as i32, hit.kv) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {
             self.ctx.seq_rm(slot as i32);
-            return (0, None);
+            return cold;
         }
-        (reuse, prefill)
+        (reuse, prefill, runs)
+    }
+
+    /// Whether a prefill keeps its input rows for the prefix cache: with the cache on, an adapter
+    /// pooled on the CPU, the rows before `cached` known to the cache (`runs`), and the rows that
+    /// prefills in flight keep within half the cache. Returns what its entry will start with.
+    fn capture(
+        &self,
+        prefill: &mut Option<Prefill>,
+        n_instr: usize,
+        cached: usize,
+        runs: Option<Vec<Arc<Rows>>>,
+    ) -> Option<(Vec<Arc<Rows>>, usize)> {
+        let base = match runs {
+            Some(r) => r,
+            None if cached == 0 => Vec::new(),
+            None => return None,
+        };
+        let bytes = self.model.n_layer() * (n_instr - cached) * self.model.n_embd() * 4;
+        let kept: usize = self.slots.iter().flatten().filter_map(|s| s.capture.as_ref()).map(|(_, b)| b).sum();
+        if !self.cache.enabled() || bytes == 0 || kept + bytes > self.cache.max_bytes() / 2 {
+            return None;
+        }
+        let capturing = prefill.as_mut().is_some_and(Prefill::capture_inputs);
+        capturing.then_some((base, bytes))
     }
 
     /// Runs one step: admits queued requests, then one decode with every running sequence's next
@@ -721,26 +763,35 @@ impl<'m> Engine<'m> {
     /// token from the same logits row.
     fn advance(&mut self, p: &Planned) -> Vec<Event> {
         let Some(s) = self.slots[p.slot].as_mut() else { return Vec::new() };
+        let prefilling = s.done < s.total;
         s.done += p.rows;
         s.next = None;
         let mut forks = Vec::new();
         let caching = self.cache.enabled();
-        if caching && s.done % CHECKPOINT == 0 && s.done < s.prompt.len() {
+        if caching && prefilling && s.done % CHECKPOINT == 0 && s.done < s.prompt.len() {
             if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
                 s.snaps.push((snap.generator_id(), snap));
             }
         }
-        if s.done >= s.total {
-            // The instruction's KV and its pooling at the end, for later requests.
+        if prefilling && s.done >= s.total {
+            // The instruction's KV, its pooling at the end and its input rows, for later requests.
             if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
                 s.snaps.push((snap.generator_id(), snap));
             }
+            let kept = s.prefill.as_mut().and_then(Prefill::take_inputs);
             s.prefill = None;
             forks = std::mem::take(&mut s.forks);
             if caching {
                 let (tokens, snaps) = (s.prompt.clone(), std::mem::take(&mut s.snaps));
+                let inputs = match (s.capture.take(), kept) {
+                    (Some((mut runs, _)), Some(rows)) => {
+                        runs.extend(crate::prefix::runs(s.cached, self.model.n_embd(), rows));
+                        runs
+                    }
+                    _ => Vec::new(),
+                };
                 if let Some(kv) = self.ctx.seq_state(p.slot as i32) {
-                    self.cache.store(tokens, kv, snaps);
+                    self.cache.store(tokens, kv, snaps, inputs);
                 }
             }
         }

@@ -931,11 +931,12 @@ fn assert_exact(got: &Outcome, want: &Outcome, what: &str) {
 }
 
 /// The prefix cache, against cold runs (a fresh engine without the cache), in exact mode: a tenant's
-/// growing prompt (multi-turn) reuses all of its first prompt; two adapters on the same prompt each
-/// get their own cold result (the second adapter has no pooling cached and runs cold, the first
-/// reuses everything); a shared prefix with a different ending reuses up to the last checkpoint
-/// before the divergence; a prompt shorter than one chunk; the base alone reuses all but its last
-/// token. Logits of every step within 1e-5, the same tokens, and the reuse in `n_cached`.
+/// growing prompt (multi-turn) reuses all of its first prompt; a second adapter on the same prompt
+/// pools the cached input rows with its own generators (no forward pass) and gets its own cold
+/// result; a shared prefix with a different ending reuses up to the last checkpoint before the
+/// divergence, for the first adapter and for a third one; a prompt shorter than one chunk; the
+/// base alone reuses all but its last token. Logits of every step within 1e-5, the same tokens,
+/// and the reuse in `n_cached`.
 #[test]
 fn prefix_cache_reuse_is_exact() {
     let m = model("llama");
@@ -958,11 +959,13 @@ fn prefix_cache_reuse_is_exact() {
     assert_exact(&b, &cold(&with_logits(&turn2, Some("a0"))), "turn 2, warm");
     assert_eq!(b.done.as_ref().unwrap().n_cached, 600, "all of turn 1 reused");
 
-    // Another adapter on turn 1: nothing of its pooling is cached, so it runs cold; then the first
-    // adapter again reuses every instruction row (only its soft tokens are computed).
+    // Another adapter on turn 1: its generators pool the cached input rows (no forward pass), the
+    // KV is the base model's: only its soft rows are computed. Then the first adapter again.
+    let rows_before = e.stats().prefill_rows;
     let c = run(&mut e, &with_logits(&turn1, Some("a1")));
-    assert_exact(&c, &cold(&with_logits(&turn1, Some("a1"))), "a second adapter");
-    assert_eq!(c.done.as_ref().unwrap().n_cached, 0);
+    assert_exact(&c, &cold(&with_logits(&turn1, Some("a1"))), "a second adapter on the cached rows");
+    assert_eq!(c.done.as_ref().unwrap().n_cached, 600);
+    assert_eq!(e.stats().prefill_rows - rows_before, 2, "a1's 2 soft rows only");
     let rows_before = e.stats().prefill_rows;
     let d = run(&mut e, &with_logits(&turn1, Some("a0")));
     assert_exact(&d, &a, "the first adapter again");
@@ -977,6 +980,11 @@ fn prefix_cache_reuse_is_exact() {
         let got = run(&mut e, &with_logits(p, Some("a0")));
         assert_exact(&got, &cold(&with_logits(p, Some("a0"))), what);
     }
+    let mut third = turn1[..530].to_vec();
+    third.extend(long_prompt(30, 10));
+    let got = run(&mut e, &with_logits(&third, Some("a3")));
+    assert_exact(&got, &cold(&with_logits(&third, Some("a3"))), "a third adapter, a shared prefix");
+    assert_eq!(got.done.as_ref().unwrap().n_cached, 512, "the cached input rows up to the checkpoint at 512");
     let got = run(&mut e, &with_logits(&diverged, Some("a0")));
     assert_eq!(got.done.as_ref().unwrap().n_cached, diverged.len(), "now cached whole");
 
@@ -995,7 +1003,8 @@ fn prefix_cache_reuse_is_exact() {
     assert_eq!(base.done.as_ref().unwrap().n_cached, longer.len() - 1, "the base recomputes only its last token");
     assert_exact(&base, &cold(&with_logits(&longer, None)), "the base on an adapter's cached instruction");
     let s = e.stats().cache;
-    assert!(s.hits >= 7 && s.misses >= 3 && s.bytes > 0 && s.entries > 0, "{s:?}");
+    assert!(s.hits >= 10 && s.misses >= 2 && s.bytes > 0 && s.entries > 0, "{s:?}");
+    assert_eq!(s.stored, s.hits + s.misses, "one entry per prefill");
     assert_eq!(e.cells_in_use(), 0);
 }
 

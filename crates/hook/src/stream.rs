@@ -73,6 +73,9 @@ pub struct Prefill {
     soft: Vec<Option<Vec<f32>>>,
     /// Layers whose m soft rows were written in place in device memory.
     in_place: Vec<bool>,
+    /// Each layer's instruction rows as pooled, kept for the prefix cache when asked for
+    /// ([`Prefill::capture_inputs`]; CPU pooling only).
+    captured: Option<Vec<Vec<f32>>>,
 }
 
 impl Prefill {
@@ -80,14 +83,21 @@ impl Prefill {
     pub fn cpu(gen: Arc<Generator>, n_instr: usize) -> Prefill {
         let (l, m) = (gen.n_layer(), gen.n_soft_tokens());
         let states = (0..l).map(|i| gen.begin(i)).collect();
-        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] }
+        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l], captured: None }
     }
 
     /// A prefill on the GPU generator (allocates the device state).
     pub fn gpu(rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, n_instr: usize) -> Result<Prefill, GpuError> {
         let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
         let state = Box::new(rt.new_state(&adapter)?);
-        Ok(Prefill { pooling: Pooling::Gpu { rt, adapter, state }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] })
+        Ok(Prefill {
+            pooling: Pooling::Gpu { rt, adapter, state },
+            n_instr,
+            m,
+            soft: vec![None; l],
+            in_place: vec![false; l],
+            captured: None,
+        })
     }
 
     /// Instruction rows of the prompt.
@@ -157,6 +167,30 @@ impl Prefill {
         Some(PoolSnapshot { gen_id: gen.id(), rows, states: states.clone() })
     }
 
+    /// From now on, keeps a copy of every instruction row pooled, per layer (the prefix cache
+    /// stores them so that another adapter can pool a shared prefix without a forward pass).
+    /// CPU pooling only; `false` on the GPU.
+    pub fn capture_inputs(&mut self) -> bool {
+        let Pooling::Cpu { gen, .. } = &self.pooling else { return false };
+        self.captured = Some(vec![Vec::new(); gen.n_layer()]);
+        true
+    }
+
+    /// The rows kept since [`Prefill::capture_inputs`], per layer (each `rows x n_embd`).
+    pub fn take_inputs(&mut self) -> Option<Vec<Vec<f32>>> {
+        self.captured.take()
+    }
+
+    /// Pools `rows` (`k x n_embd` layer-`layer` inputs of the next instruction rows) without a
+    /// forward pass: rows a prefix cache kept from another sequence's prefill of the same prompt.
+    /// CPU pooling only; on error (or on the GPU) the state is unchanged and `false` is returned.
+    pub fn pool_rows(&mut self, layer: usize, rows: &[f32]) -> bool {
+        match &mut self.pooling {
+            Pooling::Cpu { gen, states } => states.get_mut(layer).is_some_and(|s| s.feed(gen, rows).is_ok()),
+            Pooling::Gpu { .. } => false,
+        }
+    }
+
     /// A prefill on the CPU generator for a prompt of `n_instr` instruction tokens whose first
     /// `snap.rows()` rows are already pooled in `snap`. `None` when `snap` belongs to another
     /// generator (another adapter, or this one loaded again) or covers more rows than the prompt.
@@ -167,7 +201,7 @@ impl Prefill {
         }
         let m = gen.n_soft_tokens();
         let states = snap.states.clone();
-        Some(Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l] })
+        Some(Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l], captured: None })
     }
 }
 
@@ -641,6 +675,9 @@ impl Ctx<'_> {
                 let (rows, copied) = read(&*node, &mut *self.buf, row0, k, d).map_err(node_err(layer))?;
                 let t1 = Instant::now();
                 let r = states[layer].feed(gen, rows);
+                if let Some(kept) = p.captured.as_mut().and_then(|c| c.get_mut(layer)).filter(|_| r.is_ok()) {
+                    kept.extend_from_slice(rows);
+                }
                 self.times.generate += t1.elapsed();
                 if copied {
                     self.copied(&*node, t0, true);
