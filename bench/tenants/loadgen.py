@@ -34,7 +34,10 @@ Reported (JSON, --out): aggregate output tokens/s (completion tokens of the meas
 from the first request sent to the last one ended), requests/s, time to first token p50/p99 (request
 sent -> first text chunk), inter-token latency p50/p99 (gaps between consecutive text chunks, all
 requests pooled), the server's peak RSS (VmHWM of --pid, a lifetime peak: load, warm-up and run), and
-with --metrics-url the server's Prometheus text after the run.
+with --metrics-url the server's Prometheus text before and after the measured run (the prompt
+tokens each server computed: `iapt_engine_prefill_rows_total`, `llamacpp:prompt_tokens_total`).
+`--shared-prefix-tokens N`: every prompt starts with the same N-token system prompt (seeded once,
+the warm-up's too) and ends with its own letters (issue 30's load).
 """
 
 from __future__ import annotations
@@ -152,6 +155,12 @@ def plan(a, label: str, n_req: int) -> tuple[list[int], list[str]]:
     tenants = pick_tenants(n_req, a.tenants, a.mix, rng)
     prompts = [prompt_text(a.words, a.prompt_tokens, random.Random(f"{a.seed}/{label}/prompt/{i}"))
                for i in range(n_req)]
+    if a.shared_prefix_tokens:
+        # The same system prompt before every request (warm-up included: a product's is hot), then
+        # the request's own letters: the prompt stays --prompt-tokens tokens (one letter, one token
+        # after the first few; see the module doc).
+        shared = prompt_text(a.words, a.shared_prefix_tokens, random.Random(f"{a.seed}/shared-prefix"))
+        prompts = [shared + p[len(shared):] for p in prompts]
     if len(set(prompts)) != n_req:
         raise Failure("two prompts of one run are equal")
     return tenants, prompts
@@ -227,6 +236,9 @@ async def amain(a) -> dict:
     if a.warmup:
         wres, w0, w1 = await run_load(client, a, f"{a.plan_label or a.label}/warmup", a.warmup, a.warmup_tokens)
         out["warmup"] = summarize(wres, w0, w1)
+    if a.metrics_url:
+        with urllib.request.urlopen(a.metrics_url, timeout=30) as resp:
+            out["metrics_before"] = resp.read().decode()
     res, t0, t1 = await run_load(client, a, a.plan_label or a.label, a.requests, a.max_tokens)
     out["run"] = summarize(res, t0, t1)
     out["per_request"] = [{"idx": r["idx"], "tenant": r["tenant"], "ttft_s": r["ttft"], "e2e_s": r["t_end"] - r["t_send"],
@@ -261,6 +273,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4, help="warm-up requests before the measured run (0: none)")
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--shared-prefix-tokens", type=int, default=0,
+                    help="every prompt starts with the same N-token system prompt (issue 30's load)")
     ap.add_argument("--label", default="run")
     ap.add_argument("--plan-label", help="seed the requests' tenants and prompts with this label instead of --label "
                                          "(rows that compare settings on the same requests share one)")

@@ -202,6 +202,41 @@ def disk(rows: dict, settings: dict, adapters_info: dict | None) -> dict | None:
     return out
 
 
+def metric_delta(row: dict, names: list[str]) -> float | None:
+    """A counter's growth over the measured run (/metrics before and after it), the first name found."""
+    for name in names:
+        after = metric(row, name)
+        before = metric({"metrics": row.get("metrics_before")}, name)
+        if after is not None and before is not None:
+            return after - before
+    return None
+
+
+def prefix(rows: dict) -> dict | None:
+    """The prefix cache (issue 30): per row, the prompt tokens each server computed in the measured
+    run, TTFT, throughput, the cache's bytes; and the targets: TTFT p50 with the cache >= 5x lower
+    than without; prompt tokens computed <= 1.2x the bare base's; IAPT >= 0.9x the bare base's
+    throughput; the IAPT / LoRA throughput ratio."""
+    got = {k: rows[k] for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base") if k in rows}
+    if not got:
+        return None
+    out = {}
+    for k, r in got.items():
+        computed = metric_delta(r, ["iapt_engine_prefill_rows_total", "llamacpp:prompt_tokens_total"])
+        out[k] = {"prompt_tokens_computed": computed, "prompt_tokens_sent": r["run"]["requests"] * r["prompt_tokens"],
+                  "ttft_p50_s": r["run"]["ttft_p50_s"], "ttft_p99_s": r["run"]["ttft_p99_s"],
+                  "tokens_per_s": r["run"]["output_tokens_per_s"], "peak_rss_kib": r["peak_rss_kib"],
+                  "cache_bytes": metric(r, "iapt_prefix_cache_bytes"), "cache_hits": metric_delta(r, ["iapt_prefix_cache_hits_total"])}
+    def ratio(a, b, key):
+        x, y = out.get(a, {}).get(key), out.get(b, {}).get(key)
+        return x / y if x and y else None
+    out["ttft_p50_nocache_over_cache"] = ratio("prefix-iapt-nocache", "prefix-iapt", "ttft_p50_s")
+    out["computed_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "prompt_tokens_computed")
+    out["tps_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "tokens_per_s")
+    out["tps_iapt_over_lora"] = ratio("prefix-iapt", "prefix-lora", "tokens_per_s")
+    return out
+
+
 def engine_steps(row: dict) -> dict | None:
     """The engine's decode-only steps of an `iapt serve` row, from its /metrics after the run: ms
     per step, of which inside llama_decode, and the rest (the engine's own)."""
@@ -292,6 +327,7 @@ def main() -> int:
                        "big": targets(rows, n, "-big", int(settings["gen"]))},
            "base_text_agrees_across_servers": base_agree,
            "disk": disk(rows, settings, adapters_info),
+           "prefix": prefix(rows),
            "memory": memory(rows, n, adapters_info), "adapters": adapters_info,
            "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_request",)} for k, v in rows.items()},
            "per_request": {k: v.get("per_request") for k, v in rows.items()}}
@@ -369,6 +405,20 @@ def main() -> int:
             ls = d["lora_start"]
             L.append(f"- llama-server with {ls['n']} LoRA adapters (`--lora` each, preloaded): ready after {ls['startup_s']:.1f} s, "
                      f"peak RSS {ls['peak_rss_kib'] / 1024:.0f} MiB.")
+    px = res.get("prefix")
+    if px:
+        L += ["", f"The prefix cache (issue 30): every prompt = one {s.get('prefix_sys')}-token system prompt + {s.get('prefix_user')} tokens "
+              f"of its own, {s['n_adapters']} tenants (uniform), {s['parallel']} in flight, {s.get('requests_prefix')} requests x "
+              f"{s.get('gen_prefix')} generated, after {s['warmup']} warm-up requests with the same system prompt:", "",
+              "| row | prompt tokens sent / computed | TTFT p50 / p99 (s) | output tok/s | cache (MiB) |", "| --- | ---: | ---: | ---: | ---: |"]
+        for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base"):
+            if k in px:
+                x = px[k]
+                L.append(f"| {k} | {x['prompt_tokens_sent']} / {fmt(x['prompt_tokens_computed'], '.0f')} | {fmt(x['ttft_p50_s'])} / {fmt(x['ttft_p99_s'])} | "
+                         f"{x['tokens_per_s']:.2f} | {fmt(x['cache_bytes'] and x['cache_bytes'] / 2**20, '.0f')} |")
+        L += ["", f"- TTFT p50 without the cache / with it: **{fmt(px['ttft_p50_nocache_over_cache'])}x** (target >= 5); prompt tokens computed, "
+              f"IAPT / bare base: {fmt(px['computed_iapt_over_base'])}x (target <= 1.2); throughput IAPT / bare base: "
+              f"{fmt(px['tps_iapt_over_base'])}x (target >= 0.9); IAPT / LoRA: {fmt(px['tps_iapt_over_lora'])}x."]
     L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident, F16 / Q8_0 | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in res["memory"]["shapes"].items():

@@ -30,6 +30,9 @@
 #                      made ones, WORK/disk-N), `iapt serve --adapter-dir` with a resident cap of
 #                      CAP_SMALL and CAP_LARGE, Zipf (s 1.1) traffic; and llama-server started with
 #                      that many LoRA adapters (copies), its start time and RSS
+#   PREFIX_SYS 1024 [48], PREFIX_USER 64 [8], GEN_PREFIX 64 [4], REQUESTS_PREFIX 16 [4], CTX_PREFIX 1280 [256]:
+#                      the "prefix" rows (issue 30): every prompt a shared PREFIX_SYS-token system
+#                      prompt + PREFIX_USER tokens of its own, N_ADAPTERS tenants, CTX_PREFIX per slot
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
 #                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
 #   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
@@ -68,6 +71,7 @@ if [ "$smoke" = 1 ]; then
   WARMUP_GEN=${WARMUP_GEN:-2} PARALLEL=${PARALLEL:-2} N_ADAPTERS=${N_ADAPTERS:-2} CTX_PER_SEQ=${CTX_PER_SEQ:-256}
   TENANTS_BIG=${TENANTS_BIG:-2} PARALLEL_BIG=${PARALLEL_BIG:-4} REQUESTS_BIG=${REQUESTS_BIG:-8}
   DISK_ADAPTERS=${DISK_ADAPTERS:-6} CAP_SMALL=${CAP_SMALL:-2} CAP_LARGE=${CAP_LARGE:-4} REQUESTS_DISK=${REQUESTS_DISK:-8} GEN_DISK=${GEN_DISK:-4}
+  PREFIX_SYS=${PREFIX_SYS:-48} PREFIX_USER=${PREFIX_USER:-8} GEN_PREFIX=${GEN_PREFIX:-4} REQUESTS_PREFIX=${REQUESTS_PREFIX:-4} CTX_PREFIX=${CTX_PREFIX:-256}
   OUT=${OUT:-$WORK/smoke} VOCAB=tiny
 else
   REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
@@ -75,6 +79,7 @@ else
   WARMUP_GEN=${WARMUP_GEN:-8} PARALLEL=${PARALLEL:-16} N_ADAPTERS=${N_ADAPTERS:-16} CTX_PER_SEQ=${CTX_PER_SEQ:-512}
   TENANTS_BIG=${TENANTS_BIG:-64} PARALLEL_BIG=${PARALLEL_BIG:-32} REQUESTS_BIG=${REQUESTS_BIG:-64}
   DISK_ADAPTERS=${DISK_ADAPTERS:-1000} CAP_SMALL=${CAP_SMALL:-32} CAP_LARGE=${CAP_LARGE:-256} REQUESTS_DISK=${REQUESTS_DISK:-256} GEN_DISK=${GEN_DISK:-64}
+  PREFIX_SYS=${PREFIX_SYS:-1024} PREFIX_USER=${PREFIX_USER:-64} GEN_PREFIX=${GEN_PREFIX:-64} REQUESTS_PREFIX=${REQUESTS_PREFIX:-16} CTX_PREFIX=${CTX_PREFIX:-1280}
   OUT=${OUT:-$HERE/results} VOCAB=bench
 fi
 THREADS=${THREADS:-2} BATCH=${BATCH:-512} UBATCH=${UBATCH:-512}
@@ -119,6 +124,13 @@ rows() {
   echo "disk-small | iapt-disk-small | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | $REQUESTS_DISK"
   echo "disk-large | iapt-disk-large | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | $REQUESTS_DISK"
   echo "lora-disk-start | llama-lora-start | $DISK_ADAPTERS | zipf1.1 | $PARALLEL | $GEN_DISK | 0"
+  # The prefix cache (issue 30): every prompt = one PREFIX_SYS-token system prompt + its own
+  # PREFIX_USER tokens, N_ADAPTERS tenants: iapt serve with and without its cache, llama-server with
+  # a LoRA per tenant and on the bare base, both with their prompt cache on (its default).
+  echo "prefix-iapt | iapt-prefix | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
+  echo "prefix-iapt-nocache | iapt-prefix-nocache | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
+  echo "prefix-lora | llama-lora-prefix | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
+  echo "prefix-base | llama-base-prefix | 0 | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
 ROWS=${ROWS:-$ALL_ROWS}
@@ -266,13 +278,16 @@ wait_ready() {
 start_server() {
   local kind=$1 label=$2 slots=$3 n_adapters=$4 logf="$OUT/logs/$2.server.log" port args=() i n
   local ctx=$((slots * CTX_PER_SEQ))
+  case "$kind" in *-prefix*) ctx=$((slots * CTX_PREFIX)) ;; esac
   case "$kind" in
-    llama-base | llama-lora | llama-base-kvu | llama-lora-start)
+    llama-base | llama-lora | llama-base-kvu | llama-lora-start | llama-lora-prefix | llama-base-prefix)
       port=$(free_port)
       args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$slots" -c "$ctx"
-        -b "$BATCH" -ub "$UBATCH" --alias base --metrics --cache-ram 0 --no-webui)
+        -b "$BATCH" -ub "$UBATCH" --alias base --metrics --no-webui)
+      # The prompt cache (host memory) only where it is measured.
+      case "$kind" in *-prefix) ;; *) args+=(--cache-ram 0) ;; esac
       if [ "$kind" = llama-base-kvu ]; then args+=(-kvu); fi
-      if [ "$kind" = llama-lora ]; then
+      if [ "$kind" = llama-lora ] || [ "$kind" = llama-lora-prefix ]; then
         for i in $(seq 0 $((n_adapters - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
         args+=(--lora-init-without-apply)
       fi
@@ -285,13 +300,14 @@ start_server() {
       SERVER_PID=$!
       BASE_URL=http://127.0.0.1:$port
       ;;
-    iapt | iapt-base | iapt-base-kvu | iapt-disk-small | iapt-disk-large)
+    iapt | iapt-base | iapt-base-kvu | iapt-disk-small | iapt-disk-large | iapt-prefix | iapt-prefix-nocache)
       args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$slots" --ctx-size "$ctx"
         --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
       if [ "$kind" = iapt-base-kvu ]; then args+=(--kv-unified); fi
+      if [ "$kind" = iapt-prefix-nocache ]; then args+=(--cache-mib 0); fi
       if [ "$kind" = iapt-disk-small ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_SMALL"); fi
       if [ "$kind" = iapt-disk-large ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_LARGE"); fi
-      if [ "$kind" = iapt ]; then
+      if [ "$kind" = iapt ] || [ "${kind#iapt-prefix}" != "$kind" ]; then
         for i in $(seq 0 $((n_adapters - 1))); do
           n=$(printf %02d "$i")
           args+=(--adapter "t$n=$ADAPTERS/iapt-$n.safetensors")
@@ -326,8 +342,15 @@ run_row() {
   local t_start
   t_start=$(date +%s.%N)
   start_server "$kind" "$id" "$slots" "$n_adapters"
-  local startup=$((SECONDS - t0)) metrics=() client=${kind%-kvu}
+  local startup=$((SECONDS - t0)) metrics=() client=${kind%-kvu} prompt=$PROMPT shared=()
   case "$kind" in iapt-disk-*) client=iapt ;; esac
+  case "$kind" in
+    *-prefix*)
+      client=${kind%%-prefix*}
+      prompt=$((PREFIX_SYS + PREFIX_USER)) shared=(--shared-prefix-tokens "$PREFIX_SYS")
+      metrics=(--metrics-url "$BASE_URL/metrics")
+      ;;
+  esac
   if [ "$kind" = llama-lora-start ]; then
     # Started with every LoRA adapter: how long it took and what it holds; no load.
     python3 - "$OUT/rows/$id.json" "$id" "$t_start" "$SERVER_PID" "$DISK_ADAPTERS" <<'PY'
@@ -343,8 +366,8 @@ PY
   [ "${kind#iapt}" != "$kind" ] && metrics=(--metrics-url "$BASE_URL/metrics")
   case "$kind" in iapt-disk-*) metrics+=(--plan-label disk) ;; esac # both caps serve the same requests
   run_child "$PY" "$HERE/loadgen.py" --base-url "$BASE_URL/v1" --server "$client" --model base --tenants "$tenants" --mix "$mix" \
-    --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$PROMPT" --max-tokens "$gen" --words "$VOCAB" \
-    --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" \
+    --requests "$nreq" --concurrency "$inflight" --prompt-tokens "$prompt" --max-tokens "$gen" --words "$VOCAB" \
+    --warmup "$WARMUP" --warmup-tokens "$WARMUP_GEN" --label "$id" --pid "$SERVER_PID" "${metrics[@]}" "${shared[@]}" \
     --out "$OUT/rows/$id.json" >&2 || { stop_server; die "row $id failed (server log: $OUT/logs/$id.server.log)"; }
   stop_server
   python3 - "$OUT/rows/$id.json" "$startup" "$((SECONDS - t0))" <<'PY'
@@ -435,6 +458,7 @@ SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) f
   warmup_gen="$WARMUP_GEN" parallel="$PARALLEL" n_adapters="$N_ADAPTERS" threads="$THREADS" ctx="$CTX" \
   tenants_big="$TENANTS_BIG" parallel_big="$PARALLEL_BIG" requests_big="$REQUESTS_BIG" \
   disk_adapters="$DISK_ADAPTERS" cap_small="$CAP_SMALL" cap_large="$CAP_LARGE" requests_disk="$REQUESTS_DISK" gen_disk="$GEN_DISK" \
+  prefix_sys="$PREFIX_SYS" prefix_user="$PREFIX_USER" gen_prefix="$GEN_PREFIX" requests_prefix="$REQUESTS_PREFIX" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
   llama_server="$LLAMA_SERVER" llama_version="$LLAMA_VERSION" llama_src="$LLAMA_SRC" llama_lib="$LLAMA_LIB" rows="$ROWS" \
   wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")

@@ -514,22 +514,26 @@ impl<'m> Engine<'m> {
         let key = p.gen.as_ref().map(|g| g.generator_id());
         let Some(hit) = self.cache.lookup(&p.req.prompt, key) else { return cold };
         let n_instr = p.req.prompt.len();
-        let prefill = match (&p.gen, hit.pooled, &hit.inputs) {
-            (None, ..) => None,
-            (Some(g), Some(snap), _) => match g.begin_from(n_instr, snap) {
-                Some(prefill) => Some(prefill),
-                None => return cold,
-            },
-            (Some(g), None, Some(runs)) => {
-                // Another adapter's prefill left these rows: pool them, no forward pass.
-                let Ok(mut prefill) = g.begin(n_instr) else { return cold };
-                let pooled = runs.iter().all(|r| r.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, rows)));
+        let prefill = match &p.gen {
+            None => None,
+            Some(g) => {
+                // Its own snapshot, then the input rows another prefill left: pooled now, no
+                // forward pass.
+                let start = match hit.pooled {
+                    Some(snap) => g.begin_from(n_instr, snap),
+                    None => g.begin(n_instr).ok(),
+                };
+                let Some(mut prefill) = start else { return cold };
+                let d = self.model.n_embd();
+                let pooled = hit
+                    .pool
+                    .iter()
+                    .all(|(run, a, b)| run.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, &rows[a * d..b * d])));
                 if !pooled {
                     return cold;
                 }
                 Some(prefill)
             }
-            (Some(_), None, None) => return cold,
         };
         let (reuse, runs) = (hit.reuse, hit.inputs);
         if !self.ctx.set_seq_state(slot as i32, hit.kv) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {

@@ -17,15 +17,13 @@
 //!   rows taken by prefills in flight stay within half the cache.
 //!
 //! A request reuses the longest prefix of its prompt that an entry holds: all of it for the base
-//! alone but the last token (whose logits it needs), and for an adapter up to the latest snapshot
-//! of that adapter, or the end of the latest run of input rows, at or before that length (the
-//! pooling must cover exactly the reused rows).
+//! alone but the last token (whose logits it needs), and for an adapter as far as its pooling can
+//! be had: its latest snapshot at or before that length, then the cached input rows after it.
 //! What is reused is copied into the request's sequence at admission, so an entry is never in use
 //! afterwards and can be evicted at any time; entries are evicted whole, least recently used first,
 //! to stay within [`PrefixCache::max_bytes`]. Exact: the KV bytes and the pooling sums are the
 //! ones a cold prefill computes (chunked prefill equals one shot), which the engine's tests check
-//! against cold runs to 1e-5. Memory is counted per entry (a run shared by two entries counts
-//! twice), so the cache holds at most its bytes.
+//! against cold runs to 1e-5. A run of input rows shared by several entries is counted once.
 
 use std::sync::Arc;
 
@@ -80,17 +78,38 @@ struct Entry {
 }
 
 impl Entry {
-    /// The longest run-aligned prefix of the input rows within `limit` rows: its length and runs.
-    fn inputs_within(&self, limit: usize) -> (usize, usize) {
-        let (mut rows, mut runs) = (0, 0);
+    /// Input rows the entry holds (from row 0 on).
+    fn input_rows(&self) -> usize {
+        self.inputs.iter().map(|r| r.n).sum()
+    }
+
+    /// The input rows `from..to`, as (run, first row in it, end row in it) pieces.
+    fn pieces(&self, from: usize, to: usize) -> Vec<(Arc<Rows>, usize, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
         for r in &self.inputs {
-            if rows + r.n > limit {
-                break;
+            let (a, b) = (from.max(at), to.min(at + r.n));
+            if a < b {
+                out.push((r.clone(), a - at, b - at));
             }
-            rows += r.n;
-            runs += 1;
+            at += r.n;
         }
-        (rows, runs)
+        out
+    }
+
+    /// The input rows `0..to` as runs for a new entry: whole runs shared, a run cut at `to` copied.
+    fn runs_to(&self, to: usize) -> Vec<Arc<Rows>> {
+        self.pieces(0, to)
+            .into_iter()
+            .map(|(r, a, b)| {
+                if a == 0 && b == r.n {
+                    r
+                } else {
+                    let d = r.layers.first().map_or(0, |l| l.len() / r.n.max(1));
+                    Arc::new(Rows { n: b - a, layers: r.layers.iter().map(|l| l[a * d..b * d].to_vec()).collect() })
+                }
+            })
+            .collect()
     }
 }
 
@@ -100,11 +119,12 @@ pub(crate) struct Hit<'a> {
     pub reuse: usize,
     /// The KV copy to load (then cut to `reuse`).
     pub kv: &'a [u8],
-    /// The adapter's pooling after exactly `reuse` rows (None for the base alone, or when it is
-    /// to be pooled from `inputs`).
+    /// With an adapter: its pooling after the first rows (none: start from nothing), then
+    /// `pool` (input rows kept by an earlier prefill) up to exactly `reuse` rows.
     pub pooled: Option<&'a PoolSnapshot>,
-    /// Input rows covering exactly rows `0..reuse`, when the entry has them: pooled by an adapter
-    /// without a snapshot, and the start of the request's own entry's rows.
+    /// See `pooled`: (run, first row, end row) pieces.
+    pub pool: Vec<(Arc<Rows>, usize, usize)>,
+    /// The input rows `0..reuse` when the entry has them, for the request's own entry.
     pub inputs: Option<Vec<Arc<Rows>>>,
 }
 
@@ -152,32 +172,34 @@ impl PrefixCache {
     /// The best reuse for `prompt` with the adapter whose generator is `gen` (`None`: the base
     /// alone, `Some(None)`: an adapter whose pooling is not cached, on the GPU). Counts a hit or a
     /// miss.
+    ///
+    /// The base alone reuses the whole common prefix but the last prompt token. An adapter reuses
+    /// it as far as its pooling can be had: from its own latest snapshot at or before it, then the
+    /// entry's input rows beyond the snapshot, up to the common length.
     pub fn lookup(&mut self, prompt: &[Token], gen: Option<Option<u64>>) -> Option<Hit<'_>> {
         if !self.enabled() {
             return None;
         }
-        // (reuse, entry, snapshot index, input runs)
-        let mut best: Option<(usize, usize, Option<usize>, usize)> = None;
+        // (reuse, entry, snapshot index)
+        let mut best: Option<(usize, usize, Option<usize>)> = None;
         for (e_idx, e) in self.entries.iter().enumerate() {
             let common = e.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-            let (in_rows, in_runs) = e.inputs_within(common);
-            let (reuse, snap, runs) = match gen {
-                None => (common.min(prompt.len().saturating_sub(1)), None, 0),
-                Some(None) => (0, None, 0),
+            let (reuse, snap) = match gen {
+                None => (common.min(prompt.len().saturating_sub(1)), None),
+                Some(None) => (0, None),
                 Some(Some(id)) => {
                     let s =
                         e.pooled.iter().enumerate().filter(|(_, (g, p))| *g == id && p.rows() <= common).max_by_key(|(_, (_, p))| p.rows());
-                    match s {
-                        Some((i, (_, p))) if p.rows() >= in_rows => (p.rows(), Some(i), 0),
-                        _ => (in_rows, None, in_runs),
-                    }
+                    let from = s.map_or(0, |(_, (_, p))| p.rows());
+                    let upto = common.min(e.input_rows()).max(from);
+                    (upto, s.map(|(i, _)| i))
                 }
             };
             if reuse > 0 && best.is_none_or(|(r, ..)| reuse > r) {
-                best = Some((reuse, e_idx, snap, runs));
+                best = Some((reuse, e_idx, snap));
             }
         }
-        let Some((reuse, e_idx, snap, runs)) = best else {
+        let Some((reuse, e_idx, snap)) = best else {
             self.stats.misses += 1;
             return None;
         };
@@ -186,11 +208,13 @@ impl PrefixCache {
         self.stats.tokens_reused += reuse as u64;
         let e = &mut self.entries[e_idx];
         e.last_used = self.clock;
-        // The input rows of exactly `reuse` rows, for the request's own entry (and to pool from).
-        let (in_rows, in_runs) = e.inputs_within(reuse);
-        let inputs = (in_rows == reuse).then(|| e.inputs[..in_runs].to_vec());
-        debug_assert!(snap.is_some() || gen.is_none() || runs == in_runs);
-        Some(Hit { reuse, kv: &e.kv, pooled: snap.map(|i| &e.pooled[i].1), inputs })
+        let pooled = snap.map(|i| &e.pooled[i].1);
+        let pool = match gen {
+            Some(Some(_)) => e.pieces(pooled.map_or(0, |p| p.rows()), reuse),
+            _ => Vec::new(),
+        };
+        let inputs = (e.input_rows() >= reuse).then(|| e.runs_to(reuse));
+        Some(Hit { reuse, kv: &e.kv, pooled, pool, inputs })
     }
 
     /// Stores the instruction `tokens` of a finished prefill with its KV copy and pooling
@@ -203,31 +227,44 @@ impl PrefixCache {
         let mut inputs = inputs;
         if let Some(i) = self.entries.iter().position(|e| e.tokens == tokens) {
             let old = self.entries.swap_remove(i);
-            self.stats.bytes -= old.bytes;
             if inputs.len() < old.inputs.len() {
                 inputs = old.inputs;
             }
             let new_ids: Vec<u64> = pooled.iter().map(|(g, _)| *g).collect();
             pooled.extend(old.pooled.into_iter().filter(|(g, _)| !new_ids.contains(g)));
         }
-        let bytes = kv.len()
-            + tokens.len() * 4
-            + pooled.iter().map(|(_, p)| p.bytes()).sum::<usize>()
-            + inputs.iter().map(|r| r.bytes()).sum::<usize>();
-        if bytes > self.max_bytes {
+        let own = kv.len() + tokens.len() * 4 + pooled.iter().map(|(_, p)| p.bytes()).sum::<usize>();
+        let entry = Entry { tokens, kv, pooled, inputs, bytes: own, last_used: 0 };
+        if own + entry.inputs.iter().map(|r| r.bytes()).sum::<usize>() > self.max_bytes {
+            self.stats.bytes = self.held_bytes(None);
             self.stats.entries = self.entries.len();
             return;
         }
-        while self.stats.bytes + bytes > self.max_bytes {
+        while self.held_bytes(Some(&entry)) > self.max_bytes {
             let Some(lru) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) else { break };
-            let e = self.entries.swap_remove(lru);
-            self.stats.bytes -= e.bytes;
+            self.entries.swap_remove(lru);
             self.stats.evicted += 1;
         }
         self.clock += 1;
-        self.entries.push(Entry { tokens, kv, pooled, inputs, bytes, last_used: self.clock });
-        self.stats.bytes += bytes;
+        self.entries.push(Entry { last_used: self.clock, ..entry });
+        self.stats.bytes = self.held_bytes(None);
         self.stats.stored += 1;
         self.stats.entries = self.entries.len();
+    }
+
+    /// Bytes the entries (and `extra`) hold: each entry's own, and every run of input rows once,
+    /// however many entries share it.
+    fn held_bytes(&self, extra: Option<&Entry>) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for e in self.entries.iter().chain(extra) {
+            total += e.bytes;
+            for r in &e.inputs {
+                if seen.insert(Arc::as_ptr(r)) {
+                    total += r.bytes();
+                }
+            }
+        }
+        total
     }
 }

@@ -933,8 +933,8 @@ fn assert_exact(got: &Outcome, want: &Outcome, what: &str) {
 /// The prefix cache, against cold runs (a fresh engine without the cache), in exact mode: a tenant's
 /// growing prompt (multi-turn) reuses all of its first prompt; a second adapter on the same prompt
 /// pools the cached input rows with its own generators (no forward pass) and gets its own cold
-/// result; a shared prefix with a different ending reuses up to the last checkpoint before the
-/// divergence, for the first adapter and for a third one; a prompt shorter than one chunk; the
+/// result; a shared prefix with a different ending reuses all of the shared rows (a snapshot, then
+/// cached input rows), for the first adapter and for a third one; a prompt shorter than one chunk; the
 /// base alone reuses all but its last token. Logits of every step within 1e-5, the same tokens,
 /// and the reuse in `n_cached`.
 #[test]
@@ -972,7 +972,8 @@ fn prefix_cache_reuse_is_exact() {
     assert_eq!(d.done.as_ref().unwrap().n_cached, 600);
     assert_eq!(e.stats().prefill_rows - rows_before, 4, "only the 4 soft rows computed");
 
-    // The same 600-token prefix, another ending: reused up to the checkpoint at 512.
+    // The same 600-token prefix, another ending; and a divergence after 560 rows: reused up to it
+    // (the snapshot at 512, then the cached input rows 512..560).
     let other: Vec<Token> = turn1.iter().copied().chain(long_prompt(40, 3)).collect::<Vec<_>>();
     let mut diverged = turn1[..560].to_vec();
     diverged.extend(long_prompt(70, 4));
@@ -984,7 +985,7 @@ fn prefix_cache_reuse_is_exact() {
     third.extend(long_prompt(30, 10));
     let got = run(&mut e, &with_logits(&third, Some("a3")));
     assert_exact(&got, &cold(&with_logits(&third, Some("a3"))), "a third adapter, a shared prefix");
-    assert_eq!(got.done.as_ref().unwrap().n_cached, 512, "the cached input rows up to the checkpoint at 512");
+    assert_eq!(got.done.as_ref().unwrap().n_cached, 530, "the whole shared prefix, pooled from the cached input rows");
     let got = run(&mut e, &with_logits(&diverged, Some("a0")));
     assert_eq!(got.done.as_ref().unwrap().n_cached, diverged.len(), "now cached whole");
 
