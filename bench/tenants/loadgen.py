@@ -37,7 +37,9 @@ requests pooled), the server's peak RSS (VmHWM of --pid, a lifetime peak: load, 
 with --metrics-url the server's Prometheus text before and after the measured run (the prompt
 tokens each server computed: `iapt_engine_prefill_rows_total`, `llamacpp:prompt_tokens_total`).
 `--shared-prefix-tokens N`: every prompt starts with the same N-token system prompt (seeded once,
-the warm-up's too) and ends with its own letters (issue 30's load).
+the warm-up's too) and ends with its own letters (issue 30's load). `--turns T`: conversations of
+T turns, each turn's prompt the previous prompt + as many letters as the answer had tokens +
+`--turn-tokens` new letters (a chat's growing prompt; every prompt's length is checked).
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class Failure(Exception):
     pass
 
 
-async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str, max_tokens: int,
+                      expect_prompt: int | None = -1) -> dict:
     extra = {"ignore_eos": True}
     model = a.model
     if a.server == "llama-lora":
@@ -117,6 +120,7 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
         model = f"{a.adapter_prefix}{tenant:02d}"
     t0 = time.perf_counter()
     stamps: list[float] = []
+    texts: list[str] = []
     usage = None
     finish = None
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
@@ -127,6 +131,7 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
         for c in chunk.choices or []:
             if c.text:
                 stamps.append(now)
+                texts.append(c.text)
             if c.finish_reason:
                 finish = c.finish_reason
         if chunk.usage is not None:
@@ -135,8 +140,9 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
     where = f"request {idx} (tenant {tenant}, model {model})"
     if usage is None:
         raise Failure(f"{where}: no usage in the stream")
-    if usage.prompt_tokens != a.prompt_tokens:
-        raise Failure(f"{where}: prompt_tokens {usage.prompt_tokens}, expected {a.prompt_tokens}")
+    want_prompt = a.prompt_tokens if expect_prompt == -1 else expect_prompt
+    if want_prompt is not None and usage.prompt_tokens != want_prompt:
+        raise Failure(f"{where}: prompt_tokens {usage.prompt_tokens}, expected {want_prompt}")
     if usage.completion_tokens != max_tokens:
         raise Failure(f"{where}: completion_tokens {usage.completion_tokens}, expected {max_tokens} (finish {finish})")
     if len(stamps) > max_tokens:
@@ -146,7 +152,7 @@ async def one_request(client: AsyncOpenAI, a, idx: int, tenant: int, prompt: str
         stamps = [t1]
     return {"idx": idx, "chunks": len(stamps), "stamps": stamps, "no_text": no_text, "tenant": tenant, "t_send": t0, "t_end": t1, "ttft": stamps[0] - t0,
             "itl": [b - a_ for a_, b in zip(stamps, stamps[1:])], "tokens": usage.completion_tokens,
-            "prompt_tokens": usage.prompt_tokens}
+            "prompt_tokens": usage.prompt_tokens, "text": "".join(texts)}
 
 
 def plan(a, label: str, n_req: int) -> tuple[list[int], list[str]]:
@@ -190,13 +196,26 @@ async def check_applied(client: AsyncOpenAI, a) -> dict:
 
 async def run_load(client: AsyncOpenAI, a, label: str, n_req: int, max_tokens: int) -> tuple[list[dict], float, float]:
     tenants, prompts = plan(a, label, n_req)
-    queue = list(range(n_req))
+    turns = max(1, a.turns)
+    # --turns T: request i is turn i % T of conversation i // T (its tenant and first prompt are
+    # the conversation's first request's); a worker runs a conversation's turns one after another,
+    # each prompt = the previous prompt + max_tokens letters standing for the answer (the random
+    # bench model's text would re-tokenize into many more tokens) + --turn-tokens new letters.
+    queue = list(range(0, n_req, turns))
     results: list[dict] = []
 
     async def worker():
         while queue:
-            i = queue.pop(0)
-            results.append(await one_request(client, a, i, tenants[i], prompts[i], max_tokens))
+            c = queue.pop(0)
+            prompt, last = prompts[c], None
+            for k in range(min(turns, n_req - c)):
+                i = c + k
+                if last is not None:
+                    rng = random.Random(f"{a.seed}/{label}/turn/{i}")
+                    prompt = prompt + "".join(rng.choice(ALPHABET) for _ in range(max_tokens + a.turn_tokens))
+                want = a.prompt_tokens + k * (max_tokens + a.turn_tokens)
+                last = await one_request(client, a, i, tenants[c], prompt, max_tokens, want)
+                results.append(last)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(a.concurrency, n_req))))
@@ -242,7 +261,7 @@ async def amain(a) -> dict:
     res, t0, t1 = await run_load(client, a, a.plan_label or a.label, a.requests, a.max_tokens)
     out["run"] = summarize(res, t0, t1)
     out["per_request"] = [{"idx": r["idx"], "tenant": r["tenant"], "ttft_s": r["ttft"], "e2e_s": r["t_end"] - r["t_send"],
-                           "start_s": r["t_send"] - t0, "tokens": r["tokens"],
+                           "start_s": r["t_send"] - t0, "tokens": r["tokens"], "prompt_tokens": r["prompt_tokens"],
                            # when each text chunk arrived, ms after the run's start (the step timeline)
                            "chunk_ms": [round(1e3 * (x - t0), 1) for x in r["stamps"]]} for r in res]
     out["peak_rss_kib"] = vm_hwm_kib(a.pid)
@@ -273,6 +292,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4, help="warm-up requests before the measured run (0: none)")
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--turns", type=int, default=1, help="conversations of T turns (issue 30's chat load)")
+    ap.add_argument("--turn-tokens", type=int, default=64, help="new user letters in each later turn")
     ap.add_argument("--shared-prefix-tokens", type=int, default=0,
                     help="every prompt starts with the same N-token system prompt (issue 30's load)")
     ap.add_argument("--label", default="run")

@@ -217,13 +217,15 @@ def prefix(rows: dict) -> dict | None:
     run, TTFT, throughput, the cache's bytes; and the targets: TTFT p50 with the cache >= 5x lower
     than without; prompt tokens computed <= 1.2x the bare base's; IAPT >= 0.9x the bare base's
     throughput; the IAPT / LoRA throughput ratio."""
-    got = {k: rows[k] for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base") if k in rows}
+    got = {k: rows[k] for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base",
+                                 "chat-iapt", "chat-iapt-nocache", "chat-lora", "chat-base") if k in rows}
     if not got:
         return None
     out = {}
     for k, r in got.items():
         computed = metric_delta(r, ["iapt_engine_prefill_rows_total", "llamacpp:prompt_tokens_total"])
-        out[k] = {"prompt_tokens_computed": computed, "prompt_tokens_sent": r["run"]["requests"] * r["prompt_tokens"],
+        sent = sum(x.get("prompt_tokens", r["prompt_tokens"]) for x in r.get("per_request", [])) or r["run"]["requests"] * r["prompt_tokens"]
+        out[k] = {"prompt_tokens_computed": computed, "prompt_tokens_sent": sent,
                   "ttft_p50_s": r["run"]["ttft_p50_s"], "ttft_p99_s": r["run"]["ttft_p99_s"],
                   "tokens_per_s": r["run"]["output_tokens_per_s"], "peak_rss_kib": r["peak_rss_kib"],
                   "cache_bytes": metric(r, "iapt_prefix_cache_bytes"), "cache_hits": metric_delta(r, ["iapt_prefix_cache_hits_total"])}
@@ -234,6 +236,10 @@ def prefix(rows: dict) -> dict | None:
     out["computed_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "prompt_tokens_computed")
     out["tps_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "tokens_per_s")
     out["tps_iapt_over_lora"] = ratio("prefix-iapt", "prefix-lora", "tokens_per_s")
+    out["chat_ttft_p50_nocache_over_cache"] = ratio("chat-iapt-nocache", "chat-iapt", "ttft_p50_s")
+    out["chat_computed_iapt_over_base"] = ratio("chat-iapt", "chat-base", "prompt_tokens_computed")
+    out["chat_tps_iapt_over_base"] = ratio("chat-iapt", "chat-base", "tokens_per_s")
+    out["chat_tps_iapt_over_lora"] = ratio("chat-iapt", "chat-lora", "tokens_per_s")
     return out
 
 
@@ -411,14 +417,18 @@ def main() -> int:
               f"of its own, {s['n_adapters']} tenants (uniform), {s['parallel']} in flight, {s.get('requests_prefix')} requests x "
               f"{s.get('gen_prefix')} generated, after {s['warmup']} warm-up requests with the same system prompt:", "",
               "| row | prompt tokens sent / computed | TTFT p50 / p99 (s) | output tok/s | cache (MiB) |", "| --- | ---: | ---: | ---: | ---: |"]
-        for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base"):
+        for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base", "chat-iapt", "chat-iapt-nocache", "chat-lora", "chat-base"):
             if k in px:
                 x = px[k]
                 L.append(f"| {k} | {x['prompt_tokens_sent']} / {fmt(x['prompt_tokens_computed'], '.0f')} | {fmt(x['ttft_p50_s'])} / {fmt(x['ttft_p99_s'])} | "
                          f"{x['tokens_per_s']:.2f} | {fmt(x['cache_bytes'] and x['cache_bytes'] / 2**20, '.0f')} |")
         L += ["", f"- TTFT p50 without the cache / with it: **{fmt(px['ttft_p50_nocache_over_cache'])}x** (target >= 5); prompt tokens computed, "
               f"IAPT / bare base: {fmt(px['computed_iapt_over_base'])}x (target <= 1.2); throughput IAPT / bare base: "
-              f"{fmt(px['tps_iapt_over_base'])}x (target >= 0.9); IAPT / LoRA: {fmt(px['tps_iapt_over_lora'])}x."]
+              f"{fmt(px['tps_iapt_over_base'])}x (target >= 0.9); IAPT / LoRA: {fmt(px['tps_iapt_over_lora'])}x.",
+              f"- The chat rows ({s.get('chat_turns')} turns per tenant, a first prompt of {s.get('chat_first')} tokens, {s.get('chat_user')} new "
+              f"tokens and the answer added each turn, {s.get('gen_chat')} generated): TTFT p50 without / with the cache "
+              f"{fmt(px['chat_ttft_p50_nocache_over_cache'])}x; prompt tokens computed IAPT / bare base {fmt(px['chat_computed_iapt_over_base'])}x; "
+              f"throughput IAPT / bare base {fmt(px['chat_tps_iapt_over_base'])}x, IAPT / LoRA {fmt(px['chat_tps_iapt_over_lora'])}x."]
     L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident, F16 / Q8_0 | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in res["memory"]["shapes"].items():

@@ -33,6 +33,9 @@
 #   PREFIX_SYS 1024 [48], PREFIX_USER 64 [8], GEN_PREFIX 64 [4], REQUESTS_PREFIX 16 [4], CTX_PREFIX 1280 [256]:
 #                      the "prefix" rows (issue 30): every prompt a shared PREFIX_SYS-token system
 #                      prompt + PREFIX_USER tokens of its own, N_ADAPTERS tenants, CTX_PREFIX per slot
+#   CHAT_FIRST 256 [16], CHAT_USER 64 [8], CHAT_TURNS 4 [2], GEN_CHAT 32 [4]: the "chat" rows (issue 30):
+#                      a CHAT_TURNS-turn conversation per tenant, the first prompt CHAT_FIRST tokens, each
+#                      later one the previous prompt + its answer + CHAT_USER new tokens
 #   THREADS 2          threads for every server           CTX_PER_SEQ 512 [256] context per slot (a multiple
 #                      of 256: llama.cpp pads a slot's context to one; -c = --ctx-size = PARALLEL x this)
 #   BATCH 512          tokens per step (iapt --batch-tokens, llama-server -b); UBATCH 512 (-ub / --ubatch-size)
@@ -72,6 +75,7 @@ if [ "$smoke" = 1 ]; then
   TENANTS_BIG=${TENANTS_BIG:-2} PARALLEL_BIG=${PARALLEL_BIG:-4} REQUESTS_BIG=${REQUESTS_BIG:-8}
   DISK_ADAPTERS=${DISK_ADAPTERS:-6} CAP_SMALL=${CAP_SMALL:-2} CAP_LARGE=${CAP_LARGE:-4} REQUESTS_DISK=${REQUESTS_DISK:-8} GEN_DISK=${GEN_DISK:-4}
   PREFIX_SYS=${PREFIX_SYS:-48} PREFIX_USER=${PREFIX_USER:-8} GEN_PREFIX=${GEN_PREFIX:-4} REQUESTS_PREFIX=${REQUESTS_PREFIX:-4} CTX_PREFIX=${CTX_PREFIX:-256}
+  CHAT_FIRST=${CHAT_FIRST:-16} CHAT_USER=${CHAT_USER:-8} CHAT_TURNS=${CHAT_TURNS:-2} GEN_CHAT=${GEN_CHAT:-4}
   OUT=${OUT:-$WORK/smoke} VOCAB=tiny
 else
   REQUESTS=${REQUESTS:-16} REQUESTS_SERIAL=${REQUESTS_SERIAL:-8} GEN=${GEN:-128} GEN_SHORT=${GEN_SHORT:-32}
@@ -80,6 +84,7 @@ else
   TENANTS_BIG=${TENANTS_BIG:-64} PARALLEL_BIG=${PARALLEL_BIG:-32} REQUESTS_BIG=${REQUESTS_BIG:-64}
   DISK_ADAPTERS=${DISK_ADAPTERS:-1000} CAP_SMALL=${CAP_SMALL:-32} CAP_LARGE=${CAP_LARGE:-256} REQUESTS_DISK=${REQUESTS_DISK:-256} GEN_DISK=${GEN_DISK:-64}
   PREFIX_SYS=${PREFIX_SYS:-1024} PREFIX_USER=${PREFIX_USER:-64} GEN_PREFIX=${GEN_PREFIX:-64} REQUESTS_PREFIX=${REQUESTS_PREFIX:-16} CTX_PREFIX=${CTX_PREFIX:-1280}
+  CHAT_FIRST=${CHAT_FIRST:-256} CHAT_USER=${CHAT_USER:-64} CHAT_TURNS=${CHAT_TURNS:-4} GEN_CHAT=${GEN_CHAT:-32}
   OUT=${OUT:-$HERE/results} VOCAB=bench
 fi
 THREADS=${THREADS:-2} BATCH=${BATCH:-512} UBATCH=${UBATCH:-512}
@@ -131,6 +136,13 @@ rows() {
   echo "prefix-iapt-nocache | iapt-prefix-nocache | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   echo "prefix-lora | llama-lora-prefix | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   echo "prefix-base | llama-base-prefix | 0 | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
+  # A CHAT_TURNS-turn chat per tenant (a conversation per tenant, its prompt growing by the answer and
+  # CHAT_USER new tokens each turn), the same four servers (the prefix context per slot).
+  local nchat=$((N_ADAPTERS * CHAT_TURNS))
+  echo "chat-iapt | iapt-prefix-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
+  echo "chat-iapt-nocache | iapt-prefix-nocache-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
+  echo "chat-lora | llama-lora-prefix-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
+  echo "chat-base | llama-base-prefix-chat | 0 | uniform | $PARALLEL | $GEN_CHAT | $nchat"
 }
 ALL_ROWS=$(rows | cut -d'|' -f1 | tr -d ' ' | tr '\n' ' ')
 ROWS=${ROWS:-$ALL_ROWS}
@@ -280,14 +292,14 @@ start_server() {
   local ctx=$((slots * CTX_PER_SEQ))
   case "$kind" in *-prefix*) ctx=$((slots * CTX_PREFIX)) ;; esac
   case "$kind" in
-    llama-base | llama-lora | llama-base-kvu | llama-lora-start | llama-lora-prefix | llama-base-prefix)
+    llama-base | llama-lora | llama-base-kvu | llama-lora-start | llama-lora-prefix* | llama-base-prefix*)
       port=$(free_port)
       args=(-m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" -np "$slots" -c "$ctx"
         -b "$BATCH" -ub "$UBATCH" --alias base --metrics --no-webui)
       # The prompt cache (host memory) only where it is measured.
-      case "$kind" in *-prefix) ;; *) args+=(--cache-ram 0) ;; esac
+      case "$kind" in *-prefix*) ;; *) args+=(--cache-ram 0) ;; esac
       if [ "$kind" = llama-base-kvu ]; then args+=(-kvu); fi
-      if [ "$kind" = llama-lora ] || [ "$kind" = llama-lora-prefix ]; then
+      if [ "$kind" = llama-lora ] || [ "${kind#llama-lora-prefix}" != "$kind" ]; then
         for i in $(seq 0 $((n_adapters - 1))); do args+=(--lora "$ADAPTERS/lora-$(printf %02d "$i").gguf"); done
         args+=(--lora-init-without-apply)
       fi
@@ -300,11 +312,11 @@ start_server() {
       SERVER_PID=$!
       BASE_URL=http://127.0.0.1:$port
       ;;
-    iapt | iapt-base | iapt-base-kvu | iapt-disk-small | iapt-disk-large | iapt-prefix | iapt-prefix-nocache)
+    iapt | iapt-base | iapt-base-kvu | iapt-disk-small | iapt-disk-large | iapt-prefix*)
       args=(serve --model "$MODEL" --host 127.0.0.1 --port 0 --parallel "$slots" --ctx-size "$ctx"
         --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
       if [ "$kind" = iapt-base-kvu ]; then args+=(--kv-unified); fi
-      if [ "$kind" = iapt-prefix-nocache ]; then args+=(--cache-mib 0); fi
+      case "$kind" in iapt-prefix-nocache*) args+=(--cache-mib 0) ;; esac
       if [ "$kind" = iapt-disk-small ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_SMALL"); fi
       if [ "$kind" = iapt-disk-large ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_LARGE"); fi
       if [ "$kind" = iapt ] || [ "${kind#iapt-prefix}" != "$kind" ]; then
@@ -334,7 +346,7 @@ start_server() {
 run_row() {
   local id=$1 kind=$2 tenants=$3 mix=$4 inflight=$5 gen=$6 nreq=$7 t0=$SECONDS
   local slots=$((inflight > PARALLEL ? inflight : PARALLEL)) n_adapters=$((tenants > N_ADAPTERS ? tenants : N_ADAPTERS))
-  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $nreq x ($PROMPT prompt + $gen generated)"
+  log "row $id: $kind, tenants $tenants ($mix), $inflight in flight, $nreq requests, $gen generated each"
   if [ "$kind" = iapt-batch ]; then
     run_batch "$id" "$tenants" "$mix" "$inflight" "$gen"
     return
@@ -345,6 +357,11 @@ run_row() {
   local startup=$((SECONDS - t0)) metrics=() client=${kind%-kvu} prompt=$PROMPT shared=()
   case "$kind" in iapt-disk-*) client=iapt ;; esac
   case "$kind" in
+    *-prefix*-chat)
+      client=${kind%%-prefix*}
+      prompt=$CHAT_FIRST shared=(--turns "$CHAT_TURNS" --turn-tokens "$CHAT_USER")
+      metrics=(--metrics-url "$BASE_URL/metrics")
+      ;;
     *-prefix*)
       client=${kind%%-prefix*}
       prompt=$((PREFIX_SYS + PREFIX_USER)) shared=(--shared-prefix-tokens "$PREFIX_SYS")
@@ -459,6 +476,7 @@ SETTINGS=$(python3 -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) f
   tenants_big="$TENANTS_BIG" parallel_big="$PARALLEL_BIG" requests_big="$REQUESTS_BIG" \
   disk_adapters="$DISK_ADAPTERS" cap_small="$CAP_SMALL" cap_large="$CAP_LARGE" requests_disk="$REQUESTS_DISK" gen_disk="$GEN_DISK" \
   prefix_sys="$PREFIX_SYS" prefix_user="$PREFIX_USER" gen_prefix="$GEN_PREFIX" requests_prefix="$REQUESTS_PREFIX" \
+  chat_first="$CHAT_FIRST" chat_user="$CHAT_USER" chat_turns="$CHAT_TURNS" gen_chat="$GEN_CHAT" \
   ctx_per_seq="$CTX_PER_SEQ" batch="$BATCH" ubatch="$UBATCH" model="$MODEL" adapters="$ADAPTERS" iapt_bin="$IAPT_BIN" \
   llama_server="$LLAMA_SERVER" llama_version="$LLAMA_VERSION" llama_src="$LLAMA_SRC" llama_lib="$LLAMA_LIB" rows="$ROWS" \
   wall_s="$(($(date +%s) - T_START))" command="bash bench/tenants/run.sh $*")

@@ -42,8 +42,14 @@
 //! The engine is the toolkit's one runtime: `iapt run | bench | eval | demo | batch | serve` all
 //! drive it (a single request is a batch of one). The generators run on the CPU, or on a GPU
 //! runtime ([`EngineConfig::gpu`]), which reads and writes llama.cpp's device tensors in place when
-//! the layers are offloaded to it. Not built: a prompt cache (KV reuse across requests); every
-//! request is prefilled from scratch, so nothing can leak from one adapter's request into another's.
+//! the layers are offloaded to it.
+//!
+//! - **Prefix cache** ([`EngineConfig::prefix_cache_bytes`], the `prefix` module): the KV of an
+//!   instruction is the base model's alone (its rows never see soft tokens), so one cached copy
+//!   serves every adapter and the base; each adapter's pooling of the cached rows comes from its
+//!   own snapshot or is pooled from the cached input rows, without a forward pass. Keys are the
+//!   exact token ids (per engine, so per base model) and, for pooling, the generator's id: a
+//!   replaced adapter never hits an old entry. Exact against cold runs.
 //!
 //! [`EngineHandle`] runs an engine on its own thread for servers: requests in over a channel,
 //! each request's [`Event`]s out over its own [`EventStream`], cancelled when that stream is dropped.

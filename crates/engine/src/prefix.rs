@@ -21,7 +21,8 @@
 //! be had: its latest snapshot at or before that length, then the cached input rows after it.
 //! What is reused is copied into the request's sequence at admission, so an entry is never in use
 //! afterwards and can be evicted at any time; entries are evicted whole, least recently used first,
-//! to stay within [`PrefixCache::max_bytes`]. Exact: the KV bytes and the pooling sums are the
+//! to stay within [`PrefixCache::max_bytes`], after the input rows of the least recently used
+//! entries (the bulk of the bytes, needed only by another adapter) have gone. Exact: the KV bytes and the pooling sums are the
 //! ones a cold prefill computes (chunked prefill equals one shot), which the engine's tests check
 //! against cold runs to 1e-5. A run of input rows shared by several entries is counted once.
 
@@ -139,6 +140,8 @@ pub struct CacheStats {
     pub tokens_reused: u64,
     /// Entries stored, and evicted.
     pub stored: u64,
+    /// Entries whose input rows were dropped to make room (their KV and snapshots kept).
+    pub rows_dropped: u64,
     /// See `stored`.
     pub evicted: u64,
     /// Bytes held now, and entries.
@@ -240,7 +243,15 @@ impl PrefixCache {
             self.stats.entries = self.entries.len();
             return;
         }
+        // Over the budget: first the input rows of the least recently used entries (the bulk of the
+        // bytes, and needed only by another adapter), then whole entries, least recently used first.
         while self.held_bytes(Some(&entry)) > self.max_bytes {
+            let lru_with_rows = self.entries.iter().enumerate().filter(|(_, e)| !e.inputs.is_empty()).min_by_key(|(_, e)| e.last_used);
+            if let Some(i) = lru_with_rows.map(|(i, _)| i) {
+                self.entries[i].inputs.clear();
+                self.stats.rows_dropped += 1;
+                continue;
+            }
             let Some(lru) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) else { break };
             self.entries.swap_remove(lru);
             self.stats.evicted += 1;

@@ -242,12 +242,12 @@ async fn model(State(st): State<Arc<AppState>>, axum::extract::Path(id): axum::e
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(ready) = st.ready.get().cloned() {
-        let ready_adapters = ready.adapter_names().len();
-        if let Ok(Ok(s)) = blocking(move || ready.engine.status()).await {
+        // The engine's own counts (the server's list of adapters may lag an eviction by a moment).
+        if let Ok(Ok((s, resident))) = blocking(move || ready.engine.status().and_then(|s| Ok((s, ready.engine.adapters()?.len())))).await {
             st.metrics.running.set(s.running as i64);
             st.metrics.queued.set(s.queued as i64);
             st.metrics.set_engine(&s.stats);
-            st.metrics.adapters_resident.set(ready_adapters as i64);
+            st.metrics.adapters_resident.set(resident as i64);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
