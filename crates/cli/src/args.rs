@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use iapt_engine::{AdapterCache, ChatTemplate, EngineConfig};
+use iapt_engine::{AdapterCache, ChatError, ChatTemplate, EngineConfig};
 use iapt_format::{Adapter, BaseModelInfo};
 use iapt_llama::{GpuRuntime, KvType, Model, ModelParams, RpcEndpoint, SamplerSettings, Token};
 
@@ -424,9 +424,23 @@ pub struct ChatArgs {
 }
 
 impl ChatArgs {
-    /// The template to use with `model`.
+    /// The template to use with `model`. A value that is neither a built-in name nor a readable
+    /// file is unreadable input (exit 2), as a missing input file is.
     pub fn template(&self, model: &Model) -> anyhow::Result<ChatTemplate> {
-        Ok(ChatTemplate::resolve(self.chat_template.as_deref(), model)?)
+        ChatTemplate::resolve(self.chat_template.as_deref(), model).map_err(|e| match e {
+            ChatError::Unknown { .. } => Fail::unreadable(e.to_string()).into(),
+            other => anyhow::Error::new(other),
+        })
+    }
+
+    /// Before any work: `--chat-template` names a built-in format or a file that exists.
+    pub fn check(&self) -> Result<(), Fail> {
+        match self.chat_template.as_deref() {
+            Some(v) if !iapt_llama::builtin_chat_templates().iter().any(|n| n == v) && !Path::new(v).is_file() => {
+                Err(Fail::unreadable(format!("--chat-template {v:?}: not a llama.cpp built-in template name and not a file")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

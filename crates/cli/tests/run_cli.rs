@@ -138,6 +138,18 @@ fn bad_inputs_exit_1_with_clear_messages() {
     // Usage errors: neither --adapter nor --no-adapter; no prompt.
     assert_eq!(iapt(&["run", "--model", path(&llama), "--prompt", "hi"]).status.code(), Some(2));
     assert_eq!(iapt(&["run", "--model", path(&llama), "--no-adapter"]).status.code(), Some(2));
+
+    // A chat template that is no built-in name and no file: unreadable input (2), naming it; a
+    // Jinja file that does not compile: invalid input (1), with minijinja's line.
+    let o = iapt(&["run", "--model", path(&llama), "--no-adapter", "--prompt", "hi", "--chat-template", "no-such.jinja"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no-such.jinja") && stderr(&o).contains("chatml"), "{}", stderr(&o));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jinja");
+    std::fs::write(&bad, "{% for m in messages %}").unwrap();
+    let o = iapt(&["run", "--model", path(&llama), "--no-adapter", "--prompt", "hi", "--chat-template", path(&bad)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bad.jinja") && stderr(&o).contains("line 1"), "{}", stderr(&o));
 }
 
 /// `iapt devices` lists the CPU (text and JSON) and says whether layers can go to a GPU; `iapt run

@@ -175,6 +175,7 @@ fn config(args: &Args, model_params: iapt_llama::ModelParams) -> Result<ServerCo
     if let Some(d) = args.adapter_dir.as_ref().filter(|d| !d.is_dir()) {
         return Err(format!("--adapter-dir {}: no such directory", d.display()));
     }
+    args.template.check().map_err(|f| f.message)?;
     let engine = args.ctx.engine_config(shape).map_err(|e| format!("{e:#}"))?;
     let api_key = key(&args.api_key, &args.api_key_file, "IAPT_API_KEY", "api-key")?;
     let admin_key = key(&args.admin_key, &args.admin_key_file, "IAPT_ADMIN_KEY", "admin-key")?;
