@@ -436,10 +436,8 @@ impl ChatArgs {
     /// Before any work: `--chat-template` names a built-in format or a file that exists.
     pub fn check(&self) -> Result<(), Fail> {
         match self.chat_template.as_deref() {
-            Some(v) if !iapt_llama::builtin_chat_templates().iter().any(|n| n == v) && !Path::new(v).is_file() => {
-                Err(Fail::unreadable(format!("--chat-template {v:?}: not a llama.cpp built-in template name and not a file")))
-            }
-            _ => Ok(()),
+            Some(v) => ChatTemplate::check_arg(v).map_err(|e| Fail::unreadable(e.to_string())),
+            None => Ok(()),
         }
     }
 }

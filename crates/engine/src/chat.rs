@@ -94,10 +94,15 @@ fn builtin_names() -> String {
     iapt_llama::builtin_chat_templates().join(", ")
 }
 
+/// Whether `value` is one of llama.cpp's built-in template names.
+fn is_builtin(value: &str) -> bool {
+    iapt_llama::builtin_chat_templates().iter().any(|n| n == value)
+}
+
 impl ChatTemplate {
     /// `--chat-template VALUE`: a llama.cpp built-in name, else a Jinja template file.
     pub fn from_arg(value: &str) -> Result<ChatTemplate, ChatError> {
-        if iapt_llama::builtin_chat_templates().iter().any(|n| n == value) {
+        if is_builtin(value) {
             return Ok(ChatTemplate { kind: Kind::Llama(value.to_owned()), origin: format!("llama.cpp built-in {value:?}") });
         }
         let source = std::fs::read_to_string(Path::new(value)).map_err(|source| ChatError::Unknown {
@@ -106,6 +111,19 @@ impl ChatTemplate {
             source,
         })?;
         ChatTemplate::jinja(source, format!("file {value}"))
+    }
+
+    /// Checks a `--chat-template` value before any work: a built-in name, or a file that exists
+    /// ([`ChatError::Unknown`] otherwise; the file is read and compiled by [`ChatTemplate::from_arg`]).
+    pub fn check_arg(value: &str) -> Result<(), ChatError> {
+        match is_builtin(value) {
+            true => Ok(()),
+            false => std::fs::metadata(value).map(|_| ()).map_err(|source| ChatError::Unknown {
+                value: value.to_owned(),
+                names: builtin_names(),
+                source,
+            }),
+        }
     }
 
     /// The model's own template (GGUF `tokenizer.chat_template`) as Jinja; when minijinja cannot

@@ -778,8 +778,9 @@ impl<'m> Engine<'m> {
             }
         }
         if prefilling && s.done >= s.total {
-            // The instruction's KV, its pooling at the end and its input rows, for later requests.
-            if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
+            // The instruction's KV, its pooling at the end and its input rows, for later requests
+            // (with the cache off, no copy of the pooling is made).
+            if let Some(snap) = s.prefill.as_ref().filter(|_| caching).and_then(Prefill::snapshot) {
                 s.snaps.push((snap.generator_id(), snap));
             }
             let kept = s.prefill.as_mut().and_then(Prefill::take_inputs);
