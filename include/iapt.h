@@ -47,6 +47,9 @@
 // to a hook sequence): nothing was loaded and nothing was dropped.
 #define IAPT_ERR_FULL -10
 
+// The prefix cache's size when a hook is made: 1 GiB, as `iapt serve --cache-mib`'s default.
+#define IAPT_DEFAULT_CACHE_BYTES (1 << 30)
+
 // `iapt_adapter` in C: a loaded adapter, its generator and the base model it was made for. Opaque to C; shared by
 // reference count (`iapt_adapter_free` drops the caller's reference, hooks keep their own).
 typedef struct iapt_adapter iapt_adapter;
@@ -134,13 +137,46 @@ int32_t iapt_hook_set_context(iapt_hook *hook,
 // rows are overwritten at every layer); the logits at position `n_instruction + m - 1` give the
 // first response token. `adapter = NULL` clears the sequence. The adapter is checked against the
 // model (architecture, layers, width; spec finding codes in `err`); the hook keeps its own
-// reference. Rebinding a sequence restarts its prefill. Not between `prepare` and `finish`.
+// reference. Rebinding a sequence restarts its prefill at position 0 (its instruction tokens are
+// learned from the batches, for the prefix cache); [`iapt_hook_set_adapter_tokens`] can go on
+// from a cached prefix instead. Not between `prepare` and `finish`.
 int32_t iapt_hook_set_adapter(iapt_hook *hook,
                               llama_seq_id seq,
                               const iapt_adapter *adapter,
                               int32_t n_instruction,
                               char *err,
                               size_t err_size);
+
+// As [`iapt_hook_set_adapter`], with the instruction's `n_instruction` token ids, of which the
+// context's KV already holds the first `n_kept` for this sequence (the application's own prefix
+// reuse; 0: none). Returns `k` in `0..=n_kept`, the leading positions whose pooling the hook's
+// prefix cache holds for this adapter: the application removes the sequence's cells from `k` on
+// (`llama_memory_seq_rm(mem, seq, k, -1)`) and its next decode of the sequence starts at
+// position `k` (or at 0). The batches must then carry these very tokens (else
+// `IAPT_ERR_BATCH`). A negative code on error, with `err`. With `adapter = NULL` the sequence
+// is cleared and `n_kept` returned. Not between `prepare` and `finish`.
+int32_t iapt_hook_set_adapter_tokens(iapt_hook *hook,
+                                     llama_seq_id seq,
+                                     const iapt_adapter *adapter,
+                                     const int32_t *tokens,
+                                     int32_t n_instruction,
+                                     int32_t n_kept,
+                                     char *err,
+                                     size_t err_size);
+
+// Sets the prefix cache's size in bytes (0 turns it off; a hook starts with
+// [`IAPT_DEFAULT_CACHE_BYTES`]) and empties it. Returns 0 or a negative code. Not between
+// `prepare` and `finish`.
+int32_t iapt_hook_set_cache(iapt_hook *hook, int64_t max_bytes, char *err, size_t err_size);
+
+// Writes the prefix cache's counters through the out-pointers that are not NULL: bindings that
+// reused a cached prefix (`hits`) and that found none (`misses`), instruction tokens reused, and
+// the bytes it holds now. Returns 0 or `IAPT_ERR_NULL`.
+int32_t iapt_hook_cache_stats(const iapt_hook *hook,
+                              int64_t *hits,
+                              int64_t *misses,
+                              int64_t *tokens_reused,
+                              int64_t *bytes);
 
 // Plans the next `llama_decode` of `batch`: finds each bound sequence's prefix rows (instruction
 // and soft slots) and arms the callback. Each bound sequence's prefix rows must be contiguous in

@@ -27,6 +27,23 @@
 //! handle or a hook sequence holds), reloading a file whose content changed:
 //! [`iapt_registry_get`] instead of [`iapt_adapter_load`].
 //!
+//! **Prefix cache** (on by default, [`iapt_hook_set_cache`] sizes it or turns it off): the hook
+//! keeps what its sequences' prefills pooled, keyed by the instruction's exact token ids (the
+//! hook's own model) and the adapter's loaded generator (`iapt_hook::prefix`, the cache the
+//! `iapt` engine keeps too): each adapter's pooling snapshots every 256 rows and at the
+//! instruction's end, and each layer's input rows, so that another adapter pools a shared prefix
+//! without a forward pass. The application keeps the KV of the instruction rows as it keeps any
+//! prompt's (llama-cpp-python's prefix reuse, llama-server's slots, `llama_memory_seq_cp` from
+//! another sequence: those rows are the base model's alone, the same for every adapter) and binds
+//! with [`iapt_hook_set_adapter_tokens`], saying how many leading tokens its KV holds; the hook
+//! answers how many of them it can go on from:
+//!
+//! ```c
+//! int32_t k = iapt_hook_set_adapter_tokens(h, seq, a, tokens, n, n_kept, err, sizeof err);
+//! llama_memory_seq_rm(llama_get_memory(ctx), seq, k, -1);  /* k >= 0: keep [0, k) */
+//! /* then decode positions k .. n + m - 1 of seq, as above */
+//! ```
+//!
 //! **Linking: one llama.cpp, one ggml per process.** The hook reads and writes graph tensors with
 //! the ggml the application's tensors belong to, so libiapt must not bring its own: it is linked
 //! against the shared libraries of the toolkit's one llama.cpp (llama-cpp-sys-2's, the same the
@@ -63,7 +80,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use iapt_format::{AdapterConfig, BaseModelInfo};
 use iapt_generator::Generator;
-use iapt_hook::{arch_spec, supported_archs, Prefill, Segment, StreamHook};
+use iapt_hook::prefix::{self, PrefixCache, Rows, Token};
+use iapt_hook::{arch_spec, supported_archs, PoolSnapshot, Prefill, Segment, StreamHook};
 
 use ffi::{ggml_tensor, llama_batch, llama_context, llama_model, llama_seq_id};
 use raw::{ErrBuf, RawBatch};
@@ -96,6 +114,9 @@ pub const IAPT_ERR_DECODE: i32 = -9;
 /// A registry's limits are reached and every resident adapter is in use (held by a handle or bound
 /// to a hook sequence): nothing was loaded and nothing was dropped.
 pub const IAPT_ERR_FULL: i32 = -10;
+
+/// The prefix cache's size when a hook is made: 1 GiB, as `iapt serve --cache-mib`'s default.
+pub const IAPT_DEFAULT_CACHE_BYTES: i64 = 1 << 30;
 
 /// An error: a code and a message.
 struct Failure(i32, String);
@@ -134,14 +155,28 @@ struct SeqSlot {
     adapter: Arc<IaptAdapter>,
     n_instr: usize,
     m: usize,
-    /// Prefix positions (instruction plus soft slots) decoded so far.
+    /// Prefix positions (instruction plus soft slots) decoded or reused so far.
     next: usize,
     /// The pooling state between decodes (while `0 < next < n_instr + m`).
     prefill: Option<Prefill>,
+    /// The instruction's token ids: all of them when the application declared them
+    /// ([`iapt_hook_set_adapter_tokens`]), else those its batches carried so far.
+    tokens: Vec<Token>,
+    declared: bool,
+    /// Instruction rows reused from the prefix cache at binding.
+    cached: usize,
+    /// Pooling snapshots taken at checkpoints, for the cache.
+    snaps: Vec<(u64, PoolSnapshot)>,
+    /// When the prefill keeps its input rows for the cache: the runs of rows before `cached`, and
+    /// the bytes it will keep.
+    capture: Option<(Vec<Arc<Rows>>, usize)>,
+    /// Whether its instruction's entry is in the cache (stored once per prefill).
+    stored: bool,
 }
 
 struct State {
     seqs: HashMap<llama_seq_id, SeqSlot>,
+    cache: PrefixCache,
     /// Between `prepare` and `finish`: the sequences lent to the hook (in segment order) and their
     /// progress after the decode.
     armed: Option<Vec<(llama_seq_id, usize)>>,
@@ -306,7 +341,8 @@ pub extern "C" fn iapt_hook_new(model: *const llama_model, err: *mut c_char, err
             );
         };
         let stream = StreamHook::new(*spec, m.n_layer as usize, m.n_embd as usize);
-        let state = State { seqs: HashMap::new(), armed: None, n_ctx: m.n_ctx_train, n_ubatch: 0 };
+        let cache = PrefixCache::new(IAPT_DEFAULT_CACHE_BYTES as usize);
+        let state = State { seqs: HashMap::new(), cache, armed: None, n_ctx: m.n_ctx_train, n_ubatch: 0 };
         let base = BaseModelInfo { arch: m.arch, n_layer: m.n_layer, n_embd: m.n_embd };
         out = Box::into_raw(Box::new(IaptHook { stream, base, state: Mutex::new(state) }));
         Ok(IAPT_OK)
@@ -344,7 +380,9 @@ pub extern "C" fn iapt_hook_set_context(hook: *mut IaptHook, ctx: *const llama_c
 /// rows are overwritten at every layer); the logits at position `n_instruction + m - 1` give the
 /// first response token. `adapter = NULL` clears the sequence. The adapter is checked against the
 /// model (architecture, layers, width; spec finding codes in `err`); the hook keeps its own
-/// reference. Rebinding a sequence restarts its prefill. Not between `prepare` and `finish`.
+/// reference. Rebinding a sequence restarts its prefill at position 0 (its instruction tokens are
+/// learned from the batches, for the prefix cache); [`iapt_hook_set_adapter_tokens`] can go on
+/// from a cached prefix instead. Not between `prepare` and `finish`.
 #[allow(unsafe_code)] // `no_mangle`: exported under its C name.
 #[no_mangle]
 pub extern "C" fn iapt_hook_set_adapter(
@@ -356,33 +394,155 @@ pub extern "C" fn iapt_hook_set_adapter(
     err_size: usize,
 ) -> i32 {
     guard(raw::err_buf(err, err_size), || {
+        bind(raw::hook_ref(hook)?, seq, adapter, n_instruction, None)
+    })
+}
+
+/// As [`iapt_hook_set_adapter`], with the instruction's `n_instruction` token ids, of which the
+/// context's KV already holds the first `n_kept` for this sequence (the application's own prefix
+/// reuse; 0: none). Returns `k` in `0..=n_kept`, the leading positions whose pooling the hook's
+/// prefix cache holds for this adapter: the application removes the sequence's cells from `k` on
+/// (`llama_memory_seq_rm(mem, seq, k, -1)`) and its next decode of the sequence starts at
+/// position `k` (or at 0). The batches must then carry these very tokens (else
+/// `IAPT_ERR_BATCH`). A negative code on error, with `err`. With `adapter = NULL` the sequence
+/// is cleared and `n_kept` returned. Not between `prepare` and `finish`.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_set_adapter_tokens(
+    hook: *mut IaptHook,
+    seq: llama_seq_id,
+    adapter: *const IaptAdapter,
+    tokens: *const i32,
+    n_instruction: i32,
+    n_kept: i32,
+    err: *mut c_char,
+    err_size: usize,
+) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
         let h = raw::hook_ref(hook)?;
+        let n = usize::try_from(n_instruction).unwrap_or(0);
+        let kept = usize::try_from(n_kept)
+            .ok()
+            .filter(|&k| k <= n)
+            .ok_or_else(|| Failure(IAPT_ERR_RANGE, format!("n_kept is {n_kept}: it must be within 0..=n_instruction ({n_instruction})")))?;
+        let tokens = raw::tokens(tokens, n)?;
+        bind(h, seq, adapter, n_instruction, Some((tokens, kept)))
+    })
+}
+
+/// Binds (or clears) a sequence; with declared tokens, goes on from the longest prefix of the
+/// first `kept` that the cache can give this adapter, and returns its length.
+fn bind(h: &IaptHook, seq: llama_seq_id, adapter: *const IaptAdapter, n_instruction: i32, declared: Option<(&[Token], usize)>) -> Result<i32, Failure> {
+    let mut st = h.lock();
+    if st.armed.is_some() {
+        return fail(IAPT_ERR_STATE, "binding a sequence between iapt_hook_prepare and iapt_hook_finish");
+    }
+    if seq < 0 {
+        return fail(IAPT_ERR_RANGE, format!("sequence id {seq} is negative"));
+    }
+    if adapter.is_null() {
+        st.seqs.remove(&seq);
+        return Ok(declared.map_or(0, |(_, kept)| kept as i32));
+    }
+    let a = raw::adapter_clone(adapter)?;
+    let findings = h.base.check(&a.config);
+    if !findings.is_empty() {
+        let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
+        return fail(IAPT_ERR_INCOMPATIBLE, detail);
+    }
+    let m = a.gen.n_soft_tokens();
+    if n_instruction <= 0 {
+        return fail(IAPT_ERR_RANGE, format!("n_instruction is {n_instruction}: the instruction needs at least one token"));
+    }
+    let n = n_instruction as usize;
+    if n + m > st.n_ctx {
+        return fail(IAPT_ERR_RANGE, format!("{n} instruction tokens plus {m} soft slots exceed the context of {} tokens", st.n_ctx));
+    }
+    st.seqs.remove(&seq);
+    let gen = a.gen.clone();
+    let mut slot = SeqSlot {
+        adapter: a,
+        n_instr: n,
+        m,
+        next: 0,
+        prefill: None,
+        tokens: declared.map_or_else(Vec::new, |(t, _)| t.to_vec()),
+        declared: declared.is_some(),
+        cached: 0,
+        snaps: Vec::new(),
+        capture: None,
+        stored: false,
+    };
+    if let Some((tokens, kept)) = declared {
+        let hit = st.cache.lookup(&tokens[..kept], Some(Some(gen.id())));
+        let resumed = hit.and_then(|hit| {
+            let mut pf = match hit.pooled {
+                Some(snap) => Prefill::cpu_from(gen.clone(), n, snap)?,
+                None => Prefill::cpu(gen.clone(), n),
+            };
+            hit.pool_into(&mut pf).then_some((hit.reuse, pf, hit.inputs))
+        });
+        if let Some((reuse, pf, runs)) = resumed {
+            slot.next = reuse;
+            slot.cached = reuse;
+            slot.prefill = Some(pf);
+            slot.capture = runs.and_then(|runs| capture(&st, &h.base, &mut slot, runs));
+        }
+    }
+    let k = slot.next as i32;
+    st.seqs.insert(seq, slot);
+    Ok(k)
+}
+
+/// Whether `slot`'s prefill keeps its input rows for the cache (the rows before `slot.cached`
+/// being `runs`): see [`PrefixCache::may_capture`]. Turns the capture on and returns what the
+/// sequence's entry will start with.
+fn capture(st: &State, base: &BaseModelInfo, slot: &mut SeqSlot, runs: Vec<Arc<Rows>>) -> Option<(Vec<Arc<Rows>>, usize)> {
+    let bytes = base.n_layer as usize * (slot.n_instr - slot.cached) * base.n_embd as usize * 4;
+    let in_flight: usize = st.seqs.values().filter_map(|s| s.capture.as_ref()).map(|(_, b)| b).sum();
+    if !st.cache.may_capture(in_flight, bytes) {
+        return None;
+    }
+    slot.prefill.as_mut().is_some_and(Prefill::capture_inputs).then_some((runs, bytes))
+}
+
+/// Sets the prefix cache's size in bytes (0 turns it off; a hook starts with
+/// [`IAPT_DEFAULT_CACHE_BYTES`]) and empties it. Returns 0 or a negative code. Not between
+/// `prepare` and `finish`.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_set_cache(hook: *mut IaptHook, max_bytes: i64, err: *mut c_char, err_size: usize) -> i32 {
+    guard(raw::err_buf(err, err_size), || {
+        let h = raw::hook_ref(hook)?;
+        let bytes = usize::try_from(max_bytes).map_err(|_| Failure(IAPT_ERR_RANGE, format!("max_bytes is {max_bytes}: it must be >= 0 (0: off)")))?;
         let mut st = h.lock();
         if st.armed.is_some() {
-            return fail(IAPT_ERR_STATE, "iapt_hook_set_adapter between iapt_hook_prepare and iapt_hook_finish");
+            return fail(IAPT_ERR_STATE, "iapt_hook_set_cache between iapt_hook_prepare and iapt_hook_finish");
         }
-        if seq < 0 {
-            return fail(IAPT_ERR_RANGE, format!("sequence id {seq} is negative"));
+        st.cache = PrefixCache::new(bytes);
+        for slot in st.seqs.values_mut() {
+            slot.capture = None;
+            if let Some(pf) = slot.prefill.as_mut() {
+                pf.take_inputs();
+            }
         }
-        if adapter.is_null() {
-            st.seqs.remove(&seq);
-            return Ok(IAPT_OK);
-        }
-        let a = raw::adapter_clone(adapter)?;
-        let findings = h.base.check(&a.config);
-        if !findings.is_empty() {
-            let detail = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; ");
-            return fail(IAPT_ERR_INCOMPATIBLE, detail);
-        }
-        let m = a.gen.n_soft_tokens();
-        if n_instruction <= 0 {
-            return fail(IAPT_ERR_RANGE, format!("n_instruction is {n_instruction}: the instruction needs at least one token"));
-        }
-        let n = n_instruction as usize;
-        if n + m > st.n_ctx {
-            return fail(IAPT_ERR_RANGE, format!("{n} instruction tokens plus {m} soft slots exceed the context of {} tokens", st.n_ctx));
-        }
-        st.seqs.insert(seq, SeqSlot { adapter: a, n_instr: n, m, next: 0, prefill: None });
+        Ok(IAPT_OK)
+    })
+}
+
+/// Writes the prefix cache's counters through the out-pointers that are not NULL: bindings that
+/// reused a cached prefix (`hits`) and that found none (`misses`), instruction tokens reused, and
+/// the bytes it holds now. Returns 0 or `IAPT_ERR_NULL`.
+#[allow(unsafe_code)] // `no_mangle`: exported under its C name.
+#[no_mangle]
+pub extern "C" fn iapt_hook_cache_stats(hook: *const IaptHook, hits: *mut i64, misses: *mut i64, tokens_reused: *mut i64, bytes: *mut i64) -> i32 {
+    guard(ErrBuf::none(), || {
+        let st = raw::hook_ref(hook)?.lock().cache.stats.clone();
+        let to = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        raw::write_out(hits, to(st.hits));
+        raw::write_out(misses, to(st.misses));
+        raw::write_out(tokens_reused, to(st.tokens_reused));
+        raw::write_out(bytes, to(st.bytes as u64));
         Ok(IAPT_OK)
     })
 }
@@ -409,14 +569,23 @@ pub extern "C" fn iapt_hook_prepare(hook: *mut IaptHook, batch: *const llama_bat
         let n_ubatch = st.n_ubatch;
         let mut segs = Vec::with_capacity(plan.len());
         let mut lent = Vec::with_capacity(plan.len());
-        for p in &plan {
-            let slot = st.seqs.get_mut(&p.seq).expect("planned from the bound sequences");
-            let prefill = match slot.prefill.take() {
-                Some(pf) if p.first != 0 => pf,
-                _ => Prefill::cpu(slot.adapter.gen.clone(), slot.n_instr),
-            };
+        for p in plan {
+            let mut slot = st.seqs.remove(&p.seq).expect("planned from the bound sequences");
+            if p.first == 0 || slot.prefill.is_none() {
+                // A start (or a restart) at position 0: nothing reused.
+                slot.prefill = Some(Prefill::cpu(slot.adapter.gen.clone(), slot.n_instr));
+                (slot.cached, slot.stored) = (0, false);
+                slot.snaps.clear();
+                slot.capture = capture(&st, &h.base, &mut slot, Vec::new());
+            }
+            if !slot.declared {
+                slot.tokens.truncate(p.first);
+                slot.tokens.extend(&p.tokens);
+            }
+            let prefill = slot.prefill.take().expect("set above");
             segs.push(Segment { row0: p.row0, first: p.first, len: p.len, prefill });
             lent.push((p.seq, p.first + p.len));
+            st.seqs.insert(p.seq, slot);
         }
         if !segs.is_empty() {
             h.stream.arm(segs, iapt_hook::Split::Simple { batch_len: batch.n_tokens(), n_ubatch });
@@ -443,11 +612,18 @@ pub extern "C" fn iapt_hook_finish(hook: *mut IaptHook, err: *mut c_char, err_si
         }
         let (states, result) = h.stream.finish();
         let ok = result.is_ok();
-        for ((seq, next), prefill) in lent.into_iter().zip(states) {
+        let st = &mut *st;
+        for ((seq, next), mut prefill) in lent.into_iter().zip(states) {
             if let Some(slot) = st.seqs.get_mut(&seq) {
                 let whole = slot.n_instr + slot.m;
                 slot.next = if ok { next } else { 0 };
+                if ok && st.cache.enabled() {
+                    keep_for_cache(&mut st.cache, slot, &mut prefill, h.base.n_embd as usize);
+                }
                 slot.prefill = (ok && next < whole).then_some(prefill);
+                if !ok {
+                    slot.capture = None;
+                }
             }
         }
         match result {
@@ -455,6 +631,29 @@ pub extern "C" fn iapt_hook_finish(hook: *mut IaptHook, err: *mut c_char, err_si
             Err(errors) => fail(IAPT_ERR_DECODE, errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
         }
     })
+}
+
+/// After a decode that took `slot`'s prefill to `slot.next`: copies its pooling at a checkpoint,
+/// and stores the instruction's entry (snapshots and kept input rows) once the instruction is
+/// pooled whole.
+fn keep_for_cache(cache: &mut PrefixCache, slot: &mut SeqSlot, prefill: &mut Prefill, n_embd: usize) {
+    if PrefixCache::is_checkpoint(slot.next, slot.n_instr) {
+        slot.snaps.extend(prefill.snapshot().map(|p| (p.generator_id(), p)));
+    }
+    if slot.stored || slot.next < slot.n_instr || slot.tokens.len() < slot.n_instr {
+        return;
+    }
+    slot.stored = true;
+    slot.snaps.extend(prefill.snapshot().map(|p| (p.generator_id(), p)));
+    let kept = prefill.take_inputs();
+    let inputs = match (slot.capture.take(), kept) {
+        (Some((mut runs, _)), Some(rows)) => {
+            runs.extend(prefix::runs(slot.cached, n_embd, rows));
+            runs
+        }
+        _ => Vec::new(),
+    };
+    cache.store(slot.tokens[..slot.n_instr].to_vec(), Vec::new(), std::mem::take(&mut slot.snaps), inputs);
 }
 
 /// The `cb_eval` callback: set `cparams.cb_eval = iapt_hook_eval_callback` and
@@ -484,6 +683,8 @@ struct Planned {
     row0: usize,
     first: usize,
     len: usize,
+    /// The token ids of its instruction rows.
+    tokens: Vec<Token>,
 }
 
 /// Finds the prefix rows of the bound sequences in `batch` and checks them (see `iapt_hook_prepare`).
@@ -513,6 +714,9 @@ fn plan_batch(st: &State, batch: &RawBatch<'_>) -> Result<Vec<Planned>, Failure>
                         )));
                     }
                     seg.len += 1;
+                    if p < slot.n_instr {
+                        seg.tokens.push(batch.token(row).unwrap_or(-1));
+                    }
                 }
                 Some(seg) if seg.first + seg.len != whole => {
                     return Err(bad(format!("the prefix ends at position {} of {whole}: positions skipped", seg.first + seg.len)));
@@ -529,12 +733,20 @@ fn plan_batch(st: &State, batch: &RawBatch<'_>) -> Result<Vec<Planned>, Failure>
                         continue;
                     }
                     idx.insert(seq, plan.len());
-                    plan.push(Planned { seq, row0: row, first: p, len: 1 });
+                    let tokens = if p < slot.n_instr { vec![batch.token(row).unwrap_or(-1)] } else { Vec::new() };
+                    plan.push(Planned { seq, row0: row, first: p, len: 1, tokens });
                 }
                 None => {}
             }
             if p < whole && seqs.len() != 1 {
                 return Err(bad(format!("a prefix row belongs to {} sequences; it must belong to its sequence alone", seqs.len())));
+            }
+            if slot.declared && p < slot.n_instr && batch.token(row).is_some_and(|t| t != slot.tokens[p]) {
+                return Err(bad(format!(
+                    "token {} differs from the instruction token {} declared to iapt_hook_set_adapter_tokens",
+                    batch.token(row).unwrap_or(-1),
+                    slot.tokens[p]
+                )));
             }
         }
     }

@@ -134,6 +134,19 @@ pub(crate) fn registry_free(r: *mut IaptRegistry) {
     drop(unsafe { Box::from_raw(r) });
 }
 
+/// The caller's array of `n` token ids (`n == 0`: none, and the pointer may be NULL).
+pub(crate) fn tokens<'a>(p: *const i32, n: usize) -> Result<&'a [i32], Failure> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(null("tokens"));
+    }
+    // SAFETY: non-NULL and, by the header's contract, `n` readable, aligned `llama_token`s that
+    // stay valid for this call.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
 /// Writes `v` through an optional out-pointer (NULL: the caller does not want it).
 pub(crate) fn write_out(out: *mut i64, v: i64) {
     if out.is_null() {
@@ -207,6 +220,16 @@ impl RawBatch<'_> {
 
     pub fn has_embd(&self) -> bool {
         !self.b.embd.is_null()
+    }
+
+    /// Row `i`'s token id (`None` when the batch carries embeddings instead).
+    pub fn token(&self, i: usize) -> Option<i32> {
+        if self.b.token.is_null() || i >= self.n_tokens() {
+            return None;
+        }
+        // SAFETY: llama.cpp's batch contract: a non-NULL `token` holds `n_tokens` ids, and
+        // `i < n_tokens` (checked above).
+        Some(unsafe { *self.b.token.add(i) })
     }
 
     /// Row `i`'s position and sequences.

@@ -5,6 +5,9 @@
 //!   `iapt run --dump-logits` of that sequence alone (F32 model and KV cache, flash attention off),
 //!   in one ubatch, in ubatches of 7 rows (n_ubatch told to the hook, or learned by it), and
 //!   prefilled in decodes of 5 rows (chunked prefill);
+//! - `c_host_prefix_cache_reuse_equals_cold_iapt_run`: the same example running requests one after
+//!   another on one sequence, each reusing what the hook's prefix cache can go on from; every
+//!   request equals a cold `iapt run` of it alone;
 //! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
 //! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
 //!   `iapt run`'s;
@@ -106,12 +109,18 @@ fn second_adapter(arch: &str, model: &Path, dir: &Path) -> PathBuf {
 
 /// `iapt run` of one sequence: (tokens, logits [steps][n_vocab]).
 fn iapt_run(model: &Path, adapter: &Path, instruction: &[i64], dump: &Path) -> (Vec<i64>, Vec<Vec<f32>>) {
-    let o = run(Command::new(var("IAPT_TEST_IAPT"))
-        .args(["run", "--model"])
-        .arg(model)
-        .arg("--adapter")
-        .arg(adapter)
-        .args([
+    iapt_run_in(model, Some(adapter), instruction, "256", dump)
+}
+
+/// `iapt run` of one sequence (`adapter` `None`: the base alone) in a context of `ctx` tokens.
+fn iapt_run_in(model: &Path, adapter: Option<&Path>, instruction: &[i64], ctx: &str, dump: &Path) -> (Vec<i64>, Vec<Vec<f32>>) {
+    let mut cmd = Command::new(var("IAPT_TEST_IAPT"));
+    cmd.args(["run", "--model"]).arg(model);
+    match adapter {
+        Some(a) => cmd.arg("--adapter").arg(a),
+        None => cmd.arg("--no-adapter"),
+    };
+    let o = run(cmd.args([
             "--prompt-tokens",
             &ids(instruction),
             "--n-predict",
@@ -125,7 +134,7 @@ fn iapt_run(model: &Path, adapter: &Path, instruction: &[i64], dump: &Path) -> (
             "--threads",
             "1",
             "--ctx-size",
-            "256",
+            ctx,
             "--dump-logits",
         ])
         .arg(dump));
@@ -212,6 +221,64 @@ fn c_host_llama_two_adapters_in_one_batch_equal_iapt_run() {
 #[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
 fn c_host_qwen2_two_adapters_in_one_batch_equal_iapt_run() {
     c_host("qwen2");
+}
+
+/// The prefix cache in a C host: requests one after another on one sequence (`-s 1`), each
+/// keeping the KV of the instruction tokens it shares with the previous one (the host's own prompt
+/// reuse) as far as `iapt_hook_set_adapter_tokens` says the hook can go on from. Every request's
+/// tokens and logits equal a cold `iapt run` of it alone (1e-5), and the reuse is the one the
+/// cache's rules give: another adapter on a cached prompt (pooling the cached input rows), the
+/// same adapter on a grown prompt (its snapshot at the end), the base alone (the KV only),
+/// divergence inside the prompt (input rows up to there), a snapshot at the 256-row checkpoint
+/// followed by cached rows. With the cache off (`-C 0`) only the base alone reuses anything,
+/// and the outputs are the same.
+#[test]
+#[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
+fn c_host_prefix_cache_reuse_equals_cold_iapt_run() {
+    let arch = "llama";
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("iapt_run");
+    build_c(&repo().join("examples/c/iapt_run.c"), &exe);
+    let model = fixtures().join(format!("{arch}-tiny-f32.gguf"));
+    let a = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
+    let b = second_adapter(arch, &model, dir.path());
+    let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
+    // A 300-token prompt (chunks of 128 rows: a checkpoint at 256), grown by 5, cut at 280 and
+    // grown by 6 other tokens.
+    let p: Vec<i64> = long.instruction.iter().cycle().take(300).copied().collect();
+    let grown: Vec<i64> = p.iter().chain(&short.instruction[..5]).copied().collect();
+    let cut: Vec<i64> = p[..280].iter().chain(&short.instruction[3..9]).copied().collect();
+    let reqs: [(Option<&Path>, &[i64]); 6] =
+        [(Some(&a), &p), (Some(&b), &p), (Some(&a), &grown), (None, &grown), (Some(&b), &cut), (Some(&a), &cut)];
+    let want_reuse = [0, 300, 300, 304, 280, 286];
+    let cold: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (ad, instr))| iapt_run_in(&model, *ad, instr, "1024", &dir.path().join(format!("cold-{i}.npy"))))
+        .collect();
+    for cache in ["1", "0"] {
+        let prefix = dir.path().join(format!("warm-{cache}"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("-m").arg(&model).args(["-n", "16", "-c", "1024", "-b", "128", "-s", "1", "-C", cache, "-d"]).arg(&prefix);
+        for (ad, instr) in &reqs {
+            cmd.arg("-a").arg(ad.map_or(Path::new("none"), |p| p)).arg("-p").arg(ids(instr));
+        }
+        let out = run(&mut cmd).stdout;
+        let got = parse_seqs(&out);
+        let reused: Vec<usize> = String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("reused "))
+            .map(|l| l.split_once(": ").unwrap().1.parse().unwrap())
+            .collect();
+        let want: Vec<usize> = if cache == "1" { want_reuse.to_vec() } else { vec![0, 0, 0, 304, 0, 0] };
+        assert_eq!(reused, want, "cache {cache}: positions reused per request");
+        for (i, (want_tokens, want_logits)) in cold.iter().enumerate() {
+            assert_eq!(&got[i], want_tokens, "cache {cache}, request {i}: tokens differ from a cold iapt run");
+            let rel = worst_rel_diff(&read_logits(&dir.path().join(format!("warm-{cache}-{i}.npy"))), want_logits);
+            eprintln!("cache {cache} request {i} (reused {}): worst relative logit difference to a cold iapt run {rel:.3e}", reused[i]);
+            assert!(rel <= TOLERANCE, "cache {cache}, request {i}: logits differ from a cold iapt run by {rel:.3e} (relative)");
+        }
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 use crate::constraint::{Constraint, Vocab};
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
-use crate::prefix::{CacheStats, PrefixCache, Rows, CHECKPOINT};
+use iapt_hook::prefix::{self, CacheStats, PrefixCache, Rows, CHECKPOINT};
 use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
 use iapt_hook::{Claim, HookError, HookTimes, PoolSnapshot, Prefill, Segment, StreamHook};
@@ -524,19 +524,14 @@ impl<'m> Engine<'m> {
                     None => g.begin(n_instr).ok(),
                 };
                 let Some(mut prefill) = start else { return cold };
-                let d = self.model.n_embd();
-                let pooled = hit
-                    .pool
-                    .iter()
-                    .all(|(run, a, b)| run.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, &rows[a * d..b * d])));
-                if !pooled {
+                if !hit.pool_into(&mut prefill) {
                     return cold;
                 }
                 Some(prefill)
             }
         };
         let (reuse, runs) = (hit.reuse, hit.inputs);
-        if !self.ctx.set_seq_state(slot as i32, hit.kv) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {
+        if !self.ctx.set_seq_state(slot as i32, hit.payload) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {
             self.ctx.seq_rm(slot as i32);
             return cold;
         }
@@ -560,7 +555,7 @@ impl<'m> Engine<'m> {
         };
         let bytes = self.model.n_layer() * (n_instr - cached) * self.model.n_embd() * 4;
         let kept: usize = self.slots.iter().flatten().filter_map(|s| s.capture.as_ref()).map(|(_, b)| b).sum();
-        if !self.cache.enabled() || bytes == 0 || kept + bytes > self.cache.max_bytes() / 2 {
+        if !self.cache.may_capture(kept, bytes) {
             return None;
         }
         let capturing = prefill.as_mut().is_some_and(Prefill::capture_inputs);
@@ -772,7 +767,7 @@ impl<'m> Engine<'m> {
         s.next = None;
         let mut forks = Vec::new();
         let caching = self.cache.enabled();
-        if caching && prefilling && s.done % CHECKPOINT == 0 && s.done < s.prompt.len() {
+        if caching && prefilling && PrefixCache::is_checkpoint(s.done, s.prompt.len()) {
             if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
                 s.snaps.push((snap.generator_id(), snap));
             }
@@ -790,7 +785,7 @@ impl<'m> Engine<'m> {
                 let (tokens, snaps) = (s.prompt.clone(), std::mem::take(&mut s.snaps));
                 let inputs = match (s.capture.take(), kept) {
                     (Some((mut runs, _)), Some(rows)) => {
-                        runs.extend(crate::prefix::runs(s.cached, self.model.n_embd(), rows));
+                        runs.extend(prefix::runs(s.cached, self.model.n_embd(), rows));
                         runs
                     }
                     _ => Vec::new(),

@@ -44,7 +44,7 @@
 //! runtime ([`EngineConfig::gpu`]), which reads and writes llama.cpp's device tensors in place when
 //! the layers are offloaded to it.
 //!
-//! - **Prefix cache** ([`EngineConfig::prefix_cache_bytes`], the `prefix` module): the KV of an
+//! - **Prefix cache** ([`EngineConfig::prefix_cache_bytes`], `iapt_hook::prefix`, which libiapt's hook keeps too): the KV of an
 //!   instruction is the base model's alone (its rows never see soft tokens), so one cached copy
 //!   serves every adapter and the base; each adapter's pooling of the cached rows comes from its
 //!   own snapshot or is pooled from the cached input rows, without a forward pass. Keys are the
@@ -79,7 +79,6 @@ mod error;
 mod fault;
 mod handle;
 mod output;
-mod prefix;
 mod registry;
 mod request;
 
@@ -88,6 +87,6 @@ pub use constraint::Structured;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use handle::{EngineHandle, EngineSpec, EventSink, EventStream, Status};
-pub use prefix::{CacheStats, CHECKPOINT};
+pub use iapt_hook::prefix::{CacheStats, CHECKPOINT};
 pub use registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Unloaded};
 pub use request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};

@@ -11,7 +11,8 @@
 //! own adapter, prompts prefilled in chunks over several decodes, generators on the CPU or on a GPU
 //! runtime reading and writing device memory in place; [`Prefill`] the per-sequence pooling state,
 //! [`Segment`] a sequence's rows in one decode), `device` ([`LayerRows`], how the hook reaches a
-//! node's rows, and the in-place GPU calls: the crate's only `unsafe`), `error` ([`HookError`]).
+//! node's rows, and the in-place GPU calls: the crate's only `unsafe`), `error` ([`HookError`]),
+//! `prefix` (the prefix cache both hosts keep: pooling snapshots and input rows by token prefix).
 //!
 //! ```
 //! use iapt_hook::arch_spec;
@@ -26,6 +27,7 @@ mod arch;
 #[allow(unsafe_code)] // The one module with `unsafe`: node rows lent to the GPU generator in place.
 mod device;
 mod error;
+pub mod prefix;
 mod stream;
 #[cfg(test)]
 mod tests;

@@ -110,6 +110,28 @@ int main(int argc, char **argv) {
     expect("set_adapter(just fits the context)", fits, IAPT_OK, NULL);
     expect("set_adapter(negative sequence)", iapt_hook_set_adapter(hook, -1, adapter, 4, err, sizeof err), IAPT_ERR_RANGE, "negative");
 
+    /* The prefix cache's calls: NULLs and ranges, and batch tokens that differ from the declared ones. */
+    const llama_token twos[4] = {2, 2, 2, 2};
+    expect("set_adapter_tokens(NULL hook)", iapt_hook_set_adapter_tokens(NULL, 0, adapter, twos, 4, 0, err, sizeof err), IAPT_ERR_NULL, "hook is NULL");
+    expect("set_adapter_tokens(NULL tokens)", iapt_hook_set_adapter_tokens(hook, 0, adapter, NULL, 4, 0, err, sizeof err), IAPT_ERR_NULL, "tokens is NULL");
+    expect("set_adapter_tokens(n_kept beyond n_instruction)", iapt_hook_set_adapter_tokens(hook, 0, adapter, twos, 4, 5, err, sizeof err),
+           IAPT_ERR_RANGE, "n_kept is 5");
+    expect("set_adapter_tokens(n_kept -1)", iapt_hook_set_adapter_tokens(hook, 0, adapter, twos, 4, -1, err, sizeof err), IAPT_ERR_RANGE, "n_kept is -1");
+    expect("set_adapter_tokens(n_instruction 0)", iapt_hook_set_adapter_tokens(hook, 0, adapter, twos, 0, 0, err, sizeof err), IAPT_ERR_RANGE,
+           "n_instruction is 0");
+    expect("set_cache(NULL hook)", iapt_hook_set_cache(NULL, 0, err, sizeof err), IAPT_ERR_NULL, "hook is NULL");
+    expect("set_cache(-1)", iapt_hook_set_cache(hook, -1, err, sizeof err), IAPT_ERR_RANGE, "max_bytes is -1");
+    strcpy(err, "-");
+    expect("cache_stats(NULL hook)", iapt_hook_cache_stats(NULL, NULL, NULL, NULL, NULL), IAPT_ERR_NULL, NULL);
+    int32_t k = iapt_hook_set_adapter_tokens(hook, 1, adapter, twos, 4, 0, err, sizeof err);
+    strcpy(err, "-");
+    expect("set_adapter_tokens(nothing kept) reuses nothing", k, 0, NULL);
+    struct llama_batch ones = prefix_batch(4 + m, 0, 1);
+    expect("prepare(tokens differ from the declared ones)", iapt_hook_prepare(hook, &ones, err, sizeof err), IAPT_ERR_BATCH,
+           "differs from the instruction token 2");
+    llama_batch_free(ones);
+    iapt_hook_set_adapter(hook, 1, NULL, 0, err, sizeof err);
+
     /* finish without prepare. */
     expect("finish without prepare", iapt_hook_finish(hook, err, sizeof err), IAPT_ERR_STATE, "without iapt_hook_prepare");
 

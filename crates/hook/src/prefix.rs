@@ -1,55 +1,66 @@
-//! The prefix cache (issue 30): prompt work that later requests reuse, for every tenant.
+//! The prefix cache (issue 30): prompt work that later requests reuse, for every tenant. One cache
+//! for both hosts: the engine (behind every `iapt` command) and libiapt's hook.
 //!
 //! IAPT's instruction rows never see the soft tokens (spec, Injection, rule 5), so the KV cells of
 //! an instruction are the base model's alone, the same whatever adapter follows. An entry holds,
-//! for the instruction of a finished prefill:
-//! - a copy of its sequence's KV cells (`llama_state_seq_get_data`), loaded into a new sequence
-//!   and cut at the shared length (`llama_memory_seq_rm`), whoever asks: one copy serves every
-//!   adapter and the base alone;
+//! for the instruction of a finished prefill, keyed by its exact token ids (a cache belongs to one
+//! base model: the engine's model, a libiapt hook's model):
+//! - a payload the host keeps with it: the engine's copy of the sequence's KV cells
+//!   (`llama_state_seq_get_data`), loaded into a new sequence and cut at the shared length, whoever
+//!   asks, so that one copy serves every adapter and the base alone; nothing for libiapt, whose
+//!   host application keeps its own KV (its own prompt cache);
 //! - the adapter's pooling state (its generators' online softmaxes, [`PoolSnapshot`]) at every
-//!   checkpoint, every [`CHECKPOINT`] rows and at the end, keyed by the generator's id (unique per
-//!   loaded adapter: a replaced file is another generator and never hits an old snapshot).
-//!
+//!   checkpoint, every [`CHECKPOINT`] rows, and at the instruction's end, keyed by the generator's
+//!   id (unique per loaded adapter: a replaced file is another generator and never hits an old
+//!   snapshot);
 //! - each layer's input rows of the instruction, as the generators pooled them (f32: pooling them
 //!   again gives the same sums), in runs ([`Rows`]) that entries sharing a prefix share, so that
-//!   **another adapter** pools the cached rows with its own generators and skips the base model's
-//!   forward pass over them. They are taken from a prefill with an adapter on the CPU, while the
-//!   rows taken by prefills in flight stay within half the cache.
+//!   **another adapter** pools the cached rows with its own generators ([`Hit::pool_into`]) and
+//!   skips the base model's forward pass over them. They are taken from a prefill with an adapter
+//!   on the CPU while the rows taken by prefills in flight stay within half the cache
+//!   ([`PrefixCache::may_capture`]).
 //!
 //! A request reuses the longest prefix of its prompt that an entry holds: all of it for the base
 //! alone but the last token (whose logits it needs), and for an adapter as far as its pooling can
 //! be had: its latest snapshot at or before that length, then the cached input rows after it.
-//! What is reused is copied into the request's sequence at admission, so an entry is never in use
-//! afterwards and can be evicted at any time; entries are evicted whole, least recently used first,
-//! to stay within [`PrefixCache::max_bytes`], after the input rows of the least recently used
-//! entries (the bulk of the bytes, needed only by another adapter) have gone. Exact: the KV bytes and the pooling sums are the
-//! ones a cold prefill computes (chunked prefill equals one shot), which the engine's tests check
-//! against cold runs to 1e-5. A run of input rows shared by several entries is counted once.
+//! What is reused is copied at admission, so an entry is never in use afterwards and can be
+//! evicted at any time; entries are evicted whole, least recently used first, to stay within
+//! [`PrefixCache::max_bytes`], after the input rows of the least recently used entries (the bulk of
+//! the bytes, needed only by another adapter) have gone. Exact: the KV bytes and the pooling sums
+//! are the ones a cold prefill computes (chunked prefill equals one shot), which the engine's and
+//! libiapt's tests check against cold runs to 1e-5. A run of input rows shared by several entries
+//! is counted once.
+//!
+//! Written here rather than taken from a crate: the entries are prefixes with per-adapter parts and
+//! shared runs, evicted in two stages; a general LRU map holds none of that.
 
 use std::sync::Arc;
 
-use iapt_hook::PoolSnapshot;
-use iapt_llama::Token;
+use crate::{PoolSnapshot, Prefill};
+
+/// A token id (llama.cpp's `llama_token`).
+pub type Token = i32;
 
 /// Pooling snapshots are taken every this many instruction rows (prefill chunks end there).
 pub const CHECKPOINT: usize = 256;
 
 /// A run of consecutive instruction rows: each layer's inputs (`n x n_embd` f32 per layer).
 #[derive(Debug)]
-pub(crate) struct Rows {
-    pub n: usize,
-    pub layers: Vec<Vec<f32>>,
+pub struct Rows {
+    n: usize,
+    layers: Vec<Vec<f32>>,
 }
 
 impl Rows {
-    fn bytes(&self) -> usize {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
         self.layers.iter().map(|l| l.len() * 4).sum()
     }
 }
 
 /// Splits the input rows a prefill kept, rows `start..` of its instruction (`layers[l]` is
 /// `k x n_embd`), into runs that end at multiples of [`CHECKPOINT`] and at the end.
-pub(crate) fn runs(start: usize, n_embd: usize, layers: Vec<Vec<f32>>) -> Vec<Arc<Rows>> {
+pub fn runs(start: usize, n_embd: usize, layers: Vec<Vec<f32>>) -> Vec<Arc<Rows>> {
     let k = layers.first().map_or(0, |l| l.len() / n_embd.max(1));
     if k == 0 || layers.iter().any(|l| l.len() != k * n_embd) {
         return Vec::new();
@@ -69,7 +80,8 @@ pub(crate) fn runs(start: usize, n_embd: usize, layers: Vec<Vec<f32>>) -> Vec<Ar
 /// One cached instruction.
 struct Entry {
     tokens: Vec<Token>,
-    kv: Vec<u8>,
+    /// What the host stores with it (the engine: the sequence's KV cells).
+    payload: Vec<u8>,
     /// (generator id, snapshot), snapshots in increasing row order per generator.
     pooled: Vec<(u64, PoolSnapshot)>,
     /// Input rows from row 0 on, in runs (possibly fewer rows than `tokens`, or none).
@@ -115,11 +127,11 @@ impl Entry {
 }
 
 /// What a request can reuse.
-pub(crate) struct Hit<'a> {
+pub struct Hit<'a> {
     /// Prompt tokens reused (KV positions kept).
     pub reuse: usize,
-    /// The KV copy to load (then cut to `reuse`).
-    pub kv: &'a [u8],
+    /// The entry's payload (the engine: the KV copy to load, then cut to `reuse`).
+    pub payload: &'a [u8],
     /// With an adapter: its pooling after the first rows (none: start from nothing), then
     /// `pool` (input rows kept by an earlier prefill) up to exactly `reuse` rows.
     pub pooled: Option<&'a PoolSnapshot>,
@@ -129,7 +141,19 @@ pub(crate) struct Hit<'a> {
     pub inputs: Option<Vec<Arc<Rows>>>,
 }
 
-/// Counters since the engine started.
+impl Hit<'_> {
+    /// Pools the cached input rows [`Hit::pool`] into `prefill` (started from [`Hit::pooled`], or
+    /// from nothing), with its generators only, no forward pass; `false` (the state then is
+    /// partial: start cold) when a row does not fit the generator.
+    pub fn pool_into(&self, prefill: &mut Prefill) -> bool {
+        self.pool.iter().all(|(run, a, b)| {
+            let d = run.layers.first().map_or(0, |l| l.len() / run.n.max(1));
+            run.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, &rows[a * d..b * d]))
+        })
+    }
+}
+
+/// Counters since the cache was made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// Requests that reused a cached prefix.
@@ -151,18 +175,21 @@ pub struct CacheStats {
 }
 
 /// The cache (see the module doc); `max_bytes == 0` turns it off.
-pub(crate) struct PrefixCache {
+pub struct PrefixCache {
     max_bytes: usize,
     entries: Vec<Entry>,
     clock: u64,
+    /// Its counters.
     pub stats: CacheStats,
 }
 
 impl PrefixCache {
+    /// A cache of at most `max_bytes` bytes (0: off).
     pub fn new(max_bytes: usize) -> PrefixCache {
         PrefixCache { max_bytes, entries: Vec::new(), clock: 0, stats: CacheStats::default() }
     }
 
+    /// Whether it is on.
     pub fn enabled(&self) -> bool {
         self.max_bytes > 0
     }
@@ -170,6 +197,18 @@ impl PrefixCache {
     /// Bytes the cache may hold.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
+    }
+
+    /// Whether a prefill may keep `bytes` of input rows for the cache while prefills in flight
+    /// keep `in_flight` bytes: with the cache on, within half of it together.
+    pub fn may_capture(&self, in_flight: usize, bytes: usize) -> bool {
+        self.enabled() && bytes > 0 && in_flight + bytes <= self.max_bytes / 2
+    }
+
+    /// Whether a prefill that has pooled `done` of its `n_instr` instruction rows is at a
+    /// checkpoint, where its pooling is copied for the cache (the end is stored with the entry).
+    pub fn is_checkpoint(done: usize, n_instr: usize) -> bool {
+        done > 0 && done % CHECKPOINT == 0 && done < n_instr
     }
 
     /// The best reuse for `prompt` with the adapter whose generator is `gen` (`None`: the base
@@ -217,13 +256,13 @@ impl PrefixCache {
             _ => Vec::new(),
         };
         let inputs = (e.input_rows() >= reuse).then(|| e.runs_to(reuse));
-        Some(Hit { reuse, kv: &e.kv, pooled, pool, inputs })
+        Some(Hit { reuse, payload: &e.payload, pooled, pool, inputs })
     }
 
-    /// Stores the instruction `tokens` of a finished prefill with its KV copy and pooling
+    /// Stores the instruction `tokens` of a finished prefill with its payload and pooling
     /// snapshots, evicting least recently used entries to make room; one too large for the cache
     /// is not stored. An entry for the same tokens is replaced (its snapshots kept with the new).
-    pub fn store(&mut self, tokens: Vec<Token>, kv: Vec<u8>, mut pooled: Vec<(u64, PoolSnapshot)>, inputs: Vec<Arc<Rows>>) {
+    pub fn store(&mut self, tokens: Vec<Token>, payload: Vec<u8>, mut pooled: Vec<(u64, PoolSnapshot)>, inputs: Vec<Arc<Rows>>) {
         if !self.enabled() || tokens.is_empty() {
             return;
         }
@@ -236,8 +275,8 @@ impl PrefixCache {
             let new_ids: Vec<u64> = pooled.iter().map(|(g, _)| *g).collect();
             pooled.extend(old.pooled.into_iter().filter(|(g, _)| !new_ids.contains(g)));
         }
-        let own = kv.len() + tokens.len() * 4 + pooled.iter().map(|(_, p)| p.bytes()).sum::<usize>();
-        let entry = Entry { tokens, kv, pooled, inputs, bytes: own, last_used: 0 };
+        let own = payload.len() + tokens.len() * 4 + pooled.iter().map(|(_, p)| p.bytes()).sum::<usize>();
+        let entry = Entry { tokens, payload, pooled, inputs, bytes: own, last_used: 0 };
         if own + entry.inputs.iter().map(|r| r.bytes()).sum::<usize>() > self.max_bytes {
             self.stats.bytes = self.held_bytes(None);
             self.stats.entries = self.entries.len();
