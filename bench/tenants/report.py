@@ -217,8 +217,8 @@ def prefix(rows: dict) -> dict | None:
     run, TTFT, throughput, the cache's bytes; and the targets: TTFT p50 with the cache >= 5x lower
     than without; prompt tokens computed <= 1.2x the bare base's; IAPT >= 0.9x the bare base's
     throughput; the IAPT / LoRA throughput ratio."""
-    got = {k: rows[k] for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base",
-                                 "chat-iapt", "chat-iapt-nocache", "chat-lora", "chat-base") if k in rows}
+    got = {k: rows[k] for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-iapt-fill", "prefix-lora", "prefix-base",
+                                 "chat-iapt", "chat-iapt-nocache", "chat-iapt-fill", "chat-lora", "chat-base") if k in rows}
     if not got:
         return None
     out = {}
@@ -240,6 +240,11 @@ def prefix(rows: dict) -> dict | None:
     out["chat_computed_iapt_over_base"] = ratio("chat-iapt", "chat-base", "prompt_tokens_computed")
     out["chat_tps_iapt_over_base"] = ratio("chat-iapt", "chat-base", "tokens_per_s")
     out["chat_tps_iapt_over_lora"] = ratio("chat-iapt", "chat-lora", "tokens_per_s")
+    # --min-step-rows 0 (every step filled to --batch-tokens) against the default.
+    out["ttft_p50_fill_over_cut"] = ratio("prefix-iapt-fill", "prefix-iapt", "ttft_p50_s")
+    out["tps_cut_over_fill"] = ratio("prefix-iapt", "prefix-iapt-fill", "tokens_per_s")
+    out["chat_ttft_p50_fill_over_cut"] = ratio("chat-iapt-fill", "chat-iapt", "ttft_p50_s")
+    out["chat_tps_cut_over_fill"] = ratio("chat-iapt", "chat-iapt-fill", "tokens_per_s")
     return out
 
 
@@ -417,7 +422,8 @@ def main() -> int:
               f"of its own, {s['n_adapters']} tenants (uniform), {s['parallel']} in flight, {s.get('requests_prefix')} requests x "
               f"{s.get('gen_prefix')} generated, after {s['warmup']} warm-up requests with the same system prompt:", "",
               "| row | prompt tokens sent / computed | TTFT p50 / p99 (s) | output tok/s | cache (MiB) |", "| --- | ---: | ---: | ---: | ---: |"]
-        for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-lora", "prefix-base", "chat-iapt", "chat-iapt-nocache", "chat-lora", "chat-base"):
+        for k in ("prefix-iapt", "prefix-iapt-nocache", "prefix-iapt-fill", "prefix-lora", "prefix-base",
+                  "chat-iapt", "chat-iapt-nocache", "chat-iapt-fill", "chat-lora", "chat-base"):
             if k in px:
                 x = px[k]
                 L.append(f"| {k} | {x['prompt_tokens_sent']} / {fmt(x['prompt_tokens_computed'], '.0f')} | {fmt(x['ttft_p50_s'])} / {fmt(x['ttft_p99_s'])} | "
@@ -428,7 +434,11 @@ def main() -> int:
               f"- The chat rows ({s.get('chat_turns')} turns per tenant, a first prompt of {s.get('chat_first')} tokens, {s.get('chat_user')} new "
               f"tokens and the answer added each turn, {s.get('gen_chat')} generated): TTFT p50 without / with the cache "
               f"{fmt(px['chat_ttft_p50_nocache_over_cache'])}x; prompt tokens computed IAPT / bare base {fmt(px['chat_computed_iapt_over_base'])}x; "
-              f"throughput IAPT / bare base {fmt(px['chat_tps_iapt_over_base'])}x, IAPT / LoRA {fmt(px['chat_tps_iapt_over_lora'])}x."]
+              f"throughput IAPT / bare base {fmt(px['chat_tps_iapt_over_base'])}x, IAPT / LoRA {fmt(px['chat_tps_iapt_over_lora'])}x.",
+              f"- The step rule (`--min-step-rows`, default 128) against every step filled to --batch-tokens (the -fill rows, "
+              f"`--min-step-rows 0`, with the cache): TTFT p50 fill / default {fmt(px['ttft_p50_fill_over_cut'])}x (shared prompt), "
+              f"{fmt(px['chat_ttft_p50_fill_over_cut'])}x (chat); throughput default / fill {fmt(px['tps_cut_over_fill'])}x, "
+              f"{fmt(px['chat_tps_cut_over_fill'])}x."]
     L += ["", "| memory per resident adapter | IAPT (m 4) params | IAPT resident, F16 / Q8_0 | LoRA r 8 q/k/v/o params | LoRA q/k/v/o resident (f16) | LoRA r 8 q/v params |",
           "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in res["memory"]["shapes"].items():

@@ -134,6 +134,8 @@ rows() {
   # a LoRA per tenant and on the bare base, both with their prompt cache on (its default).
   echo "prefix-iapt | iapt-prefix | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   echo "prefix-iapt-nocache | iapt-prefix-nocache | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
+  # The same with every step filled to --batch-tokens (--min-step-rows 0): the step rule's share.
+  echo "prefix-iapt-fill | iapt-prefix-fill | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   echo "prefix-lora | llama-lora-prefix | $N_ADAPTERS | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   echo "prefix-base | llama-base-prefix | 0 | uniform | $PARALLEL | $GEN_PREFIX | $REQUESTS_PREFIX"
   # A CHAT_TURNS-turn chat per tenant (a conversation per tenant, its prompt growing by the answer and
@@ -141,6 +143,7 @@ rows() {
   local nchat=$((N_ADAPTERS * CHAT_TURNS))
   echo "chat-iapt | iapt-prefix-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
   echo "chat-iapt-nocache | iapt-prefix-nocache-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
+  echo "chat-iapt-fill | iapt-prefix-fill-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
   echo "chat-lora | llama-lora-prefix-chat | $N_ADAPTERS | uniform | $PARALLEL | $GEN_CHAT | $nchat"
   echo "chat-base | llama-base-prefix-chat | 0 | uniform | $PARALLEL | $GEN_CHAT | $nchat"
 }
@@ -317,6 +320,7 @@ start_server() {
         --batch-tokens "$BATCH" --ubatch-size "$UBATCH" --threads "$THREADS" --alias base --queue 256)
       if [ "$kind" = iapt-base-kvu ]; then args+=(--kv-unified); fi
       case "$kind" in iapt-prefix-nocache*) args+=(--cache-mib 0) ;; esac
+      case "$kind" in iapt-prefix-fill*) args+=(--min-step-rows 0) ;; esac
       if [ "$kind" = iapt-disk-small ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_SMALL"); fi
       if [ "$kind" = iapt-disk-large ]; then args+=(--adapter-dir "$DISK/iapt" --max-resident-adapters "$CAP_LARGE"); fi
       if [ "$kind" = iapt ] || [ "${kind#iapt-prefix}" != "$kind" ]; then

@@ -393,9 +393,7 @@ pub extern "C" fn iapt_hook_set_adapter(
     err: *mut c_char,
     err_size: usize,
 ) -> i32 {
-    guard(raw::err_buf(err, err_size), || {
-        bind(raw::hook_ref(hook)?, seq, adapter, n_instruction, None)
-    })
+    guard(raw::err_buf(err, err_size), || bind(raw::hook_ref(hook)?, seq, adapter, n_instruction, None))
 }
 
 /// As [`iapt_hook_set_adapter`], with the instruction's `n_instruction` token ids, of which the
@@ -432,7 +430,13 @@ pub extern "C" fn iapt_hook_set_adapter_tokens(
 
 /// Binds (or clears) a sequence; with declared tokens, goes on from the longest prefix of the
 /// first `kept` that the cache can give this adapter, and returns its length.
-fn bind(h: &IaptHook, seq: llama_seq_id, adapter: *const IaptAdapter, n_instruction: i32, declared: Option<(&[Token], usize)>) -> Result<i32, Failure> {
+fn bind(
+    h: &IaptHook,
+    seq: llama_seq_id,
+    adapter: *const IaptAdapter,
+    n_instruction: i32,
+    declared: Option<(&[Token], usize)>,
+) -> Result<i32, Failure> {
     let mut st = h.lock();
     if st.armed.is_some() {
         return fail(IAPT_ERR_STATE, "binding a sequence between iapt_hook_prepare and iapt_hook_finish");
@@ -514,7 +518,8 @@ fn capture(st: &State, base: &BaseModelInfo, slot: &mut SeqSlot, runs: Vec<Arc<R
 pub extern "C" fn iapt_hook_set_cache(hook: *mut IaptHook, max_bytes: i64, err: *mut c_char, err_size: usize) -> i32 {
     guard(raw::err_buf(err, err_size), || {
         let h = raw::hook_ref(hook)?;
-        let bytes = usize::try_from(max_bytes).map_err(|_| Failure(IAPT_ERR_RANGE, format!("max_bytes is {max_bytes}: it must be >= 0 (0: off)")))?;
+        let bytes = usize::try_from(max_bytes)
+            .map_err(|_| Failure(IAPT_ERR_RANGE, format!("max_bytes is {max_bytes}: it must be >= 0 (0: off)")))?;
         let mut st = h.lock();
         if st.armed.is_some() {
             return fail(IAPT_ERR_STATE, "iapt_hook_set_cache between iapt_hook_prepare and iapt_hook_finish");
@@ -535,7 +540,13 @@ pub extern "C" fn iapt_hook_set_cache(hook: *mut IaptHook, max_bytes: i64, err: 
 /// the bytes it holds now. Returns 0 or `IAPT_ERR_NULL`.
 #[allow(unsafe_code)] // `no_mangle`: exported under its C name.
 #[no_mangle]
-pub extern "C" fn iapt_hook_cache_stats(hook: *const IaptHook, hits: *mut i64, misses: *mut i64, tokens_reused: *mut i64, bytes: *mut i64) -> i32 {
+pub extern "C" fn iapt_hook_cache_stats(
+    hook: *const IaptHook,
+    hits: *mut i64,
+    misses: *mut i64,
+    tokens_reused: *mut i64,
+    bytes: *mut i64,
+) -> i32 {
     guard(ErrBuf::none(), || {
         let st = raw::hook_ref(hook)?.lock().cache.stats.clone();
         let to = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

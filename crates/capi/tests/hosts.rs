@@ -120,7 +120,8 @@ fn iapt_run_in(model: &Path, adapter: Option<&Path>, instruction: &[i64], ctx: &
         Some(a) => cmd.arg("--adapter").arg(a),
         None => cmd.arg("--no-adapter"),
     };
-    let o = run(cmd.args([
+    let o = run(cmd
+        .args([
             "--prompt-tokens",
             &ids(instruction),
             "--n-predict",

@@ -99,6 +99,12 @@ pub struct EngineArgs {
     /// Tokens decoded per step at most (decode tokens first, then prefill chunks).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub batch_tokens: usize,
+    /// A step in which a prompt's prefill completes ends right after it once the step holds N
+    /// rows: its first token is not held back by other prompts' chunks (short prefills such as
+    /// prefix-cache hits then answer one after another, not in bursts of a full step). 0: every
+    /// step fills up to --batch-tokens.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub min_step_rows: usize,
     /// One KV cache shared by all sequences (llama-server's --kv-unified). Default: one stream per
     /// sequence, whose attention then reads only its own cells (faster with many in flight).
     #[arg(long)]
@@ -202,6 +208,8 @@ pub struct EngineShape {
     pub parallel: usize,
     /// Tokens per step (0: the whole per-sequence context, so a prompt is one decode).
     pub batch_tokens: usize,
+    /// See [`EngineArgs::min_step_rows`] (0: off).
+    pub min_step_rows: usize,
     /// Requests that may wait.
     pub queue: usize,
     /// One KV cache for all sequences.
@@ -217,6 +225,7 @@ impl EngineShape {
     pub const SINGLE: EngineShape = EngineShape {
         parallel: 1,
         batch_tokens: 0,
+        min_step_rows: 0,
         queue: 1,
         kv_unified: false,
         adapter_cache: AdapterCache { max_resident: None, max_bytes: None },
@@ -233,6 +242,7 @@ impl EngineShape {
         Ok(EngineShape {
             parallel: e.parallel,
             batch_tokens: e.batch_tokens.max(e.parallel),
+            min_step_rows: e.min_step_rows,
             queue,
             kv_unified: e.kv_unified,
             adapter_cache: AdapterCache::default(),
@@ -345,6 +355,7 @@ impl RuntimeArgs {
             parallel,
             seq_ctx,
             batch_tokens,
+            min_step_rows: shape.min_step_rows,
             n_ubatch: self.ubatch_size as usize,
             queue_capacity: shape.queue.max(1),
             n_threads: i32::try_from(self.threads()).unwrap_or(i32::MAX),

@@ -62,6 +62,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         seq_ctx: prompt_len + 8 + n_predict,
         // Every prompt in the first step: both engines then decode n sequences at every step.
         batch_tokens: n * (prompt_len + 8),
+        min_step_rows: 0,
         n_threads: threads as i32,
         generator_threads: threads,
         ..EngineConfig::default()

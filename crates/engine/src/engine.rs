@@ -12,9 +12,9 @@ use iapt_llama::{arch_spec, Batch, Context, ContextParams, EvalCallback, KvType,
 use crate::constraint::{Constraint, Vocab};
 use crate::error::EngineError;
 use crate::output::{logprobs, Pushed, StopMatcher};
-use iapt_hook::prefix::{self, CacheStats, PrefixCache, Rows, CHECKPOINT};
 use crate::registry::{AdapterCache, AdapterInfo, InsertOptions, Inserted, Prep, Registry, Resident, Unloaded};
 use crate::request::{Completion, Event, EventKind, FinishReason, Finished, Request, SeqId, TokenOut, MAX_LOGPROBS};
+use iapt_hook::prefix::{self, CacheStats, PrefixCache, Rows, CHECKPOINT};
 use iapt_hook::{Claim, HookError, HookTimes, PoolSnapshot, Prefill, Segment, StreamHook};
 
 /// Engine settings.
@@ -27,6 +27,13 @@ pub struct EngineConfig {
     pub seq_ctx: usize,
     /// Tokens one step decodes at most (decode tokens first, then prefill chunks); >= `parallel`.
     pub batch_tokens: usize,
+    /// A step in which a prompt's prefill completes ends right after that prompt once it holds at
+    /// least this many rows (decode tokens included), instead of filling up to `batch_tokens` with
+    /// other prompts' chunks: that prompt's first token is not held back by work that gains
+    /// little from riding in the same step (short prefills, such as prefix-cache hits, complete
+    /// one after another instead of in bursts of a full step). Long prompts, which complete
+    /// rarely, still run in full steps. 0: steps always fill up to `batch_tokens`.
+    pub min_step_rows: usize,
     /// llama.cpp's physical micro-batch size.
     pub n_ubatch: usize,
     /// Requests that may wait for a slot; more are refused with [`EngineError::QueueFull`].
@@ -60,6 +67,7 @@ impl Default for EngineConfig {
             parallel: 4,
             seq_ctx: 1024,
             batch_tokens: 512,
+            min_step_rows: 128,
             n_ubatch: 512,
             queue_capacity: 256,
             n_threads: 0,
@@ -703,6 +711,11 @@ impl<'m> Engine<'m> {
             }
             let out_row = (s.done + k == s.total).then(|| self.batch.len() - 1);
             plan.push(Planned { slot, rows: k, out_row });
+            // A prompt's last rows are in: its first token comes at the end of this step, so the
+            // step ends here once it is large enough (`EngineConfig::min_step_rows`).
+            if out_row.is_some() && self.cfg.min_step_rows > 0 && self.batch.len() >= self.cfg.min_step_rows {
+                break;
+            }
         }
         Ok(plan)
     }

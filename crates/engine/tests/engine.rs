@@ -83,6 +83,7 @@ fn exact(parallel: usize, batch_tokens: usize, n_ubatch: usize) -> EngineConfig 
         parallel,
         seq_ctx: 64,
         batch_tokens,
+        min_step_rows: 0,
         n_ubatch,
         queue_capacity: 64,
         n_threads: 1,
@@ -305,6 +306,49 @@ fn chunked_prefill_equals_one_shot() {
                 assert!(err <= 1e-5, "{adapter}, budget {budget}, step {step}: rel err {err:e}");
             }
         }
+    }
+}
+
+/// `min_step_rows`: a step ends right after a prompt whose prefill completes once the step holds
+/// that many rows, so first tokens come one step after another instead of all at the end of one
+/// full step; every request's output is unchanged (chunking equals one shot).
+#[test]
+fn a_step_ends_after_a_completed_prompt_once_it_holds_min_step_rows() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let (short, long) = (case("llama-short-iapt").instruction, case("llama-long-iapt").instruction);
+    // Prompt rows (instruction + soft): 12 + 4 (a0), 5, 30 + 2 (a1), 1.
+    let reqs = [greedy(&short, Some("a0"), 4), greedy(&short[..5], None, 4), greedy(&long, Some("a1"), 4), greedy(&short[..1], None, 4)];
+    let run = |min_step_rows: usize| {
+        let mut e = engine(&m, &ads, EngineConfig { min_step_rows, ..exact(4, 64, 64) });
+        let ids: Vec<SeqId> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let (mut out, mut started) = (BTreeMap::new(), Vec::new());
+        while !e.is_idle() {
+            for ev in e.step() {
+                record(&mut out, ev);
+            }
+            started.push(
+                ids.iter()
+                    .enumerate()
+                    .filter(|(_, id)| out.get(*id).is_some_and(|o: &Outcome| !o.tokens.is_empty()))
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>(),
+            );
+            assert!(started.len() < 100, "no progress");
+        }
+        (started, ids.iter().map(|id| out.remove(id).unwrap()).collect::<Vec<_>>())
+    };
+    let (off, off_out) = run(0);
+    assert_eq!(off[0], [0, 1, 2, 3], "off: one step of 54 rows gives every first token");
+    let (on, on_out) = run(8);
+    // 8: the first step ends after request 0 (16 rows); the second holds its next token, request 1
+    // (6 rows in all: fewer than 8, go on) and request 2, and ends there; the third gives 3's.
+    assert_eq!(on[..3], [vec![0], vec![0, 1, 2], vec![0, 1, 2, 3]], "on: first tokens step by step");
+    for (i, r) in reqs.iter().enumerate() {
+        let want = alone(&m, &ads, r);
+        assert_eq!(off_out[i].ids(), want.ids(), "off, request {i}");
+        assert_eq!(on_out[i].ids(), want.ids(), "on, request {i}");
+        assert_eq!(on_out[i].ending(), want.ending(), "on, request {i}");
     }
 }
 

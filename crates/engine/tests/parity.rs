@@ -157,6 +157,7 @@ fn engine_config(gpu: &Option<Arc<GpuRuntime>>, p: Params, parallel: usize) -> E
         parallel,
         seq_ctx: 256,
         batch_tokens: 256 * parallel,
+        min_step_rows: 0,
         n_ubatch: p.n_ubatch,
         queue_capacity: 16,
         n_threads: 1,
