@@ -318,3 +318,69 @@ impl PrefixCache {
         total
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Input rows of `n` instruction rows, 2 layers of width 3, from row `start` on, every value
+    /// its row number (so a piece shows which rows it holds).
+    fn layers(start: usize, n: usize) -> Vec<Vec<f32>> {
+        let one: Vec<f32> = (start..start + n).flat_map(|r| [r as f32; 3]).collect();
+        vec![one.clone(), one]
+    }
+
+    #[test]
+    fn runs_end_at_checkpoints_and_at_the_end() {
+        let r = runs(200, 3, layers(200, 400));
+        let lens: Vec<usize> = r.iter().map(|x| x.n).collect();
+        assert_eq!(lens, [56, 256, 88], "rows 200..256, 256..512, 512..600");
+        assert_eq!(r[1].layers[0][0], 256.0);
+        assert!(runs(0, 3, vec![vec![0.0; 6], vec![0.0; 3]]).is_empty(), "layers of different lengths: nothing");
+    }
+
+    #[test]
+    fn lookup_takes_the_longest_common_prefix_by_its_rules() {
+        let mut c = PrefixCache::new(1 << 20);
+        let toks: Vec<Token> = (0..10).collect();
+        c.store(toks.clone(), vec![1; 8], Vec::new(), runs(0, 3, layers(0, 10)));
+        // The base alone: all of a common prefix but the prompt's last token.
+        let same = c.lookup(&toks, None).unwrap();
+        assert_eq!((same.reuse, same.payload), (9, &[1u8; 8][..]));
+        let grown: Vec<Token> = (0..14).collect();
+        assert_eq!(c.lookup(&grown, None).unwrap().reuse, 10);
+        // An adapter without a snapshot: the cached input rows up to the common length.
+        let mut diverged = toks[..6].to_vec();
+        diverged.push(99);
+        let hit = c.lookup(&diverged, Some(Some(7))).unwrap();
+        assert_eq!(hit.reuse, 6);
+        let rows: Vec<f32> = hit.pool.iter().flat_map(|(r, a, b)| r.layers[0][a * 3..b * 3].to_vec()).collect();
+        assert_eq!(rows, layers(0, 6)[0], "rows 0..6 to pool");
+        // On the GPU (no pooling cached) nothing; another prompt nothing.
+        assert!(c.lookup(&toks, Some(None)).is_none());
+        assert!(c.lookup(&[42, 43], None).is_none());
+        assert_eq!((c.stats.hits, c.stats.misses, c.stats.tokens_reused), (3, 2, 25));
+    }
+
+    #[test]
+    fn shared_runs_count_once_and_rows_go_before_entries() {
+        let rows = runs(0, 3, layers(0, 10));
+        let row_bytes: usize = rows.iter().map(|r| r.bytes()).sum();
+        let mut c = PrefixCache::new(100 + 2 * (10 * 4 + 100) + row_bytes);
+        c.store((0..10).collect(), vec![0; 100], Vec::new(), rows.clone());
+        c.store((0..10).chain(20..25).collect(), vec![0; 100], Vec::new(), rows);
+        assert_eq!(c.stats.bytes, 100 + 40 + 100 + 60 + row_bytes, "the shared run once");
+        // A third entry does not fit: the input rows go first, least recently used entry first (the
+        // run is shared, so only dropping both entries' rows frees it); KV and snapshots stay.
+        c.store((50..60).collect(), vec![0; 40 + row_bytes], Vec::new(), Vec::new());
+        assert_eq!((c.stats.rows_dropped, c.stats.evicted, c.stats.entries), (2, 0, 3));
+        assert_eq!(c.stats.bytes, c.max_bytes());
+        // Then whole entries, least recently used first: the first one.
+        c.store((70..80).collect(), vec![0; 100], Vec::new(), Vec::new());
+        assert_eq!((c.stats.evicted, c.stats.entries), (1, 3));
+        assert_eq!(c.lookup(&(0..10).collect::<Vec<_>>(), None).unwrap().payload.len(), 100, "the second one serves 0..10");
+        // Too large for the cache: not stored.
+        c.store((90..99).collect(), vec![0; c.max_bytes() + 1], Vec::new(), Vec::new());
+        assert!(c.lookup(&(90..99).collect::<Vec<_>>(), None).is_none());
+    }
+}
