@@ -81,7 +81,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use iapt_format::{AdapterConfig, BaseModelInfo};
 use iapt_generator::Generator;
 use iapt_hook::prefix::{self, PrefixCache, Rows, Token};
-use iapt_hook::{arch_spec, supported_archs, PoolSnapshot, Prefill, Segment, StreamHook};
+use iapt_hook::{arch_spec, supported_archs, PoolKey, PoolSnapshot, Prefill, Segment, StreamHook};
 
 use ffi::{ggml_tensor, llama_batch, llama_context, llama_model, llama_seq_id};
 use raw::{ErrBuf, RawBatch};
@@ -166,7 +166,7 @@ struct SeqSlot {
     /// Instruction rows reused from the prefix cache at binding.
     cached: usize,
     /// Pooling snapshots taken at checkpoints, for the cache.
-    snaps: Vec<(u64, PoolSnapshot)>,
+    snaps: Vec<PoolSnapshot>,
     /// When the prefill keeps its input rows for the cache: the runs of rows before `cached`, and
     /// the bytes it will keep.
     capture: Option<(Vec<Arc<Rows>>, usize)>,
@@ -478,7 +478,7 @@ fn bind(
         stored: false,
     };
     if let Some((tokens, kept)) = declared {
-        let hit = st.cache.lookup(&tokens[..kept], Some(Some(gen.id())));
+        let hit = st.cache.lookup(&tokens[..kept], Some(PoolKey::Cpu(gen.id())));
         let resumed = hit.and_then(|hit| {
             let mut pf = match hit.pooled {
                 Some(snap) => Prefill::cpu_from(gen.clone(), n, snap)?,
@@ -649,13 +649,13 @@ pub extern "C" fn iapt_hook_finish(hook: *mut IaptHook, err: *mut c_char, err_si
 /// pooled whole.
 fn keep_for_cache(cache: &mut PrefixCache, slot: &mut SeqSlot, prefill: &mut Prefill, n_embd: usize) {
     if PrefixCache::is_checkpoint(slot.next, slot.n_instr) {
-        slot.snaps.extend(prefill.snapshot().map(|p| (p.generator_id(), p)));
+        slot.snaps.extend(prefill.snapshot());
     }
     if slot.stored || slot.next < slot.n_instr || slot.tokens.len() < slot.n_instr {
         return;
     }
     slot.stored = true;
-    slot.snaps.extend(prefill.snapshot().map(|p| (p.generator_id(), p)));
+    slot.snaps.extend(prefill.snapshot());
     let kept = prefill.take_inputs();
     let inputs = match (slot.capture.take(), kept) {
         (Some((mut runs, _)), Some(rows)) => {

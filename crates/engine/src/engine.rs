@@ -185,7 +185,7 @@ struct Seq {
     /// Prompt tokens reused from the prefix cache.
     cached: usize,
     /// Pooling snapshots taken at checkpoints, for the prefix cache.
-    snaps: Vec<(u64, PoolSnapshot)>,
+    snaps: Vec<PoolSnapshot>,
     /// When its prefill keeps its input rows for the prefix cache: the cached runs of rows
     /// `0..cached` its entry starts with, and the bytes it will keep.
     capture: Option<(Vec<Arc<Rows>>, usize)>,
@@ -519,7 +519,7 @@ impl<'m> Engine<'m> {
     /// start, the slot left empty) when nothing fits or llama.cpp cannot load the copy.
     fn restore(&mut self, slot: usize, p: &Pending) -> (usize, Option<Prefill>, Option<Vec<Arc<Rows>>>) {
         let cold = (0, None, None);
-        let key = p.gen.as_ref().map(|g| g.generator_id());
+        let key = p.gen.as_ref().map(|g| g.pool_key());
         let Some(hit) = self.cache.lookup(&p.req.prompt, key) else { return cold };
         let n_instr = p.req.prompt.len();
         let prefill = match &p.gen {
@@ -782,14 +782,14 @@ impl<'m> Engine<'m> {
         let caching = self.cache.enabled();
         if caching && prefilling && PrefixCache::is_checkpoint(s.done, s.prompt.len()) {
             if let Some(snap) = s.prefill.as_ref().and_then(Prefill::snapshot) {
-                s.snaps.push((snap.generator_id(), snap));
+                s.snaps.push(snap);
             }
         }
         if prefilling && s.done >= s.total {
             // The instruction's KV, its pooling at the end and its input rows, for later requests
             // (with the cache off, no copy of the pooling is made).
             if let Some(snap) = s.prefill.as_ref().filter(|_| caching).and_then(Prefill::snapshot) {
-                s.snaps.push((snap.generator_id(), snap));
+                s.snaps.push(snap);
             }
             let kept = s.prefill.as_mut().and_then(Prefill::take_inputs);
             s.prefill = None;

@@ -22,7 +22,7 @@ use iapt_generator_cuda::{GpuAdapter, GpuRuntime, GPU_MAX_SOFT_TOKENS};
 use iapt_llama::Model;
 
 use crate::error::EngineError;
-use iapt_hook::{PoolSnapshot, Prefill};
+use iapt_hook::{PoolKey, PoolSnapshot, Prefill};
 
 /// A resident adapter's generator, where it runs.
 #[derive(Clone)]
@@ -48,19 +48,19 @@ impl Resident {
     }
 
     /// A prefill that starts from a pooling snapshot of this very generator (the prefix cache);
-    /// `None` on the GPU, or for a snapshot of another generator.
+    /// `None` for a snapshot of another generator, or when a GPU state cannot be loaded.
     pub fn begin_from(&self, n_instr: usize, snap: &PoolSnapshot) -> Option<Prefill> {
         match self {
             Resident::Cpu(g) => Prefill::cpu_from(g.clone(), n_instr, snap),
-            Resident::Gpu(..) => None,
+            Resident::Gpu(rt, a) => Prefill::gpu_from(rt.clone(), a.clone(), n_instr, snap),
         }
     }
 
-    /// The CPU generator's id, the key of its pooling snapshots (`None` on the GPU: not cached).
-    pub fn generator_id(&self) -> Option<u64> {
+    /// The key of its pooling snapshots.
+    pub fn pool_key(&self) -> PoolKey {
         match self {
-            Resident::Cpu(g) => Some(g.id()),
-            Resident::Gpu(..) => None,
+            Resident::Cpu(g) => PoolKey::Cpu(g.id()),
+            Resident::Gpu(_, a) => PoolKey::Gpu(a.id()),
         }
     }
 

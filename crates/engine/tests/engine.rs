@@ -1053,6 +1053,44 @@ fn prefix_cache_reuse_is_exact() {
     assert_eq!(e.cells_in_use(), 0);
 }
 
+/// The prefix cache with the generators on a GPU runtime (the emulated one): a tenant's pooling is
+/// copied from device memory at checkpoints and at the end, and loaded into a new device state by a
+/// later request (a grown prompt reuses all of the first; a divergence after 560 rows reuses up to
+/// the snapshot at 512). A GPU reads its input rows in device memory, so none are kept: another
+/// adapter on the same prompt reuses nothing (the base alone still reuses the KV). Exact against
+/// cold runs on the same kind of runtime.
+#[test]
+fn prefix_cache_on_the_gpu_generator_is_exact() {
+    let m = model("llama");
+    let ads = adapters("llama", &m);
+    let cfg = EngineConfig { seq_ctx: 1024, gpu: Some(GpuRuntime::emulated()), ..exact(2, 512, 128) };
+    let cold = |req: &Request| alone_with(&m, &ads, req, EngineConfig { gpu: Some(GpuRuntime::emulated()), ..cfg.clone() });
+    let mut e = engine(&m, &ads, cached(cfg.clone()));
+    assert!(e.adapters().iter().all(|a| a.on_gpu), "{:?}", e.adapters());
+    let mut run = |req: &Request| {
+        let id = e.submit(req.clone()).unwrap();
+        let out = run_all(&mut e).remove(&id).unwrap();
+        assert!(out.error.is_none(), "{:?}", out.error);
+        out
+    };
+    let turn1 = long_prompt(600, 1);
+    let turn2: Vec<Token> = turn1.iter().copied().chain(long_prompt(90, 2)).collect();
+    let mut diverged = turn1[..560].to_vec();
+    diverged.extend(long_prompt(70, 4));
+    let cases = [
+        ("turn 1", &turn1, Some("a0"), 0),
+        ("turn 2: the snapshot at 600", &turn2, Some("a0"), 600),
+        ("a divergence after 560: the snapshot at 512", &diverged, Some("a0"), 512),
+        ("another adapter: no input rows kept on the GPU", &turn1, Some("a1"), 0),
+        ("the base alone: the KV", &turn1, None, 599),
+    ];
+    for (what, prompt, adapter, reused) in cases {
+        let got = run(&with_logits(prompt, adapter));
+        assert_exact(&got, &cold(&with_logits(prompt, adapter)), what);
+        assert_eq!(got.done.as_ref().unwrap().n_cached, reused, "{what}");
+    }
+}
+
 /// An entry evicted while a request that would have used it waits: the request runs cold, with the
 /// cold result; the cache never holds more than its bytes.
 #[test]

@@ -43,7 +43,8 @@ pub mod testing;
 
 pub use bench::{gpu_generator_bench, GpuBenchConfig, GpuBenchReport};
 pub use device::{
-    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GPU_MAX_SOFT_TOKENS,
+    compile_kernels_ptx, nvrtc_unavailable_reason, DevRows, DevRowsMut, GpuAdapter, GpuRows, GpuRuntime, GpuSeqState, GpuStateCopy,
+    GPU_MAX_SOFT_TOKENS,
 };
 pub use error::GpuError;
 

@@ -147,6 +147,31 @@ fn chunkings_equal_one_shot(rt: &GpuRuntime) {
     assert!(rel_err(&run_chunks(rt, &a, 1, &rows, &ones).unwrap(), &want) <= 1e-5, "seed {seed}: row by row");
 }
 
+/// A state saved to the host after some rows and loaded into a new state goes on exactly like the
+/// original (the prefix cache's GPU snapshots); a copy loads only into a state of its own adapter.
+fn saved_state_goes_on_like_the_original(rt: &GpuRuntime) {
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let a = adapter(&AdapterSpec::small(2, 96, 4, 32, rational_b()), &mut rng);
+    let (n, k) = (30 + rng.below(20), 1 + rng.below(25));
+    let rows = rng.vec_f32(n * 96, 1.5);
+    let ga = rt.upload(&a).unwrap();
+    let mut st = rt.new_state(&ga).unwrap();
+    rt.feed_host(&ga, &mut st, 1, &rows[..k * 96]).unwrap();
+    let copy = rt.save_state(&st).unwrap();
+    assert_eq!((copy.rows_seen(1), copy.rows_seen(0), copy.adapter_id()), (k, 0, ga.id()));
+    drop(st);
+    let mut loaded = rt.load_state(&ga, &copy).unwrap();
+    assert_eq!(loaded.rows_seen(1), k);
+    rt.feed_host(&ga, &mut loaded, 1, &rows[k * 96..]).unwrap();
+    let mut out = vec![0.0f32; ga.n_soft_tokens() * 96];
+    rt.finish_host(&ga, &mut loaded, 1, &mut out).unwrap();
+    let want = run_chunks(rt, &a, 1, &rows, &[k, n - k]).unwrap();
+    assert_eq!(out, want, "seed {seed}: saved after {k} of {n} rows, loaded, fed the rest");
+    let other = rt.upload(&a).unwrap();
+    assert!(matches!(rt.load_state(&other, &copy), Err(GpuError::ForeignState)), "another upload's copy");
+}
+
 /// Scores in the hundreds (exp would overflow without the running max), rising between chunks
 /// so that the rescaling path runs. The bound is looser: the f32 K^T's rounding (relative 6e-8)
 /// times |score| ~ 300 perturbs the softmax weights by ~2e-5 in any f32 implementation.
@@ -354,6 +379,7 @@ on_every_backend!(
     shared_tensors_and_soft_token_counts,
     single_row,
     chunkings_equal_one_shot,
+    saved_state_goes_on_like_the_original,
     large_scores_are_stable,
     non_finite_rows_are_errors,
     device_rows_in_and_out,

@@ -35,4 +35,4 @@ mod tests;
 pub use arch::{arch_spec, supported_archs, ArchSpec, ARCHS};
 pub use device::LayerRows;
 pub use error::{HookError, NodeFailure};
-pub use stream::{Claim, HookTimes, PoolSnapshot, Prefill, Segment, Split, StreamHook, SOFT_TOKEN_LIMIT};
+pub use stream::{Claim, HookTimes, PoolKey, PoolSnapshot, Prefill, Segment, Split, StreamHook, SOFT_TOKEN_LIMIT};

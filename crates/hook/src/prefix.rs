@@ -10,15 +10,15 @@
 //!   asks, so that one copy serves every adapter and the base alone; nothing for libiapt, whose
 //!   host application keeps its own KV (its own prompt cache);
 //! - the adapter's pooling state (its generators' online softmaxes, [`PoolSnapshot`]) at every
-//!   checkpoint, every [`CHECKPOINT`] rows, and at the instruction's end, keyed by the generator's
-//!   id (unique per loaded adapter: a replaced file is another generator and never hits an old
-//!   snapshot);
+//!   checkpoint, every [`CHECKPOINT`] rows, and at the instruction's end, keyed by the generator
+//!   ([`PoolKey`]: a loaded CPU generator or an adapter uploaded to a GPU runtime, whose state is
+//!   copied to the host; unique per load, so a replaced file never hits an old snapshot);
 //! - each layer's input rows of the instruction, as the generators pooled them (f32: pooling them
 //!   again gives the same sums), in runs ([`Rows`]) that entries sharing a prefix share, so that
 //!   **another adapter** pools the cached rows with its own generators ([`Hit::pool_into`]) and
-//!   skips the base model's forward pass over them. They are taken from a prefill with an adapter
-//!   on the CPU while the rows taken by prefills in flight stay within half the cache
-//!   ([`PrefixCache::may_capture`]).
+//!   skips the base model's forward pass over them (a GPU generator uploads them). They are taken
+//!   from a prefill with an adapter on the CPU (a GPU reads its rows in device memory) while the
+//!   rows taken by prefills in flight stay within half the cache ([`PrefixCache::may_capture`]).
 //!
 //! A request reuses the longest prefix of its prompt that an entry holds: all of it for the base
 //! alone but the last token (whose logits it needs), and for an adapter as far as its pooling can
@@ -36,7 +36,7 @@
 
 use std::sync::Arc;
 
-use crate::{PoolSnapshot, Prefill};
+use crate::{PoolKey, PoolSnapshot, Prefill};
 
 /// A token id (llama.cpp's `llama_token`).
 pub type Token = i32;
@@ -82,8 +82,8 @@ struct Entry {
     tokens: Vec<Token>,
     /// What the host stores with it (the engine: the sequence's KV cells).
     payload: Vec<u8>,
-    /// (generator id, snapshot), snapshots in increasing row order per generator.
-    pooled: Vec<(u64, PoolSnapshot)>,
+    /// Pooling snapshots, of any generators (each says whose: [`PoolSnapshot::key`]).
+    pooled: Vec<PoolSnapshot>,
     /// Input rows from row 0 on, in runs (possibly fewer rows than `tokens`, or none).
     inputs: Vec<Arc<Rows>>,
     bytes: usize,
@@ -211,14 +211,13 @@ impl PrefixCache {
         done > 0 && done % CHECKPOINT == 0 && done < n_instr
     }
 
-    /// The best reuse for `prompt` with the adapter whose generator is `gen` (`None`: the base
-    /// alone, `Some(None)`: an adapter whose pooling is not cached, on the GPU). Counts a hit or a
-    /// miss.
+    /// The best reuse for `prompt` with the adapter whose pooling is `gen` (`None`: the base
+    /// alone). Counts a hit or a miss.
     ///
     /// The base alone reuses the whole common prefix but the last prompt token. An adapter reuses
     /// it as far as its pooling can be had: from its own latest snapshot at or before it, then the
     /// entry's input rows beyond the snapshot, up to the common length.
-    pub fn lookup(&mut self, prompt: &[Token], gen: Option<Option<u64>>) -> Option<Hit<'_>> {
+    pub fn lookup(&mut self, prompt: &[Token], gen: Option<PoolKey>) -> Option<Hit<'_>> {
         if !self.enabled() {
             return None;
         }
@@ -228,11 +227,9 @@ impl PrefixCache {
             let common = e.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
             let (reuse, snap) = match gen {
                 None => (common.min(prompt.len().saturating_sub(1)), None),
-                Some(None) => (0, None),
-                Some(Some(id)) => {
-                    let s =
-                        e.pooled.iter().enumerate().filter(|(_, (g, p))| *g == id && p.rows() <= common).max_by_key(|(_, (_, p))| p.rows());
-                    let from = s.map_or(0, |(_, (_, p))| p.rows());
+                Some(key) => {
+                    let s = e.pooled.iter().enumerate().filter(|(_, p)| p.key() == key && p.rows() <= common).max_by_key(|(_, p)| p.rows());
+                    let from = s.map_or(0, |(_, p)| p.rows());
                     let upto = common.min(e.input_rows()).max(from);
                     (upto, s.map(|(i, _)| i))
                 }
@@ -250,10 +247,10 @@ impl PrefixCache {
         self.stats.tokens_reused += reuse as u64;
         let e = &mut self.entries[e_idx];
         e.last_used = self.clock;
-        let pooled = snap.map(|i| &e.pooled[i].1);
+        let pooled = snap.map(|i| &e.pooled[i]);
         let pool = match gen {
-            Some(Some(_)) => e.pieces(pooled.map_or(0, |p| p.rows()), reuse),
-            _ => Vec::new(),
+            Some(_) => e.pieces(pooled.map_or(0, |p| p.rows()), reuse),
+            None => Vec::new(),
         };
         let inputs = (e.input_rows() >= reuse).then(|| e.runs_to(reuse));
         Some(Hit { reuse, payload: &e.payload, pooled, pool, inputs })
@@ -262,7 +259,7 @@ impl PrefixCache {
     /// Stores the instruction `tokens` of a finished prefill with its payload and pooling
     /// snapshots, evicting least recently used entries to make room; one too large for the cache
     /// is not stored. An entry for the same tokens is replaced (its snapshots kept with the new).
-    pub fn store(&mut self, tokens: Vec<Token>, payload: Vec<u8>, mut pooled: Vec<(u64, PoolSnapshot)>, inputs: Vec<Arc<Rows>>) {
+    pub fn store(&mut self, tokens: Vec<Token>, payload: Vec<u8>, mut pooled: Vec<PoolSnapshot>, inputs: Vec<Arc<Rows>>) {
         if !self.enabled() || tokens.is_empty() {
             return;
         }
@@ -272,10 +269,10 @@ impl PrefixCache {
             if inputs.len() < old.inputs.len() {
                 inputs = old.inputs;
             }
-            let new_ids: Vec<u64> = pooled.iter().map(|(g, _)| *g).collect();
-            pooled.extend(old.pooled.into_iter().filter(|(g, _)| !new_ids.contains(g)));
+            let new_keys: Vec<PoolKey> = pooled.iter().map(PoolSnapshot::key).collect();
+            pooled.extend(old.pooled.into_iter().filter(|p| !new_keys.contains(&p.key())));
         }
-        let own = payload.len() + tokens.len() * 4 + pooled.iter().map(|(_, p)| p.bytes()).sum::<usize>();
+        let own = payload.len() + tokens.len() * 4 + pooled.iter().map(PoolSnapshot::bytes).sum::<usize>();
         let entry = Entry { tokens, payload, pooled, inputs, bytes: own, last_used: 0 };
         if own + entry.inputs.iter().map(|r| r.bytes()).sum::<usize>() > self.max_bytes {
             self.stats.bytes = self.held_bytes(None);
@@ -352,14 +349,13 @@ mod tests {
         // An adapter without a snapshot: the cached input rows up to the common length.
         let mut diverged = toks[..6].to_vec();
         diverged.push(99);
-        let hit = c.lookup(&diverged, Some(Some(7))).unwrap();
+        let hit = c.lookup(&diverged, Some(PoolKey::Cpu(7))).unwrap();
         assert_eq!(hit.reuse, 6);
         let rows: Vec<f32> = hit.pool.iter().flat_map(|(r, a, b)| r.layers[0][a * 3..b * 3].to_vec()).collect();
         assert_eq!(rows, layers(0, 6)[0], "rows 0..6 to pool");
-        // On the GPU (no pooling cached) nothing; another prompt nothing.
-        assert!(c.lookup(&toks, Some(None)).is_none());
+        // Another prompt: nothing.
         assert!(c.lookup(&[42, 43], None).is_none());
-        assert_eq!((c.stats.hits, c.stats.misses, c.stats.tokens_reused), (3, 2, 25));
+        assert_eq!((c.stats.hits, c.stats.misses, c.stats.tokens_reused), (3, 1, 25));
     }
 
     #[test]

@@ -127,15 +127,32 @@ impl Prefill {
     }
 }
 
-/// A copy of a CPU prefill's pooling after its first [`PoolSnapshot::rows`] instruction rows, at every
-/// layer, from which another prefill of the same generator can start (the engine's prefix cache):
-/// the streaming states are online softmaxes, so going on from a copy equals pooling every row in
-/// one go.
+/// Whose pooling a [`PoolSnapshot`] holds: a loaded CPU generator ([`Generator::id`]) or an adapter
+/// uploaded to a GPU runtime ([`GpuAdapter::id`]); each id is unique per load, so a replaced or
+/// reloaded adapter never matches an old snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolKey {
+    /// A CPU generator.
+    Cpu(u64),
+    /// An adapter on a GPU runtime.
+    Gpu(u64),
+}
+
+/// A copy of a prefill's pooling after its first [`PoolSnapshot::rows`] instruction rows, at every
+/// layer, from which another prefill of the same generator can start (the prefix cache): the
+/// streaming states are online softmaxes, so going on from a copy equals pooling every row in
+/// one go. A GPU prefill's copy is taken to host memory.
 #[derive(Debug, Clone)]
 pub struct PoolSnapshot {
-    gen_id: u64,
+    key: PoolKey,
     rows: usize,
-    states: Vec<LayerState>,
+    saved: Saved,
+}
+
+#[derive(Debug, Clone)]
+enum Saved {
+    Cpu(Vec<LayerState>),
+    Gpu(iapt_generator_cuda::GpuStateCopy),
 }
 
 impl PoolSnapshot {
@@ -144,32 +161,47 @@ impl PoolSnapshot {
         self.rows
     }
 
-    /// The generator it belongs to ([`Generator::id`]).
-    pub fn generator_id(&self) -> u64 {
-        self.gen_id
+    /// The generator it belongs to.
+    pub fn key(&self) -> PoolKey {
+        self.key
     }
 
     /// Bytes it holds (its running sums).
     pub fn bytes(&self) -> usize {
-        self.states.iter().map(LayerState::bytes).sum()
+        match &self.saved {
+            Saved::Cpu(states) => states.iter().map(LayerState::bytes).sum(),
+            Saved::Gpu(copy) => copy.bytes(),
+        }
     }
 }
 
 impl Prefill {
-    /// A copy of the pooling so far, when every layer has seen the same rows (between decodes) and
-    /// it runs on the CPU (a GPU state lives in device memory: `None`).
+    /// The key of its generator's pooling snapshots.
+    pub fn pool_key(&self) -> PoolKey {
+        match &self.pooling {
+            Pooling::Cpu { gen, .. } => PoolKey::Cpu(gen.id()),
+            Pooling::Gpu { adapter, .. } => PoolKey::Gpu(adapter.id()),
+        }
+    }
+
+    /// A copy of the pooling so far, when every layer has seen the same rows (between decodes);
+    /// `None` when they have not, or when a GPU state cannot be copied to the host.
     pub fn snapshot(&self) -> Option<PoolSnapshot> {
-        let Pooling::Cpu { gen, states } = &self.pooling else { return None };
-        let rows = states.first().map(LayerState::rows_seen)?;
-        if states.iter().any(|s| s.rows_seen() != rows) {
+        let rows = self.rows_seen(0);
+        if (1..self.n_layer()).any(|l| self.rows_seen(l) != rows) {
             return None;
         }
-        Some(PoolSnapshot { gen_id: gen.id(), rows, states: states.clone() })
+        let saved = match &self.pooling {
+            Pooling::Cpu { states, .. } => Saved::Cpu(states.clone()),
+            Pooling::Gpu { rt, state, .. } => Saved::Gpu(rt.save_state(state).ok()?),
+        };
+        Some(PoolSnapshot { key: self.pool_key(), rows, saved })
     }
 
     /// From now on, keeps a copy of every instruction row pooled, per layer (the prefix cache
     /// stores them so that another adapter can pool a shared prefix without a forward pass).
-    /// CPU pooling only; `false` on the GPU.
+    /// CPU pooling only (a GPU reads the rows in device memory, where copying them out would cost
+    /// a transfer per layer); `false` on the GPU.
     pub fn capture_inputs(&mut self) -> bool {
         let Pooling::Cpu { gen, .. } = &self.pooling else { return false };
         self.captured = Some(vec![Vec::new(); gen.n_layer()]);
@@ -182,12 +214,13 @@ impl Prefill {
     }
 
     /// Pools `rows` (`k x n_embd` layer-`layer` inputs of the next instruction rows) without a
-    /// forward pass: rows a prefix cache kept from another sequence's prefill of the same prompt.
-    /// CPU pooling only; on error (or on the GPU) the state is unchanged and `false` is returned.
+    /// forward pass: rows a prefix cache kept from another sequence's prefill of the same prompt
+    /// (on a GPU runtime, uploaded and fed there). On error the state is unchanged (CPU) or
+    /// unusable (GPU), and `false` is returned: start the prefill cold.
     pub fn pool_rows(&mut self, layer: usize, rows: &[f32]) -> bool {
         match &mut self.pooling {
             Pooling::Cpu { gen, states } => states.get_mut(layer).is_some_and(|s| s.feed(gen, rows).is_ok()),
-            Pooling::Gpu { .. } => false,
+            Pooling::Gpu { rt, adapter, state } => rt.feed_host(adapter, state, layer, rows).is_ok(),
         }
     }
 
@@ -196,12 +229,31 @@ impl Prefill {
     /// generator (another adapter, or this one loaded again) or covers more rows than the prompt.
     pub fn cpu_from(gen: Arc<Generator>, n_instr: usize, snap: &PoolSnapshot) -> Option<Prefill> {
         let l = gen.n_layer();
-        if snap.gen_id != gen.id() || snap.rows > n_instr || snap.states.len() != l {
+        let Saved::Cpu(states) = &snap.saved else { return None };
+        if snap.key != PoolKey::Cpu(gen.id()) || snap.rows > n_instr || states.len() != l {
             return None;
         }
         let m = gen.n_soft_tokens();
-        let states = snap.states.clone();
+        let states = states.clone();
         Some(Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l], captured: None })
+    }
+
+    /// As [`Prefill::cpu_from`], on a GPU runtime: the copy is loaded into a new device state.
+    pub fn gpu_from(rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, n_instr: usize, snap: &PoolSnapshot) -> Option<Prefill> {
+        let Saved::Gpu(copy) = &snap.saved else { return None };
+        if snap.key != PoolKey::Gpu(adapter.id()) || snap.rows > n_instr {
+            return None;
+        }
+        let state = Box::new(rt.load_state(&adapter, copy).ok()?);
+        let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
+        Some(Prefill {
+            pooling: Pooling::Gpu { rt, adapter, state },
+            n_instr,
+            m,
+            soft: vec![None; l],
+            in_place: vec![false; l],
+            captured: None,
+        })
     }
 }
 

@@ -552,6 +552,11 @@ pub struct GpuAdapter {
 }
 
 impl GpuAdapter {
+    /// Unique per upload in this process: the key of its pooling copies in a prefix cache.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Layers (L).
     pub fn n_layer(&self) -> usize {
         self.n_layer
@@ -608,6 +613,37 @@ impl GpuSeqState {
     /// Rows fed so far to `layer` (0 for a layer out of range).
     pub fn rows_seen(&self, layer: usize) -> usize {
         self.rows_seen.get(layer).copied().unwrap_or(0)
+    }
+}
+
+/// A host copy of a [`GpuSeqState`]'s pooling (running sums, maxima, error words, rows seen):
+/// what a prefix cache keeps so that a later sequence of the same adapter goes on from it
+/// ([`GpuRuntime::save_state`], [`GpuRuntime::load_state`]).
+#[derive(Debug, Clone)]
+pub struct GpuStateCopy {
+    adapter_id: u64,
+    runtime_id: u64,
+    acc: Vec<u8>,
+    mx: Vec<u8>,
+    sum: Vec<u8>,
+    bad: Vec<u8>,
+    rows_seen: Vec<usize>,
+}
+
+impl GpuStateCopy {
+    /// Rows fed to `layer` when it was taken (0 for a layer out of range).
+    pub fn rows_seen(&self, layer: usize) -> usize {
+        self.rows_seen.get(layer).copied().unwrap_or(0)
+    }
+
+    /// The id of the uploaded adapter it belongs to ([`GpuAdapter::id`]).
+    pub fn adapter_id(&self) -> u64 {
+        self.adapter_id
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.acc.len() + self.mx.len() + self.sum.len() + self.bad.len() + self.rows_seen.len() * 8
     }
 }
 
@@ -824,6 +860,54 @@ impl GpuRuntime {
         let ptr = b.ptr;
         *slot = Some(b);
         Ok(ptr)
+    }
+
+    /// A host copy of `st`'s pooling after all queued work (see [`GpuStateCopy`]).
+    pub fn save_state(&self, st: &GpuSeqState) -> Result<GpuStateCopy, GpuError> {
+        if st.runtime_id != self.id {
+            return Err(GpuError::ForeignState);
+        }
+        let read = |b: &DevBuf| -> Result<Vec<u8>, GpuError> {
+            let mut out = vec![0u8; b.bytes];
+            // SAFETY: `b` is one of the state's own allocations, `b.bytes` long; `dtoh` waits for
+            // the queued work that writes it before copying.
+            unsafe { self.backend.dtoh(b.ptr, &mut out)? };
+            Ok(out)
+        };
+        Ok(GpuStateCopy {
+            adapter_id: st.adapter_id,
+            runtime_id: self.id,
+            acc: read(&st.acc)?,
+            mx: read(&st.mx)?,
+            sum: read(&st.sum)?,
+            bad: read(&st.bad)?,
+            rows_seen: st.rows_seen.clone(),
+        })
+    }
+
+    /// A new state of adapter `a` that holds `copy` (taken from a state of this very adapter and
+    /// runtime, else [`GpuError::ForeignState`]): feeding it more rows equals feeding them to the
+    /// state the copy was taken from.
+    pub fn load_state(&self, a: &GpuAdapter, copy: &GpuStateCopy) -> Result<GpuSeqState, GpuError> {
+        if copy.adapter_id != a.id || copy.runtime_id != self.id {
+            return Err(GpuError::ForeignState);
+        }
+        let mut st = self.new_state(a)?;
+        let sizes =
+            [(st.acc.bytes, copy.acc.len()), (st.mx.bytes, copy.mx.len()), (st.sum.bytes, copy.sum.len()), (st.bad.bytes, copy.bad.len())];
+        if sizes.iter().any(|(a, b)| a != b) || copy.rows_seen.len() != st.rows_seen.len() {
+            return Err(GpuError::ForeignState);
+        }
+        // SAFETY: each destination is one of the new state's own allocations, exactly as long as
+        // the bytes copied into it (checked above); `htod` stages pageable host memory.
+        unsafe {
+            self.backend.htod(st.acc.ptr, &copy.acc)?;
+            self.backend.htod(st.mx.ptr, &copy.mx)?;
+            self.backend.htod(st.sum.ptr, &copy.sum)?;
+            self.backend.htod(st.bad.ptr, &copy.bad)?;
+        }
+        st.rows_seen.clone_from(&copy.rows_seen);
+        Ok(st)
     }
 
     /// Uploads `rows` (n x n_embd, row-major) to the state's scratch buffer and feeds them to
