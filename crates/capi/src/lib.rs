@@ -480,11 +480,10 @@ fn bind(
     if let Some((tokens, kept)) = declared {
         let hit = st.cache.lookup(&tokens[..kept], Some(PoolKey::Cpu(gen.id())));
         let resumed = hit.and_then(|hit| {
-            let mut pf = match hit.pooled {
-                Some(snap) => Prefill::cpu_from(gen.clone(), n, snap)?,
-                None => Prefill::cpu(gen.clone(), n),
+            let start = |snap: Option<&PoolSnapshot>| {
+                snap.map_or_else(|| Some(Prefill::cpu(gen.clone(), n)), |s| Prefill::cpu_from(gen.clone(), n, s))
             };
-            hit.pool_into(&mut pf).then_some((hit.reuse, pf, hit.inputs))
+            hit.resume(start).map(|pf| (hit.reuse, pf, hit.inputs))
         });
         if let Some((reuse, pf, runs)) = resumed {
             slot.next = reuse;

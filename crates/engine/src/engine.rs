@@ -524,19 +524,12 @@ impl<'m> Engine<'m> {
         let n_instr = p.req.prompt.len();
         let prefill = match &p.gen {
             None => None,
-            Some(g) => {
-                // Its own snapshot, then the input rows another prefill left: pooled now, no
-                // forward pass.
-                let start = match hit.pooled {
-                    Some(snap) => g.begin_from(n_instr, snap),
-                    None => g.begin(n_instr).ok(),
-                };
-                let Some(mut prefill) = start else { return cold };
-                if !hit.pool_into(&mut prefill) {
-                    return cold;
-                }
-                Some(prefill)
-            }
+            // Its own snapshot, then the input rows another prefill left: pooled now, no forward
+            // pass.
+            Some(g) => match hit.resume(|snap| snap.map_or_else(|| g.begin(n_instr).ok(), |s| g.begin_from(n_instr, s))) {
+                Some(prefill) => Some(prefill),
+                None => return cold,
+            },
         };
         let (reuse, runs) = (hit.reuse, hit.inputs);
         if !self.ctx.set_seq_state(slot as i32, hit.payload) || !self.ctx.seq_rm_from(slot as i32, reuse as i32) {

@@ -15,7 +15,7 @@
 //!   copied to the host; unique per load, so a replaced file never hits an old snapshot);
 //! - each layer's input rows of the instruction, as the generators pooled them (f32: pooling them
 //!   again gives the same sums), in runs ([`Rows`]) that entries sharing a prefix share, so that
-//!   **another adapter** pools the cached rows with its own generators ([`Hit::pool_into`]) and
+//!   **another adapter** pools the cached rows with its own generators ([`Hit::resume`]) and
 //!   skips the base model's forward pass over them (a GPU generator uploads them). They are taken
 //!   from a prefill with an adapter on the CPU (a GPU reads its rows in device memory) while the
 //!   rows taken by prefills in flight stay within half the cache ([`PrefixCache::may_capture`]).
@@ -142,14 +142,16 @@ pub struct Hit<'a> {
 }
 
 impl Hit<'_> {
-    /// Pools the cached input rows [`Hit::pool`] into `prefill` (started from [`Hit::pooled`], or
-    /// from nothing), with its generators only, no forward pass; `false` (the state then is
-    /// partial: start cold) when a row does not fit the generator.
-    pub fn pool_into(&self, prefill: &mut Prefill) -> bool {
-        self.pool.iter().all(|(run, a, b)| {
+    /// The prefill that goes on from this hit: `start` makes it from the hit's snapshot (or from
+    /// nothing, `None`), then the cached input rows up to [`Hit::reuse`] are pooled into it with the
+    /// generators only, no forward pass. `None` when either fails: start cold.
+    pub fn resume(&self, start: impl FnOnce(Option<&PoolSnapshot>) -> Option<Prefill>) -> Option<Prefill> {
+        let mut prefill = start(self.pooled)?;
+        let pooled = self.pool.iter().all(|(run, a, b)| {
             let d = run.layers.first().map_or(0, |l| l.len() / run.n.max(1));
             run.layers.iter().enumerate().all(|(l, rows)| prefill.pool_rows(l, &rows[a * d..b * d]))
-        })
+        });
+        pooled.then_some(prefill)
     }
 }
 
