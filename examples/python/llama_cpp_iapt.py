@@ -5,10 +5,14 @@ one, so the hook reads and writes the very tensors llama.cpp computes. Setup (sc
 and scripts/setup-llama-cpp-python do it):
 
     LLAMA_CPP_LIB_PATH=PREFIX/lib python llama_cpp_iapt.py --lib PREFIX/lib/libiapt.so \
-        -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-n 16]
+        -m base.gguf -a adapter.iapt.safetensors -p 1,309,201 [-p 1,309,201,77 ...] [-n 16]
 
-Prints the generated token ids on one line ("tokens: 48 143 ..."). Exit 1 on any libiapt error.
-The llama.cpp settings are those of `iapt run --temp 0 --kv-type f32 --flash-attn off`.
+Each -p is one request, run one after another on sequence 0 of one context: a request keeps the
+KV of the instruction tokens it shares with the previous one (as llama-cpp-python's `Llama` keeps
+a common prompt prefix) as far as libiapt's prefix cache can go on from there
+(`iapt_hook_set_adapter_tokens`), and decodes the rest. Prints, per request, "reused: K" (positions
+not decoded again) and the generated token ids ("tokens: 48 143 ..."). Exit 1 on any libiapt
+error. The llama.cpp settings are those of `iapt run --temp 0 --kv-type f32 --flash-attn off`.
 """
 
 import argparse
@@ -32,9 +36,12 @@ def load_libiapt(path):
     lib.iapt_hook_free.argtypes = [ctypes.c_void_p]
     lib.iapt_hook_set_context.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + err_args
     lib.iapt_hook_set_adapter.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32] + err_args
+    lib.iapt_hook_set_adapter_tokens.argtypes = [
+        ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int32,
+    ] + err_args
     lib.iapt_hook_prepare.argtypes = [ctypes.c_void_p, ctypes.POINTER(llama_cpp.llama_batch)] + err_args
     lib.iapt_hook_finish.argtypes = [ctypes.c_void_p] + err_args
-    for f in ("iapt_hook_set_context", "iapt_hook_set_adapter", "iapt_hook_prepare", "iapt_hook_finish"):
+    for f in ("iapt_hook_set_context", "iapt_hook_set_adapter", "iapt_hook_set_adapter_tokens", "iapt_hook_prepare", "iapt_hook_finish"):
         getattr(lib, f).restype = ctypes.c_int32
     return lib
 
@@ -51,15 +58,45 @@ class Err:
             sys.exit(f"llama_cpp_iapt: {what}: {self.buf.value.decode(errors='replace')} (code {rc})")
 
 
+def generate(iapt, err, hook, ctx, vocab, n_vocab, prompt, m, start, n_predict):
+    """Greedy tokens of one request on sequence 0, whose positions 0..start-1 are in the KV: the
+    rest of the instruction and the m placeholder slots in one decode, then one token per decode."""
+    n = len(prompt) + m
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    for i, p in enumerate(range(start, n)):
+        batch.token[i] = prompt[p] if p < len(prompt) else 0
+        batch.pos[i] = p
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = p == n - 1
+    batch.n_tokens = n - start
+    out, row, pos = [], n - start - 1, n
+    for _ in range(n_predict):
+        err.check(iapt.iapt_hook_prepare(hook, ctypes.byref(batch), *err.args()), "iapt_hook_prepare")
+        rc = llama_cpp.llama_decode(ctx, batch)
+        err.check(iapt.iapt_hook_finish(hook, *err.args()), "iapt_hook_finish")
+        if rc != 0:
+            sys.exit(f"llama_cpp_iapt: llama_decode returned {rc}")
+        logits = llama_cpp.llama_get_logits_ith(ctx, row)
+        best = max(range(n_vocab), key=lambda v: logits[v])
+        out.append(best)
+        if llama_cpp.llama_vocab_is_eog(vocab, best):
+            break
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = best, pos, 1, 0, True
+        batch.n_tokens, row, pos = 1, 0, pos + 1
+    llama_cpp.llama_batch_free(batch)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", required=True, help="path of libiapt.so")
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("-a", "--adapter", required=True)
-    ap.add_argument("-p", "--prompt-tokens", required=True, help="comma-separated instruction token ids")
+    ap.add_argument("-p", "--prompt-tokens", required=True, action="append", help="comma-separated instruction token ids (repeat: requests one after another)")
     ap.add_argument("-n", "--n-predict", type=int, default=16)
     args = ap.parse_args()
-    prompt = [int(t) for t in args.prompt_tokens.split(",")]
+    prompts = [[int(t) for t in p.split(",")] for p in args.prompt_tokens]
 
     iapt = load_libiapt(args.lib)
     err = Err()
@@ -92,34 +129,20 @@ def main():
     if not ctx:
         sys.exit("llama_cpp_iapt: cannot create the context")
     err.check(iapt.iapt_hook_set_context(hook, ctx, *err.args()), "iapt_hook_set_context")
-    err.check(iapt.iapt_hook_set_adapter(hook, 0, adapter, len(prompt), *err.args()), "iapt_hook_set_adapter")
-    iapt.iapt_adapter_free(adapter)  # the hook holds its own reference
-
-    n = len(prompt) + m
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
-    for i in range(n):
-        batch.token[i] = prompt[i] if i < len(prompt) else 0
-        batch.pos[i] = i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = i == n - 1
-    batch.n_tokens = n
-    out, row, pos = [], n - 1, n
-    for _ in range(args.n_predict):
-        err.check(iapt.iapt_hook_prepare(hook, ctypes.byref(batch), *err.args()), "iapt_hook_prepare")
-        rc = llama_cpp.llama_decode(ctx, batch)
-        err.check(iapt.iapt_hook_finish(hook, *err.args()), "iapt_hook_finish")
-        if rc != 0:
-            sys.exit(f"llama_cpp_iapt: llama_decode returned {rc}")
-        logits = llama_cpp.llama_get_logits_ith(ctx, row)
-        best = max(range(n_vocab), key=lambda v: logits[v])
-        out.append(best)
-        if llama_cpp.llama_vocab_is_eog(vocab, best):
-            break
-        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = best, pos, 1, 0, True
-        batch.n_tokens, row, pos = 1, 0, pos + 1
-    print("tokens:", " ".join(map(str, out)))
-    llama_cpp.llama_batch_free(batch)
+    previous = []
+    for prompt in prompts:
+        # The instruction tokens this sequence's KV holds already (the previous request's), as far
+        # as the hook's prefix cache can go on from: keep those, drop the rest, decode from there.
+        kept = next((i for i, (a, b) in enumerate(zip(prompt, previous)) if a != b), min(len(prompt), len(previous)))
+        ids = (ctypes.c_int32 * len(prompt))(*prompt)
+        reused = iapt.iapt_hook_set_adapter_tokens(hook, 0, adapter, ids, len(prompt), kept, *err.args())
+        if reused < 0:
+            err.check(reused, "iapt_hook_set_adapter_tokens")
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, reused, -1)
+        print("reused:", reused)
+        print("tokens:", " ".join(map(str, generate(iapt, err, hook, ctx, vocab, n_vocab, prompt, m, reused, args.n_predict))))
+        previous = prompt
+    iapt.iapt_adapter_free(adapter)  # the hook holds its own reference until it is freed
     llama_cpp.llama_free(ctx)
     iapt.iapt_hook_free(hook)  # after llama_free
     llama_cpp.llama_model_free(model)

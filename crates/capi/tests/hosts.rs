@@ -10,7 +10,8 @@
 //!   request equals a cold `iapt run` of it alone;
 //! - `bad_input_from_c`: `tests/c/bad_input.c`, every bad input a negative code with a message;
 //! - `python_host_*`: `examples/python/llama_cpp_iapt.py` in llama-cpp-python 0.3.36, tokens equal
-//!   `iapt run`'s;
+//!   `iapt run`'s, for a prompt and then the same prompt grown, which reuses the first's KV and the
+//!   hook's prefix cache;
 //! - `python_structs_*`: every ctypes struct llama-cpp-python declares has the C `sizeof` of the
 //!   one llama.cpp's headers (installed in the prefix) — the proof that llama-cpp-python can load
 //!   the toolkit's libllama — except `llama_opt_params`, which llama-cpp-python 0.3.36 declares
@@ -312,11 +313,15 @@ fn bad_input_from_c() {
     assert!(out.lines().filter(|l| l.starts_with("ok ")).count() >= 25, "every case ran:\n{out}");
 }
 
+/// The Python host runs two requests on one sequence: the short case's instruction, then the same
+/// grown by 5 tokens, which keeps the first's KV and goes on from the hook's prefix cache (its
+/// snapshot at the instruction's end). Both equal `iapt run` of each alone.
 fn python_host(arch: &str) {
     let prefix = var("IAPT_TEST_PREFIX");
     let model = fixtures().join(format!("{arch}-tiny-f32.gguf"));
     let adapter = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
-    let c = case(&format!("{arch}-short-iapt"));
+    let (c, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
+    let grown: Vec<i64> = c.instruction.iter().chain(&long.instruction[..5]).copied().collect();
     let o = run(Command::new(var("IAPT_TEST_PYTHON"))
         .arg(repo().join("examples/python/llama_cpp_iapt.py"))
         .arg("--lib")
@@ -325,14 +330,19 @@ fn python_host(arch: &str) {
         .arg(&model)
         .arg("-a")
         .arg(&adapter)
-        .args(["-p", &ids(&c.instruction), "-n", "16"])
+        .args(["-p", &ids(&c.instruction), "-p", &ids(&grown), "-n", "16"])
         .env("LLAMA_CPP_LIB_PATH", prefix.join("lib")));
     let out = String::from_utf8_lossy(&o.stdout);
-    let line = out.lines().find_map(|l| l.strip_prefix("tokens:")).unwrap_or_else(|| panic!("no tokens line:\n{out}"));
-    let got: Vec<i64> = line.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let lines = |key: &str| -> Vec<Vec<i64>> {
+        out.lines().filter_map(|l| l.strip_prefix(key)).map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect()
+    };
+    let (got, reused) = (lines("tokens:"), lines("reused:"));
+    assert_eq!(reused, [vec![0], vec![c.instruction.len() as i64]], "{arch}: positions reused per request:\n{out}");
     let dir = tempfile::tempdir().unwrap();
-    let (want, _) = iapt_run(&model, &adapter, &c.instruction, &dir.path().join("iapt.npy"));
-    assert_eq!(got, want, "{arch}: llama-cpp-python + libiapt tokens differ from iapt run");
+    for (i, instr) in [&c.instruction, &grown].into_iter().enumerate() {
+        let (want, _) = iapt_run(&model, &adapter, instr, &dir.path().join(format!("iapt-{i}.npy")));
+        assert_eq!(got[i], want, "{arch}, request {i}: llama-cpp-python + libiapt tokens differ from iapt run");
+    }
 }
 
 #[test]
