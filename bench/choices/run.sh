@@ -13,6 +13,8 @@
 # Writes OUT/results.json and OUT/results.md (with the machine and the command).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 export N=${N:-8} PROMPT=${PROMPT:-512} GEN=${GEN:-32} REPS=${REPS:-3}
 THREADS=${THREADS:-2}
 OUT=${OUT:-bench/choices/results}
@@ -34,14 +36,7 @@ SERVE=("$IAPT" serve --model "$MODEL" --adapter "t0=$ADAPTERS/iapt-00.safetensor
 log "starting: ${SERVE[*]}"
 "${SERVE[@]}" >"$WORK/serve.out" 2>"$WORK/serve.log" &
 SERVER_PID=$!
-PORT=
-for _ in $(seq 1 600); do
-  PORT=$(sed -n 's|^iapt serve: listening on http://127\.0\.0\.1:\([0-9]*\) .*|\1|p' "$WORK/serve.out")
-  [ -n "$PORT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.log" >&2; exit 1; }
-  sleep 0.2
-done
-[ -n "$PORT" ] || { echo "run.sh: iapt serve printed no ready line" >&2; exit 1; }
+PORT=$(wait_iapt_port "$WORK/serve.out" "$WORK/serve.log" "$SERVER_PID" 120)
 log "N=$N choices, PROMPT=$PROMPT, GEN=$GEN, REPS=$REPS"
 MODEL_ID=t0 "$PY" bench/choices/measure.py "http://127.0.0.1:$PORT" "$OUT/results.json" | tee "$WORK/measure.log"
 stop

@@ -28,6 +28,8 @@
 # (target/lm-eval-venv), PYTHON (python3, >= 3.10), WORK (target/lm-eval), OUT (bench/lm-eval).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 A=converters/python/demo/assets
 IAPT_BIN=${IAPT_BIN:-target/release/iapt}
 MODEL=${MODEL:-$A/base-q4_k_m.gguf}
@@ -85,14 +87,7 @@ SERVE=("$IAPT_BIN" serve --model "$MODEL" --adapter "reverse=$ADAPTER" --host 12
 log "starting: ${SERVE[*]}"
 "${SERVE[@]}" >"$WORK/serve.out" 2>"$WORK/serve.log" &
 SERVER_PID=$!
-PORT=
-for _ in $(seq 1 600); do
-  PORT=$(sed -n 's|^iapt serve: listening on http://127\.0\.0\.1:\([0-9]*\) .*|\1|p' "$WORK/serve.out")
-  [ -n "$PORT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.log" >&2; echo "error: iapt serve exited" >&2; exit 1; }
-  sleep 0.2
-done
-[ -n "$PORT" ] || { echo "error: iapt serve printed no ready line in 120 s" >&2; exit 1; }
+PORT=$(wait_iapt_port "$WORK/serve.out" "$WORK/serve.log" "$SERVER_PID" 120)
 URL=http://127.0.0.1:$PORT
 until "$PY" -c "import urllib.request, sys; urllib.request.urlopen('$URL/health', timeout=5)" 2>/dev/null; do
   kill -0 "$SERVER_PID" 2>/dev/null || { echo "error: iapt serve exited" >&2; exit 1; }

@@ -232,19 +232,22 @@ def prefix(rows: dict) -> dict | None:
     def ratio(a, b, key):
         x, y = out.get(a, {}).get(key), out.get(b, {}).get(key)
         return x / y if x and y else None
-    out["ttft_p50_nocache_over_cache"] = ratio("prefix-iapt-nocache", "prefix-iapt", "ttft_p50_s")
-    out["computed_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "prompt_tokens_computed")
-    out["tps_iapt_over_base"] = ratio("prefix-iapt", "prefix-base", "tokens_per_s")
-    out["tps_iapt_over_lora"] = ratio("prefix-iapt", "prefix-lora", "tokens_per_s")
-    out["chat_ttft_p50_nocache_over_cache"] = ratio("chat-iapt-nocache", "chat-iapt", "ttft_p50_s")
-    out["chat_computed_iapt_over_base"] = ratio("chat-iapt", "chat-base", "prompt_tokens_computed")
-    out["chat_tps_iapt_over_base"] = ratio("chat-iapt", "chat-base", "tokens_per_s")
-    out["chat_tps_iapt_over_lora"] = ratio("chat-iapt", "chat-lora", "tokens_per_s")
-    # --min-step-rows 0 (every step filled to --batch-tokens) against the default.
-    out["ttft_p50_fill_over_cut"] = ratio("prefix-iapt-fill", "prefix-iapt", "ttft_p50_s")
-    out["tps_cut_over_fill"] = ratio("prefix-iapt", "prefix-iapt-fill", "tokens_per_s")
-    out["chat_ttft_p50_fill_over_cut"] = ratio("chat-iapt-fill", "chat-iapt", "ttft_p50_s")
-    out["chat_tps_cut_over_fill"] = ratio("chat-iapt", "chat-iapt-fill", "tokens_per_s")
+    for key, a, b, field in (
+        ("ttft_p50_nocache_over_cache", "prefix-iapt-nocache", "prefix-iapt", "ttft_p50_s"),
+        ("computed_iapt_over_base", "prefix-iapt", "prefix-base", "prompt_tokens_computed"),
+        ("tps_iapt_over_base", "prefix-iapt", "prefix-base", "tokens_per_s"),
+        ("tps_iapt_over_lora", "prefix-iapt", "prefix-lora", "tokens_per_s"),
+        ("chat_ttft_p50_nocache_over_cache", "chat-iapt-nocache", "chat-iapt", "ttft_p50_s"),
+        ("chat_computed_iapt_over_base", "chat-iapt", "chat-base", "prompt_tokens_computed"),
+        ("chat_tps_iapt_over_base", "chat-iapt", "chat-base", "tokens_per_s"),
+        ("chat_tps_iapt_over_lora", "chat-iapt", "chat-lora", "tokens_per_s"),
+        # --min-step-rows 0 (every step filled to --batch-tokens) against the default.
+        ("ttft_p50_fill_over_cut", "prefix-iapt-fill", "prefix-iapt", "ttft_p50_s"),
+        ("tps_cut_over_fill", "prefix-iapt", "prefix-iapt-fill", "tokens_per_s"),
+        ("chat_ttft_p50_fill_over_cut", "chat-iapt-fill", "chat-iapt", "ttft_p50_s"),
+        ("chat_tps_cut_over_fill", "chat-iapt", "chat-iapt-fill", "tokens_per_s"),
+    ):
+        out[key] = ratio(a, b, field)
     return out
 
 

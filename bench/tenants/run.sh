@@ -47,6 +47,8 @@
 #   OUT                where the results go
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 ROOT=$(pwd)
 HERE=bench/tenants
 
@@ -333,13 +335,9 @@ start_server() {
       : >"$logf.stdout" # empty before the server starts, so the ready line below is this server's
       "$IAPT_BIN" "${args[@]}" >>"$logf.stdout" 2>>"$logf" &
       SERVER_PID=$!
-      local t0=$SECONDS
-      until grep -q "listening on http://[0-9.]*:[0-9]" "$logf.stdout" 2>/dev/null; do
-        kill -0 "$SERVER_PID" 2>/dev/null || { tail -20 "$logf" >&2; die "iapt serve exited before it was ready ($logf)"; }
-        [ $((SECONDS - t0)) -lt 600 ] || die "iapt serve printed no ready line in 600 s ($logf)"
-        sleep 0.2
-      done
-      BASE_URL=http://$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$logf.stdout" | sed 's|listening on http://||')
+      local port
+      port=$(wait_iapt_port "$logf.stdout" "$logf" "$SERVER_PID" 600) || die "iapt serve did not start ($logf)"
+      BASE_URL=http://127.0.0.1:$port
       ;;
   esac
   wait_ready "$BASE_URL/health" "$logf"

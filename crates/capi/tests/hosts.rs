@@ -176,7 +176,19 @@ fn parse_seqs(stdout: &[u8]) -> Vec<Vec<i64>> {
         .collect()
 }
 
-fn c_host(arch: &str) {
+/// What the C example's tests start from: the example built against the prefix, `arch`'s tiny
+/// model, the fixture adapter and a second one, and the short and long cases.
+struct CSetup {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    model: PathBuf,
+    first: PathBuf,
+    second: PathBuf,
+    short: Case,
+    long: Case,
+}
+
+fn c_setup(arch: &str) -> CSetup {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("iapt_run");
     build_c(&repo().join("examples/c/iapt_run.c"), &exe);
@@ -184,6 +196,11 @@ fn c_host(arch: &str) {
     let first = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
     let second = second_adapter(arch, &model, dir.path());
     let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
+    CSetup { dir, exe, model, first, second, short, long }
+}
+
+fn c_host(arch: &str) {
+    let CSetup { dir, exe, model, first, second, short, long } = c_setup(arch);
     let seqs = [(&first, &short.instruction), (&second, &long.instruction)];
     // Both sequences in one batch; with ubatches of 512 (one) and 7 rows (the prefill split), told
     // by iapt_hook_set_context or (x) learned by the hook from the first ubatch; and prefilled in
@@ -237,14 +254,7 @@ fn c_host_qwen2_two_adapters_in_one_batch_equal_iapt_run() {
 #[test]
 #[ignore = "needs an installed libiapt: run by scripts/test-libiapt"]
 fn c_host_prefix_cache_reuse_equals_cold_iapt_run() {
-    let arch = "llama";
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("iapt_run");
-    build_c(&repo().join("examples/c/iapt_run.c"), &exe);
-    let model = fixtures().join(format!("{arch}-tiny-f32.gguf"));
-    let a = fixtures().join(format!("{arch}-tiny.iapt.safetensors"));
-    let b = second_adapter(arch, &model, dir.path());
-    let (short, long) = (case(&format!("{arch}-short-iapt")), case(&format!("{arch}-long-iapt")));
+    let CSetup { dir, exe, model, first: a, second: b, short, long } = c_setup("llama");
     // A 300-token prompt (chunks of 128 rows: a checkpoint at 256), grown by 5, cut at 280 and
     // grown by 6 other tokens.
     let p: Vec<i64> = long.instruction.iter().cycle().take(300).copied().collect();

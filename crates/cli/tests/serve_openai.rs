@@ -30,10 +30,7 @@ fn the_openai_python_client_selects_adapters_by_model() {
         expected["chat"][id] = json!(run_alone(&model, ad, prompt, false, true, 12, &EXACT));
     }
     let cfg = json!({"base_url": s.url("/v1"), "api_key": "sk-test", "base": "llama-tiny-f32", "adapter": "tiny", "prompt": prompt, "expected": expected});
-    let script = repo().join("crates/cli/tests/openai/openai_client.py");
-    let o = Command::new(&python).arg(&script).arg(cfg.to_string()).output().expect("run python");
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "openai client failed:\n{out}\n{err}\nserver stderr:\n{}", s.stderr_text());
+    let out = run_client(&python, "openai_client.py", &cfg, &s);
     assert!(out.contains("all checks passed"), "{out}");
     assert!(s.stop().success());
 }
@@ -68,10 +65,16 @@ fn the_openai_client_runs_issue_33s_table_on_the_demo_model() {
         .collect();
     let cfg =
         json!({"base_url": s.url("/v1"), "api_key": "sk-test", "base": "base-q4_k_m", "adapter": "reverse", "instructions": instructions});
-    let script = repo().join("crates/cli/tests/openai/openai_table.py");
-    let o = Command::new(&python).arg(&script).arg(cfg.to_string()).output().expect("run python");
-    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "openai table failed:\n{out}\n{err}\nserver stderr:\n{}", s.stderr_text());
+    let out = run_client(&python, "openai_table.py", &cfg, &s);
     assert!(out.contains("all 10 rows passed"), "{out}");
     assert!(s.stop().success());
+}
+
+/// Runs `crates/cli/tests/openai/SCRIPT` with `cfg` against `server`; it must exit 0. Its stdout.
+fn run_client(python: &std::path::Path, script: &str, cfg: &serde_json::Value, server: &Server) -> String {
+    let script = repo().join("crates/cli/tests/openai").join(script);
+    let o = Command::new(python).arg(&script).arg(cfg.to_string()).output().expect("run python");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{} failed:\n{out}\n{err}\nserver stderr:\n{}", script.display(), server.stderr_text());
+    out.into_owned()
 }

@@ -796,7 +796,12 @@ impl<'m> Engine<'m> {
                     }
                     _ => Vec::new(),
                 };
-                if let Some(kv) = self.ctx.seq_state(p.slot as i32) {
+                // A prompt reused whole whose entry is cached: its KV is there already (no copy of
+                // the sequence's KV again), only this adapter's pooling may be new.
+                let reused_whole = s.cached == tokens.len() && self.cache.holds(&tokens);
+                if reused_whole {
+                    self.cache.add_pooling(&tokens, snaps);
+                } else if let Some(kv) = self.ctx.seq_state(p.slot as i32) {
                     self.cache.store(tokens, kv, snaps, inputs);
                 }
             }

@@ -260,7 +260,8 @@ impl PrefixCache {
 
     /// Stores the instruction `tokens` of a finished prefill with its payload and pooling
     /// snapshots, evicting least recently used entries to make room; one too large for the cache
-    /// is not stored. An entry for the same tokens is replaced (its snapshots kept with the new).
+    /// is not stored. An entry for the same tokens is replaced; its snapshots stay, but for those
+    /// the new ones replace (same generator, same rows).
     pub fn store(&mut self, tokens: Vec<Token>, payload: Vec<u8>, mut pooled: Vec<PoolSnapshot>, inputs: Vec<Arc<Rows>>) {
         if !self.enabled() || tokens.is_empty() {
             return;
@@ -271,8 +272,7 @@ impl PrefixCache {
             if inputs.len() < old.inputs.len() {
                 inputs = old.inputs;
             }
-            let new_keys: Vec<PoolKey> = pooled.iter().map(PoolSnapshot::key).collect();
-            pooled.extend(old.pooled.into_iter().filter(|p| !new_keys.contains(&p.key())));
+            pooled = merged(pooled, old.pooled);
         }
         let own = payload.len() + tokens.len() * 4 + pooled.iter().map(PoolSnapshot::bytes).sum::<usize>();
         let entry = Entry { tokens, payload, pooled, inputs, bytes: own, last_used: 0 };
@@ -301,6 +301,21 @@ impl PrefixCache {
         self.stats.entries = self.entries.len();
     }
 
+    /// Whether an entry holds exactly `tokens`.
+    pub fn holds(&self, tokens: &[Token]) -> bool {
+        self.entries.iter().any(|e| e.tokens == tokens)
+    }
+
+    /// Adds `pooled` to the entry of exactly `tokens` (a prompt reused whole, whose payload the
+    /// entry holds already: nothing to copy again), as [`PrefixCache::store`] with the same payload
+    /// would; `false` when there is no such entry.
+    pub fn add_pooling(&mut self, tokens: &[Token], pooled: Vec<PoolSnapshot>) -> bool {
+        let Some(i) = self.entries.iter().position(|e| e.tokens == tokens) else { return false };
+        let old = self.entries.swap_remove(i);
+        self.store(old.tokens, old.payload, merged(pooled, old.pooled), old.inputs);
+        true
+    }
+
     /// Bytes the entries (and `extra`) hold: each entry's own, and every run of input rows once,
     /// however many entries share it.
     fn held_bytes(&self, extra: Option<&Entry>) -> usize {
@@ -316,6 +331,13 @@ impl PrefixCache {
         }
         total
     }
+}
+
+/// `new` snapshots, then those of `old` that `new` has no snapshot of the same generator and rows for.
+fn merged(mut new: Vec<PoolSnapshot>, old: Vec<PoolSnapshot>) -> Vec<PoolSnapshot> {
+    let have: Vec<(PoolKey, usize)> = new.iter().map(|p| (p.key(), p.rows())).collect();
+    new.extend(old.into_iter().filter(|p| !have.contains(&(p.key(), p.rows()))));
+    new
 }
 
 #[cfg(test)]

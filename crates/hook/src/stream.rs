@@ -83,21 +83,19 @@ impl Prefill {
     pub fn cpu(gen: Arc<Generator>, n_instr: usize) -> Prefill {
         let (l, m) = (gen.n_layer(), gen.n_soft_tokens());
         let states = (0..l).map(|i| gen.begin(i)).collect();
-        Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l], captured: None }
+        Prefill::with(Pooling::Cpu { gen, states }, n_instr, l, m)
+    }
+
+    /// A prefill over `pooling` (started, or restored from a snapshot), nothing computed yet.
+    fn with(pooling: Pooling, n_instr: usize, n_layer: usize, m: usize) -> Prefill {
+        Prefill { pooling, n_instr, m, soft: vec![None; n_layer], in_place: vec![false; n_layer], captured: None }
     }
 
     /// A prefill on the GPU generator (allocates the device state).
     pub fn gpu(rt: Arc<GpuRuntime>, adapter: Arc<GpuAdapter>, n_instr: usize) -> Result<Prefill, GpuError> {
         let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
         let state = Box::new(rt.new_state(&adapter)?);
-        Ok(Prefill {
-            pooling: Pooling::Gpu { rt, adapter, state },
-            n_instr,
-            m,
-            soft: vec![None; l],
-            in_place: vec![false; l],
-            captured: None,
-        })
+        Ok(Prefill::with(Pooling::Gpu { rt, adapter, state }, n_instr, l, m))
     }
 
     /// Instruction rows of the prompt.
@@ -233,9 +231,8 @@ impl Prefill {
         if snap.key != PoolKey::Cpu(gen.id()) || snap.rows > n_instr || states.len() != l {
             return None;
         }
-        let m = gen.n_soft_tokens();
-        let states = states.clone();
-        Some(Prefill { pooling: Pooling::Cpu { gen, states }, n_instr, m, soft: vec![None; l], in_place: vec![false; l], captured: None })
+        let (m, states) = (gen.n_soft_tokens(), states.clone());
+        Some(Prefill::with(Pooling::Cpu { gen, states }, n_instr, l, m))
     }
 
     /// As [`Prefill::cpu_from`], on a GPU runtime: the copy is loaded into a new device state.
@@ -246,14 +243,7 @@ impl Prefill {
         }
         let state = Box::new(rt.load_state(&adapter, copy).ok()?);
         let (l, m) = (adapter.n_layer(), adapter.n_soft_tokens());
-        Some(Prefill {
-            pooling: Pooling::Gpu { rt, adapter, state },
-            n_instr,
-            m,
-            soft: vec![None; l],
-            in_place: vec![false; l],
-            captured: None,
-        })
+        Some(Prefill::with(Pooling::Gpu { rt, adapter, state }, n_instr, l, m))
     }
 }
 
